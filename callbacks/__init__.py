@@ -1,0 +1,1 @@
+"""Callbacks shared by every family: stability, recovery, multi-rate stepping, consolidation, diagnostics."""

@@ -1,0 +1,1 @@
+"""Thin LightningModules: they wire models, losses, metrics and optimizers from `models/`."""

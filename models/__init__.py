@@ -1,0 +1,1 @@
+"""Pure PyTorch building blocks (adapters, quantization, backbones, LM blocks); no Lightning imports."""

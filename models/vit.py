@@ -1,0 +1,68 @@
+"""timm ViT backbones built offline: weights only ever come from a local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+
+def create_vit(
+    name: str = "vit_tiny_patch16_224",
+    img_size: int | tuple[int, int] = 224,
+    in_chans: int = 3,
+    pretrained_file: str | Path | None = None,
+    patch_size: int | None = None,
+    num_classes: int = 0,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a timm ViT by name without touching the network.
+
+    Args:
+        name: any timm model name (``vit_tiny_patch16_224``, ``vit_small_patch16_dinov3``, ...).
+        img_size: input resolution; position embeddings are resampled when loading weights.
+        in_chans: input channels; with weights, timm adapts the RGB patch filters (repeated and rescaled).
+        pretrained_file: local ``.safetensors``/``.pth``/``.bin`` weights; ``None`` = random init.
+        patch_size: override the patch size (weights' patch filters are resampled by timm).
+        num_classes: classifier width; 0 = features only (``forward_head`` returns pooled features).
+
+    Raises:
+        ValueError: unknown model name. FileNotFoundError: ``pretrained_file`` given but missing.
+    """
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
+    extra: dict[str, Any] = dict(kwargs)
+    if patch_size is not None:
+        extra["patch_size"] = patch_size
+    if pretrained_file is not None:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"pretrained_file {str(path)!r} does not exist; adaptlab never downloads weights. "
+                "Put the timm weights there or set pretrained_file: null for random init."
+            )
+        extra.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    return timm.create_model(name, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **extra)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on every parameter; returns the module."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def embed_dim(model: nn.Module) -> int:
+    """Feature width of a timm ViT (``num_features``)."""
+    return int(getattr(model, "num_features", getattr(model, "embed_dim")))
+
+
+@torch.no_grad()
+def feature_shape(model: nn.Module, img_size: int | tuple[int, int], in_chans: int = 3) -> torch.Size:
+    """Shape of ``forward_features`` on one dummy image (handy for sizing decoders)."""
+    hw = (img_size, img_size) if isinstance(img_size, int) else img_size
+    return model.forward_features(torch.zeros(1, in_chans, *hw)).shape
