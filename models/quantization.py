@@ -238,7 +238,7 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 def dequantize_absmax(absmax_q: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_absmax` (fp32)."""
-    code = _DYNAMIC_MAP.to(absmax_q.device)[absmax_q.long()]
+    code = cached_table("dynamic", absmax_q.device)[absmax_q.long()]
     scale = absmax_scale.float().repeat_interleave(DOUBLE_QUANT_BLOCK_SIZE)[: absmax_q.numel()]
     return code * scale + absmax_offset.float()
 
@@ -265,6 +265,28 @@ def quantize_4bit(
     return state
 
 
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def cached_table(name: str, device: torch.device) -> torch.Tensor:
+    """Constant tables cached per device (no host-to-device copy per forward).
+
+    ``"nf4"``/``"fp4"``: the 16 values; ``"nf4-bytes"``/``"fp4-bytes"``: ``(256, 2)`` values of the
+    (high, low) nibble of every byte; ``"dynamic"``: the 8-bit dynamic map.
+    """
+    key = (name, torch.device(device))
+    if key not in _TABLES:
+        if name == "dynamic":
+            table = _DYNAMIC_MAP
+        elif name.endswith("-bytes"):
+            values, byte = code_table(name.removesuffix("-bytes")), torch.arange(256)  # type: ignore[arg-type]
+            table = torch.stack((values[byte >> 4], values[byte & 15]), dim=1)
+        else:
+            table = code_table(name)  # type: ignore[arg-type]
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
+
+
 def dequantize_packed(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -274,8 +296,8 @@ def dequantize_packed(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Torch reference dequantization: ``table[code] * absmax[block]`` in fp32, cast to ``dtype``."""
-    codes = unpack_4bit(packed).long()
-    values = code_table(quant_type, packed.device)[codes].view(-1, block_size) * absmax.float()[:, None]
+    values = cached_table(f"{quant_type}-bytes", packed.device)[packed.int()]  # (bytes, 2): one gather per byte
+    values = values.view(-1, block_size) * absmax.float()[:, None]
     return values.reshape(-1)[: math.prod(shape)].view(*shape).to(dtype)
 
 
@@ -467,7 +489,7 @@ def quantize_model(
     model: nn.Module,
     quant_type: QuantType = "nf4",
     compute_dtype: str | torch.dtype = torch.bfloat16,
-    skip_modules: Sequence[str] = (),
+    skip_modules: Sequence[str] | None = (),
     use_double_quant: bool = True,
     mode: QuantMode = "manual",
     block_size: int = 64,
@@ -499,8 +521,7 @@ def quantize_model(
     double_quant = resolve_double_quant(use_double_quant, compress_statistics)
     if mode not in ("manual", "hf"):
         raise ValueError(f"quantization `mode` must be 'manual' or 'hf', got {mode!r}")
-    if isinstance(skip_modules, str):
-        skip_modules = [skip_modules]
+    skip_modules = [skip_modules] if isinstance(skip_modules, str) else list(skip_modules or [])
     if mode == "hf":
         try:
             import bitsandbytes  # noqa: F401
@@ -531,6 +552,25 @@ def quantize_model(
         else:
             new = Linear4bit.from_linear(linear, quant_type, dtype, double_quant, block_size)
         setattr(parent, child, new)
+    return chosen
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Put plain ``nn.Linear`` layers (dequantized weights, frozen) back for every :class:`Linear4bit`.
+
+    Used before ``merge_and_unload`` to fold LoRA adapters into dense weights; returns the replaced names.
+    """
+    chosen = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        q = getattr(parent, child)
+        w = q.dequantize_weight(dtype)
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        if q.bias is not None:
+            linear.bias = nn.Parameter(q.bias.detach().to(dtype), requires_grad=q.bias.requires_grad)
+        setattr(parent, child, linear)
     return chosen
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from models.quantization import DOUBLE_QUANT_BLOCK_SIZE, QuantState, code_table, dynamic_map_8bit
+from models.quantization import DOUBLE_QUANT_BLOCK_SIZE, QuantState, cached_table
 
 _BYTES_PER_PROGRAM = 512
 
@@ -55,17 +55,6 @@ def _dequantize_4bit_kernel(
     tl.store(out_ptr + 2 * offs + 1, (lo * absmax).to(out_ty), mask=mask)
 
 
-_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _table(name: str, device: torch.device) -> torch.Tensor:
-    """Code tables cached per device (no host-to-device copy per call)."""
-    key = (name, device)
-    if key not in _TABLES:
-        _TABLES[key] = (dynamic_map_8bit() if name == "dynamic" else code_table(name)).to(device)  # type: ignore[arg-type]
-    return _TABLES[key]
-
-
 def dequantize_4bit_triton(state: QuantState, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Same result as :func:`models.quantization.dequantize_4bit`, computed by the Triton kernel."""
     packed = state.packed.contiguous()
@@ -81,7 +70,8 @@ def dequantize_4bit_triton(state: QuantState, dtype: torch.dtype = torch.float32
         absmax_q = scale = offset = absmax  # unused by the kernel in this branch
     grid = (triton.cdiv(n_bytes, _BYTES_PER_PROGRAM),)
     _dequantize_4bit_kernel[grid](
-        packed, absmax, absmax_q, scale, offset, _table(state.quant_type, device), _table("dynamic", device), out,
+        packed, absmax, absmax_q, scale, offset,
+        cached_table(state.quant_type, device), cached_table("dynamic", device), out,
         n_bytes, state.block_size // 2,
         DOUBLE_QUANT=state.double_quant, GROUP=DOUBLE_QUANT_BLOCK_SIZE, BYTES=_BYTES_PER_PROGRAM,
     )

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from models import quantization as q
-from models.lora import LoRAAdapter, LoRALinear, inject_lora
+from models.lora import LoRAAdapter, LoRALinear, inject_lora, merge_and_unload
 from models.quantization import (
     FP4_TABLE,
     NF4_TABLE,
     Linear4bit,
     dequantize_4bit,
+    dequantize_model,
     dynamic_map_8bit,
     encode_4bit,
     linear_weight_report,
@@ -274,6 +275,23 @@ def test_qlora_gradients_only_to_adapters_and_input():
     assert all(torch.equal(b, before[n]) for n, b in vit.named_buffers())
     with pytest.raises(TypeError, match="dequantize"):
         next(m for m in vit.modules() if isinstance(m, LoRALinear)).merge()
+
+
+def test_dequantize_model_then_merge_lora():
+    vit = tiny_vit().eval()
+    inject_lora(vit, r=2)
+    for m in vit.modules():
+        if isinstance(m, LoRAAdapter):
+            nn.init.normal_(m.lora_B, std=0.05)
+    quantize_model(vit, compute_dtype="float32")
+    x = torch.randn(2, 3, 32, 32)
+    expected = vit(x)
+    names = dequantize_model(vit)
+    assert len(names) == 4 * len(vit.blocks) and not any(isinstance(m, Linear4bit) for m in vit.modules())
+    torch.testing.assert_close(vit(x), expected, rtol=1e-5, atol=1e-5)
+    merge_and_unload(vit)
+    assert not any(isinstance(m, LoRALinear) for m in vit.modules())
+    torch.testing.assert_close(vit(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_skip_modules_respected():
