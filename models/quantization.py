@@ -104,14 +104,9 @@ def resolve_compute_dtype(compute_dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_double_quant(use_double_quant: bool, compress_statistics: bool | None = None) -> bool:
-    """``compress_statistics`` is bitsandbytes' name for ``use_double_quant``: both must agree when given."""
-    if compress_statistics is not None and bool(compress_statistics) != bool(use_double_quant):
-        raise ValueError(
-            f"quantization `compress_statistics`={compress_statistics} and `use_double_quant`={use_double_quant} "
-            "disagree; they are two names for the same switch (double quantization of the absmax "
-            "statistics): set both to the same value"
-        )
-    return bool(use_double_quant)
+    """``compress_statistics`` is bitsandbytes' name for ``use_double_quant``: double quantization is on
+    when either is true (``None`` = not given), so turning it off takes both set to false."""
+    return bool(use_double_quant) or bool(compress_statistics)
 
 
 def _check_quant_type(quant_type: str) -> None:
@@ -506,8 +501,8 @@ def quantize_model(
         use_double_quant: quantize the absmax statistics too (~4.127 instead of 4.5 bits per parameter).
         mode: ``"manual"`` (this module, any device) or ``"hf"`` (``bitsandbytes.nn.Linear4bit``, which
             quantizes when the model moves to the GPU).
-        compress_statistics: bitsandbytes' name for ``use_double_quant``; ``None`` follows it, a value
-            that disagrees raises.
+        compress_statistics: bitsandbytes' name for ``use_double_quant``; double quantization is on when
+            either is true (``None``: not given).
 
     LoRA adapters are not ``nn.Linear`` and stay full precision: call ``inject_lora`` first, then this.
 

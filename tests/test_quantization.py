@@ -327,11 +327,18 @@ def test_option_validation_errors():
         quantize_model(model, mode="gptq")
     with pytest.raises(ValueError, match="block_size"):
         quantize_model(model, block_size=63)
-    with pytest.raises(ValueError, match="compress_statistics.*use_double_quant"):
-        quantize_model(model, use_double_quant=False, compress_statistics=True)
     assert isinstance(model[0], nn.Linear)  # nothing replaced by failed calls
     quantize_model(model, compute_dtype="float16", use_double_quant=False, compress_statistics=False)
     assert model[0].compute_dtype == torch.float16 and not model[0].use_double_quant
+
+
+@pytest.mark.parametrize(("use_double_quant", "compress_statistics", "expected"), [
+    (True, None, True), (False, None, False), (False, True, True), (True, False, True), (False, False, False),
+])
+def test_compress_statistics_is_an_alias(use_double_quant, compress_statistics, expected):
+    model = nn.Sequential(nn.Linear(8, 8))
+    quantize_model(model, use_double_quant=use_double_quant, compress_statistics=compress_statistics)
+    assert model[0].use_double_quant is expected and hasattr(model[0], "weight_absmax_q") is expected
 
 
 def test_multihead_attention_linear_left_alone():
