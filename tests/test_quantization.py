@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from models import quantization as q
-from models.lora import LoRAAdapter, LoRALinear, inject_lora, merge_and_unload
+from models.lora import LoRAAdapter, LoRALinear, inject_lora, load_lora, merge_and_unload, save_lora
 from models.quantization import (
     FP4_TABLE,
     NF4_TABLE,
@@ -226,6 +226,33 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
     with pytest.raises(RuntimeError):  # a layer without double quant has other buffers
         Linear4bit(100, 20, use_double_quant=False).load_state_dict(layer.state_dict())
+
+
+def qlora_vit(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    inject_lora(vit, r=2, bias="lora_only")
+    for m in vit.modules():
+        if isinstance(m, LoRAAdapter):
+            nn.init.normal_(m.lora_B, std=0.05)
+    quantize_model(vit, compute_dtype="float32")
+    return vit
+
+
+def test_quantized_model_state_dict_and_adapter_file_round_trip(tmp_path):
+    src, x = qlora_vit(0), torch.randn(2, 3, 32, 32)
+    dst = qlora_vit(1)
+    assert not torch.allclose(dst(x), src(x))
+    torch.save(src.state_dict(), tmp_path / "full.pt")
+    dst.load_state_dict(torch.load(tmp_path / "full.pt"))
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    # adapter-only file (shared LoRA core) onto a backbone quantized from the same weights
+    save_lora(src, tmp_path / "adapter.safetensors", bias="lora_only")
+    other = qlora_vit(2)
+    other.load_state_dict({k: v for k, v in src.state_dict().items() if ".adapters." not in k}, strict=False)
+    assert not torch.allclose(other(x), src(x))
+    load_lora(other, tmp_path / "adapter.safetensors")
+    torch.testing.assert_close(other(x), src(x), rtol=0, atol=0)
 
 
 def test_vit_linear_storage_at_most_0_14_of_fp32():
