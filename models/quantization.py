@@ -450,8 +450,8 @@ def _linear_candidates(model: nn.Module) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     out = []
     for name, module in modules.items():
-        if not isinstance(module, nn.Linear) or not name:
-            continue
+        if not isinstance(module, nn.Linear) or not name or not module.weight.is_floating_point():
+            continue  # (a non-float weight: already quantized, e.g. bitsandbytes' Linear4bit subclass)
         parent_name = name.rpartition(".")[0]
         parent = modules.get(parent_name) if parent_name else model
         if isinstance(parent, nn.MultiheadAttention):
