@@ -81,9 +81,11 @@ def ref_quantize(w: torch.Tensor, quant_type: str, block_size: int) -> tuple[tor
     return torch.tensor(packed, dtype=torch.uint8), torch.tensor(absmaxes, dtype=torch.float32)
 
 
-def tiny_vit() -> nn.Module:
+def tiny_vit(depth: int | None = 2) -> nn.Module:
+    """The issue's tiny ViT; ``depth=None`` keeps all 12 blocks (2 by default keeps the tests fast)."""
     torch.manual_seed(0)
-    return create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    extra = {} if depth is None else {"depth": depth}
+    return create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, **extra)
 
 
 def test_code_tables_equal_bitsandbytes_values():
@@ -230,7 +232,7 @@ def test_state_dict_round_trip():
 
 def qlora_vit(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
     inject_lora(vit, r=2, bias="lora_only")
     for m in vit.modules():
         if isinstance(m, LoRAAdapter):
@@ -256,7 +258,7 @@ def test_quantized_model_state_dict_and_adapter_file_round_trip(tmp_path):
 
 
 def test_vit_linear_storage_at_most_0_14_of_fp32():
-    vit = tiny_vit()
+    vit = tiny_vit(depth=None)
     fp32_bytes = sum(m.weight.numel() * 4 for m in vit.modules() if isinstance(m, nn.Linear))
     assert linear_weight_report(vit)["ratio_vs_fp32"] == pytest.approx(1.0)
     names = quantize_model(vit, "nf4", use_double_quant=True)
@@ -338,9 +340,9 @@ def test_skip_modules_respected():
 
 def test_head_quantized_unless_skipped():
     torch.manual_seed(8)
-    model = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5)
+    model = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=1)
     assert "head" in quantize_model(model)
-    model = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5)
+    model = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=1)
     assert "head" not in quantize_model(model, skip_modules=["head"]) and isinstance(model.head, nn.Linear)
 
 
