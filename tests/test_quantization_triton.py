@@ -4,7 +4,6 @@ On CPU the kernel runs under ``TRITON_INTERPRET=1`` in a subprocess (the variabl
 triton decorates the kernel, and other tests may already have imported it in this process).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytest.importorskip("triton")  # the only reason to skip the interpreter test
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
-import json, os
+import json
 import torch
 from torch import nn
 from triton.runtime.interpreter import InterpretedFunction
