@@ -381,7 +381,7 @@ class Linear4bit(nn.Module):
         use_double_quant: bool = True,
         block_size: int = 64,
     ) -> "Linear4bit":
-        """Quantize an ``nn.Linear``; the bias is copied (same dtype handling, same ``requires_grad``)."""
+        """Quantize an ``nn.Linear``; its bias is copied with its dtype and ``requires_grad``."""
         w = linear.weight
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None, quant_type, compute_dtype,
