@@ -5,8 +5,8 @@ everything runs offline. Include/exclude globs (relative to the stdlib root, ``*
 into domains, e.g. top-level modules for pre-training and ``email/**`` for fine-tuning.
 
 Files are split into train/val/test *by file*, from a hash of each file's relative path and
-``split_seed``: a file's split never depends on which other files are selected, so splits are disjoint
-and stable. Each split's files (sorted) are joined with a NUL byte as document separator and cut into
+``split_seed``: a file's split does not depend on which other files are selected, so splits are disjoint
+and stable (only a selection so small that val or test would be empty moves one train file there). Each split's files (sorted) are joined with a NUL byte as document separator and cut into
 fixed windows of ``seq_len + 1`` bytes. Every sample carries a stable integer ``index`` (its window
 number within the split), which is the key of :class:`models.skip_cache.SkipCache`.
 """
@@ -84,10 +84,15 @@ def matches_any(rel_path: str, patterns: Sequence[str]) -> bool:
     return any(glob_to_regex(p).match(rel_path) for p in patterns)
 
 
+def path_hash(rel_path: str, seed: int) -> float:
+    """A uniform number in [0, 1) from the path and seed (stable across runs and machines)."""
+    digest = hashlib.sha256(f"{seed}:{rel_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_of(rel_path: str, val_fraction: float, test_fraction: float, seed: int) -> str:
     """``train``/``val``/``test`` for one file, from a hash of its relative path (stable across runs)."""
-    digest = hashlib.sha256(f"{seed}:{rel_path}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    u = path_hash(rel_path, seed)
     if u < test_fraction:
         return "test"
     return "val" if u < test_fraction + val_fraction else "train"
@@ -241,6 +246,13 @@ class TextDataModule(L.LightningDataModule):
         out: dict[str, list[Path]] = {s: [] for s in SPLITS}
         for rel, path in entries:
             out[split_of(rel, hp.val_fraction, hp.test_fraction, hp.split_seed)].append(path)
+        # Very small selections: an empty val/test split borrows the train file whose hash is lowest.
+        hashes = {path: path_hash(rel, hp.split_seed) for rel, path in entries}
+        for split, fraction in (("test", hp.test_fraction), ("val", hp.val_fraction)):
+            if fraction > 0 and not out[split] and len(out["train"]) > 1:
+                moved = min(out["train"], key=hashes.__getitem__)
+                out["train"].remove(moved)
+                out[split].append(moved)
         for split, fraction in zip(SPLITS, (1.0, hp.val_fraction, hp.test_fraction)):
             if fraction > 0 and not out[split]:
                 raise ValueError(
