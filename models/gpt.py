@@ -296,9 +296,17 @@ class GPT(nn.Module):
     def forward_from_cache(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Trainable part: ``final + sum_i alpha/r B_i A_i h_i``, then ``lm_head``."""
         x = features["final"]
-        for j, branch in enumerate(self.skip2lora):
-            x = x + branch(features["skip"][:, j])
+        if len(self.skip2lora):
+            x = x + self.skip2lora_sum(features["skip"]).to(x.dtype)
         return self.lm_head(x)
+
+    def skip2lora_sum(self, skip: torch.Tensor) -> torch.Tensor:
+        """``sum_i scaling_i * h_i A_i^T B_i^T`` over the branches ``(B, K, T, C) -> (B, T, C)``: the same as
+        summing each :class:`LoRAAdapter`'s output, in two batched matmuls instead of 2K small ones."""
+        A = torch.stack([branch.lora_A * branch.scaling for branch in self.skip2lora])  # (K, r, C)
+        B = torch.cat([branch.lora_B for branch in self.skip2lora], dim=1)  # (C, K*r)
+        down = torch.einsum("bktc,krc->btkr", skip.to(A.dtype), A)
+        return down.flatten(2) @ B.t()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.forward_from_cache(self.forward_backbone(idx))
@@ -337,20 +345,27 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     return obj, config
 
 
-@torch.no_grad()
 def load_pretrained(model: GPT, path: str | Path) -> list[str]:
-    """Load backbone weights (and matching adapters, if present) into ``model``; returns the loaded keys.
+    """Load backbone weights (and matching adapters, if present) from a file; returns the loaded keys.
 
     Works whether or not ``model`` has LoRA layers. Raises when the file's architecture differs from
     ``model.config`` (naming the fields) or when backbone weights are missing.
     """
     state, saved_cfg = read_state_dict(path)
+    return load_backbone_state(model, state, saved_cfg, source=f"checkpoint {str(path)!r}")
+
+
+@torch.no_grad()
+def load_backbone_state(
+    model: GPT, state: dict[str, torch.Tensor], saved_cfg: dict | None = None, source: str = "state dict"
+) -> list[str]:
+    """:func:`load_pretrained` for an in-memory state dict (plain GPT keys map onto LoRA-wrapped layers)."""
     if saved_cfg is not None:
         diff = {k: (saved_cfg.get(k), getattr(model.config, k)) for k in ARCH_FIELDS
                 if k in saved_cfg and saved_cfg[k] != getattr(model.config, k)}
         if diff:
             shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"checkpoint {str(path)!r} was trained with another architecture ({shown})")
+            raise ValueError(f"{source} was trained with another architecture ({shown})")
     own = model.state_dict()
     by_canonical = {_canonical(k): k for k in own if not _is_adapter_key(k)}
     loaded: dict[str, torch.Tensor] = {}
@@ -362,13 +377,13 @@ def load_pretrained(model: GPT, path: str | Path) -> list[str]:
             continue
         if own[target].shape != value.shape:
             raise ValueError(
-                f"checkpoint {str(path)!r}: {key} has shape {tuple(value.shape)}, model expects "
+                f"{source}: {key} has shape {tuple(value.shape)}, model expects "
                 f"{tuple(own[target].shape)} (does the config match the pre-training config?)"
             )
         loaded[target] = value
     missing = [k for k in by_canonical.values() if k not in loaded]
     if missing or unknown:
-        raise KeyError(f"checkpoint {str(path)!r} does not match the GPT: missing {missing[:5]}, unknown {unknown[:5]}")
+        raise KeyError(f"{source} does not match the GPT: missing {missing[:5]}, unknown {unknown[:5]}")
     for key, value in loaded.items():
         own[key].copy_(value)
     return sorted(loaded)

@@ -67,6 +67,8 @@ def test_skip2lora_forward_equals_hand_written_reference():
     assert not torch.allclose(out, plain, atol=1e-3)  # the branches contribute
     feats = model.forward_backbone(idx)
     assert feats["skip"].shape == (2, 2, 12, 16) and torch.equal(feats["skip"][:, 1], h[2])
+    per_branch = sum(branch(feats["skip"][:, j]) for j, branch in enumerate(model.skip2lora))  # the LoRAAdapters
+    torch.testing.assert_close(model.skip2lora_sum(feats["skip"]), per_branch, rtol=1e-5, atol=1e-6)
 
 
 def test_skip2lora_disabled_is_plain_lora():
