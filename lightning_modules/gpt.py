@@ -80,27 +80,31 @@ class GPTLanguageModel(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        """Check eligibility again (anything unfrozen since init) and size the cache: a budget error
+        comes here, before the first step."""
         if self.hparams.skip_cache:
-            check_cacheable(self.model.backbone_modules())  # anything unfrozen since init
+            check_cacheable(self.model.backbone_modules())
+            self.cache = self._make_cache()
 
     def _train_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         idx = batch["input_ids"]
         if not self.hparams.skip_cache:
             return self.model(idx)
-        if "index" not in batch:
-            raise KeyError("skip_cache needs batches with a per-sample `index` (TextDataModule provides it)")
-        if self.cache is None:
-            self.cache = self._make_cache(idx)
         features = self.cache.lookup(batch["index"], lambda pos: self.model.forward_backbone(idx[pos]), idx.device)
         return self.model.forward_from_cache(features)
 
-    def _make_cache(self, idx: torch.Tensor) -> SkipCache:
+    def _make_cache(self) -> SkipCache:
         """One cache per rank, sized for the whole training set (ranks see different samples each epoch)."""
         hp, cfg = self.hparams, self.model.config
-        shapes = {"final": (idx.size(1), cfg.n_embd)}
+        dataset = self.trainer.train_dataloader.dataset
+        sample = dataset[0]
+        if not isinstance(sample, dict) or "index" not in sample:
+            raise KeyError("skip_cache needs samples with a stable integer `index` (TextDataModule provides it)")
+        seq_len = len(sample["input_ids"])
+        shapes = {"final": (seq_len, cfg.n_embd)}
         if self.model.skip_indices:
-            shapes["skip"] = (len(self.model.skip_indices), idx.size(1), cfg.n_embd)
-        num_samples = len(self.trainer.train_dataloader.dataset)
+            shapes["skip"] = (len(self.model.skip_indices), seq_len, cfg.n_embd)
+        num_samples = len(dataset)
         return SkipCache(num_samples, shapes, hp.cache_dtype, hp.cache_dir, hp.cache_max_memory_mb,
                          hp.cache_storage, tag=f"rank{self.global_rank}_")
 

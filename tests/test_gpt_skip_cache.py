@@ -186,3 +186,13 @@ def test_lightning_disk_cache_in_bfloat16(tmp_path):
                           cache_dir=str(tmp_path / "skipcache"))
     assert trainer.callback_metrics["skip_cache/hit_rate"] == 1.0
     assert not any((tmp_path / "skipcache").iterdir())  # files removed at fit end
+
+
+def test_lightning_over_budget_fails_before_the_first_step(tmp_path):
+    dm = TextDataModule(include=["json/**"], seq_len=16, batch_size=8, max_windows=24)
+    model = GPTLanguageModel(Config(**SKIP), skip_cache=True, cache_max_memory_mb=0.01)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(MemoryError, match=r"needs 0.1 MiB \(24 samples.*over the budget of 0.01 MiB"):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 0
