@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from datamodules.text import ByteTokenizer
 from models.gpt import GPT, Config, load_pretrained
 from models.lora import count_parameters
 from models.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable
@@ -31,6 +32,8 @@ class GPTLanguageModel(L.LightningModule):
             afterwards; refused (at init) when anything upstream of the cache point trains.
         cache_dir / cache_dtype / cache_max_memory_mb / cache_storage: see :class:`models.skip_cache.SkipCache`.
         lr / weight_decay: AdamW settings; ``warmup_steps`` ramps the learning rate linearly.
+        sample_prompt / sample_tokens: after each validation, a text sample continuing this prompt goes to
+            TensorBoard (``samples``, top-k 20 at temperature 0.8); ``sample_tokens: 0`` turns it off.
     """
 
     def __init__(
@@ -46,6 +49,8 @@ class GPTLanguageModel(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        sample_prompt: str = "def ",
+        sample_tokens: int = 120,
     ) -> None:
         super().__init__()
         config = config or Config()
@@ -145,6 +150,18 @@ class GPTLanguageModel(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", loss.exp())
+        self._log_sample()
+
+    def _log_sample(self) -> None:
+        """A generated continuation of ``sample_prompt`` in TensorBoard, where reading beats a number."""
+        hp, logger = self.hparams, self.logger
+        if self.trainer.sanity_checking or not hp.sample_tokens or not hasattr(getattr(logger, "experiment", None), "add_text"):
+            return
+        tok = ByteTokenizer()
+        prompt = tok.encode(hp.sample_prompt or "\n").unsqueeze(0).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        out = self.model.generate(prompt, hp.sample_tokens, temperature=0.8, top_k=20, generator=g)
+        logger.experiment.add_text("samples", "```\n" + tok.decode(out[0].tolist()) + "\n```", self.global_step)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.test_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())

@@ -11,7 +11,8 @@ from models.gpt import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--data.max_windows", "16", "--data.batch_size", "8", "--data.seq_len", "32",
-        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+        "--model.sample_tokens", "8"]
 
 
 def main(args):
@@ -42,7 +43,12 @@ def test_pretrain_then_skip2lora_with_cache_then_lora(in_tmp):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.equal(model.blocks[2].mlp.fc.weight, state["model.blocks.2.mlp.fc.weight"])
     assert any(p.abs().sum() > 0 for n, p in model.skip2lora.named_parameters() if "lora_B" in n)
-    assert list((in_tmp / "runs" / "skip2lora_gpt" / "version_0").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(in_tmp / "runs" / "skip2lora_gpt" / "version_0"))
+    events.Reload()
+    assert "samples/text_summary" in events.Tags()["tensors"]  # generated text to read in TensorBoard
+    assert {"train/loss", "val/loss", "val/ppl", "time/train_epoch_s", "skip_cache/hit_rate"} <= set(events.Tags()["scalars"])
 
     lora = main(["fit", "--config", str(REPO / "configs/lora_gpt.yaml"), "--model.pretrained_path", str(ckpt),
                  "--trainer.max_steps", "2", *FAST])

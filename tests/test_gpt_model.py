@@ -165,3 +165,17 @@ def test_load_pretrained_errors(tmp_path):
     torch.save(partial, tmp_path / "partial.pt")
     with pytest.raises(KeyError, match="missing.*blocks.2"):
         load_pretrained(_model(), tmp_path / "partial.pt")
+
+
+def test_generate_greedy_and_sampled():
+    model = _model(skip2lora_enabled=True)
+    _randomise_adapters(model)
+    prompt = torch.randint(0, 256, (2, 5))
+    greedy = model.generate(prompt, 4, temperature=0)
+    assert greedy.shape == (2, 9) and torch.equal(greedy[:, :5], prompt)
+    assert torch.equal(greedy[:, 5], model(prompt)[:, -1].argmax(-1))
+    assert torch.equal(model.generate(greedy[:, :6], 3, temperature=0), greedy)  # greedy is consistent
+    a = model.generate(prompt, 40, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, model.generate(prompt, 40, temperature=0))  # top-1 sampling is greedy
+    long = model.generate(torch.zeros(1, 30, dtype=torch.long), 10)  # beyond block_size=32: window slides
+    assert long.shape == (1, 40)
