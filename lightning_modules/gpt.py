@@ -61,8 +61,9 @@ class GPTLanguageModel(L.LightningModule):
                 f"`{PRETRAIN_COMMAND}` (it writes runs/gpt_pretrain/checkpoints/last.ckpt), "
                 "or point --model.pretrained_path at your own checkpoint"
             )
-        if lr <= 0 or warmup_steps < 0:
-            raise ValueError(f"`lr` must be positive and `warmup_steps` >= 0, got {lr}, {warmup_steps}")
+        if lr <= 0 or warmup_steps < 0 or sample_tokens < 0:
+            raise ValueError(f"`lr` must be positive, `warmup_steps` and `sample_tokens` >= 0, "
+                             f"got {lr}, {warmup_steps}, {sample_tokens}")
         self.model = GPT(config)
         if pretrained_path is not None:
             load_pretrained(self.model, pretrained_path)
@@ -155,7 +156,9 @@ class GPTLanguageModel(L.LightningModule):
     def _log_sample(self) -> None:
         """A generated continuation of ``sample_prompt`` in TensorBoard, where reading beats a number."""
         hp, logger = self.hparams, self.logger
-        if self.trainer.sanity_checking or not hp.sample_tokens or not hasattr(getattr(logger, "experiment", None), "add_text"):
+        if self.trainer.sanity_checking or not hp.sample_tokens or self.global_rank != 0:
+            return
+        if not hasattr(getattr(logger, "experiment", None), "add_text"):  # no TensorBoard logger
             return
         tok = ByteTokenizer()
         prompt = tok.encode(hp.sample_prompt or "\n").unsqueeze(0).to(self.device)
