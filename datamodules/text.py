@@ -1,0 +1,301 @@
+"""Byte-level text windows for language models, from the Python standard library or your own files.
+
+The embedded default corpus is the standard library's ``.py`` files (found via ``sysconfig``), so
+everything runs offline. Include/exclude globs (relative to the stdlib root, ``**`` = any depth) carve it
+into domains, e.g. top-level modules for pre-training and ``email/**`` for fine-tuning.
+
+Files are split into train/val/test *by file*, from a hash of each file's relative path and
+``split_seed``: a file's split does not depend on which other files are selected, so splits are disjoint
+and stable (only a selection so small that val or test would be empty moves one train file there). Each split's files (sorted) are joined with a NUL byte as document separator and cut into
+fixed windows of ``seq_len + 1`` bytes. Every sample carries a stable integer ``index`` (its window
+number within the split), which is the key of :class:`models.skip_cache.SkipCache`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import sysconfig
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "val", "test")
+#: Never useful as stdlib text: third-party packages, test suites (some are not UTF-8), caches.
+DEFAULT_STDLIB_EXCLUDE: tuple[str, ...] = (
+    "site-packages/**",
+    "dist-packages/**",
+    "test/**",
+    "**/test/**",
+    "**/tests/**",
+    "idlelib/idle_test/**",
+    "**/__pycache__/**",
+)
+DOC_SEPARATOR = b"\x00"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, nothing to download, lossless round trip."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def stdlib_root() -> Path:
+    """Directory of the running interpreter's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@lru_cache(maxsize=256)
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a path glob: ``**`` spans directories, ``*`` and ``?`` stay within one path component."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def matches_any(rel_path: str, patterns: Sequence[str]) -> bool:
+    return any(glob_to_regex(p).match(rel_path) for p in patterns)
+
+
+def path_hash(rel_path: str, seed: int) -> float:
+    """A uniform number in [0, 1) from the path and seed (stable across runs and machines)."""
+    digest = hashlib.sha256(f"{seed}:{rel_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(rel_path: str, val_fraction: float, test_fraction: float, seed: int) -> str:
+    """``train``/``val``/``test`` for one file, from a hash of its relative path (stable across runs)."""
+    u = path_hash(rel_path, seed)
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def list_stdlib_files(include: Sequence[str], exclude: Sequence[str]) -> tuple[Path, list[str]]:
+    """Root and sorted relative paths of the stdlib ``.py`` files matching ``include`` but not ``exclude``."""
+    root = stdlib_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"standard library directory {str(root)!r} (sysconfig 'stdlib') does not exist")
+    prune = [p for p in exclude if p.endswith("/**")]  # whole directories we never need to walk
+    rels: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = [d for d in dirnames if not matches_any(f"{prefix}{d}/", prune)]
+        rels.extend(prefix + f for f in filenames if f.endswith(".py"))
+    return root, sorted(r for r in rels if matches_any(r, include) and not matches_any(r, exclude))
+
+
+def list_user_files(paths: Sequence[str], exclude: Sequence[str]) -> list[Path]:
+    """Expand user paths/globs (``**`` allowed) into sorted files; every entry must match something."""
+    files: set[Path] = set()
+    for entry in paths:
+        p = Path(entry).expanduser()
+        if p.is_file():
+            found = [p]
+        elif p.is_dir():
+            found = [f for f in p.rglob("*") if f.is_file()]
+        else:
+            found = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"`paths` entry {entry!r} matches no file")
+        files.update(f.resolve() for f in found)
+    return sorted(f for f in files if not matches_any(f.as_posix(), exclude) and not matches_any(f.name, exclude))
+
+
+def read_text_bytes(path: Path) -> bytes:
+    """The file's UTF-8 bytes; unreadable or non-UTF-8 files raise an error naming the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise OSError(f"cannot read text file {str(path)!r}: {e.strerror or e}") from e
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"text file {str(path)!r} is not valid UTF-8 (byte {e.start}); exclude it or convert it"
+        ) from e
+    return data
+
+
+class TokenWindows(Dataset):
+    """Windows of ``seq_len + 1`` tokens over one token stream; sample ``i`` is always the same window.
+
+    Returns dicts ``{"index", "input_ids", "labels"}`` (labels are the inputs shifted by one).
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, stride: int, max_windows: int | None = None) -> None:
+        n = (len(tokens) - 1 - seq_len) // stride + 1 if len(tokens) > seq_len else 0
+        starts = torch.arange(max(n, 0)) * stride
+        if max_windows is not None and len(starts) > max_windows:
+            # Evenly spaced windows cover the whole split rather than its first files only.
+            starts = starts[torch.linspace(0, len(starts) - 1, max_windows).round().long()]
+        self.tokens, self.seq_len, self.starts = tokens, seq_len, starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        s = int(self.starts[i])
+        w = self.tokens[s : s + self.seq_len + 1].long()
+        return {"index": i, "input_ids": w[:-1], "labels": w[1:]}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Fixed-length byte windows from the stdlib (default) or from user files, split by file.
+
+    Args:
+        source: ``python_stdlib`` (the running interpreter's standard library) or ``files``.
+        include: globs relative to the stdlib root (``python_stdlib``), e.g. ``["email/**"]`` or ``["*.py"]``
+            (top-level modules only); ``None`` = every ``.py`` file.
+        exclude: globs to drop; ``None`` = :data:`DEFAULT_STDLIB_EXCLUDE` for the stdlib, nothing for files.
+        paths: files, directories or globs (``source: files``), read as UTF-8.
+        seq_len: tokens per input; each sample holds ``seq_len + 1`` tokens.
+        stride: distance between window starts (default ``seq_len``: non-overlapping).
+        max_files: at most this many files per split (first in sorted order); ``None`` = all.
+        max_windows: at most this many windows per split (evenly spaced); ``None`` = all.
+        val_fraction / test_fraction: share of files in the val/test splits.
+        split_seed: changes which files land in which split.
+    """
+
+    def __init__(
+        self,
+        source: Literal["python_stdlib", "files"] = "python_stdlib",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        paths: list[str] | None = None,
+        seq_len: int = 128,
+        stride: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        max_files: int | None = None,
+        max_windows: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if source not in ("python_stdlib", "files"):
+            raise ValueError(f"`source` must be 'python_stdlib' or 'files', got {source!r}")
+        for key, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if value <= 0:
+                raise ValueError(f"`{key}` must be positive, got {value}")
+        if stride is not None and stride <= 0:
+            raise ValueError(f"`stride` must be positive, got {stride}")
+        for key, value in (("max_files", max_files), ("max_windows", max_windows)):
+            if value is not None and value <= 0:
+                raise ValueError(f"`{key}` must be positive or null, got {value}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"`val_fraction` ({val_fraction}) and `test_fraction` ({test_fraction}) must be in [0, 1) "
+                "and leave files for training"
+            )
+        self.tokenizer = ByteTokenizer()
+        self.vocab_size = self.tokenizer.vocab_size
+        self.split_files = self._resolve_files()
+        self.datasets: dict[str, TokenWindows] = {}
+
+    def _resolve_files(self) -> dict[str, list[Path]]:
+        """Files of each split, validated now so a bad source fails before any work starts."""
+        hp = self.hparams
+        if hp.source == "python_stdlib":
+            if hp.paths:
+                raise ValueError("`paths` is only used with `source: files`; use `include` for the stdlib")
+            exclude = DEFAULT_STDLIB_EXCLUDE if hp.exclude is None else hp.exclude
+            root, rels = list_stdlib_files(hp.include or ["**/*.py"], exclude)
+            entries = [(r, root / r) for r in rels]
+            where = f"standard library at {str(root)!r} with include={hp.include} exclude={list(exclude)}"
+        else:
+            if not hp.paths:
+                raise ValueError("`paths` must list files, directories or globs when `source: files`")
+            if hp.include:
+                raise ValueError("`include` is only used with `source: python_stdlib`; list files in `paths`")
+            files = list_user_files(hp.paths, hp.exclude or [])
+            entries = [(f.as_posix(), f) for f in files]
+            where = f"`paths` {hp.paths} (exclude={hp.exclude})"
+        if not entries:
+            raise ValueError(f"no text files found in the {where}")
+        out: dict[str, list[Path]] = {s: [] for s in SPLITS}
+        for rel, path in entries:
+            out[split_of(rel, hp.val_fraction, hp.test_fraction, hp.split_seed)].append(path)
+        # Very small selections: an empty val/test split borrows the train file whose hash is lowest.
+        hashes = {path: path_hash(rel, hp.split_seed) for rel, path in entries}
+        for split, fraction in (("test", hp.test_fraction), ("val", hp.val_fraction)):
+            if fraction > 0 and not out[split] and len(out["train"]) > 1:
+                moved = min(out["train"], key=hashes.__getitem__)
+                out["train"].remove(moved)
+                out[split].append(moved)
+        for split, fraction in zip(SPLITS, (1.0, hp.val_fraction, hp.test_fraction)):
+            if fraction > 0 and not out[split]:
+                raise ValueError(
+                    f"the {split} split is empty ({len(entries)} files in the {where}); "
+                    f"select more files or change `val_fraction`/`test_fraction`/`split_seed`"
+                )
+            if hp.max_files is not None:
+                out[split] = out[split][: hp.max_files]
+        return out
+
+    def load_split(self, split: str) -> TokenWindows:
+        """Read and window one split (cached on the DataModule)."""
+        if split not in self.datasets:
+            hp = self.hparams
+            data = DOC_SEPARATOR.join(read_text_bytes(p) for p in self.split_files[split])
+            tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+            ds = TokenWindows(tokens, hp.seq_len, hp.stride or hp.seq_len, hp.max_windows)
+            if len(ds) == 0 and self.split_files[split]:
+                raise ValueError(
+                    f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = {hp.seq_len + 1}; "
+                    "lower `seq_len` or add files"
+                )
+            self.datasets[split] = ds
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage or "", SPLITS):
+            self.load_split(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.load_split(split), self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

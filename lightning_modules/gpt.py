@@ -1,0 +1,185 @@
+"""GPT language modelling: pre-training, LoRA and Skip2-LoRA fine-tuning (with Skip-Cache) in one module."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from datamodules.text import ByteTokenizer
+from models.gpt import GPT, Config, load_pretrained
+from models.lora import count_parameters
+from models.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable
+
+PRETRAIN_COMMAND = "python -m cli fit --config configs/gpt_pretrain.yaml"
+
+
+class GPTLanguageModel(L.LightningModule):
+    """Next-token prediction with :class:`models.gpt.GPT` on batches from :class:`TextDataModule`.
+
+    Without adapters in ``config`` every weight trains (pre-training); with ``lora_*`` flags or
+    ``skip2lora_enabled`` only the adapters train (plus ``lm_head`` when ``train_head``).
+
+    Args:
+        config: architecture, LoRA and Skip2-LoRA options.
+        pretrained_path: a state dict or our own ``last.ckpt`` (e.g. from ``configs/gpt_pretrain.yaml``).
+        train_head: also train ``lm_head`` (downstream of the cache point, so Skip-Cache still works).
+        skip_cache: cache each training sample's frozen features in epoch 1 and skip the backbone
+            afterwards; refused (at init) when anything upstream of the cache point trains.
+        cache_dir / cache_dtype / cache_max_memory_mb / cache_storage: see :class:`models.skip_cache.SkipCache`.
+        lr / weight_decay: AdamW settings; ``warmup_steps`` ramps the learning rate linearly.
+        sample_prompt / sample_tokens: after each validation, a text sample continuing this prompt goes to
+            TensorBoard (``samples``, top-k 20 at temperature 0.8); ``sample_tokens: 0`` turns it off.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        pretrained_path: str | None = None,
+        train_head: bool = False,
+        skip_cache: bool = False,
+        cache_dir: str | None = None,
+        cache_dtype: CacheDtype = "float32",
+        cache_max_memory_mb: float = 2048.0,
+        cache_storage: Storage = "auto",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        sample_prompt: str = "def ",
+        sample_tokens: int = 120,
+    ) -> None:
+        super().__init__()
+        config = config or Config()
+        self.save_hyperparameters()
+        if pretrained_path is not None and not Path(pretrained_path).expanduser().is_file():
+            raise FileNotFoundError(
+                f"model.pretrained_path {pretrained_path!r} does not exist. Pre-train first: "
+                f"`{PRETRAIN_COMMAND}` (it writes runs/gpt_pretrain/checkpoints/last.ckpt), "
+                "or point --model.pretrained_path at your own checkpoint"
+            )
+        if lr <= 0 or warmup_steps < 0 or sample_tokens < 0:
+            raise ValueError(f"`lr` must be positive, `warmup_steps` and `sample_tokens` >= 0, "
+                             f"got {lr}, {warmup_steps}, {sample_tokens}")
+        self.model = GPT(config)
+        if pretrained_path is not None:
+            load_pretrained(self.model, pretrained_path)
+        if train_head:
+            self.model.lm_head.requires_grad_(True)
+        if skip_cache:
+            check_cacheable(self.model.backbone_modules())
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.cache: SkipCache | None = None
+        self._epoch_start = self._epoch_time = 0.0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None:
+            self.logger.log_hyperparams(
+                self.hparams,
+                {"params/trainable": count_parameters(self), "params/total": count_parameters(self, False)},
+            )
+
+    def on_train_start(self) -> None:
+        """Check eligibility again (anything unfrozen since init) and size the cache: a budget error
+        comes here, before the first step."""
+        if self.hparams.skip_cache:
+            check_cacheable(self.model.backbone_modules())
+            self.cache = self._make_cache()
+
+    def _train_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        idx = batch["input_ids"]
+        if not self.hparams.skip_cache:
+            return self.model(idx)
+        features = self.cache.lookup(batch["index"], lambda pos: self.model.forward_backbone(idx[pos]), idx.device)
+        return self.model.forward_from_cache(features)
+
+    def _make_cache(self) -> SkipCache:
+        """One cache per rank, sized for the whole training set (ranks see different samples each epoch)."""
+        hp, cfg = self.hparams, self.model.config
+        dataset = self.trainer.train_dataloader.dataset
+        sample = dataset[0]
+        if not isinstance(sample, dict) or "index" not in sample:
+            raise KeyError("skip_cache needs samples with a stable integer `index` (TextDataModule provides it)")
+        seq_len = len(sample["input_ids"])
+        shapes = {"final": (seq_len, cfg.n_embd)}
+        if self.model.skip_indices:
+            shapes["skip"] = (len(self.model.skip_indices), seq_len, cfg.n_embd)
+        num_samples = len(dataset)
+        return SkipCache(num_samples, shapes, hp.cache_dtype, hp.cache_dir, hp.cache_max_memory_mb,
+                         hp.cache_storage, tag=f"rank{self.global_rank}_")
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        if self.cache is not None:
+            self.cache.reset_stats()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._epoch_time = time.perf_counter() - self._epoch_start  # training only, validation excluded
+
+    def on_train_epoch_end(self) -> None:
+        self.log("time/train_epoch_s", self._epoch_time, sync_dist=True)
+        if self.cache is not None:
+            self.log("skip_cache/hit_rate", self.cache.hit_rate, sync_dist=True)
+            self.log("skip_cache/filled", float(len(self.cache)), sync_dist=True)
+
+    def on_fit_end(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(self._train_logits(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", loss.exp())
+        self._log_sample()
+
+    def _log_sample(self) -> None:
+        """A generated continuation of ``sample_prompt`` in TensorBoard, where reading beats a number."""
+        hp, logger = self.hparams, self.logger
+        if self.trainer.sanity_checking or not hp.sample_tokens or self.global_rank != 0:
+            return
+        if not hasattr(getattr(logger, "experiment", None), "add_text"):  # no TensorBoard logger
+            return
+        tok = ByteTokenizer()
+        prompt = tok.encode(hp.sample_prompt or "\n").unsqueeze(0).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        out = self.model.generate(prompt, hp.sample_tokens, temperature=0.8, top_k=20, generator=g)
+        logger.experiment.add_text("samples", "```\n" + tok.decode(out[0].tolist()) + "\n```", self.global_step)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log("test/loss", loss)
+        self.log("test/ppl", loss.exp())
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if not self.hparams.warmup_steps:
+            return opt
+        warmup = self.hparams.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
