@@ -60,12 +60,14 @@ class Regressor(L.LightningModule):
         oom_forward / oom_backward: ``{global_step: largest micro-batch that fits}``; bigger ones raise an
             out-of-memory error in the forward / the backward at that step.
         nan_loss_steps / nan_grad_steps: steps whose loss / a gradient becomes NaN (once per step).
+        signal_faults: ``{step: factor}`` multiplying the ``bound`` health signal; loss_spikes: steps whose
+            loss is multiplied by 1000.
         manual: manual optimization: ``training_step`` only calls ``manual_backward``; ``ManualStepper``
             steps the optimizer at ``on_train_batch_end`` (the multi-rate stepping contract).
     """
 
     def __init__(self, oom_forward=None, oom_backward=None, nan_loss_steps=(), nan_grad_steps=(),
-                 manual=False, lr=0.05, cpu_oom_message=False) -> None:
+                 manual=False, lr=0.1, cpu_oom_message=False, signal_faults=None, loss_spikes=()) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Linear(N_FEATURES, 1)
@@ -73,6 +75,8 @@ class Regressor(L.LightningModule):
         self.nan_loss_steps, self.nan_grad_steps = set(nan_loss_steps), set(nan_grad_steps)
         self.automatic_optimization = not manual
         self.lr, self.cpu_oom_message = lr, cpu_oom_message
+        self.signal_faults, self.loss_spikes = dict(signal_faults or {}), set(loss_spikes)
+        self._step = 0
         self.seen = CatMetric()
         self.epoch_ids: list[list[int]] = []
         self.micro_sizes: list[int] = []
@@ -87,12 +91,16 @@ class Regressor(L.LightningModule):
                 raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
             raise torch.OutOfMemoryError("CUDA out of memory (fake, in forward)")
         h = _OOMInBackward.apply(x) if x.shape[0] > self.oom_backward.get(step, 10**9) else x
+        self._step = step
         self.seen.update(idx.float())
         self.micro_sizes.append(x.shape[0])
         loss = F.mse_loss(self.net(h), y)
         if step in self.nan_loss_steps:
             self.nan_loss_steps.discard(step)
             loss = loss * float("nan")
+        if step in self.loss_spikes:
+            self.loss_spikes.discard(step)
+            loss = loss * 1000.0
         if step in self.nan_grad_steps:
             self.nan_grad_steps.discard(step)
             loss = loss + _NaNGrad.apply(self.net.weight)
@@ -100,6 +108,10 @@ class Regressor(L.LightningModule):
             self.manual_backward(loss)
         self.loss_mean.update(loss.detach(), weight=x.shape[0])
         return loss
+
+    def health_signals(self) -> dict[str, torch.Tensor]:
+        """A stand-in for a model's own bound: the weight norm, times a fault factor at chosen steps."""
+        return {"bound": self.net.weight.detach().norm() * self.signal_faults.pop(self._step, 1.0)}
 
     def on_train_epoch_end(self):
         self.epoch_ids.append(sorted(int(i) for i in self.seen.compute().tolist()))
@@ -131,5 +143,6 @@ class ManualStepper(L.Callback):
 def trainer(tmp_path, callbacks=(), max_epochs=2, **kw) -> L.Trainer:
     kw.setdefault("logger", L.pytorch.loggers.CSVLogger(tmp_path, name="log"))
     kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("log_every_n_steps", 1)
     return L.Trainer(default_root_dir=tmp_path, max_epochs=max_epochs, callbacks=list(callbacks),
                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1, **kw)
