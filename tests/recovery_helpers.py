@@ -3,6 +3,8 @@ that can fake out-of-memory errors and NaNs at chosen steps, and records the sam
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -146,3 +148,20 @@ def trainer(tmp_path, callbacks=(), max_epochs=2, **kw) -> L.Trainer:
     kw.setdefault("log_every_n_steps", 1)
     return L.Trainer(default_root_dir=tmp_path, max_epochs=max_epochs, callbacks=list(callbacks),
                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1, **kw)
+
+
+class FaultInjector(L.Callback):
+    """Kills the process (``os._exit``, no cleanup) after ``kill_at_step`` optimizer steps, before that
+    step's checkpoint; at the end of fit saves the trainable weights and the recovery callbacks' states."""
+
+    def __init__(self, kill_at_step: int | None = None, save_final_to: str = "final.pt") -> None:
+        self.kill_at_step, self.save_final_to = kill_at_step, save_final_to
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.kill_at_step:
+            os._exit(17)
+
+    def on_train_end(self, trainer, pl_module):
+        states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if cb.state_dict()}
+        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        torch.save({"weights": weights, "callbacks": states, "global_step": trainer.global_step}, self.save_final_to)
