@@ -8,12 +8,13 @@ always keeps ``last.ckpt`` (its options live under the ``checkpoint:`` key) and 
 
 Bad input fails before anything is written, with one line naming the key or file: config files are checked
 (exist, readable, valid YAML) before parsing, jsonargparse's nested union messages are condensed, and
-``ValueError``/``TypeError``/``OSError`` raised by a class's ``__init__`` are reported with its config key.
+errors raised by a class's ``__init__`` are reported with its config key (``ADAPTLAB_TRACEBACK=1``: traceback).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
 import sys
@@ -126,12 +127,20 @@ class AdaptLabCLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         logger = cfg.get("trainer", {}).get("logger") if cfg is not None else None
         init_args = getattr(logger, "init_args", None) if logger is not None else None
-        if init_args is None or init_args.get("name") not in (None, "lightning_logs"):
-            return
-        configs = [c for c in (cfg.get("config") or []) if c is not None]
-        init_args["name"] = Path(str(configs[-1])).stem if configs else "adaptlab"
-        if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
+        if init_args is not None and init_args.get("name") in (None, "lightning_logs"):
+            configs = [c for c in (cfg.get("config") or []) if c is not None]
+            init_args["name"] = Path(str(configs[-1])).stem if configs else "adaptlab"
+        if init_args is not None and self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             self._resume_in_place(cfg, init_args)
+        self._check_ckpt_path(cfg.get("ckpt_path"))
+
+    @staticmethod
+    def _check_ckpt_path(ckpt: str | None) -> None:
+        """A ``ckpt_path`` that names a local file must exist (before any run folder is created)."""
+        if ckpt is None or ckpt in ("last", "best", "hpc") or "://" in ckpt or ckpt.startswith("registry:"):
+            return
+        if not Path(ckpt).is_file():
+            fail(f"ckpt_path {ckpt!r} does not exist")
 
     @staticmethod
     def _resume_in_place(cfg: Any, logger_args: Any) -> None:
@@ -146,20 +155,23 @@ class AdaptLabCLI(LightningCLI):
             logger_args["version"], cfg["ckpt_path"] = found[-1][0], str(found[-1][1])
 
     def instantiate_classes(self) -> None:
-        """Report a class's own validation error in one line naming its config key."""
+        """Report an error raised by a class's ``__init__`` in one line naming its config key.
+
+        ``ADAPTLAB_TRACEBACK=1`` re-raises instead (the full traceback, for debugging a class).
+        """
         try:
             super().instantiate_classes()
         except Exception as e:
-            root = e
-            while root.__cause__ is not None:
-                root = root.__cause__
-            if not isinstance(root, (ValueError, TypeError, OSError, KeyError)):
-                raise
             match = re.search(r"class_path='([\w.]+)'", str(e))
+            if match is None or os.environ.get("ADAPTLAB_TRACEBACK"):
+                raise
+            root = e  # the first exception in the chain that is not jsonargparse's wrapper
+            while root.__cause__ is not None and "class_path=" in str(root):
+                root = root.__cause__
             cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-            key = find_config_key(cfg, match[1]) if match else None
-            where = f"{key} ({match[1].rsplit('.', 1)[-1]})" if key and match else type(root).__name__
-            fail(f"{where}: {root}")
+            key = find_config_key(cfg, match[1]) or match[1]
+            kind = "" if isinstance(root, (ValueError, TypeError, OSError, KeyError)) else f"{type(root).__name__}: "
+            fail(f"{key} ({match[1].rsplit('.', 1)[-1]}): {kind}{root}")
 
 
 def trainer_defaults() -> dict[str, Any]:
