@@ -88,3 +88,20 @@ def test_resumable_loader_skips_consumed_batches_in_the_same_order():
     assert len([b for b in fresh]) == 4
     loader.sampler.set_epoch(3)
     assert [b.tolist() for b in loader] != full and sorted(sum((b.tolist() for b in loader), [])) == data
+
+
+def test_robust_config_smoke(in_tmp):
+    """configs/vit_lora_digits_robust.yaml: a few steps in-process, callbacks wired from YAML."""
+    import cli
+
+    saved, sys.argv = sys.argv, ["cli"]
+    try:
+        app = cli.main(["fit", "--config", str(REPO / "configs/vit_lora_digits_robust.yaml"), "--trainer.max_steps", "3",
+                        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
+    finally:
+        sys.argv = saved
+    names = {type(cb).__name__ for cb in app.trainer.callbacks}
+    assert {"OOMRecovery", "StabilityMonitor"} <= names
+    assert type(app.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    assert app.trainer.global_step == 3
+    assert (in_tmp / "runs/vit_lora_digits_robust/version_0/checkpoints/last.ckpt").is_file()

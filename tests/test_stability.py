@@ -88,3 +88,27 @@ def test_monitor_only_and_state_round_trip(tmp_path):
     assert other.failures == 1 and list(other.history["loss"]) == list(mon.history["loss"])
     with pytest.raises(ValueError, match="lr_factor"):
         StabilityMonitor(lr_factor=0)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_rank_local_faults(tmp_path):
+    """OOM on rank 1 only and a loss spike on rank 0 only: ranks must stay identical."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_recovery_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[1])}
+    res = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for name, w in r0["weights"].items():
+        assert torch.equal(w, r1["weights"][name]) and torch.isfinite(w).all(), name
+    assert r0["global_step"] == r1["global_step"] == 16
+    assert r0["oom"]["micro_batch_size"] is None and r1["oom"]["micro_batch_size"] == 4
+    assert r0["stability"]["failures"] == r1["stability"]["failures"] == 1
+    assert "loss spiked" in r0["stability"]["first_failure"]
+    assert r1["stability"]["first_failure"] == "another rank diverged"
+    assert r0["stability"]["lr_scale"] == r1["stability"]["lr_scale"] == 0.5
