@@ -13,7 +13,7 @@ micro-batch's forward or backward, caches are freed, the micro-batch is halved (
 batch doubles, the effective batch is unchanged), torchmetrics states touched by the failed attempt are
 restored, and the same batch is retried: no sample is skipped or counted twice. The smaller micro-batch is
 kept for the rest of the run (and saved in checkpoints). After ``max_retries`` retries on one batch, or an
-OOM at micro-batch 1, it saves ``oom-stop.ckpt`` and stops with an error.
+OOM at micro-batch 1, it saves ``oom-stop.ckpt`` (single-process runs) and stops with an error.
 
 Assumes the loss is a mean over the batch (``loss_reduction="mean"``, weights ``len(micro)/len(batch)``)
 or a sum (``"sum"``, weights 1). Only tensors whose first dimension is the batch size are split; other
@@ -75,16 +75,21 @@ class _InjectGrads(torch.autograd.Function):
 
 
 def _metric_states(module: torch.nn.Module) -> list[tuple[Metric, dict[str, Any], int]]:
-    """Copies of every torchmetrics state in ``module`` (restored when an attempt fails)."""
-
-    def copy(v: Any) -> Any:
-        return [t.clone() for t in v] if isinstance(v, list) else v.clone()
-
+    """torchmetrics states of ``module`` before an attempt: tensor states copied, list states' lengths
+    (they only grow by appending), so a failed attempt's updates can be undone cheaply."""
     return [
-        (m, {k: copy(getattr(m, k)) for k in m._defaults}, m._update_count)
+        (m, {k: len(v) if isinstance(v, list) else v.clone() for k in m._defaults if (v := getattr(m, k)) is not None},
+         m._update_count)
         for m in module.modules()
         if isinstance(m, Metric)
     ]
+
+
+def _restore_metric_states(states: list[tuple[Metric, dict[str, Any], int]]) -> None:
+    for metric, state, count in states:
+        for k, v in state.items():
+            setattr(metric, k, getattr(metric, k)[:v] if isinstance(v, int) else v.clone())
+        metric._update_count, metric._computed = count, None
 
 
 class OOMRecovery(L.Callback):
@@ -144,10 +149,7 @@ class OOMRecovery(L.Callback):
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
-                for metric, state, count in metrics:
-                    for k, v in state.items():
-                        setattr(metric, k, [t.clone() for t in v] if isinstance(v, list) else v.clone())
-                    metric._update_count, metric._computed = count, None
+                _restore_metric_states(metrics)
                 self._shrink(pl_module, extract_batch_size(batch), attempt, error)
         raise AssertionError("unreachable: _shrink raises after max_retries")
 
@@ -199,9 +201,10 @@ class OOMRecovery(L.Callback):
             torch.cuda.empty_cache()
         if attempt >= self.max_retries or old <= 1:
             path = self._save_stop_checkpoint()
+            saved = f"checkpoint saved to {path}" if path else "no checkpoint (other ranks cannot join the save)"
             raise RuntimeError(
                 f"OOMRecovery: out of memory at step {step} with micro-batch {old} after {attempt} retries on "
-                f"this batch; checkpoint saved to {path}. Use a smaller model/batch or a larger device. "
+                f"this batch; {saved}. Use a smaller model/batch or a larger device. "
                 f"Last error: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
             ) from error
         new = (old + 1) // 2
@@ -224,10 +227,12 @@ class OOMRecovery(L.Callback):
                 step=step,
             )
 
-    def _save_stop_checkpoint(self) -> str:
+    def _save_stop_checkpoint(self) -> str | None:
+        """``oom-stop.ckpt`` beside the run's checkpoints; ``None`` in multi-process runs, where the OOM is
+        rank-local and ``save_checkpoint`` would wait forever for the other ranks."""
         trainer = self._trainer
-        if trainer is None:
-            return "(no trainer)"
+        if trainer is None or trainer.world_size > 1:
+            return None
         folder = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
         path = str(Path(folder) / "oom-stop.ckpt")
         trainer.save_checkpoint(path)

@@ -110,8 +110,8 @@ class StabilityMonitor(L.Callback):
             setattr(self, key, state_dict[key])
 
     # ---- hooks --------------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._take_snapshot(trainer, pl_module)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_snapshot(trainer, pl_module)  # after a resumed run's optimizer state is restored
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_failed = False
@@ -243,7 +243,7 @@ class StabilityMonitor(L.Callback):
 
     def _rollback(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         snap = self._snapshot
-        assert snap is not None, "StabilityMonitor: no snapshot (on_fit_start was not called)"
+        assert snap is not None, "StabilityMonitor: no snapshot (on_train_start was not called)"
         with torch.no_grad():
             for n, p in pl_module.named_parameters():
                 if n in snap["params"]:
