@@ -112,3 +112,31 @@ def test_ddp_two_processes_with_rank_local_faults(tmp_path):
     assert "loss spiked" in r0["stability"]["first_failure"]
     assert r1["stability"]["first_failure"] == "another rank diverged"
     assert r0["stability"]["lr_scale"] == r1["stability"]["lr_scale"] == 0.5
+
+
+def test_fp16_grad_scaler_path(tmp_path):
+    """With a fp16 GradScaler, a NaN step is skipped by the scaler (its scale halves) and rolled back;
+    OOM recovery under the scaler still matches a clean scaled run."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from callbacks.oom_recovery import OOMRecovery
+
+    def amp():
+        return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))]
+
+    mon = monitor()
+    t = trainer(tmp_path / "nan", [mon], max_epochs=3, plugins=amp())
+    model = Regressor(nan_loss_steps={5})
+    t.fit(model)
+    assert mon.failures == 1 and "loss is nan" in mon.first_failure
+    assert t.precision_plugin.scaler.get_scale() == 512.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    rows = list(csv.DictReader(open(t.logger.log_dir + "/metrics.csv")))
+    assert [float(r["stability/loss_scale"]) for r in rows if r.get("stability/loss_scale")][-1] == 512.0
+
+    clean = Regressor()
+    trainer(tmp_path / "clean", max_epochs=2, plugins=amp()).fit(clean)
+    faulty = Regressor(oom_forward={0: 4, 3: 2})
+    trainer(tmp_path / "oom", [OOMRecovery()], max_epochs=2, plugins=amp()).fit(faulty)
+    for a, b in zip(clean.parameters(), faulty.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
