@@ -97,17 +97,17 @@ def check_config_files(args: list[str]) -> None:
 
 
 def find_config_key(cfg: Any, class_path: str, prefix: str = "") -> str | None:
-    """Dotted key of the (first) entry of ``cfg`` whose ``class_path`` is ``class_path``."""
-    if getattr(cfg, "class_path", None) == class_path:
-        return prefix or None
-    items = cfg.items(branches=True) if hasattr(cfg, "items") and not isinstance(cfg, dict) else None
-    if isinstance(cfg, list):
-        items = ((f"[{i}]", v) for i, v in enumerate(cfg))
-    elif isinstance(cfg, dict):
-        items = cfg.items()
-    for key, value in items or ():
-        sub = f"{prefix}{key}" if str(key).startswith("[") or not prefix else f"{prefix}.{key}"
-        if (found := find_config_key(value, class_path, sub)) is not None:
+    """Dotted key of the first entry of ``cfg`` (a config as plain dicts and lists) with this ``class_path``."""
+    if isinstance(cfg, dict):
+        if cfg.get("class_path") == class_path:
+            return prefix
+        children = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in cfg.items()]
+    elif isinstance(cfg, list):
+        children = [(f"{prefix}[{i}]", v) for i, v in enumerate(cfg)]
+    else:
+        return None
+    for key, value in children:
+        if (found := find_config_key(value, class_path, key)) is not None:
             return found
     return None
 
@@ -123,7 +123,8 @@ class AdaptLabCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
 
     def before_instantiate_classes(self) -> None:
-        """Name the TensorBoard run after the config file unless the YAML names it."""
+        """Name the TensorBoard run after the config file unless the YAML names it; resolve and check
+        ``ckpt_path``."""
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         logger = cfg.get("trainer", {}).get("logger") if cfg is not None else None
         init_args = getattr(logger, "init_args", None) if logger is not None else None
@@ -169,7 +170,7 @@ class AdaptLabCLI(LightningCLI):
             while root.__cause__ is not None and "class_path=" in str(root):
                 root = root.__cause__
             cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-            key = find_config_key(cfg, match[1]) or match[1]
+            key = find_config_key(cfg.as_dict(), match[1]) or match[1]
             kind = "" if isinstance(root, (ValueError, TypeError, OSError, KeyError)) else f"{type(root).__name__}: "
             fail(f"{key} ({match[1].rsplit('.', 1)[-1]}): {kind}{root}")
 
