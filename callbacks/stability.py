@@ -127,7 +127,7 @@ class StabilityMonitor(L.Callback):
             for key in spiky:
                 self.history.setdefault(key, deque(maxlen=self.window)).append(values[key])
             return
-        reason = reasons[0] if reasons else "another rank diverged"
+        reason = "; ".join(reasons[:3]) if reasons else "another rank diverged"
         self.failures += 1
         self.consecutive_failures += 1
         self._batch_failed = True
