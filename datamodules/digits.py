@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
+
 #: Mean/std of the digits pixels after scaling to [0, 1] (computed over the whole 8x8 set).
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3761
 
@@ -74,7 +76,11 @@ class DigitsDataModule(L.LightningDataModule):
         return DataLoader(ds, self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
+        """Seeded per epoch and resumable mid-epoch (see ``datamodules.resumable``)."""
+        return ResumableDataLoader(
+            self.train_set, self.hparams.batch_size, sampler=EpochSeededSampler(len(self.train_set)),
+            num_workers=self.hparams.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False)

@@ -30,7 +30,7 @@ def create_vit(
         num_classes: classifier width; 0 = features only (``forward_head`` returns pooled features).
 
     Raises:
-        ValueError: unknown model name. FileNotFoundError: ``pretrained_file`` given but missing.
+        ValueError: unknown model name or unloadable ``pretrained_file``. FileNotFoundError: it is missing.
     """
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
@@ -46,6 +46,10 @@ def create_vit(
                 "Put the timm weights there or set pretrained_file: null for random init."
             )
         extra.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        try:
+            return timm.create_model(name, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **extra)
+        except Exception as e:
+            raise ValueError(f"pretrained_file {str(path)!r} could not be loaded into {name}: {e}") from e
     return timm.create_model(name, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **extra)
 
 
