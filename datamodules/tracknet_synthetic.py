@@ -114,8 +114,9 @@ class _Occluder:
 
 def _trajectory(rng: np.random.Generator, n: int, w: int, h: int, sub: int) -> tuple[np.ndarray, np.ndarray]:
     """Ball centres at ``sub`` sub-steps per frame (``(n*sub, 2)``) and a per-frame status
-    (0 flying, 1 hit, 2 bounce) following the TrackNet v1 ``status`` column."""
-    g = rng.uniform(0.25, 0.5) * h / 144  # gravity in px / frame^2, y grows downwards
+    (0 flying, 1 hit, 2 bounce) following the TrackNet v1 ``status`` column. Shots are random; one hit
+    between a third and half of the clip is a lob that leaves the frame (an out-of-frame span)."""
+    g = rng.uniform(0.6, 1.0) * h / 144  # gravity in px / frame^2, y grows downwards
     ground = rng.uniform(0.75, 0.95) * h
     restitution = rng.uniform(0.55, 0.75)
     pos = np.array([rng.uniform(0.2, 0.8) * w, rng.uniform(0.3, 0.7) * h])
@@ -125,17 +126,27 @@ def _trajectory(rng: np.random.Generator, n: int, w: int, h: int, sub: int) -> t
         toward = rng.uniform(0.15, 0.85) * w - pos[0]
         return np.array([np.sign(toward) * speed * rng.uniform(0.4, 1.0), -rng.uniform(2, 7) * h / 144])
 
+    def lob() -> np.ndarray:  # a high shot whose apex leaves the top of the frame for a few frames
+        apex_above = rng.uniform(0.03, 0.1) * h
+        return np.array([rng.uniform(-2, 2) * w / 256, -np.sqrt(2 * g * (max(pos[1], 0) + apex_above))])
+
     vel = shot()
     next_hit = int(rng.integers(12, 30))
+    lob_at = int(rng.integers(n // 3, max(n // 3 + 1, n // 2)))  # this hit is a lob out of frame
+
     out = np.zeros((n * sub, 2))
     status = np.zeros(n, np.int64)
     for f in range(n):
-        if f == next_hit:
-            if not (-0.3 * w < pos[0] < 1.3 * w) or pos[1] > 1.2 * h:  # far off frame: a new rally starts
+        far = not (-0.15 * w < pos[0] < 1.15 * w) or pos[1] > 1.2 * h
+        if far or f in (next_hit, lob_at):
+            if far:  # far off frame: a new rally starts inside it
                 pos = np.array([rng.uniform(0.2, 0.8) * w, rng.uniform(0.4, 0.8) * h])
-            vel = shot()
-            status[f] = 1
-            next_hit = f + int(rng.integers(12, 30))
+            if far or (0 <= pos[0] < w and 0.4 * h <= pos[1] < h):
+                vel = lob() if f == lob_at else shot()
+                status[f] = 1
+                next_hit = f + int(rng.integers(12, 30))
+            else:  # high up or just outside the frame: nobody can hit it yet
+                next_hit, lob_at = (f + 1, f + 1) if f == lob_at else (f + 1, lob_at)
         for s in range(sub):
             vel[1] += g / sub
             pos = pos + vel / sub
@@ -158,11 +169,17 @@ def render_clip(rng: np.random.Generator, n: int, w: int, h: int) -> tuple[list[
     ball_tint = rng.choice(np.array([[1.0, 1.0, 0.55], [1.0, 1.0, 1.0], [0.85, 1.0, 0.3]])).astype(np.float32)
     exposure = rng.uniform(0.3, 1.0)  # fraction of the frame interval the shutter is open (blur length)
     occluders = [
-        _Occluder(rng.uniform(0, w), rng.uniform(0.35, 0.8) * h, rng.uniform(0.05, 0.09) * w,
-                  rng.uniform(0.12, 0.22) * h, rng.uniform(-1.5, 1.5) * w / 256,
+        _Occluder(rng.uniform(0, w), rng.uniform(0.35, 0.8) * h, rng.uniform(0.04, 0.07) * w,
+                  rng.uniform(0.12, 0.22) * h, rng.choice([-1, 1]) * rng.uniform(1.0, 3.0) * w / 256,
                   rng.uniform(0.05, 0.9, 3).astype(np.float32))
         for _ in range(int(rng.integers(1, 3)))
     ]
+    # The first "player" walks through the ball's position at a frame of the middle half: an occluded span.
+    f_occ = int(rng.integers(n // 4, max(n // 4 + 1, 3 * n // 4)))
+    bx, by = path[f_occ * sub + sub // 2]
+    oy = float(np.clip(by, 0.35 * h, 0.8 * h))  # players stand on the court
+    if 0 <= bx < w and abs(by - oy) < 0.7 * occluders[0].ry:
+        occluders[0].x, occluders[0].y = bx - occluders[0].vx * f_occ, oy
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     frames, labels = [], []
     for f in range(n):
@@ -187,8 +204,6 @@ def render_clip(rng: np.random.Generator, n: int, w: int, h: int) -> tuple[list[
             img[m] = shade
             hidden |= bool(o.mask(np.array(centre[0]), np.array(centre[1])))
             o.x += o.vx
-            if not 0 < o.x < w:
-                o.vx = -o.vx
         img = img + rng.normal(0, 0.015, img.shape).astype(np.float32)
         frames.append((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
         inside = 0 <= centre[0] < w and 0 <= centre[1] < h
