@@ -212,7 +212,8 @@ class TrackNet(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
-        if self._val_images is not None and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+        log_images = isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking
+        if self._val_images is not None and log_images and self.trainer.is_global_zero:
             grid = heatmap_grid(*self._val_images, mean=MEAN, std=STD)
             self.logger.experiment.add_image("val/frames_pred_true", grid, self.global_step)
         self._val_images = None

@@ -10,6 +10,15 @@ from models.vit import create_vit
 from datamodules.tracknet import render_heatmap
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads are many times slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def test_pretrained_rgb_filters_are_repeated_per_frame(tmp_path):
     torch.manual_seed(0)
     rgb = create_vit("vit_tiny_patch16_224", img_size=32)
