@@ -176,13 +176,16 @@ def test_qlora_config_smoke(in_tmp):
 
 def test_dinov3_qlora_config_smoke_with_tiny_overrides(in_tmp):
     pytest.importorskip("models.quantization")
-    _cli(["fit", "--config", str(REPO / "configs/tracknet_dinov3_qlora.yaml"), *SMALL_DATA,
-          "--model.backbone.pretrained_file", "null", "--model.img_size", "[64, 32]",
+    # The real config with no weights file and CPU-sized inputs (an override YAML, as a user would write one).
+    (in_tmp / "tiny.yaml").write_text("model:\n  init_args:\n    backbone: {freeze: true, patch_size: 16, "
+                                      "pretrained_file: null}\n")
+    _cli(["fit", "--config", str(REPO / "configs/tracknet_dinov3_qlora.yaml"), "--config", "tiny.yaml", *SMALL_DATA,
+          "--model.img_size", "[64, 32]",
           "--model.heatmap.size", "[32, 16]", "--data.heatmap.size", "[32, 16]", "--data.frame_size", "[64, 32]",
           "--model.decoder.channels", "[384, 32, 16]", "--model.decoder.upsample", "[2, 2]",
           "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
-    run = in_tmp / "runs" / "tracknet_dinov3_qlora" / "version_0"
+    run = in_tmp / "runs" / "tiny" / "version_0"  # runs are named after the last --config
     assert (run / "adapter" / "adapter.safetensors").is_file()
 
 
