@@ -95,10 +95,12 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
     model.eval()
     metric = TrackNetMetrics(threshold=0.5, tolerance=4.0)
+    val_losses = []
     with torch.no_grad():
         for batch in val:
-            probs = torch.sigmoid(model(batch["frames"].to(args.device)).float()).cpu()
-            metric.update(probs, batch["xy"], batch["visible"])
+            logits = model(batch["frames"].to(args.device))
+            val_losses.append(float(model._loss(logits, batch["heatmap"].to(args.device))))
+            metric.update(torch.sigmoid(logits.float()).cpu(), batch["xy"], batch["visible"])
     m = metric.compute()
     skip = min(3, len(times) - 1)
     return {
@@ -106,7 +108,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         "trainable": count_parameters(model), "total_params": count_parameters(model, trainable_only=False),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "base_rss_mb": rss_base / 1024,
-        "step_s": sum(times[skip:]) / len(times[skip:]), "final_loss": float(loss),
+        "step_s": sum(times[skip:]) / len(times[skip:]), "val_loss": sum(val_losses) / len(val_losses),
         **{k: float(m[k]) for k in ("f1", "precision", "recall", "accuracy")},
     }
 
@@ -114,13 +116,13 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 def markdown(rows: list[dict]) -> str:
     ref = next((r for r in rows if r["variant"] == "full"), rows[0])
     head = ("| mode | backbone bytes (MB) | x full | linear weights (MB) | x full | trainable params | "
-            "peak RSS (MB) | RSS over data-loaded baseline (MB) | step (s) | x full | val F1 | precision | recall |")
+            "peak RSS (MB) | RSS over data-loaded baseline (MB) | step (s) | x full | val loss | val F1 | precision | recall |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['weight_bytes'] / 1e6:.1f} | {r['weight_bytes'] / ref['weight_bytes']:.3f} | "
             f"{r['linear_bytes'] / 1e6:.2f} | {r['linear_bytes'] / ref['linear_bytes']:.3f} | {r['trainable']:,} | "
-            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['base_rss_mb']:.0f} | {r['step_s']:.3f} | {r['step_s'] / ref['step_s']:.2f} | {r['f1']:.3f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['base_rss_mb']:.0f} | {r['step_s']:.3f} | {r['step_s'] / ref['step_s']:.2f} | {r['val_loss']:.4f} | {r['f1']:.3f} | "
             f"{r['precision']:.3f} | {r['recall']:.3f} |"
         )
     return "\n".join(lines)
