@@ -45,7 +45,8 @@ class DecoderConfig:
 @dataclass
 class LoRAConfig:
     """LoRA on the backbone. ``target_modules: null`` = every attention and MLP linear of the ViT;
-    ``task_type`` is recorded (hparams and adapter metadata) for PEFT-style bookkeeping."""
+    ``task_type`` is recorded (hparams and adapter metadata) for PEFT-style bookkeeping. When enabled, only
+    the adapters (and the biases ``bias`` selects) train in the backbone, whatever ``backbone.freeze`` says."""
 
     enabled: bool = False
     r: int = 16

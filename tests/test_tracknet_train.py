@@ -167,11 +167,17 @@ def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
     assert len(list((in_tmp / "out").glob("clip_*.csv"))) == 1  # the one test clip
 
 
-def test_qlora_config_smoke(in_tmp):
+def test_qlora_config_fits_and_predicts_from_its_checkpoint(in_tmp):
     pytest.importorskip("models.quantization")
-    _cli(["fit", "--config", str(REPO / "configs/tracknet_qlora.yaml"), *SMALL_DATA, "--trainer.max_steps", "2",
-          "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
-    assert (in_tmp / "runs" / "tracknet_qlora" / "version_0" / "adapter" / "adapter.safetensors").is_file()
+    cfg = str(REPO / "configs/tracknet_qlora.yaml")
+    _cli(["fit", "--config", cfg, *SMALL_DATA, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+          "--trainer.enable_progress_bar", "false"])
+    run = in_tmp / "runs" / "tracknet_qlora" / "version_0"
+    assert (run / "adapter" / "adapter.safetensors").is_file()
+    # The Lightning checkpoint holds the packed 4-bit buffers and reloads into a freshly quantized model.
+    _cli(["predict", "--config", cfg, *SMALL_DATA, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+          "--trainer.enable_progress_bar", "false"])
+    assert len(list((in_tmp / "runs" / "tracknet_qlora").glob("version_*/predictions/clip_*.csv"))) == 1
 
 
 def test_dinov3_qlora_config_smoke_with_tiny_overrides(in_tmp):
