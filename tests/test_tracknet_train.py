@@ -218,3 +218,14 @@ def test_qlora_trains_only_adapters_and_reloads_onto_a_fresh_quantized_backbone(
     fresh = TrackNet(**cfg, adapter_path=str(in_tmp / "adapter"))
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_hf_mode_without_bitsandbytes_fails_at_construction():
+    pytest.importorskip("models.quantization")
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        TrackNet(**TINY, lora=LORA, quantization={"enabled": True, "mode": "hf"})
