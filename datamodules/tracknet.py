@@ -245,19 +245,6 @@ class TrackNetClipDataset(Dataset):
         }
 
 
-@dataclass
-class SyntheticConfig:
-    """Settings of the generated default clips (see :mod:`datamodules.tracknet_synthetic`)."""
-
-    num_clips: int = 12
-    frames_per_clip: int = 48
-    width: int = 256
-    height: int = 144
-    seed: int = 0
-    image_format: Literal["png", "jpg"] = "png"
-    csv_style: Literal["v2", "v1"] = "v2"
-
-
 class TrackNetDataModule(L.LightningDataModule):
     """TrackNet clips (or generated ones) as ``{"frames", "heatmap", "xy", "visible", ...}`` batches.
 
@@ -292,7 +279,7 @@ class TrackNetDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_frames: bool = True,
         normalize: bool = True,
-        synthetic: SyntheticConfig = SyntheticConfig(),
+        synthetic: GeneratorSpec = GeneratorSpec(),
         synthetic_dir: str = "data/tracknet_synthetic",
     ) -> None:
         super().__init__()
@@ -307,8 +294,8 @@ class TrackNetDataModule(L.LightningDataModule):
                 raise ValueError(f"{key} must be in [0, 1), got {frac}")
         heatmap = HeatmapConfig(**heatmap) if isinstance(heatmap, dict) else heatmap
         heatmap.validate()
-        synthetic = SyntheticConfig(**synthetic) if isinstance(synthetic, dict) else synthetic
-        GeneratorSpec(**asdict(synthetic)).validate()
+        synthetic = GeneratorSpec(**synthetic) if isinstance(synthetic, dict) else synthetic
+        synthetic.validate()
         if frame_size is not None and (len(frame_size) != 2 or min(frame_size) < 8):
             raise ValueError(f"frame_size must be [width, height] >= 8, got {frame_size}")
         self.save_hyperparameters()
