@@ -112,6 +112,29 @@ def test_short_fit_reduces_the_loss_on_generated_clips(in_tmp):
     assert after < 0.7 * before, (before, after)
 
 
+def test_overfitting_one_batch_reaches_perfect_metrics(in_tmp):
+    """End-to-end consistency of labels, rendered targets, peak detection and outcomes: a fully fine-tuned
+    model memorises one batch of generated clips until every frame is a TP or a TN."""
+    torch.manual_seed(0)
+    dm = _data()
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["visible"].any() and not batch["visible"].all()
+    model = TrackNet(**{**TINY, "backbone": {**TINY["backbone"], "freeze": False}})
+    opt = model.configure_optimizers()
+    for _ in range(80):
+        model._loss(model(batch["frames"]), batch["heatmap"]).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        model.val_metrics.update(torch.sigmoid(model(batch["frames"])), batch["xy"], batch["visible"])
+    out = model.val_metrics.compute()
+    assert int(out["tp"]) == int(batch["visible"].sum()) and int(out["tn"]) == int((~batch["visible"]).sum())
+    assert float(out["f1"]) == 1.0
+
+
 def test_adapter_checkpoint_loads_onto_a_fresh_backbone(in_tmp):
     base = _base_weights(in_tmp / "base.safetensors")
     cfg = {**TINY, "backbone": {**TINY["backbone"], "pretrained_file": base}}
