@@ -1,0 +1,66 @@
+"""Writes ``python -m cli predict`` results of the TrackNet module as one label CSV per clip."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class TrackNetPredictionWriter(BasePredictionWriter):
+    """Collects ``predict_step`` outputs (``clip``, ``frame``, ``visibility``, ``xy``) and writes
+    ``<output_dir>/<clip>.csv`` with ``Frame,Visibility,X,Y`` (source-resolution pixels; 0,0 when no ball).
+
+    Args:
+        output_dir: target folder; ``None`` = ``<trainer.log_dir>/predictions``. Under DDP the ranks'
+            rows are gathered and rank 0 writes. Each file is written to a temp name and renamed.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+        self.written: list[Path] = []
+
+    def resolve_dir(self, trainer: L.Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any],
+                           batch_indices: Sequence[Any]) -> None:
+        rows: list[tuple[str, int, int, float, float]] = []
+        flat = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        for out in flat:
+            for clip, frame, vis, (x, y) in zip(out["clip"], out["frame"].tolist(), out["visibility"].tolist(),
+                                                out["xy"].tolist()):
+                rows.append((clip, int(frame), int(vis), float(x), float(y)))
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if not trainer.is_global_zero:
+            return
+        per_clip: dict[str, dict[int, tuple[int, float, float]]] = defaultdict(dict)
+        for clip, frame, vis, x, y in rows:  # dict by frame: drops DistributedSampler's padded duplicates
+            per_clip[clip][frame] = (vis, x, y)
+        out_dir = self.resolve_dir(trainer)
+        self.written = []
+        for clip, frames in sorted(per_clip.items()):
+            path = out_dir / f"{clip}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["Frame", "Visibility", "X", "Y"])
+                for frame in sorted(frames):
+                    vis, x, y = frames[frame]
+                    writer.writerow([frame, vis, f"{x:.2f}", f"{y:.2f}"])
+            tmp.replace(path)
+            self.written.append(path)
+        rank_zero_info(f"TrackNetPredictionWriter: wrote {len(self.written)} label CSVs to {out_dir}")

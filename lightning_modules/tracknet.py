@@ -1,0 +1,272 @@
+"""TrackNet heat-map ball tracker: a timm ViT (full, frozen, LoRA, or LoRA over 4-bit weights) + conv decoder.
+
+Config groups mirror the issue's YAML: ``backbone``, ``decoder``, ``heatmap``, ``lora``, ``quantization``.
+Without ``lora``/``quantization`` (or with ``enabled: false``) the backbone is trained fully
+(``backbone.freeze: false``) or frozen (``true``); the decoder always trains. Order for QLoRA: freeze,
+inject LoRA, then quantize every remaining ``nn.Linear`` of the backbone (the LoRA ``base`` layers included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from datamodules.tracknet import MEAN, STD
+from models.lora import count_parameters, inject_lora, load_lora, save_lora
+from models.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss
+from models.tracknet_metrics import TrackNetMetrics, detect_peaks
+from models.vit import freeze
+
+
+@dataclass
+class BackboneConfig:
+    """``freeze``: freeze the ViT (only the decoder and adapters train); ``patch_size``: override (timm
+    resamples pretrained filters); ``pretrained_file``: local timm weights, ``None`` = random init."""
+
+    freeze: bool = True
+    patch_size: int | None = 16
+    pretrained_file: str | None = None
+
+
+@dataclass
+class DecoderConfig:
+    """``channels[0]`` is the decoder input width (projected from the ViT width if different); one
+    ``upsample`` factor per stage (``len(channels) - 1``)."""
+
+    channels: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
+    upsample: list[int] = field(default_factory=lambda: [2, 2, 2])
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the backbone. ``target_modules: null`` = every attention and MLP linear of the ViT;
+    ``task_type`` is recorded (hparams and adapter metadata) for PEFT-style bookkeeping. When enabled, only
+    the adapters (and the biases ``bias`` selects) train in the backbone, whatever ``backbone.freeze`` says."""
+
+    enabled: bool = False
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    task_type: str = "FEATURE_EXTRACTION"
+
+
+@dataclass
+class QuantizationConfig:
+    """4-bit frozen backbone linears (``models.quantization``). Double quantization is on when either
+    ``compress_statistics`` (bitsandbytes' name) or ``use_double_quant`` (transformers' name) is true."""
+
+    enabled: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    skip_modules: list[str] = field(default_factory=list)
+    mode: Literal["manual", "hf"] = "manual"
+    compress_statistics: bool = True
+    use_double_quant: bool = True
+
+
+def _as(cls: type, value: Any) -> Any:
+    """Accept the dataclass itself or a plain dict (``load_from_checkpoint``, Python callers)."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+class TrackNet(L.LightningModule):
+    """Heat-map tracker; see the module docstring and README ("TrackNet") for the config keys.
+
+    Args:
+        model_name: architecture; ``vit_heatmap`` (ViT + conv decoder) is the one available.
+        pretrained_model_name: timm ViT name (``vit_small_patch16_dinov3``, ``vit_tiny_patch16_224``, ...).
+        num_frames: frames stacked as input (must match the DataModule).
+        img_size: input frame size ``[W, H]``; ``None`` = ``heatmap.size``.
+        loss / pos_weight / focal_gamma: see :func:`models.tracknet.heatmap_loss`.
+        threshold / tolerance: peak threshold on sigmoid maps and TP distance in heat-map pixels.
+        adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
+        num_log_images: samples in the TensorBoard image grid each validation epoch (0 = none).
+    """
+
+    def __init__(
+        self,
+        model_name: Literal["vit_heatmap"] = "vit_heatmap",
+        pretrained_model_name: str = "vit_small_patch16_dinov3",
+        backbone: BackboneConfig = BackboneConfig(),
+        decoder: DecoderConfig = DecoderConfig(),
+        heatmap: HeatmapConfig = HeatmapConfig(),
+        lora: LoRAConfig | None = None,
+        quantization: QuantizationConfig | None = None,
+        num_frames: int = 3,
+        img_size: tuple[int, int] | None = None,
+        loss: Literal["bce", "focal"] = "bce",
+        pos_weight: float = 100.0,
+        focal_gamma: float = 2.0,
+        threshold: float = 0.5,
+        tolerance: float = 4.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        adapter_path: str | None = None,
+        num_log_images: int = 4,
+    ) -> None:
+        super().__init__()
+        if model_name != "vit_heatmap":
+            raise ValueError(f"model_name must be 'vit_heatmap', got {model_name!r}")
+        if loss not in ("bce", "focal"):
+            raise ValueError(f"loss must be 'bce' or 'focal', got {loss!r}")
+        backbone, decoder = _as(BackboneConfig, backbone), _as(DecoderConfig, decoder)
+        heatmap = _as(HeatmapConfig, heatmap)
+        lora = _as(LoRAConfig, lora) if lora is not None else LoRAConfig()
+        quantization = _as(QuantizationConfig, quantization) if quantization is not None else QuantizationConfig()
+        heatmap.validate()
+        if quantization.enabled and not (backbone.freeze or lora.enabled):
+            raise ValueError("quantization.enabled needs backbone.freeze: true or lora.enabled: true "
+                             "(4-bit weights cannot be trained; LoRA trains on top of them)")
+        if adapter_path is not None and not lora.enabled:
+            raise ValueError("adapter_path needs lora.enabled: true with the same LoRA settings as when saved")
+        if adapter_path is not None and not Path(adapter_path).is_dir():
+            raise FileNotFoundError(f"adapter_path {adapter_path!r} is not a folder written by save_adapter")
+        self.save_hyperparameters()
+        self.heatmap_cfg, self.lora_cfg, self.quant_cfg = heatmap, lora, quantization
+        size = tuple(img_size) if img_size is not None else tuple(heatmap.size)
+        self.model = TrackNetViT(pretrained_model_name, (size[1], size[0]), num_frames, backbone.pretrained_file,
+                                 backbone.patch_size, decoder.channels, decoder.upsample, tuple(heatmap.size))
+        vit = self.model.backbone
+        if backbone.freeze:
+            freeze(vit)
+        self.lora_modules: list[str] = []
+        if lora.enabled:
+            self.lora_modules = inject_lora(vit, lora.target_modules, r=lora.r, lora_alpha=lora.lora_alpha,
+                                            lora_dropout=lora.lora_dropout, bias=lora.bias)
+        self.quantized_modules: list[str] = []
+        if quantization.enabled:
+            from models.quantization import quantize_model  # lazy: only QLoRA configs need it
+
+            self.quantized_modules = quantize_model(
+                vit, quant_type=quantization.quant_type, compute_dtype=quantization.compute_dtype,
+                skip_modules=tuple(quantization.skip_modules), mode=quantization.mode,
+                use_double_quant=quantization.compress_statistics or quantization.use_double_quant,
+            )
+        if adapter_path is not None:
+            self.load_adapter(adapter_path)
+        self.val_metrics = TrackNetMetrics(threshold, tolerance)
+        self.test_metrics = TrackNetMetrics(threshold, tolerance)
+        self._val_images: tuple[torch.Tensor, ...] | None = None
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model(frames)
+
+    def setup(self, stage: str) -> None:
+        """Fail before training when the DataModule disagrees with the model's heat map or input."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "heatmap"):
+            return
+        hp = self.hparams
+        mine = (tuple(self.heatmap_cfg.size), float(self.heatmap_cfg.sigma), self.heatmap_cfg.mode)
+        theirs = (tuple(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode)
+        if mine != theirs:
+            raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode)")
+        if dm.hparams.num_frames != hp.num_frames:
+            raise ValueError(f"data.num_frames={dm.hparams.num_frames} differs from model.num_frames={hp.num_frames}")
+        size = tuple(hp.img_size) if hp.img_size is not None else tuple(self.heatmap_cfg.size)
+        if tuple(dm.frame_size) != size:
+            raise ValueError(f"data.frame_size {tuple(dm.frame_size)} differs from model.img_size {size} ([W, H])")
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None:
+            self.logger.log_hyperparams(self.hparams, {"params/trainable": count_parameters(self),
+                                                       "params/total": count_parameters(self, False)})
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams
+        return heatmap_loss(logits.float(), target, hp.loss, hp.pos_weight, hp.focal_gamma)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(self(batch["frames"]), batch["heatmap"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], metrics: TrackNetMetrics, prefix: str) -> torch.Tensor:
+        logits = self(batch["frames"])
+        probs = torch.sigmoid(logits.float())
+        metrics.update(probs, batch["xy"], batch["visible"])
+        self.log(f"{prefix}/loss", self._loss(logits, batch["heatmap"]), prog_bar=True, sync_dist=True,
+                 batch_size=batch["frames"].shape[0])
+        return probs
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        probs = self._eval_step(batch, self.val_metrics, "val")
+        n = self.hparams.num_log_images
+        if batch_idx == 0 and n > 0:
+            self._val_images = (batch["frames"][:n], probs[:n], batch["heatmap"][:n])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def _log_metrics(self, metrics: TrackNetMetrics, prefix: str) -> None:
+        values = metrics.compute()
+        self.log(f"{prefix}/f1", values.pop("f1"), prog_bar=True)
+        self.log_dict({f"{prefix}/{k}": v.float() for k, v in values.items()})
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+        log_images = isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking
+        if self._val_images is not None and log_images and self.trainer.is_global_zero:
+            grid = heatmap_grid(*self._val_images, mean=MEAN, std=STD)
+            self.logger.experiment.add_image("val/frames_pred_true", grid, self.global_step)
+        self._val_images = None
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Ball position per frame at the clip's source resolution (collected by ``TrackNetPredictionWriter``)."""
+        probs = torch.sigmoid(self(batch["frames"]).float())
+        xy, found = detect_peaks(probs, self.hparams.threshold)
+        w, h = self.heatmap_cfg.size
+        scale = batch["src_size"].to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
+        xy = torch.where(found[:, None], xy * scale, torch.zeros_like(xy))
+        return {"clip": list(batch["clip"]), "frame": batch["frame"].cpu(), "visibility": found.long().cpu(),
+                "xy": xy.cpu()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # Adapter-only checkpoints -------------------------------------------------------------------------
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write ``adapter.safetensors`` (LoRA of the backbone, via ``save_lora``) and ``decoder.safetensors``
+        (the trained decoder): everything needed on top of the base ViT weights."""
+        from safetensors.torch import save_file
+
+        if not self.lora_cfg.enabled:
+            raise ValueError("save_adapter needs lora.enabled: true")
+        directory = Path(directory)
+        meta = {"task_type": self.lora_cfg.task_type, "pretrained_model_name": self.hparams.pretrained_model_name,
+                **{f"lora.{k}": v for k, v in asdict(self.lora_cfg).items()}}
+        save_lora(self.model.backbone, directory / "adapter.safetensors", bias=self.lora_cfg.bias, metadata=meta)
+        tmp = directory / "decoder.safetensors.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.decoder.state_dict().items()}, str(tmp))
+        tmp.replace(directory / "decoder.safetensors")
+        return directory
+
+    def load_adapter(self, directory: str | Path) -> dict[str, str]:
+        """Load a folder from :meth:`save_adapter` onto this (fresh) model; returns the adapter metadata."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = load_lora(self.model.backbone, directory / "adapter.safetensors")
+        decoder_file = directory / "decoder.safetensors"
+        if not decoder_file.is_file():
+            raise FileNotFoundError(f"decoder weights not found: {decoder_file}")
+        self.model.decoder.load_state_dict(load_file(str(decoder_file)))
+        return meta
+
+    def on_train_end(self) -> None:
+        """With LoRA, also leave an adapter-only checkpoint in ``<log_dir>/adapter``."""
+        if self.lora_cfg.enabled and self.trainer.is_global_zero and self.trainer.log_dir is not None:
+            self.save_adapter(Path(self.trainer.log_dir) / "adapter")

@@ -1,0 +1,156 @@
+"""TrackNet-style heat-map tracker on a timm ViT (pure PyTorch).
+
+Input: ``num_frames`` consecutive RGB frames stacked on channels, ``(B, 3 * num_frames, H, W)``.
+The backbone is a timm ViT built with ``in_chans = 3 * num_frames``: the patch embedding is widened, and
+when weights are loaded timm repeats the pretrained RGB filters for every frame and scales them by
+``1 / num_frames`` (``timm.models.adapt_input_conv``), so a clip of identical frames gives the pretrained
+features. The patch tokens (prefix/register tokens dropped) form a feature grid that the decoder
+upsamples with ``conv3x3 + BN + ReLU`` stages; a ``1x1`` conv gives one logit channel, resized
+bilinearly to ``heatmap.size`` when the stages do not land on it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.vit import create_vit, embed_dim
+
+
+@dataclass
+class HeatmapConfig:
+    """Heat-map target: ``size = [W, H]`` (TrackNet order), ``sigma`` in heat-map pixels
+    (Gaussian std, or disk radius for ``mode: disk`` as in TrackNetV2/V3)."""
+
+    size: tuple[int, int] = (256, 144)
+    sigma: float = 2.0
+    mode: Literal["gaussian", "disk"] = "gaussian"
+
+    def validate(self) -> None:
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"heatmap.size must be [width, height] with positive entries, got {self.size}")
+        if self.sigma <= 0:
+            raise ValueError(f"heatmap.sigma must be > 0, got {self.sigma}")
+        if self.mode not in ("gaussian", "disk"):
+            raise ValueError(f"heatmap.mode must be 'gaussian' or 'disk', got {self.mode!r}")
+
+
+class HeatmapDecoder(nn.Module):
+    """``channels[0]`` -> ... -> ``channels[-1]`` with one ``upsample`` factor per stage, then a 1x1 logit conv.
+
+    A 1x1 projection from the backbone width to ``channels[0]`` is inserted when they differ.
+    """
+
+    def __init__(self, in_dim: int, channels: Sequence[int], upsample: Sequence[int]) -> None:
+        super().__init__()
+        if len(channels) < 1 or any(c < 1 for c in channels):
+            raise ValueError(f"decoder.channels must be a non-empty list of positive widths, got {list(channels)}")
+        if len(upsample) != len(channels) - 1:
+            raise ValueError(
+                f"decoder.upsample needs one factor per stage (len(channels) - 1 = {len(channels) - 1}), "
+                f"got {list(upsample)}"
+            )
+        if any(u < 1 for u in upsample):
+            raise ValueError(f"decoder.upsample factors must be >= 1, got {list(upsample)}")
+        self.proj = nn.Identity() if in_dim == channels[0] else nn.Conv2d(in_dim, channels[0], 1)
+        stages = []
+        for c_in, c_out, up in zip(channels[:-1], channels[1:], upsample):
+            stages.append(nn.Sequential(
+                nn.Upsample(scale_factor=up, mode="bilinear", align_corners=False) if up > 1 else nn.Identity(),
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ))
+        self.stages = nn.Sequential(*stages)
+        self.logit = nn.Conv2d(channels[-1], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logit(self.stages(self.proj(x)))
+
+
+class TrackNetViT(nn.Module):
+    """Stacked frames -> one-channel heat-map logits ``(B, 1, H_hm, W_hm)``.
+
+    Args:
+        backbone: timm ViT name; ``img_size = (H, W)`` of the input frames.
+        num_frames: frames stacked on channels.
+        pretrained_file / patch_size: see :func:`models.vit.create_vit`.
+        decoder_channels / decoder_upsample: :class:`HeatmapDecoder` stages.
+        heatmap_size: output ``(W, H)`` (TrackNet order, like :class:`HeatmapConfig`).
+    """
+
+    def __init__(self, backbone: str, img_size: tuple[int, int], num_frames: int = 3,
+                 pretrained_file: str | None = None, patch_size: int | None = None,
+                 decoder_channels: Sequence[int] = (384, 256, 128, 64), decoder_upsample: Sequence[int] = (2, 2, 2),
+                 heatmap_size: tuple[int, int] = (256, 144)) -> None:
+        super().__init__()
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.num_frames, self.img_size, self.heatmap_size = num_frames, tuple(img_size), tuple(heatmap_size)
+        self.backbone = create_vit(backbone, img_size=self.img_size, in_chans=3 * num_frames,
+                                   pretrained_file=pretrained_file, patch_size=patch_size)
+        grid = tuple(self.backbone.patch_embed.grid_size)
+        if grid[0] * self.backbone.patch_embed.patch_size[0] != self.img_size[0] or \
+                grid[1] * self.backbone.patch_embed.patch_size[1] != self.img_size[1]:
+            raise ValueError(f"input size (H, W) = {self.img_size} is not a multiple of the patch size "
+                             f"{tuple(self.backbone.patch_embed.patch_size)}")
+        self.grid = grid
+        self.decoder = HeatmapDecoder(embed_dim(self.backbone), decoder_channels, decoder_upsample)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch-token feature grid ``(B, C, gh, gw)``."""
+        tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens:]
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, *self.grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = 3 * self.num_frames
+        if x.shape[1] != expected or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected input (B, {expected}, {self.img_size[0]}, {self.img_size[1]}), "
+                             f"got {tuple(x.shape)}")
+        logits = self.decoder(self.features(x))
+        w, h = self.heatmap_size
+        if logits.shape[-2:] != (h, w):
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return logits
+
+
+def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, kind: Literal["bce", "focal"] = "bce",
+                 pos_weight: float = 100.0, gamma: float = 2.0) -> torch.Tensor:
+    """Per-pixel loss on logit maps against soft targets in [0, 1] (mean over pixels).
+
+    ``bce``: binary cross-entropy with the positive term weighted by ``pos_weight`` (the ball covers a few
+    pixels out of thousands, so unweighted BCE collapses to an empty map). ``focal``: TrackNetV2's
+    weighted BCE, ``-[(1-p)^gamma y log p + p^gamma (1-y) log(1-p)]``, which down-weights easy pixels.
+    """
+    if kind == "bce":
+        pw = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw)
+    if kind == "focal":
+        p = torch.sigmoid(logits)
+        log_p, log_1p = F.logsigmoid(logits), F.logsigmoid(-logits)
+        loss = -((1 - p) ** gamma * target * log_p + p**gamma * (1 - target) * log_1p)
+        return loss.mean()
+    raise ValueError(f"loss must be 'bce' or 'focal', got {kind!r}")
+
+
+@torch.no_grad()
+def heatmap_grid(frames: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mean: Sequence[float],
+                 std: Sequence[float]) -> torch.Tensor:
+    """Image grid ``(3, H', W')`` for TensorBoard: per sample, a row with the labelled (last) frame, the
+    frame overlaid with the predicted map (red) and the true map (green), the predicted map, the true map."""
+    n = frames.shape[0]
+    h, w = frames.shape[-2:]
+    last = frames[:, -3:].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    last = last.clamp(0, 1)
+    p = F.interpolate(pred.float().cpu(), size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    t = F.interpolate(target.float().cpu(), size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    zero = torch.zeros_like(p)
+    overlay = (last * 0.6 + 0.4 * torch.cat([p, t, zero], 1)).clamp(0, 1)
+    tiles = torch.stack([last, overlay, p.expand(-1, 3, -1, -1), t.expand(-1, 3, -1, -1)], 1)  # (n, 4, 3, h, w)
+    pad = 2
+    tiles = F.pad(tiles, (pad, pad, pad, pad), value=1.0)
+    return tiles.permute(2, 0, 3, 1, 4).reshape(3, n * (h + 2 * pad), 4 * (w + 2 * pad))

@@ -1,0 +1,124 @@
+"""TrackNet model pieces: ViT input widening, decoder shapes, losses, peak detection and the metrics."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.tracknet import HeatmapDecoder, TrackNetViT, heatmap_grid, heatmap_loss
+from models.tracknet_metrics import TrackNetMetrics, classify, detect_peaks
+from models.vit import create_vit
+from datamodules.tracknet import render_heatmap
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads are many times slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_pretrained_rgb_filters_are_repeated_per_frame(tmp_path):
+    torch.manual_seed(0)
+    rgb = create_vit("vit_tiny_patch16_224", img_size=32)
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = TrackNetViT("vit_tiny_patch16_224", (32, 48), num_frames=3, pretrained_file=str(tmp_path / "w.safetensors"),
+                        patch_size=16, decoder_channels=(192, 16), decoder_upsample=(2,), heatmap_size=(24, 16))
+    w9, w3 = model.backbone.patch_embed.proj.weight, rgb.patch_embed.proj.weight
+    assert w9.shape[1] == 9
+    torch.testing.assert_close(w9, w3.repeat(1, 3, 1, 1) / 3)
+    # Consequence: three identical frames give the pretrained RGB patch embedding.
+    x = torch.randn(2, 3, 32, 48)
+    torch.testing.assert_close(model.backbone.patch_embed.proj(x.repeat(1, 3, 1, 1)),
+                               rgb.patch_embed.proj(x), atol=1e-5, rtol=1e-5)
+
+
+def test_output_is_one_logit_map_at_heatmap_size():
+    torch.manual_seed(0)
+    model = TrackNetViT("vit_tiny_patch16_224", (32, 64), num_frames=2, patch_size=8,
+                        decoder_channels=(64, 32, 16), decoder_upsample=(2, 2), heatmap_size=(64, 32))
+    assert model.grid == (4, 8) and isinstance(model.decoder.proj, torch.nn.Conv2d)  # 192 -> 64 projection
+    assert model(torch.randn(2, 6, 32, 64)).shape == (2, 1, 32, 64)
+    odd = TrackNetViT("vit_tiny_patch16_224", (32, 64), num_frames=1, patch_size=8,
+                      decoder_channels=(192, 8), decoder_upsample=(2,), heatmap_size=(50, 20))
+    assert odd(torch.randn(1, 3, 32, 64)).shape == (1, 1, 20, 50)  # resized when stages miss the size
+    with pytest.raises(ValueError, match=r"expected input \(B, 6, 32, 64\)"):
+        model(torch.randn(1, 9, 32, 64))
+
+
+def test_decoder_config_errors():
+    with pytest.raises(ValueError, match="decoder.upsample needs one factor per stage"):
+        HeatmapDecoder(192, [192, 64, 32], [2])
+    with pytest.raises(ValueError, match="decoder.channels"):
+        HeatmapDecoder(192, [], [])
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        TrackNetViT("vit_tiny_patch16_224", (30, 64), patch_size=8, decoder_channels=(8,), decoder_upsample=())
+
+
+@pytest.mark.parametrize("kind", ["bce", "focal"])
+def test_losses_prefer_the_right_map_over_an_empty_one(kind):
+    target = render_heatmap(10, 6, True, (24, 12), 1.5)[None]
+    good = torch.logit(target.clamp(0.02, 0.98))
+    empty = torch.full_like(target, -4.0)
+    wrong = torch.logit(render_heatmap(3, 2, True, (24, 12), 1.5)[None].clamp(0.02, 0.98))
+    lg, le, lw = (heatmap_loss(x, target, kind) for x in (good, empty, wrong))
+    assert lg < le and lg < lw
+    # Plain BCE (pos_weight 1) would rather predict nothing than a misplaced ball: weighting matters.
+    assert heatmap_loss(empty, target, "bce", pos_weight=1.0) < heatmap_loss(wrong, target, "bce", pos_weight=1.0)
+    with pytest.raises(ValueError, match="loss"):
+        heatmap_loss(good, target, "mse")
+
+
+def test_detect_peaks_subpixel_and_threshold():
+    hm = torch.stack([render_heatmap(7.3, 4.6, True, (20, 10), 1.5), torch.full((1, 10, 20), 0.3)])
+    xy, found = detect_peaks(hm, threshold=0.5)
+    assert found.tolist() == [True, False]
+    assert (xy[0] - torch.tensor([7.3, 4.6])).abs().max() < 0.35
+    corner = render_heatmap(0, 0, True, (20, 10), 1.0)[None]  # peak at the border: the window is padded
+    assert detect_peaks(corner)[0][0].abs().max() < 0.5
+
+
+def _maps(points, size=(32, 16)):
+    """Probability maps with one sharp peak (0.9) per given point, or nothing (None)."""
+    maps = torch.zeros(len(points), 1, size[1], size[0])
+    for i, p in enumerate(points):
+        if p is not None:
+            maps[i, 0, p[1], p[0]] = 0.9
+    return maps
+
+
+def test_metrics_on_hand_made_cases_for_every_outcome():
+    metric = TrackNetMetrics(threshold=0.5, tolerance=4.0)
+    #         TP (3 px off)  FP1 (6 px off)  FP2 (no ball)  TN          FN            TP (exact)
+    preds = _maps([(10, 5), (20, 10), (3, 3), None, None, (30, 15)])
+    true_xy = torch.tensor([[13.0, 5.0], [14.0, 10.0], [0, 0], [0, 0], [8.0, 8.0], [30.0, 15.0]])
+    visible = torch.tensor([True, True, False, False, True, True])
+    outcomes = classify(*detect_peaks(preds, 0.5), true_xy, visible, 4.0)
+    assert [k for i in range(6) for k, m in outcomes.items() if m[i]] == ["tp", "fp1", "fp2", "tn", "fn", "tp"]
+    metric.update(preds[:3], true_xy[:3], visible[:3])  # two updates accumulate
+    metric.update(preds[3:], true_xy[3:], visible[3:])
+    out = metric.compute()
+    assert [int(out[k]) for k in ("tp", "fp1", "fp2", "tn", "fn")] == [2, 1, 1, 1, 1]
+    assert out["accuracy"] == pytest.approx(3 / 6)
+    assert out["precision"] == pytest.approx(2 / 4)
+    assert out["recall"] == pytest.approx(2 / 3)
+    assert out["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    metric.reset()
+    assert all(int(getattr(metric, k)) == 0 for k in ("tp", "fp1", "fp2", "tn", "fn"))
+    with pytest.raises(ValueError, match="threshold"):
+        TrackNetMetrics(threshold=1.5)
+
+
+def test_tolerance_boundary_is_inclusive():
+    xy = torch.tensor([[4.0, 0.0]])
+    out = classify(xy, torch.tensor([True]), torch.zeros(1, 2), torch.tensor([True]), tolerance=4.0)
+    assert bool(out["tp"][0])
+    out = classify(xy, torch.tensor([True]), torch.zeros(1, 2), torch.tensor([True]), tolerance=3.9)
+    assert bool(out["fp1"][0])
+
+
+def test_heatmap_grid_layout():
+    frames = torch.zeros(2, 9, 16, 32)
+    grid = heatmap_grid(frames, torch.rand(2, 1, 8, 16), torch.rand(2, 1, 8, 16), (0.5,) * 3, (0.25,) * 3)
+    assert grid.shape == (3, 2 * 20, 4 * 36) and 0 <= grid.min() and grid.max() <= 1
