@@ -13,6 +13,8 @@ import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = "configs/vit_lora_digits.yaml"
+TRACKNET = "configs/tracknet_lora.yaml"
+GPT = "configs/gpt_pretrain.yaml"
 
 #: files created in the working directory before each case
 FILES = {
@@ -44,6 +46,13 @@ CASES = [
     (DIGITS, ["--model.backbone", "nonexistent"], "unknown timm model 'nonexistent'"),
     (DIGITS, ["--model.lora_target_modules", "[nonexistent_layer]"], "matched no nn.Linear"),
     (DIGITS, ["--model.img_size", "0"], "model (ImageClassifier)"),
+    # other families: missing data roots, unreadable sources, impossible sizes
+    (TRACKNET, ["--data.data_root", "/missing_clips"], "data_root '/missing_clips' does not exist"),
+    (TRACKNET, ["--data.batch_size", "0"], "data (TrackNetDataModule)"),
+    (GPT, ["--data.source", "files", "--data.include", "null", "--data.paths", "[/missing_dir/*.txt]"], "/missing_dir/*.txt"),
+    (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],
+     "skip2lora_block_indices"),
+    (GPT, ["--model.config.n_embd", "130"], "n_embd"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),
