@@ -281,10 +281,8 @@ def inject_lora(
             f"Available linear modules: {shown or '(none)'}"
         )
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora, adapter_name))
+        base = model.get_submodule(name)
+        model.set_submodule(name, LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora, adapter_name))
     mark_only_lora_as_trainable(model, bias=bias)
     return chosen
 
@@ -377,9 +375,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight and put plain ``nn.Linear`` layers back; returns ``model``."""
     for name, layer in list(lora_layers(model).items()):
         layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base)
+        model.set_submodule(name, layer.base)
     return model
 
 

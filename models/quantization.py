@@ -539,14 +539,12 @@ def quantize_model(
             f"(skip_modules={list(skip_modules)}; already quantized?)"
         )
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if mode == "hf":
             new = _hf_linear4bit(linear, quant_type, dtype, double_quant, block_size)
         else:
             new = Linear4bit.from_linear(linear, quant_type, dtype, double_quant, block_size)
-        setattr(parent, child, new)
+        model.set_submodule(name, new)
     return chosen
 
 
@@ -557,15 +555,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
     """
     chosen = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        q = getattr(parent, child)
+        q = model.get_submodule(name)
         w = q.dequantize_weight(dtype)
         linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
         linear.weight = nn.Parameter(w, requires_grad=False)
         if q.bias is not None:
             linear.bias = nn.Parameter(q.bias.detach().to(dtype), requires_grad=q.bias.requires_grad)
-        setattr(parent, child, linear)
+        model.set_submodule(name, linear)
     return chosen
 
 
