@@ -145,6 +145,11 @@ class ContinualViTModule(L.LightningModule):
         if self.hparams.adapter_type == "sema" and trainer.world_size > 1:
             raise ValueError("adapter_type: sema adds modules during training, which DDP cannot synchronise; "
                              "run it on one device (trainer.devices: 1)")
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+        if (self.hparams.first_task_adaptation and trainer.world_size > 1 and ddp_kwargs is not None
+                and not ddp_kwargs.get("find_unused_parameters", False)):
+            raise ValueError("model.first_task_adaptation freezes the backbone after the first task, so DDP must "
+                             "allow unused parameters: set trainer.strategy: ddp_find_unused_parameters_true")
         if self.hparams.adapter_type != "nested_lora" and any(isinstance(c, TaskBoundaryConsolidation)
                                                                for c in trainer.callbacks):
             raise ValueError("TaskBoundaryConsolidation is configured but model.adapter_type is not nested_lora")
@@ -257,8 +262,9 @@ class ContinualViTModule(L.LightningModule):
                 logger.experiment.add_image("cl/accuracy_matrix", cm.render_accuracy_matrix(self.R), global_step=task)
         rank_zero_info(f"[continual] after task {task}: R[{task}] = {[round(a, 4) for a in row]}, "
                        f"A = {acc_all:.4f}, avg incremental acc = {metrics['cl/avg_incremental_acc']:.4f}")
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            self._write_results()
+            self._write_results(Path(log_dir) / "results.json")
 
     @torch.no_grad()
     def evaluate_seen(self, task: int) -> tuple[list[float], float]:
@@ -302,9 +308,7 @@ class ContinualViTModule(L.LightningModule):
                 out["fast_steps"], out["slow_steps"] = cb.fast_steps, cb.slow_steps
         return out
 
-    def _write_results(self) -> None:
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        path = Path(log_dir) / "results.json"
+    def _write_results(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.results(), indent=2))
