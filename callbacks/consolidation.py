@@ -41,6 +41,7 @@ class TaskBoundaryConsolidation(Callback):
     def on_task_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
         alpha = self.alpha if self.alpha is not None else float(getattr(pl_module, "consolidation_alpha", 1.0))
         generator = torch.Generator().manual_seed(self.seed + task)
+        fast_norm = delta_norms(pl_module)["fast"]  # what is being folded in (zero after the reset)
         errors = []
         for layer in nested_layers(pl_module).values():
             errors.append(consolidate_layer(layer, alpha))
@@ -50,14 +51,13 @@ class TaskBoundaryConsolidation(Callback):
             for p in list(opt.state):
                 if id(p) in fast_params:
                     del opt.state[p]
-        norms = delta_norms(pl_module)
         event = {"task": task, "alpha": alpha, "truncation_error_max": max(errors),
-                 "truncation_error_mean": sum(errors) / len(errors), "slow_delta_norm": norms["slow"],
-                 "fast_delta_norm": norms["fast"]}
+                 "truncation_error_mean": sum(errors) / len(errors),
+                 "slow_delta_norm": delta_norms(pl_module)["slow"], "fast_delta_norm": fast_norm}
         self.events.append(event)
         rank_zero_info(f"[consolidation] task {task}: alpha={alpha:g}, relative truncation error "
                        f"mean {event['truncation_error_mean']:.3g} / max {event['truncation_error_max']:.3g}, "
-                       f"|slow delta|={norms['slow']:.4g}")
+                       f"|fast delta|={fast_norm:.4g} -> |slow delta|={event['slow_delta_norm']:.4g}")
         for logger in trainer.loggers:
             logger.log_metrics({f"consolidation/{k}": v for k, v in event.items() if k != "task"}, step=task)
 

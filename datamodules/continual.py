@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import lightning as L
 import numpy as np
@@ -55,10 +55,12 @@ def task_sizes(n_classes: int, init_cls: int, increment: int) -> list[int]:
 class ImageTensorDataset(Dataset):
     """Images kept compactly (uint8 at native size, or ready float tensors) and resized/normalised on access."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         self.images, self.labels, self.image_size = images, labels, image_size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.mean_std = (tuple(mean), tuple(std))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,7 +75,7 @@ class ImageTensorDataset(Dataset):
         return x, self.labels[i]
 
     def subset(self, index: torch.Tensor) -> "ImageTensorDataset":
-        return ImageTensorDataset(self.images[index], self.labels[index], self.image_size)
+        return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std)
 
 
 def _unpickle(path: Path) -> dict:
@@ -131,6 +133,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         val_fraction: share of each class's training images held out for validation.
         test_fraction: share used as test set for sources without one (``digits``, ``image_folder``).
         split_seed: seed of the stratified train/val/test split.
+        mean / std: per-channel normalisation of ``cifar100``/``image_folder`` images (ImageNet statistics by
+            default; ``[0.5, 0.5, 0.5]`` for timm's augreg/in21k ViTs).
     """
 
     def __init__(
@@ -149,6 +153,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         if dataset not in ("digits", "cifar100", "image_folder"):
@@ -156,6 +162,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         for key, value in (("batch_size", batch_size), ("epochs_per_task", epochs_per_task), ("image_size", image_size)):
             if value <= 0:
                 raise ValueError(f"{key} must be positive, got {value}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean/std must have 3 values with std > 0, got mean={mean}, std={std}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -236,14 +244,14 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             x_test, y_test = load_cifar100(root, train=False)
             f_val = hp.val_fraction / (1 - hp.test_fraction)
             train_idx, val_idx = stratified_split(y, (1 - f_val, f_val), hp.split_seed)
-            full = ImageTensorDataset(x, self._remap(y), hp.image_size)
-            test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size)
+            full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
+            test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std)
             return full.subset(train_idx), full.subset(val_idx), test
         if hp.dataset == "digits":
             x, y = load_digits_tensors(hp.image_size)
         else:
             x, y, _ = load_image_folder(Path(hp.root).expanduser())
-        full = ImageTensorDataset(x, self._remap(y), hp.image_size)
+        full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
         parts = stratified_split(y, fractions, hp.split_seed)
         return full.subset(parts[0]), full.subset(parts[1]), full.subset(parts[2])
 

@@ -45,6 +45,7 @@ class ContinualViTModule(L.LightningModule):
         backbone / num_classes / img_size / patch_size / pretrained_file / backbone_kwargs / adapter_type /
             lora_* / nested_lora_rank / sema_layers / expansion_layers: see ``ContinualViT``.
         first_task_adaptation: also train the whole backbone on the first task, then freeze it.
+        finetune_backbone: train the whole backbone on every task (the full fine-tuning baseline).
         lr_fast: learning rate of the head and the adapters (Nested LoRA: the fast adapters).
         lr_slow: learning rate of Nested LoRA's slow adapters.
         lr_backbone: first-task adaptation learning rate (``None``: ``lr_fast``).
@@ -67,6 +68,7 @@ class ContinualViTModule(L.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         adapter_type: AdapterType = "nested_lora",
         first_task_adaptation: bool = False,
+        finetune_backbone: bool = False,
         lora_rank: int = 8,
         lora_alpha: float | None = None,
         lora_target_modules: None | str | Sequence[str] = None,
@@ -146,7 +148,7 @@ class ContinualViTModule(L.LightningModule):
             raise ValueError("adapter_type: sema adds modules during training, which DDP cannot synchronise; "
                              "run it on one device (trainer.devices: 1)")
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-        if (self.hparams.first_task_adaptation and trainer.world_size > 1 and ddp_kwargs is not None
+        if (self.hparams.first_task_adaptation and not self.hparams.finetune_backbone and trainer.world_size > 1 and ddp_kwargs is not None
                 and not ddp_kwargs.get("find_unused_parameters", False)):
             raise ValueError("model.first_task_adaptation freezes the backbone after the first task, so DDP must "
                              "allow unused parameters: set trainer.strategy: ddp_find_unused_parameters_true")
@@ -163,11 +165,14 @@ class ContinualViTModule(L.LightningModule):
                              f"{dm.epochs_per_task} epochs_per_task = {required}; leave it unset to derive it")
         trainer.reload_dataloaders_every_n_epochs = 1  # the train/val loaders follow the current task
         if self.task < 0:
-            self.model.set_trainable(0, self.hparams.first_task_adaptation)
+            self.model.set_trainable(0, self._trains_backbone(0))
+
+    def _trains_backbone(self, task: int) -> bool:
+        return self.hparams.finetune_backbone or (self.hparams.first_task_adaptation and task == 0)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        groups = self.model.parameter_groups(max(self.task, 0), hp.first_task_adaptation and self.task <= 0)
+        groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
         fast = [{"params": groups["fast"], "lr": hp.lr_fast}]
         if groups["backbone"]:
             fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
@@ -225,8 +230,7 @@ class ContinualViTModule(L.LightningModule):
                 logger.log_metrics({"sema/expansions": float(sum(e["task"] == task for e in self.expansions)),
                                     "sema/adapters": float(sum(len(v) for v in self.model.sema_layout().values()))},
                                    step=task)
-        train_backbone = hp.first_task_adaptation and task == 0
-        groups = self.model.set_trainable(task, train_backbone)
+        groups = self.model.set_trainable(task, self._trains_backbone(task))
         self.task, self.seen_classes = task, self.dm.classes_seen(task)
         self.task_steps = self.dm.epochs_per_task * int(trainer.num_training_batches)
         trainer.strategy.setup_optimizers(trainer)
@@ -362,4 +366,4 @@ class ContinualViTModule(L.LightningModule):
         self.seen_classes, self.trainable_params = state["seen_classes"], dict(state["trainable_params"])
         self.R, self.A, self.expansions = [list(r) for r in state["R"]], list(state["A"]), list(state["expansions"])
         self.model.restore_sema_layout(state["sema_layout"])
-        self.model.set_trainable(max(self.task, 0), self.hparams.first_task_adaptation and self.task <= 0)
+        self.model.set_trainable(max(self.task, 0), self._trains_backbone(max(self.task, 0)))

@@ -90,3 +90,38 @@ def test_reset_is_reproducible_from_the_seed():
     reset_fast(a, torch.Generator().manual_seed(3))
     reset_fast(b, torch.Generator().manual_seed(3))
     assert torch.equal(a.adapters[FAST].lora_A, b.adapters[FAST].lora_A)
+
+
+def test_consolidation_callback_updates_slow_resets_fast_and_its_optimizer_state():
+    from types import SimpleNamespace
+
+    from callbacks.consolidation import TaskBoundaryConsolidation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6))
+    inject_nested_lora(model, ["0", "2"], rank=2)
+    layers = nested_layers(model)
+    for layer in layers.values():
+        with torch.no_grad():
+            layer.adapters[FAST].lora_B.normal_()
+    fast = [p for l in layers.values() for p in l.adapters[FAST].parameters()]
+    slow = [p for l in layers.values() for p in l.adapters[SLOW].parameters()]
+    opt_fast, opt_slow = torch.optim.Adam(fast), torch.optim.Adam(slow)
+    model(torch.randn(3, 8)).sum().backward()
+    opt_fast.step(), opt_slow.step()
+    targets = {n: (l.adapters[SLOW].delta_weight() + 0.5 * l.adapters[FAST].delta_weight()).detach()
+               for n, l in layers.items()}
+    trainer = SimpleNamespace(optimizers=[opt_fast, opt_slow], loggers=[])
+    cb = TaskBoundaryConsolidation(alpha=0.5)
+    cb.on_task_end(trainer, model, task=0)
+    (event,) = cb.events
+    errors = []
+    for n, l in layers.items():  # new slow delta = slow + 0.5 fast, up to the reported truncation
+        new = l.adapters[SLOW].delta_weight().detach()
+        errors.append(float(torch.linalg.matrix_norm(new - targets[n]) / torch.linalg.matrix_norm(targets[n])))
+        assert torch.count_nonzero(l.adapters[FAST].lora_B) == 0
+    assert max(errors) == pytest.approx(event["truncation_error_max"], rel=1e-3, abs=1e-6)
+    assert max(errors) < 0.05  # slow moved one small Adam step: the sum is nearly rank 2
+    assert len(opt_fast.state) == 0 and len(opt_slow.state) == len(slow)
+    assert event["task"] == 0 and event["alpha"] == 0.5
+    assert event["fast_delta_norm"] > 0 and event["slow_delta_norm"] > 0
