@@ -87,6 +87,7 @@ class ContinualViT(nn.Module):
             self.sema = inject_sema(blocks, layers, dim, sema_bottleneck, sema_descriptor_hidden, sema_buffer_size)
         self._backbone_names = {n for n, _ in self.backbone.named_parameters() if not self._is_adapter(n)}
         self.head = nn.Linear(dim, num_classes)
+        nn.init.zeros_(self.head.bias)  # as SEMA: Kaiming-uniform rows, zero bias
         self.num_classes = num_classes
 
     @staticmethod
