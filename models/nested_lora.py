@@ -21,6 +21,23 @@ from models.lora import LoRAAdapter, LoRALinear, inject_lora, lora_layers
 SLOW, FAST = "slow", "fast"
 
 
+class NestedLoRALinear(LoRALinear):
+    """A :class:`LoRALinear` with ``slow`` and ``fast`` adapters computed as one rank-``2r`` product:
+    ``x [s_s A_s; s_f A_f]^T [B_s, B_f]^T`` equals ``slow(x) + fast(x)`` (up to float rounding) at the cost
+    of a single LoRA of rank ``r_s + r_f``. Other cases (merged, dropout, more adapters) use the plain sum."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slow, fast = self.adapters[SLOW], self.adapters[FAST]
+        fusable = (not self.merged_adapters and len(self.adapters) == 2
+                   and isinstance(slow.dropout, nn.Identity) and isinstance(fast.dropout, nn.Identity))
+        if not fusable:
+            return super().forward(x)
+        A = torch.cat([slow.lora_A * slow.scaling, fast.lora_A * fast.scaling])
+        B = torch.cat([slow.lora_B, fast.lora_B], dim=1)
+        y = self.base(x)
+        return y + (x.to(A.dtype) @ A.t() @ B.t()).to(y.dtype)
+
+
 def inject_nested_lora(
     model: nn.Module,
     target_modules: None | str | Sequence[str] = None,
@@ -33,8 +50,12 @@ def inject_nested_lora(
     """
     alpha = float(rank if lora_alpha is None else lora_alpha)
     names = inject_lora(model, target_modules, r=rank, lora_alpha=alpha, adapter_name=SLOW)
-    for layer in lora_layers(model).values():
-        layer.add_adapter(FAST, rank, alpha)
+    for name, layer in lora_layers(model).items():
+        nested = NestedLoRALinear(layer.base)
+        nested.adapters = layer.adapters
+        nested.add_adapter(FAST, rank, alpha)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nested)
     return names
 
 

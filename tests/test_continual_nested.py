@@ -125,3 +125,17 @@ def test_consolidation_callback_updates_slow_resets_fast_and_its_optimizer_state
     assert len(opt_fast.state) == 0 and len(opt_slow.state) == len(slow)
     assert event["task"] == 0 and event["alpha"] == 0.5
     assert event["fast_delta_norm"] > 0 and event["slow_delta_norm"] > 0
+
+
+def test_fused_forward_equals_the_sum_of_adapters_and_gradients():
+    layer = _layer()
+    x = torch.randn(5, 12, requires_grad=True)
+    fused = layer(x)
+    plain = LoRALinear.forward(layer, x)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    g_fused = torch.autograd.grad(fused.square().sum(), [layer.adapters[FAST].lora_A, layer.adapters[SLOW].lora_B, x])
+    g_plain = torch.autograd.grad(plain.square().sum(), [layer.adapters[FAST].lora_A, layer.adapters[SLOW].lora_B, x])
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    layer.merge()  # merged: the base weight carries both deltas, the adapters are skipped
+    torch.testing.assert_close(layer(x), plain, rtol=1e-4, atol=1e-5)
