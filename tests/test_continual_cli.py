@@ -79,6 +79,20 @@ def test_resume_mid_sequence_keeps_task_and_matrix(in_tmp):
     assert cli.trainer.global_step == 10 * 2  # 5 tasks x 2 epochs x 2 batches, counted across the resume
 
 
+@pytest.mark.parametrize("override,message", [
+    (["--model.num_classes", "12"], "num_classes"),
+    (["--trainer.max_epochs", "9"], "max_epochs"),
+    (["--model.adapter_type", "lora"], "TaskBoundaryConsolidation"),
+])
+def test_bad_settings_fail_before_training(in_tmp, override, message):
+    args = ["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET, *override]
+    if message == "TaskBoundaryConsolidation":
+        args += ["--trainer.callbacks+=TaskBoundaryConsolidation"]
+    with pytest.raises(ValueError, match=message):
+        run_cli(args)
+    assert not list(in_tmp.rglob("results.json")) and not list(in_tmp.rglob("*.ckpt"))
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_nested_lora(in_tmp):
     """2 CPU processes (gloo): the sequence finishes and every rank ends with the same adapters."""

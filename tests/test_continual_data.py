@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from datamodules.continual import ClassIncrementalDataModule, class_order, task_sizes
+from datamodules.digits import load_digits_tensors
 from tests.continual_helpers import write_cifar100, write_image_folder
 
 
@@ -27,7 +28,7 @@ def test_digits_tasks_remap_labels_and_split_by_task():
     order = class_order(10, 1993)
     from sklearn.datasets import load_digits
     raw = load_digits()
-    x_all, _ = __import__("datamodules.digits", fromlist=["x"]).load_digits_tensors(16)
+    x_all, _ = load_digits_tensors(16)
     for t in range(dm.num_tasks):
         train = dm.task_dataset("train", t)
         assert set(train.labels.tolist()) == {2 * t, 2 * t + 1}
