@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
 
 from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.multi_rate import MultiRateStepping
@@ -51,7 +52,9 @@ class ContinualViTModule(L.LightningModule):
         lr_backbone: first-task adaptation learning rate (``None``: ``lr_fast``).
         lr_descriptor: learning rate of SEMA's descriptors.
         slow_update_interval: batches per slow update (0 or 1: every batch).
-        use_consolidation / consolidation_alpha: Nested LoRA task-boundary consolidation.
+        use_consolidation / consolidation_alpha: Nested LoRA task-boundary consolidation (``use_consolidation``
+            adds a ``TaskBoundaryConsolidation`` callback when the trainer has none; one configured explicitly
+            always runs, with its own ``alpha`` or else ``consolidation_alpha``).
         expansion_threshold: SEMA's z-score threshold; expansion_batches: batches scored per expansion check.
         optimizer: ``adamw`` or ``sgd`` (momentum 0.9, as SEMA); weight_decay: for both.
         scheduler: ``cosine`` (per task, per optimizer) or ``constant``.
@@ -148,13 +151,10 @@ class ContinualViTModule(L.LightningModule):
             raise ValueError("adapter_type: sema adds modules during training, which DDP cannot synchronise; "
                              "run it on one device (trainer.devices: 1)")
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-        if (self.hparams.first_task_adaptation and not self.hparams.finetune_backbone and trainer.world_size > 1 and ddp_kwargs is not None
-                and not ddp_kwargs.get("find_unused_parameters", False)):
+        if (self.hparams.first_task_adaptation and not self.hparams.finetune_backbone and trainer.world_size > 1
+                and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False)):
             raise ValueError("model.first_task_adaptation freezes the backbone after the first task, so DDP must "
                              "allow unused parameters: set trainer.strategy: ddp_find_unused_parameters_true")
-        if self.hparams.adapter_type != "nested_lora" and any(isinstance(c, TaskBoundaryConsolidation)
-                                                               for c in trainer.callbacks):
-            raise ValueError("TaskBoundaryConsolidation is configured but model.adapter_type is not nested_lora")
         required = dm.num_tasks * dm.epochs_per_task
         max_epochs = trainer.fit_loop.max_epochs
         if max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
@@ -279,16 +279,23 @@ class ContinualViTModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         overall = MulticlassAccuracy(n_seen, average="micro").to(self.device)
-        per_task = []
+        loaders = []
         for i in range(task + 1):
             ds = dm.task_dataset("test", i)
-            shard = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+            loaders.append(dm.loader(torch.utils.data.Subset(ds, range(rank, len(ds), world))))
+        show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        bar = tqdm(total=sum(len(dl) for dl in loaders), desc=f"accuracy matrix row {task}", disable=not show,
+                   leave=False)
+        per_task = []
+        for loader in loaders:
             metric = MulticlassAccuracy(n_seen, average="micro").to(self.device)
-            for x, y in dm.loader(shard):
+            for x, y in loader:
                 pred = self.model(x.to(self.device), n_seen).argmax(-1)
                 metric.update(pred, y.to(self.device))
                 overall.update(pred, y.to(self.device))
+                bar.update()
             per_task.append(float(metric.compute()))
+        bar.close()
         self.model.train(was_training)
         return per_task, float(overall.compute())
 
