@@ -77,6 +77,12 @@ def test_resume_mid_sequence_keeps_task_and_matrix(in_tmp):
     assert module.R[:2] == first["accuracy_matrix"]
     assert len(module.R) == 5 and module.finished_task == 4
     assert cli.trainer.global_step == 10 * 2  # 5 tasks x 2 epochs x 2 batches, counted across the resume
+    from callbacks.consolidation import TaskBoundaryConsolidation
+    (cons,) = [c for c in cli.trainer.callbacks if isinstance(c, TaskBoundaryConsolidation)]
+    assert [e["task"] for e in cons.events] == [0, 1, 2, 3, 4]  # restored events, none repeated
+    assert _results(in_tmp, "sema_nested")["accuracy_matrix"] == first["accuracy_matrix"]  # run 1's file kept
+    assert json.loads(next((in_tmp / "runs/sema_nested").glob("version_1/results.json")).read_text())[
+        "accuracy_matrix"] == module.R
 
 
 @pytest.mark.parametrize("override,message", [
