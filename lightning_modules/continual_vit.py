@@ -221,15 +221,19 @@ class ContinualViTModule(L.LightningModule):
         if hp.adapter_type == "sema" and task > 0:
             batches = (x.to(self.device) for k, (x, _) in zip(range(hp.expansion_batches), trainer.train_dataloader))
             generator = torch.Generator().manual_seed(task)
-            for layer, z in self.model.sema_expand(task, batches, hp.expansion_threshold, generator):
-                event = {"task": task, "layer": layer, "z": z}
-                self.expansions.append(event)
-                rank_zero_info(f"[sema] task {task}: expanded layer {layer} (z={z:.2f} > {hp.expansion_threshold})")
+            decisions = self.model.sema_expand(task, batches, hp.expansion_threshold, generator)
+            for layer, (z, expanded) in decisions.items():
+                if expanded:
+                    self.expansions.append({"task": task, "layer": layer, "z": z})
+                rank_zero_info(f"[sema] task {task}, layer {layer}: smallest z-score {z:.2f} "
+                               f"{'> ' if expanded else '<= '}{hp.expansion_threshold}: "
+                               f"{'new adapter added' if expanded else 'no expansion'}")
             self.model.to(self.device)
+            metrics = {f"sema/z_layer{layer}": z for layer, (z, _) in decisions.items()}
+            metrics["sema/expansions"] = float(sum(e for _, e in decisions.values()))
+            metrics["sema/adapters"] = float(sum(len(v) for v in self.model.sema_layout().values()))
             for logger in self.loggers:
-                logger.log_metrics({"sema/expansions": float(sum(e["task"] == task for e in self.expansions)),
-                                    "sema/adapters": float(sum(len(v) for v in self.model.sema_layout().values()))},
-                                   step=task)
+                logger.log_metrics(metrics, step=task)
         groups = self.model.set_trainable(task, self._trains_backbone(task))
         self.task, self.seen_classes = task, self.dm.classes_seen(task)
         self.task_steps = self.dm.epochs_per_task * int(trainer.num_training_batches)

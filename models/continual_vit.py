@@ -160,16 +160,16 @@ class ContinualViT(nn.Module):
             self.train(was_training)
 
     def sema_expand(self, task: int, batches: Iterable[torch.Tensor], threshold: float,
-                    generator: torch.Generator | None = None) -> list[tuple[int, float]]:
+                    generator: torch.Generator | None = None) -> dict[int, tuple[float, bool]]:
         """Score the new task's batches and add an adapter where the smallest mean z exceeds ``threshold``;
-        returns ``(layer, z)`` for every expansion."""
-        expanded = []
+        returns ``{layer: (z, expanded)}`` for every expandable layer."""
+        out = {}
         for i, z in self.sema_zscores(batches).items():
             expand, z_min = expansion_decisions(z, threshold)
             if expand:
                 self.sema[i].add_adapter(task, generator)
-                expanded.append((i, z_min))
-        return expanded
+            out[i] = (z_min, expand)
+        return out
 
     @torch.no_grad()
     def sema_record(self, batches: Iterable[torch.Tensor], task: int) -> None:
