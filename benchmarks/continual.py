@@ -5,7 +5,7 @@ same backbone, data and epochs, and prints a markdown table: average incremental
 forgetting, trainable parameters and the median training-step time of a later task (frozen backbone,
 forward + backward + optimizer steps, methods timed round-robin) relative to ``lora``.
 
-    python benchmarks/continual.py [--epochs-per-task 4] [--rank 4] [--timing-only]
+    python benchmarks/continual.py [--epochs-per-task 8] [--rank 4] [--timing-only]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def run(name: str, args: argparse.Namespace, **model_kwargs) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs-per-task", type=int, default=4)
+    p.add_argument("--epochs-per-task", type=int, default=8)
     p.add_argument("--rank", type=int, default=4, help="Nested LoRA rank r (LoRA gets 2r)")
     p.add_argument("--out", default="runs/benchmark_continual")
     p.add_argument("--timing-only", action="store_true", help="skip the task sequences")
