@@ -79,6 +79,10 @@ class ContinualViT(nn.Module):
         elif adapter_type == "sema":
             blocks = self.backbone.blocks
             n = len(blocks)
+            for key, values in (("sema_layers", sema_layers or []), ("expansion_layers", expansion_layers)):
+                bad = [i for i in values if not -n <= i < n]
+                if bad:
+                    raise ValueError(f"{key} {bad} out of range for a backbone with {n} blocks")
             layers = range(n) if sema_layers is None else [i % n for i in sema_layers]
             self.expansion_layers = sorted({i % n for i in expansion_layers})
             missing = [i for i in self.expansion_layers if i not in layers]

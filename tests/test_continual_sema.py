@@ -86,3 +86,14 @@ def test_expands_on_out_of_distribution_task_not_on_a_repeated_one():
     fresh.load_state_dict(model.state_dict())
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x[:4]), model(x[:4]))
+
+
+def test_bad_layer_indices_are_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="expansion_layers"):
+        ContinualViT(adapter_type="sema", img_size=16, patch_size=8,
+                     backbone_kwargs=dict(depth=2, embed_dim=16, num_heads=2), expansion_layers=(5,))
+    with pytest.raises(ValueError, match="expansion_layers"):  # no SEMA layer to expand there
+        ContinualViT(adapter_type="sema", img_size=16, patch_size=8,
+                     backbone_kwargs=dict(depth=2, embed_dim=16, num_heads=2), sema_layers=(0,), expansion_layers=(1,))
