@@ -69,7 +69,8 @@ class MultiRateStepping(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        optimizers = trainer.strategy._lightning_optimizers
+        optimizers = pl_module.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         if not optimizers:
             return
         schedulers = {id(c.scheduler.optimizer): c.scheduler for c in trainer.lr_scheduler_configs}
