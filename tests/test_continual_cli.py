@@ -127,3 +127,16 @@ def test_ddp_two_processes_nested_lora(in_tmp):
         torch.testing.assert_close(v, r1["state"][k], msg=k)
     assert any("slow" in k and v.abs().sum() > 0 for k, v in r0["state"].items())
     assert _results(in_tmp, "sema_nested")["tasks_finished"] == 5
+
+
+def test_sema_resume_rebuilds_expanded_adapters(in_tmp):
+    """A threshold below every z-score forces an expansion at each new task; the checkpoint must rebuild them."""
+    common = ["fit", "--config", str(REPO / "configs/sema_adapter.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
+              "--model.expansion_layers", "[-1]", "--model.expansion_threshold", "-1000"]
+    run_cli(common + ["--trainer.max_epochs", "3"])
+    ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["continual"]["sema_layout"] == {"0": [0, 1, 2]}
+    cli = run_cli(common + ["--ckpt_path", str(ckpt)])
+    assert cli.model.model.sema_layout() == {0: [0, 1, 2, 3, 4]}
+    assert [(e["task"], e["layer"]) for e in cli.model.expansions] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    assert len(cli.model.R) == 5
