@@ -84,3 +84,16 @@ def test_image_folder(tmp_path):
 def test_bad_arguments_are_named(kwargs, key):
     with pytest.raises(ValueError, match=key):
         ClassIncrementalDataModule(**kwargs)
+
+
+def test_cifar100_failed_download_names_the_root(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    dm = ClassIncrementalDataModule("cifar100", root=str(tmp_path / "cifar"), download=True)
+    with pytest.raises(FileNotFoundError, match="download failed") as e:
+        dm.prepare_data()
+    assert str(tmp_path / "cifar") in str(e.value)
