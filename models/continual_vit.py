@@ -34,7 +34,8 @@ class ContinualViT(nn.Module):
             (``backbone_kwargs`` such as ``{depth: 4}`` shrink the timm model for CPU runs).
         num_classes: classes of the whole sequence.
         adapter_type: see module docstring.
-        lora_rank / lora_alpha / lora_target_modules: ``lora`` settings.
+        lora_rank / lora_alpha / lora_target_modules: ``lora`` settings (``lora_alpha`` None = the rank,
+            scaling 1; also used by ``nested_lora``).
         nested_lora_rank: rank of each of the slow and fast adapters (total rank ``2 * nested_lora_rank``).
         sema_layers: blocks that get a SEMA layer at the first task (``None``: every block).
         expansion_layers: blocks where SEMA may add adapters (negative = from the end; SEMA: last three).

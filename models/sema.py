@@ -9,8 +9,11 @@ Expansion: on a new task's batches, each descriptor of a layer scores
 ``z = (batch-mean reconstruction error - mean) / std``; when the smallest z of the layer (the best-fitting
 descriptor still finds the data unusual) exceeds ``threshold``, a new adapter + descriptor is added there
 and trained while the old ones stay frozen. The adapter input is the MLP input (``norm2`` output), which
-the descriptors and the router read too. Detection scores every expandable layer in one pass of the
-unexpanded model (a new adapter's up-projection starts at zero, so it does not change deeper features).
+the descriptors and the router read too. Two simplifications of the public SEMA code, for one-pass
+Lightning training: detection scores every expandable layer in one pass of the unexpanded model (a new
+adapter's up-projection starts at zero, so it does not change deeper features) instead of re-detecting after
+each expansion, and descriptors train jointly with the adapters (their loss is added, on detached inputs)
+instead of in a separate phase; their error buffers are filled after the task with the trained descriptors.
 """
 
 from __future__ import annotations
