@@ -1,0 +1,292 @@
+"""Class-incremental task sequences (digits, CIFAR-100, image folders) for continual learning.
+
+Classes are permuted with ``class_order_seed`` (the PILOT/SEMA convention: ``np.random.seed(1993)``,
+``np.random.permutation(n_classes)``) and labels are remapped to their position in that order, so task
+``t`` always owns the contiguous label range ``[offset_t, offset_t + size_t)``. Task sizes are
+``[init_cls] + [increment] * k`` plus a smaller last task when the classes do not divide evenly.
+
+One ``fit`` runs the whole sequence: epoch ``e`` trains task ``e // epochs_per_task`` (the train loader
+is rebuilt every epoch), validation covers every class seen so far, and :meth:`task_dataset` gives the
+per-task test sets for the accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Literal, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.digits import load_digits_tensors, stratified_split
+
+DatasetName = Literal["digits", "cifar100", "image_folder"]
+#: Per-channel mean/std used for uint8 sources (ImageNet statistics, what timm ViTs expect).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CIFAR100_DIR = "cifar-100-python"
+
+
+def class_order(n_classes: int, seed: int | None) -> np.ndarray:
+    """The class permutation of PILOT/SEMA (``np.random.seed(seed); np.random.permutation(n)``); None = natural."""
+    if seed is None:
+        return np.arange(n_classes)
+    return np.random.RandomState(seed).permutation(n_classes)
+
+
+def task_sizes(n_classes: int, init_cls: int, increment: int) -> list[int]:
+    """``[init_cls] + [increment] * k`` plus the remainder as a last, smaller task."""
+    if not 0 < init_cls <= n_classes:
+        raise ValueError(f"init_cls must be in [1, {n_classes}] (the dataset's class count), got {init_cls}")
+    if increment <= 0:
+        raise ValueError(f"increment must be positive, got {increment}")
+    sizes = [init_cls]
+    while sum(sizes) + increment <= n_classes:
+        sizes.append(increment)
+    if sum(sizes) < n_classes:
+        sizes.append(n_classes - sum(sizes))
+    return sizes
+
+
+class ImageTensorDataset(Dataset):
+    """Images kept compactly (uint8 at native size, or ready float tensors) and resized/normalised on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.images, self.labels, self.image_size = images, labels, image_size
+        self.mean_std = (tuple(mean), tuple(std))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        if x.dtype == torch.uint8:
+            x = x.float().div(255.0)
+            if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+                x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", align_corners=False)[0]
+            x = (x - self.mean) / self.std
+        return x, self.labels[i]
+
+    def subset(self, index: torch.Tensor) -> "ImageTensorDataset":
+        return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def load_cifar100(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read torchvision's CIFAR-100 python layout (``root/cifar-100-python/{train,test}``) as uint8 images."""
+    entry = _unpickle(root / CIFAR100_DIR / ("train" if train else "test"))
+    images = torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+    return images, torch.tensor(entry["fine_labels"], dtype=torch.long)
+
+
+def load_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A folder of class sub-folders (sorted names = label order); every image is read as RGB."""
+    from PIL import Image
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    images, labels = [], []
+    sizes: set[tuple[int, int]] = set()
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"image_folder class folder {root / name} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        for p in files:
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            sizes.add(arr.shape[:2])
+            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+            labels.append(label)
+    if len(sizes) > 1:  # different sizes: bring them to the first one so they stack (resized again on access)
+        h, w = images[0].shape[1:]
+        images = [
+            im if im.shape[1:] == (h, w) else
+            F.interpolate(im[None].float(), size=(h, w), mode="bilinear").round().clamp(0, 255).byte()[0]
+            for im in images
+        ]
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), classes
+
+
+class ClassIncrementalDataModule(L.LightningDataModule):
+    """A class-incremental task sequence; one ``fit`` trains every task in turn.
+
+    Args:
+        dataset: ``digits`` (embedded: scikit-learn's digits), ``cifar100`` (torchvision's python layout
+            under ``root``) or ``image_folder`` (``root`` holds one sub-folder per class).
+        root: data folder for ``cifar100``/``image_folder``.
+        download: let torchvision download CIFAR-100 into ``root`` when it is missing.
+        init_cls / increment: classes in the first task / in each later task.
+        class_order_seed: seed of the class permutation (1993 as in PILOT/SEMA).
+        shuffle: ``False`` keeps the natural class order.
+        epochs_per_task: epochs per task; the trainer's ``max_epochs`` is derived from it.
+        image_size: side of the (square) model input.
+        val_fraction: share of each class's training images held out for validation.
+        test_fraction: share used as test set for sources without one (``digits``, ``image_folder``).
+        split_seed: seed of the stratified train/val/test split.
+        mean / std: per-channel normalisation of ``cifar100``/``image_folder`` images (ImageNet statistics by
+            default; ``[0.5, 0.5, 0.5]`` for timm's augreg/in21k ViTs).
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetName = "digits",
+        root: str | None = None,
+        download: bool = False,
+        init_cls: int = 2,
+        increment: int = 2,
+        class_order_seed: int = 1993,
+        shuffle: bool = True,
+        epochs_per_task: int = 1,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if dataset not in ("digits", "cifar100", "image_folder"):
+            raise ValueError(f"dataset must be 'digits', 'cifar100' or 'image_folder', got {dataset!r}")
+        for key, value in (("batch_size", batch_size), ("epochs_per_task", epochs_per_task), ("image_size", image_size)):
+            if value <= 0:
+                raise ValueError(f"{key} must be positive, got {value}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean/std must have 3 values with std > 0, got mean={mean}, std={std}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must leave training data")
+        if dataset != "digits":
+            if root is None:
+                raise ValueError(f"dataset={dataset!r} needs `root` (a local folder)")
+            self._check_root(dataset, Path(root).expanduser(), download)
+        self.save_hyperparameters()
+        self.num_classes = {"digits": 10, "cifar100": 100}.get(dataset) or self._count_folder_classes()
+        self.task_sizes = task_sizes(self.num_classes, init_cls, increment)
+        self.class_order = class_order(self.num_classes, class_order_seed if shuffle else None)
+        self._sets: dict[str, ImageTensorDataset] = {}
+
+    @staticmethod
+    def _check_root(dataset: str, root: Path, download: bool) -> None:
+        if dataset == "cifar100":
+            missing = [f for f in ("train", "test") if not (root / CIFAR100_DIR / f).is_file()]
+            if missing and not download:
+                raise FileNotFoundError(
+                    f"CIFAR-100 not found under root={str(root)!r}: missing {CIFAR100_DIR}/{' and '.join(missing)}. "
+                    "Put torchvision's CIFAR-100 (python version) there or set download: true."
+                )
+        elif not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
+            raise FileNotFoundError(f"image_folder root={str(root)!r} must be a folder with one sub-folder per class")
+
+    def _count_folder_classes(self) -> int:
+        return sum(1 for p in Path(self.hparams.root).expanduser().iterdir() if p.is_dir())
+
+    # ------------------------------------------------------------------ task structure
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_sizes)
+
+    @property
+    def epochs_per_task(self) -> int:
+        return self.hparams.epochs_per_task
+
+    def task_offset(self, task: int) -> int:
+        """Label of the task's first class (labels are remapped to the class order)."""
+        return sum(self.task_sizes[:task])
+
+    def classes_seen(self, task: int) -> int:
+        """Number of classes seen after training ``task`` (0-based)."""
+        return sum(self.task_sizes[: task + 1])
+
+    def task_of_epoch(self, epoch: int) -> int:
+        return min(epoch // self.hparams.epochs_per_task, self.num_tasks - 1)
+
+    def current_task(self) -> int:
+        """The task the trainer's current epoch trains (0 without a trainer)."""
+        trainer = self.trainer
+        return self.task_of_epoch(trainer.current_epoch) if trainer is not None else 0
+
+    # ------------------------------------------------------------------ data
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        if hp.dataset == "cifar100" and hp.download:
+            root = Path(hp.root).expanduser()
+            if not (root / CIFAR100_DIR / "test").is_file():
+                from torchvision.datasets import CIFAR100
+
+                try:
+                    CIFAR100(str(root), train=True, download=True)
+                except Exception as e:  # no network or no space: say where the files were expected
+                    raise FileNotFoundError(
+                        f"CIFAR-100 is missing under root={str(root)!r} and the download failed ({e}); "
+                        f"put {CIFAR100_DIR}/ there by hand"
+                    ) from e
+
+    def _load(self) -> tuple[ImageTensorDataset, ImageTensorDataset, ImageTensorDataset]:
+        hp = self.hparams
+        fractions = (1 - hp.val_fraction - hp.test_fraction, hp.val_fraction, hp.test_fraction)
+        if hp.dataset == "cifar100":
+            root = Path(hp.root).expanduser()
+            self._check_root("cifar100", root, download=False)
+            x, y = load_cifar100(root, train=True)
+            x_test, y_test = load_cifar100(root, train=False)
+            f_val = hp.val_fraction / (1 - hp.test_fraction)
+            train_idx, val_idx = stratified_split(y, (1 - f_val, f_val), hp.split_seed)
+            full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
+            test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std)
+            return full.subset(train_idx), full.subset(val_idx), test
+        if hp.dataset == "digits":
+            x, y = load_digits_tensors(hp.image_size)
+        else:
+            x, y, _ = load_image_folder(Path(hp.root).expanduser())
+        full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
+        parts = stratified_split(y, fractions, hp.split_seed)
+        return full.subset(parts[0]), full.subset(parts[1]), full.subset(parts[2])
+
+    def _remap(self, labels: torch.Tensor) -> torch.Tensor:
+        """Original label -> its position in the class order."""
+        if int(labels.max()) >= self.num_classes:
+            raise ValueError(f"label {int(labels.max())} out of range for {self.num_classes} classes")
+        position = torch.empty(self.num_classes, dtype=torch.long)
+        position[torch.from_numpy(self.class_order).long()] = torch.arange(self.num_classes)
+        return position[labels]
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self._sets:
+            self._sets = dict(zip(("train", "val", "test"), self._load()))
+
+    def task_dataset(self, split: Literal["train", "val", "test"], task: int, cumulative: bool = False) -> ImageTensorDataset:
+        """Samples of task ``task`` (or of tasks ``0..task`` with ``cumulative``) from one split."""
+        self.setup()
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task {task} out of range (the sequence has {self.num_tasks} tasks)")
+        ds = self._sets[split]
+        lo = 0 if cumulative else self.task_offset(task)
+        keep = ((ds.labels >= lo) & (ds.labels < self.classes_seen(task))).nonzero().flatten()
+        return ds.subset(keep)
+
+    def loader(self, ds: Dataset, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(ds, hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+                          persistent_workers=False, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.task_dataset("train", self.current_task()), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.task_dataset("val", self.current_task(), cumulative=True))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.task_dataset("test", self.num_tasks - 1, cumulative=True))

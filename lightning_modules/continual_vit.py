@@ -1,0 +1,380 @@
+"""Class-incremental learning with a frozen ViT: one ``fit`` runs the whole task sequence.
+
+Epoch ``e`` trains task ``e // epochs_per_task`` of a ``ClassIncrementalDataModule``. A task starts with
+(SEMA) self-expansion, the task's trainable parameters and fresh optimizers with a cosine schedule over the
+task; it ends (at the next task's first epoch, or when training ends) with ``on_task_end`` on every
+callback that has it (Nested LoRA consolidation), then the accuracy matrix row, the continual metrics on
+every logger, the matrix as a TensorBoard image and ``results.json`` in the logger's ``log_dir``. The
+task index, the matrix and the SEMA layout are checkpointed, so ``--ckpt_path last`` resumes mid-sequence.
+
+Manual optimization: ``training_step`` calls ``manual_backward`` once and never steps; the
+``MultiRateStepping`` callback steps the fast optimizer (head + adapters, ``lr_fast``) every batch and the
+slow one (Nested LoRA's slow adapters, ``lr_slow``) every ``slow_update_interval`` batches. Missing
+``MultiRateStepping``/``TaskBoundaryConsolidation`` callbacks are added from these hyper-parameters.
+
+First-task adaptation (``first_task_adaptation: true``, meant for backbones without pretrained weights such
+as the embedded digits default): the whole backbone also trains on the first task, then stays frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
+
+from callbacks.consolidation import TaskBoundaryConsolidation
+from callbacks.multi_rate import MultiRateStepping
+from models import continual_metrics as cm
+from models.continual_vit import ADAPTER_TYPES, AdapterType, ContinualViT
+from models.nested_lora import delta_norms
+
+
+class ContinualViTModule(L.LightningModule):
+    """Thin wrapper of :class:`models.continual_vit.ContinualViT` for class-incremental sequences.
+
+    Args:
+        backbone / num_classes / img_size / patch_size / pretrained_file / backbone_kwargs / adapter_type /
+            lora_* / nested_lora_rank / sema_layers / expansion_layers: see ``ContinualViT``.
+        first_task_adaptation: also train the whole backbone on the first task, then freeze it.
+        finetune_backbone: train the whole backbone on every task (the full fine-tuning baseline).
+        lr_fast: learning rate of the head and the adapters (Nested LoRA: the fast adapters).
+        lr_slow: learning rate of Nested LoRA's slow adapters.
+        lr_backbone: first-task adaptation learning rate (``None``: ``lr_fast``).
+        lr_descriptor: learning rate of SEMA's descriptors.
+        slow_update_interval: batches per slow update (0 or 1: every batch).
+        use_consolidation / consolidation_alpha: Nested LoRA task-boundary consolidation (``use_consolidation``
+            adds a ``TaskBoundaryConsolidation`` callback when the trainer has none; one configured explicitly
+            always runs, with its own ``alpha`` or else ``consolidation_alpha``).
+        expansion_threshold: SEMA's z-score threshold; expansion_batches: batches scored per expansion check.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9, as SEMA); weight_decay: for both.
+        scheduler: ``cosine`` (per task, per optimizer) or ``constant``.
+        mask_old_logits: set earlier tasks' logits to -inf while training a new task.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224",
+        num_classes: int = 10,
+        img_size: int = 32,
+        patch_size: int | None = 8,
+        pretrained_file: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        adapter_type: AdapterType = "nested_lora",
+        first_task_adaptation: bool = False,
+        finetune_backbone: bool = False,
+        lora_rank: int = 8,
+        lora_alpha: float | None = None,
+        lora_target_modules: None | str | Sequence[str] = None,
+        nested_lora_rank: int = 4,
+        sema_layers: Sequence[int] | None = None,
+        expansion_layers: Sequence[int] = (-3, -2, -1),
+        expansion_threshold: float = 2.0,
+        expansion_batches: int = 8,
+        lr_fast: float = 1e-3,
+        lr_slow: float = 1e-4,
+        lr_backbone: float | None = None,
+        lr_descriptor: float = 1e-2,
+        slow_update_interval: int = 1,
+        use_consolidation: bool = True,
+        consolidation_alpha: float = 1.0,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        weight_decay: float = 0.0,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        mask_old_logits: bool = True,
+    ) -> None:
+        super().__init__()
+        if adapter_type not in ADAPTER_TYPES:
+            raise ValueError(f"adapter_type must be one of {ADAPTER_TYPES}, got {adapter_type!r}")
+        for key in ("lr_fast", "lr_slow", "lr_descriptor"):
+            if locals()[key] <= 0:
+                raise ValueError(f"{key} must be positive, got {locals()[key]}")
+        if slow_update_interval < 0:
+            raise ValueError(f"slow_update_interval must be >= 0 (0 or 1: every step), got {slow_update_interval}")
+        if expansion_batches <= 0:
+            raise ValueError(f"expansion_batches must be positive, got {expansion_batches}")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        if scheduler not in ("cosine", "constant"):
+            raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.model = ContinualViT(
+            backbone, num_classes, img_size, patch_size, pretrained_file, backbone_kwargs, adapter_type,
+            lora_rank, lora_alpha, lora_target_modules, nested_lora_rank, sema_layers, expansion_layers,
+        )
+        self.slow_update_interval = slow_update_interval
+        self.consolidation_alpha = consolidation_alpha
+        # Sequence state (checkpointed): task being trained, last finished task, matrix, events.
+        self.task, self.finished_task, self.task_steps, self.seen_classes = -1, -1, 1, 0
+        self.trainable_params: dict[str, int] = {}
+        self.R: list[list[float]] = []
+        self.A: list[float] = []
+        self.expansions: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ wiring
+    @property
+    def dm(self) -> Any:
+        dm = self.trainer.datamodule
+        for attr in ("num_tasks", "task_of_epoch", "classes_seen", "task_offset", "task_dataset", "epochs_per_task"):
+            if not hasattr(dm, attr):
+                raise TypeError(f"{type(self).__name__} needs a class-incremental DataModule "
+                                f"(ClassIncrementalDataModule); {type(dm).__name__} lacks `{attr}`")
+        return dm
+
+    def configure_callbacks(self) -> list[Callback]:
+        present = {type(c) for c in self.trainer.callbacks}
+        out: list[Callback] = []
+        if not any(issubclass(t, MultiRateStepping) for t in present):
+            out.append(MultiRateStepping())
+        if (self.hparams.adapter_type == "nested_lora" and self.hparams.use_consolidation
+                and not any(issubclass(t, TaskBoundaryConsolidation) for t in present)):
+            out.append(TaskBoundaryConsolidation())
+        return out
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        dm, trainer = self.dm, self.trainer
+        if dm.num_classes != self.hparams.num_classes:
+            raise ValueError(f"model.num_classes={self.hparams.num_classes} but the data has {dm.num_classes} classes")
+        if self.hparams.adapter_type == "sema" and trainer.world_size > 1:
+            raise ValueError("adapter_type: sema adds modules during training, which DDP cannot synchronise; "
+                             "run it on one device (trainer.devices: 1)")
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+        if (self.hparams.first_task_adaptation and not self.hparams.finetune_backbone and trainer.world_size > 1
+                and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False)):
+            raise ValueError("model.first_task_adaptation freezes the backbone after the first task, so DDP must "
+                             "allow unused parameters: set trainer.strategy: ddp_find_unused_parameters_true")
+        required = dm.num_tasks * dm.epochs_per_task
+        max_epochs = trainer.fit_loop.max_epochs
+        if max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
+            trainer.fit_loop.max_epochs = required
+            rank_zero_info(f"trainer.max_epochs set to {required} ({dm.num_tasks} tasks x {dm.epochs_per_task} epochs)")
+        elif max_epochs > required:
+            raise ValueError(f"trainer.max_epochs={max_epochs} exceeds the sequence's {dm.num_tasks} tasks x "
+                             f"{dm.epochs_per_task} epochs_per_task = {required}; leave it unset to derive it")
+        trainer.reload_dataloaders_every_n_epochs = 1  # the train/val loaders follow the current task
+        if self.task < 0:
+            self.model.set_trainable(0, self._trains_backbone(0))
+
+    def _trains_backbone(self, task: int) -> bool:
+        return self.hparams.finetune_backbone or (self.hparams.first_task_adaptation and task == 0)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
+        fast = [{"params": groups["fast"], "lr": hp.lr_fast}]
+        if groups["backbone"]:
+            fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
+        if groups["descriptors"]:
+            fast.append({"params": groups["descriptors"], "lr": hp.lr_descriptor})
+        optimizers = [self._optimizer(fast)]
+        if groups["slow"]:
+            optimizers.append(self._optimizer([{"params": groups["slow"], "lr": hp.lr_slow}]))
+        if hp.scheduler == "constant":
+            return optimizers
+        interval = max(1, self.slow_update_interval)
+        steps = [self.task_steps] + [math.ceil(self.task_steps / interval)] * (len(optimizers) - 1)
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(1, s)) for o, s in zip(optimizers, steps)]
+        return optimizers, schedulers
+
+    def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(groups, momentum=0.9, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ task boundaries
+    def _callbacks_with(self, hook: str) -> list[Callback]:
+        return [c for c in self.trainer.callbacks if callable(getattr(c, hook, None))]
+
+    def on_train_epoch_start(self) -> None:
+        task = self.dm.task_of_epoch(self.current_epoch)
+        if task == self.task:
+            return
+        if 0 <= self.task and self.finished_task < self.task:
+            self._finish_task(self.task)
+        self._begin_task(task)
+
+    def on_train_end(self) -> None:
+        """Finish the last task if all its epochs ran (a run stopped mid-task resumes from its checkpoint)."""
+        complete = self.current_epoch >= (self.task + 1) * self.dm.epochs_per_task
+        if 0 <= self.task and self.finished_task < self.task and complete:
+            self._finish_task(self.task)
+
+    def is_task_end_batch(self, batch_idx: int) -> bool:
+        """True on the last batch of a task's last epoch (closes an open slow-update window)."""
+        last_epoch = (self.current_epoch + 1) % self.dm.epochs_per_task == 0
+        return last_epoch and batch_idx + 1 >= self.trainer.num_training_batches
+
+    def _begin_task(self, task: int) -> None:
+        hp, trainer = self.hparams, self.trainer
+        if hp.adapter_type == "sema" and task > 0:
+            batches = (x.to(self.device) for k, (x, _) in zip(range(hp.expansion_batches), trainer.train_dataloader))
+            generator = torch.Generator().manual_seed(task)
+            decisions = self.model.sema_expand(task, batches, hp.expansion_threshold, generator)
+            for layer, (z, expanded) in decisions.items():
+                if expanded:
+                    self.expansions.append({"task": task, "layer": layer, "z": z})
+                rank_zero_info(f"[sema] task {task}, layer {layer}: smallest z-score {z:.2f} "
+                               f"{'> ' if expanded else '<= '}{hp.expansion_threshold}: "
+                               f"{'new adapter added' if expanded else 'no expansion'}")
+            self.model.to(self.device)
+            metrics = {f"sema/z_layer{layer}": z for layer, (z, _) in decisions.items()}
+            metrics["sema/expansions"] = float(sum(e for _, e in decisions.values()))
+            metrics["sema/adapters"] = float(sum(len(v) for v in self.model.sema_layout().values()))
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=task)
+        groups = self.model.set_trainable(task, self._trains_backbone(task))
+        self.task, self.seen_classes = task, self.dm.classes_seen(task)
+        self.task_steps = self.dm.epochs_per_task * int(trainer.num_training_batches)
+        trainer.strategy.setup_optimizers(trainer)
+        for cb in self._callbacks_with("on_task_start"):
+            cb.on_task_start(trainer, self, task)
+        counts = {f"params/{name}": float(sum(p.numel() for p in ps)) for name, ps in groups.items() if ps}
+        counts["params/trainable"] = float(sum(counts.values()))
+        counts["params/total"] = float(sum(p.numel() for p in self.model.parameters()))
+        for logger in self.loggers:
+            logger.log_metrics({**counts, "task": float(task)}, step=task)
+        self.trainable_params = {k.split("/")[1]: int(v) for k, v in counts.items()}
+        rank_zero_info(f"[continual] task {task}: classes {self.dm.task_offset(task)}.."
+                       f"{self.dm.classes_seen(task) - 1}, trainable parameters {int(counts['params/trainable'])}")
+
+    def _finish_task(self, task: int) -> None:
+        trainer, dm = self.trainer, self.dm
+        for cb in self._callbacks_with("on_task_end"):
+            cb.on_task_end(trainer, self, task)
+        if self.hparams.adapter_type == "sema":
+            loader = dm.loader(dm.task_dataset("train", task))
+            self.model.sema_record((x.to(self.device) for x, _ in loader), task)
+        row, acc_all = self.evaluate_seen(task)
+        self.R.append(row)
+        self.A.append(acc_all)
+        self.finished_task = task
+        metrics = {"cl/acc_seen": acc_all, **{f"cl/acc_task_{i}": a for i, a in enumerate(row)},
+                   **{f"cl/{k}": v for k, v in cm.summary(self.R, self.A).items()}}
+        if self.hparams.adapter_type == "nested_lora":
+            metrics.update({f"nested/{k}_delta_norm": v for k, v in delta_norms(self.model).items()})
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=task)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("cl/accuracy_matrix", cm.render_accuracy_matrix(self.R), global_step=task)
+        rank_zero_info(f"[continual] after task {task}: R[{task}] = {[round(a, 4) for a in row]}, "
+                       f"A = {acc_all:.4f}, avg incremental acc = {metrics['cl/avg_incremental_acc']:.4f}")
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero:
+            self._write_results(Path(log_dir) / "results.json")
+
+    @torch.no_grad()
+    def evaluate_seen(self, task: int) -> tuple[list[float], float]:
+        """Accuracy on each seen task's test set and on all seen classes, over the logits of the seen classes.
+        Each rank scores a shard; torchmetrics sums the counts across ranks."""
+        dm, n_seen = self.dm, self.dm.classes_seen(task)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        was_training = self.model.training
+        self.model.eval()
+        overall = MulticlassAccuracy(n_seen, average="micro").to(self.device)
+        loaders = []
+        for i in range(task + 1):
+            ds = dm.task_dataset("test", i)
+            loaders.append(dm.loader(torch.utils.data.Subset(ds, range(rank, len(ds), world))))
+        show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        bar = tqdm(total=sum(len(dl) for dl in loaders), desc=f"accuracy matrix row {task}", disable=not show,
+                   leave=False)
+        per_task = []
+        for loader in loaders:
+            metric = MulticlassAccuracy(n_seen, average="micro").to(self.device)
+            for x, y in loader:
+                pred = self.model(x.to(self.device), n_seen).argmax(-1)
+                metric.update(pred, y.to(self.device))
+                overall.update(pred, y.to(self.device))
+                bar.update()
+            per_task.append(float(metric.compute()))
+        bar.close()
+        self.model.train(was_training)
+        return per_task, float(overall.compute())
+
+    def results(self) -> dict[str, Any]:
+        """Everything ``results.json`` holds."""
+        hp = self.hparams
+        out: dict[str, Any] = {
+            "adapter_type": hp.adapter_type, "backbone": hp.backbone, "tasks_finished": self.finished_task + 1,
+            "accuracy_matrix": self.R, "acc_seen": self.A, "trainable_params": self.trainable_params,
+            "slow_update_interval": self.slow_update_interval,
+        }
+        if self.A:
+            out.update(cm.summary(self.R, self.A))
+        if hp.adapter_type == "sema":
+            out["expansions"] = self.expansions
+            out["sema_layout"] = {str(k): v for k, v in self.model.sema_layout().items()}
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, TaskBoundaryConsolidation):
+                out["consolidations"] = cb.events
+            if isinstance(cb, MultiRateStepping):
+                out["fast_steps"], out["slow_steps"] = cb.fast_steps, cb.slow_steps
+        return out
+
+    def _write_results(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results(), indent=2))
+        tmp.replace(path)
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the classes seen so far (every class before the first task)."""
+        return self.model(x, self.seen_classes or None)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        dm, task = self.dm, max(self.task, 0)
+        n_old = dm.task_offset(task) if self.hparams.mask_old_logits else 0
+        logits = self.model(x, dm.classes_seen(task), n_old)
+        loss = F.cross_entropy(logits, y)
+        aux = self.model.auxiliary_loss()
+        total = loss if aux is None else loss + aux
+        self.manual_backward(total)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True)
+        if aux is not None:
+            self.log("train/descriptor_loss", aux)
+        return total.detach()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("val/loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x, self.hparams.num_classes)
+        self.log("test/acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["continual"] = {
+            "task": self.task, "finished_task": self.finished_task, "task_steps": self.task_steps,
+            "seen_classes": self.seen_classes, "trainable_params": self.trainable_params,
+            "R": self.R, "A": self.A, "expansions": self.expansions,
+            "sema_layout": {str(k): v for k, v in self.model.sema_layout().items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("continual")
+        if state is None:
+            return
+        self.task, self.finished_task, self.task_steps = state["task"], state["finished_task"], state["task_steps"]
+        self.seen_classes, self.trainable_params = state["seen_classes"], dict(state["trainable_params"])
+        self.R, self.A, self.expansions = [list(r) for r in state["R"]], list(state["A"]), list(state["expansions"])
+        self.model.restore_sema_layout(state["sema_layout"])
+        self.model.set_trainable(max(self.task, 0), self._trains_backbone(max(self.task, 0)))

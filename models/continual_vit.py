@@ -1,0 +1,213 @@
+"""A frozen timm ViT with continual-learning adapters and a class-incremental head (pure PyTorch).
+
+``adapter_type``: ``none`` (head only), ``lora``, ``nested_lora`` (slow + fast LoRA, see
+``models.nested_lora``) or ``sema`` (self-expanding mixture of adapters, see ``models.sema``).
+
+The head has one row per class of the whole sequence; ``forward(x, n_seen, n_old)`` returns the logits of
+the ``n_seen`` classes seen so far with the ``n_old`` classes of earlier tasks set to ``-inf`` (SEMA's
+masking while training a new task). Because masked logits get exactly zero gradient, the old classes'
+rows stay fixed, so this is a growing head whose parameter set never changes (which keeps DDP and
+checkpoints simple).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from models.lora import LoRAAdapter, inject_lora
+from models.nested_lora import FAST, SLOW, adapter_parameters, inject_nested_lora
+from models.sema import SEMALayer, expansion_decisions, inject_sema
+from models.vit import create_vit, embed_dim, freeze
+
+AdapterType = Literal["none", "lora", "sema", "nested_lora"]
+ADAPTER_TYPES = ("none", "lora", "sema", "nested_lora")
+
+
+class ContinualViT(nn.Module):
+    """Backbone + adapters + masked head.
+
+    Args:
+        backbone / img_size / patch_size / pretrained_file / backbone_kwargs: see ``models.vit.create_vit``
+            (``backbone_kwargs`` such as ``{depth: 4}`` shrink the timm model for CPU runs).
+        num_classes: classes of the whole sequence.
+        adapter_type: see module docstring.
+        lora_rank / lora_alpha / lora_target_modules: ``lora`` settings (``lora_alpha`` None = the rank,
+            scaling 1; also used by ``nested_lora``).
+        nested_lora_rank: rank of each of the slow and fast adapters (total rank ``2 * nested_lora_rank``).
+        sema_layers: blocks that get a SEMA layer at the first task (``None``: every block).
+        expansion_layers: blocks where SEMA may add adapters (negative = from the end; SEMA: last three).
+        sema_bottleneck / sema_descriptor_hidden / sema_buffer_size: SEMA sizes (16, 128, 500).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224",
+        num_classes: int = 10,
+        img_size: int = 32,
+        patch_size: int | None = 8,
+        pretrained_file: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        adapter_type: AdapterType = "nested_lora",
+        lora_rank: int = 8,
+        lora_alpha: float | None = None,
+        lora_target_modules: None | str | Sequence[str] = None,
+        nested_lora_rank: int = 4,
+        sema_layers: Sequence[int] | None = None,
+        expansion_layers: Sequence[int] = (-3, -2, -1),
+        sema_bottleneck: int = 16,
+        sema_descriptor_hidden: int = 128,
+        sema_buffer_size: int = 500,
+    ) -> None:
+        super().__init__()
+        if adapter_type not in ADAPTER_TYPES:
+            raise ValueError(f"adapter_type must be one of {ADAPTER_TYPES}, got {adapter_type!r}")
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.adapter_type = adapter_type
+        self.backbone = create_vit(backbone, img_size, pretrained_file=pretrained_file, patch_size=patch_size,
+                                   **(backbone_kwargs or {}))
+        freeze(self.backbone)
+        dim = embed_dim(self.backbone)
+        self.sema: dict[int, SEMALayer] = {}
+        if adapter_type == "lora":
+            inject_lora(self.backbone, lora_target_modules, r=lora_rank,
+                        lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha))
+        elif adapter_type == "nested_lora":
+            inject_nested_lora(self.backbone, lora_target_modules, nested_lora_rank, lora_alpha)
+        elif adapter_type == "sema":
+            blocks = self.backbone.blocks
+            n = len(blocks)
+            for key, values in (("sema_layers", sema_layers or []), ("expansion_layers", expansion_layers)):
+                bad = [i for i in values if not -n <= i < n]
+                if bad:
+                    raise ValueError(f"{key} {bad} out of range for a backbone with {n} blocks")
+            layers = range(n) if sema_layers is None else [i % n for i in sema_layers]
+            self.expansion_layers = sorted({i % n for i in expansion_layers})
+            missing = [i for i in self.expansion_layers if i not in layers]
+            if missing:
+                raise ValueError(f"expansion_layers {missing} have no SEMA layer (sema_layers={sema_layers})")
+            self.sema = inject_sema(blocks, layers, dim, sema_bottleneck, sema_descriptor_hidden, sema_buffer_size)
+        self._backbone_names = {n for n, _ in self.backbone.named_parameters() if not self._is_adapter(n)}
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.zeros_(self.head.bias)  # as SEMA: Kaiming-uniform rows, zero bias
+        self.num_classes = num_classes
+
+    @staticmethod
+    def _is_adapter(name: str) -> bool:
+        return ".adapters." in name or ".sema." in name
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, n_seen: int | None = None, n_old: int = 0) -> torch.Tensor:
+        logits = self.head(self.backbone(x))
+        if n_seen is not None:
+            logits = logits[:, :n_seen]
+        if n_old > 0:
+            logits = torch.cat([torch.full_like(logits[:, :n_old], float("-inf")), logits[:, n_old:]], dim=1)
+        return logits
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the SEMA descriptors' reconstruction losses of the last training forward (None if none)."""
+        losses = [layer.descriptor_loss for layer in self.sema.values() if layer.descriptor_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    # ------------------------------------------------------------------ trainability per task
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.backbone.named_parameters() if n in self._backbone_names]
+
+    def parameter_groups(self, task: int, train_backbone: bool = False) -> dict[str, list[nn.Parameter]]:
+        """The parameters trained in ``task``: ``fast`` (head + adapters), ``slow`` (Nested LoRA's slow
+        adapters), ``descriptors`` (SEMA's autoencoders) and ``backbone`` (first-task adaptation)."""
+        groups: dict[str, list[nn.Parameter]] = {"fast": list(self.head.parameters()), "slow": [], "descriptors": []}
+        if self.adapter_type == "lora":
+            groups["fast"] += [p for m in self.backbone.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()]
+        elif self.adapter_type == "nested_lora":
+            groups["fast"] += adapter_parameters(self.backbone, FAST)
+            groups["slow"] = adapter_parameters(self.backbone, SLOW)
+        elif self.adapter_type == "sema":
+            for layer in self.sema.values():
+                new = [k for k, t in enumerate(layer.created_task) if t == task]
+                for k in new:
+                    groups["fast"] += list(layer.adapters[k].parameters())
+                    groups["descriptors"] += list(layer.descriptors[k].parameters())
+                if new and layer.router is not None:
+                    groups["fast"] += list(layer.router.parameters())
+        groups["backbone"] = self.backbone_parameters() if train_backbone else []
+        return groups
+
+    def set_trainable(self, task: int, train_backbone: bool = False) -> dict[str, list[nn.Parameter]]:
+        """Freeze everything, then unfreeze what ``task`` trains; returns :meth:`parameter_groups`."""
+        freeze(self)
+        groups = self.parameter_groups(task, train_backbone)
+        for params in groups.values():
+            for p in params:
+                p.requires_grad_(True)
+        return groups
+
+    # ------------------------------------------------------------------ SEMA expansion
+    @torch.no_grad()
+    def sema_zscores(self, batches: Iterable[torch.Tensor]) -> dict[int, list[list[float]]]:
+        """Per expandable layer, per batch, every descriptor's z-score of the batch-mean error."""
+        layers = {i: self.sema[i] for i in self.expansion_layers}
+        was_training = self.training
+        self.eval()
+        try:
+            for layer in layers.values():
+                layer.collect_z = []
+            for x in batches:
+                self.backbone(x)
+            return {i: layer.collect_z for i, layer in layers.items()}
+        finally:
+            for layer in layers.values():
+                layer.collect_z = None
+            self.train(was_training)
+
+    def sema_expand(self, task: int, batches: Iterable[torch.Tensor], threshold: float,
+                    generator: torch.Generator | None = None) -> dict[int, tuple[float, bool]]:
+        """Score the new task's batches and add an adapter where the smallest mean z exceeds ``threshold``;
+        returns ``{layer: (z, expanded)}`` for every expandable layer."""
+        out = {}
+        for i, z in self.sema_zscores(batches).items():
+            expand, z_min = expansion_decisions(z, threshold)
+            if expand:
+                self.sema[i].add_adapter(task, generator)
+            out[i] = (z_min, expand)
+        return out
+
+    @torch.no_grad()
+    def sema_record(self, batches: Iterable[torch.Tensor], task: int) -> None:
+        """Fill the buffers of the descriptors trained in ``task`` with their errors on ``batches``."""
+        captured: dict[int, list[torch.Tensor]] = {}
+        hooks = []
+        for i, layer in self.sema.items():
+            if task in layer.created_task:
+                captured[i] = []
+                hooks.append(layer.register_forward_pre_hook(lambda m, args, i=i: captured[i].append(args[0])))
+        was_training = self.training
+        self.eval()
+        try:
+            for x in batches:
+                self.backbone(x)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.train(was_training)
+        for i, inputs in captured.items():
+            layer = self.sema[i]
+            for k, t in enumerate(layer.created_task):
+                if t == task:
+                    for h in inputs:
+                        layer.descriptors[k].record(layer.descriptors[k].sample_errors(h))
+
+    def sema_layout(self) -> dict[int, list[int]]:
+        """Creation task of every adapter per SEMA layer (what a checkpoint needs to rebuild the structure)."""
+        return {i: list(layer.created_task) for i, layer in self.sema.items()}
+
+    def restore_sema_layout(self, layout: dict[int | str, list[int]]) -> None:
+        """Add the adapters a checkpoint has beyond the initial ones (before loading its state dict)."""
+        for key, tasks in layout.items():
+            layer = self.sema[int(key)]
+            for task in tasks[layer.num_adapters :]:
+                layer.add_adapter(task)

@@ -1,0 +1,142 @@
+"""Whole task sequences through the CLI: every continual config, results.json, TensorBoard, resume, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.continual_helpers import QUIET, REPO, TINY_DATA, TINY_MODEL, run_cli, write_cifar100
+
+
+def _results(root, name):
+    return json.loads((root / "runs" / name / "version_0" / "results.json").read_text())
+
+
+def test_nested_sequence_metrics_steps_and_tensorboard(in_tmp):
+    run_cli(["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
+             "--model.slow_update_interval", "3", "--trainer.limit_train_batches", "4"])
+    res = _results(in_tmp, "sema_nested")
+    R = res["accuracy_matrix"]
+    assert [len(r) for r in R] == [1, 2, 3, 4, 5] and res["tasks_finished"] == 5
+    assert all(0.0 <= a <= 1.0 for row in R for a in row)
+    from models import continual_metrics as cm
+    assert res["forgetting"] == pytest.approx(cm.forgetting(R)) and res["bwt"] == pytest.approx(cm.backward_transfer(R))
+    assert res["avg_incremental_acc"] == pytest.approx(sum(res["acc_seen"]) / 5)
+    # 4 batches per task: fast steps every batch; slow at batch 3 and at the task's last batch (window closed)
+    assert res["fast_steps"] == 20 and res["slow_steps"] == 5 * 2
+    assert [e["task"] for e in res["consolidations"]] == [0, 1, 2, 3, 4]
+    assert all(0.0 <= e["truncation_error_max"] < 1.0 for e in res["consolidations"])
+    assert res["trainable_params"]["slow"] > 0 and res["trainable_params"]["fast"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(in_tmp / "runs" / "sema_nested" / "version_0"), size_guidance={"images": 0}).Reload()
+    assert "cl/accuracy_matrix" in ev.Tags()["images"]
+    scalars = set(ev.Tags()["scalars"])
+    for tag in ("cl/avg_incremental_acc", "cl/forgetting", "cl/bwt", "lr/fast", "lr/slow", "train/slow_interval",
+                "consolidation/truncation_error_max", "params/trainable", "nested/slow_delta_norm"):
+        assert tag in scalars, tag
+    ckpt = torch.load(in_tmp / "runs/sema_nested/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 20
+
+
+@pytest.mark.parametrize("config,adapter", [("sema_lora", "lora"), ("sema_adapter", "sema")])
+def test_other_configs_run_the_sequence(in_tmp, config, adapter):
+    extra = ["--model.expansion_layers", "[-1]"] if adapter == "sema" else []  # the tiny ViT has one block
+    run_cli(["fit", "--config", str(REPO / f"configs/{config}.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET, *extra])
+    res = _results(in_tmp, config)
+    assert res["adapter_type"] == adapter and len(res["accuracy_matrix"]) == 5
+    if adapter == "sema":
+        assert res["sema_layout"] and all(isinstance(e["layer"], int) for e in res["expansions"])
+
+
+def test_cifar100_vitb_config_smoke_with_tiny_override(in_tmp):
+    root = write_cifar100(in_tmp / "data", per_class_train=2, per_class_test=1)
+    cli = run_cli(["fit", "--config", str(REPO / "configs/sema_cifar100_vitb.yaml"), "--trainer.accelerator", "cpu",
+             "--trainer.precision", "32-true", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+             "--trainer.limit_val_batches", "1",
+             "--model.backbone", "vit_tiny_patch16_224", "--model.pretrained_file", "null", *TINY_MODEL,
+             "--data.root", str(root), "--data.image_size", "16", "--data.num_workers", "0",
+             "--model.expansion_layers", "[-1]", "--data.val_fraction", "0.5", "--data.epochs_per_task", "1", "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 1 and cli.model.hparams.num_classes == 100
+    assert len(cli.model.R) == 1 and len(cli.model.R[0]) == 1  # task 0 (10 classes) scored after its one epoch
+    assert _results(in_tmp, "sema_cifar100_vitb")["adapter_type"] == "sema"
+
+
+def test_resume_mid_sequence_keeps_task_and_matrix(in_tmp):
+    common = ["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
+              "--data.epochs_per_task", "2"]
+    run_cli(common + ["--trainer.max_epochs", "5"])  # stops in the middle of task 2 (epochs 4-5)
+    first = _results(in_tmp, "sema_nested")
+    assert len(first["accuracy_matrix"]) == 2  # task 2 is unfinished, so it has no row yet
+    ckpt = in_tmp / "runs/sema_nested/version_0/checkpoints/last.ckpt"
+    state = torch.load(ckpt, weights_only=False)["continual"]
+    assert state["task"] == 2 and state["finished_task"] == 1 and len(state["R"]) == 2
+    cli = run_cli(common + ["--ckpt_path", str(ckpt)])
+    module = cli.model
+    assert module.R[:2] == first["accuracy_matrix"]
+    assert len(module.R) == 5 and module.finished_task == 4
+    assert cli.trainer.global_step == 10 * 2  # 5 tasks x 2 epochs x 2 batches, counted across the resume
+    from callbacks.consolidation import TaskBoundaryConsolidation
+    (cons,) = [c for c in cli.trainer.callbacks if isinstance(c, TaskBoundaryConsolidation)]
+    assert [e["task"] for e in cons.events] == [0, 1, 2, 3, 4]  # restored events, none repeated
+    assert _results(in_tmp, "sema_nested")["accuracy_matrix"] == first["accuracy_matrix"]  # run 1's file kept
+    assert json.loads(next((in_tmp / "runs/sema_nested").glob("version_1/results.json")).read_text())[
+        "accuracy_matrix"] == module.R
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--model.num_classes", "12"], "num_classes"),
+    (["--trainer.max_epochs", "9"], "max_epochs"),
+    (["--model.adapter_type", "lora"], "TaskBoundaryConsolidation"),
+])
+def test_bad_settings_fail_before_training(in_tmp, override, message):
+    args = ["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET, *override]
+    if message == "TaskBoundaryConsolidation":
+        args += ["--trainer.callbacks+=TaskBoundaryConsolidation"]
+    with pytest.raises(ValueError, match=message):
+        run_cli(args)
+    assert not list(in_tmp.rglob("results.json")) and not list(in_tmp.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_nested_lora(in_tmp):
+    """2 CPU processes (gloo): the sequence finishes and every rank ends with the same adapters."""
+    script = in_tmp / "ddp_run.py"
+    script.write_text(
+        "import sys, torch, os\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import cli as adaptlab_cli\n"
+        "cli = adaptlab_cli.main(sys.argv[1:])  # sys.argv kept: Lightning relaunches this script per rank\n"
+        "rank = cli.trainer.global_rank\n"
+        "state = {k: v for k, v in cli.model.state_dict().items() if 'adapters' in k or k.startswith('model.head')}\n"
+        "torch.save({'state': state, 'fast': cli.trainer.callbacks[0].fast_steps, 'R': cli.model.R}, f'rank{rank}.pt')\n"
+    )
+    args = ["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
+            "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--model.slow_update_interval", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(script), *args], cwd=in_tmp, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = torch.load(in_tmp / "rank0.pt"), torch.load(in_tmp / "rank1.pt")
+    assert len(r0["R"]) == 5 and r0["R"] == r1["R"]
+    assert r0["fast"] == r1["fast"] == 5 * 2
+    for k, v in r0["state"].items():
+        torch.testing.assert_close(v, r1["state"][k], msg=k)
+    assert any("slow" in k and v.abs().sum() > 0 for k, v in r0["state"].items())
+    assert _results(in_tmp, "sema_nested")["tasks_finished"] == 5
+
+
+def test_sema_resume_rebuilds_expanded_adapters(in_tmp):
+    """A threshold below every z-score forces an expansion at each new task; the checkpoint must rebuild them."""
+    common = ["fit", "--config", str(REPO / "configs/sema_adapter.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
+              "--model.expansion_layers", "[-1]", "--model.expansion_threshold", "-1000"]
+    run_cli(common + ["--trainer.max_epochs", "3"])
+    ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["continual"]["sema_layout"] == {"0": [0, 1, 2]}
+    cli = run_cli(common + ["--ckpt_path", str(ckpt)])
+    assert cli.model.model.sema_layout() == {0: [0, 1, 2, 3, 4]}
+    assert [(e["task"], e["layer"]) for e in cli.model.expansions] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    assert len(cli.model.R) == 5

@@ -1,0 +1,99 @@
+"""Class-incremental DataModule: class order, task splits, CIFAR-100 layout, image folders, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.continual import ClassIncrementalDataModule, class_order, task_sizes
+from datamodules.digits import load_digits_tensors
+from tests.continual_helpers import write_cifar100, write_image_folder
+
+
+def test_class_order_matches_pilot_convention():
+    np.random.seed(1993)
+    expected = np.random.permutation(100)
+    assert np.array_equal(class_order(100, 1993), expected)
+    assert np.array_equal(class_order(10, None), np.arange(10))
+
+
+@pytest.mark.parametrize("n,init,inc,expected", [(100, 10, 10, [10] * 10), (10, 2, 2, [2] * 5),
+                                                 (10, 4, 3, [4, 3, 3]), (10, 3, 4, [3, 4, 3]), (10, 10, 5, [10])])
+def test_task_sizes(n, init, inc, expected):
+    assert task_sizes(n, init, inc) == expected
+
+
+def test_digits_tasks_remap_labels_and_split_by_task():
+    dm = ClassIncrementalDataModule(init_cls=2, increment=2, image_size=16)
+    assert dm.num_tasks == 5 and dm.num_classes == 10
+    order = class_order(10, 1993)
+    from sklearn.datasets import load_digits
+    raw = load_digits()
+    x_all, _ = load_digits_tensors(16)
+    for t in range(dm.num_tasks):
+        train = dm.task_dataset("train", t)
+        assert set(train.labels.tolist()) == {2 * t, 2 * t + 1}
+        # the remapped label k is the original class order[k]: check one image against the raw data
+        x0, y0 = train[0]
+        matches = [i for i in range(len(raw.target)) if torch.equal(x_all[i], x0)]
+        assert matches and raw.target[matches[0]] == order[int(y0)]
+        val = dm.task_dataset("val", t, cumulative=True)
+        assert set(val.labels.tolist()) == set(range(2 * t + 2))
+    sizes = [len(dm.task_dataset(s, 0)) for s in ("train", "val", "test")]
+    assert sum(sizes) == int((raw.target == order[0]).sum() + (raw.target == order[1]).sum())
+
+
+def test_natural_order_without_shuffle():
+    dm = ClassIncrementalDataModule(shuffle=False, image_size=8)
+    assert np.array_equal(dm.class_order, np.arange(10))
+
+
+def test_cifar100_layout_is_read(tmp_path):
+    root = write_cifar100(tmp_path / "cifar")
+    dm = ClassIncrementalDataModule("cifar100", root=str(root), init_cls=10, increment=10, image_size=8,
+                                    val_fraction=0.0, test_fraction=0.0)
+    assert dm.num_tasks == 10 and dm.num_classes == 100
+    order = class_order(100, 1993)
+    test0 = dm.task_dataset("test", 0)
+    assert len(test0) == 10 * 2 and set(test0.labels.tolist()) == set(range(10))
+    x, y = test0[0]
+    assert x.shape == (3, 8, 8)
+    # the red channel encodes the original class: undo the normalisation and check the remapping
+    red = test0.images[0][0, 0, 0].item()
+    assert order[int(y)] == red // 2
+    assert len(dm.task_dataset("train", 9)) == 10 * 3
+
+
+def test_cifar100_missing_root_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
+        ClassIncrementalDataModule("cifar100", root=str(tmp_path / "nothing"))
+
+
+def test_image_folder(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=4, per_class=5)
+    dm = ClassIncrementalDataModule("image_folder", root=str(root), init_cls=2, increment=2, image_size=10,
+                                    val_fraction=0.2, test_fraction=0.2, batch_size=4)
+    assert dm.num_classes == 4 and dm.num_tasks == 2
+    batch_x, batch_y = next(iter(dm.loader(dm.task_dataset("train", 1))))
+    assert batch_x.shape[1:] == (3, 10, 10) and set(batch_y.tolist()) <= {2, 3}
+    assert len(dm.task_dataset("test", 1, cumulative=True)) == 4
+
+
+@pytest.mark.parametrize("kwargs,key", [({"dataset": "mnist"}, "dataset"), ({"init_cls": 11}, "init_cls"),
+                                        ({"increment": 0}, "increment"), ({"batch_size": 0}, "batch_size"),
+                                        ({"dataset": "image_folder"}, "root")])
+def test_bad_arguments_are_named(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        ClassIncrementalDataModule(**kwargs)
+
+
+def test_cifar100_failed_download_names_the_root(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    dm = ClassIncrementalDataModule("cifar100", root=str(tmp_path / "cifar"), download=True)
+    with pytest.raises(FileNotFoundError, match="download failed") as e:
+        dm.prepare_data()
+    assert str(tmp_path / "cifar") in str(e.value)

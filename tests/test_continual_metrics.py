@@ -1,0 +1,39 @@
+"""Continual-learning metrics against hand-computed matrices, and the matrix image."""
+
+import pytest
+import torch
+
+from models import continual_metrics as cm
+
+R = [[0.9], [0.7, 0.8], [0.5, 0.6, 0.95]]
+A = [0.9, 0.75, 0.7]
+
+
+def test_metrics_by_hand():
+    assert cm.average_incremental_accuracy(A) == pytest.approx((0.9 + 0.75 + 0.7) / 3)
+    assert cm.last_accuracy(A) == pytest.approx(0.7)
+    # forgetting: task 0: max(0.9, 0.7) - 0.5 = 0.4; task 1: 0.8 - 0.6 = 0.2
+    assert cm.forgetting(R) == pytest.approx(0.3)
+    # BWT: ((0.5 - 0.9) + (0.6 - 0.8)) / 2
+    assert cm.backward_transfer(R) == pytest.approx(-0.3)
+
+
+def test_forgetting_uses_the_best_earlier_accuracy_not_the_first():
+    R2 = [[0.5], [0.9, 0.8], [0.6, 0.7, 0.9]]  # task 0 improved after task 1 (positive transfer), then dropped
+    assert cm.forgetting(R2) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.7)) / 2)
+    assert cm.backward_transfer(R2) == pytest.approx(((0.6 - 0.5) + (0.7 - 0.8)) / 2)
+
+
+def test_single_task_and_bad_shapes():
+    assert cm.forgetting([[0.4]]) == 0.0 and cm.backward_transfer([[0.4]]) == 0.0
+    with pytest.raises(ValueError, match="row 1"):
+        cm.forgetting([[0.4], [0.1]])
+
+
+def test_matrix_image():
+    img = cm.render_accuracy_matrix(R, cell=40)
+    assert img.shape == (3, 120, 120) and img.dtype == torch.uint8
+    untrained = img[:, 5, 45]  # row 0, column 1: not trained yet (grey)
+    assert untrained.tolist() == [200, 200, 200]
+    assert img[1, 2 * 40 + 2, 2 * 40 + 2] > img[1, 2 * 40 + 2, 2]  # 0.95 greener than 0.5
+    assert (img == 255).any()  # the percentages are written in white
