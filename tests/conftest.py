@@ -13,3 +13,12 @@ def in_tmp(tmp_path, monkeypatch):
     """Run the test from a temporary directory so `runs/` output never lands in the repo."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two spinning threads make small steps many times slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

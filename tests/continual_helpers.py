@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-import cli
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli_helpers import REPO, run_cli  # noqa: F401  (re-exported for the continual tests)
 #: A 1-block, 32-wide ViT on 16x16 inputs (4 patches): fast enough for whole task sequences in tests.
 TINY_MODEL = ["--model.img_size", "16", "--model.patch_size", "8",
               "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2, global_pool: avg}"]
@@ -19,14 +17,6 @@ TINY_DATA = ["--data.image_size", "16", "--data.epochs_per_task", "1", "--data.b
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"]
 
-
-def run_cli(args: list[str]):
-    """Drive the CLI in-process, hiding pytest's own argv from LightningCLI."""
-    saved, sys.argv = sys.argv, ["cli"]
-    try:
-        return cli.main(args)
-    finally:
-        sys.argv = saved
 
 
 def write_cifar100(root: Path, per_class_train: int = 3, per_class_test: int = 2, seed: int = 0) -> Path:

@@ -4,14 +4,12 @@ existing ``runs/`` output left byte-identical. Extend ``CASES`` with ``(config, 
 Paths in args may use the files made by ``FILES`` (relative to the test's working directory).
 """
 
-import sys
 from pathlib import Path
 
 import pytest
 
-import cli
+from tests.cli_helpers import REPO, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 DIGITS = "configs/vit_lora_digits.yaml"
 TRACKNET = "configs/tracknet_lora.yaml"
 GPT = "configs/gpt_pretrain.yaml"
@@ -76,12 +74,8 @@ def test_bad_input_fails_clearly_before_training(in_tmp, capsys, config, args, e
     (run / "events.out.tfevents.1").write_bytes(b"precious logs")
     before = snapshot(in_tmp / "runs")
     config_path = str(REPO / config) if config.startswith("configs/") else config
-    saved, sys.argv = sys.argv, ["cli"]
-    try:
-        with pytest.raises(SystemExit) as e:
-            cli.main(["fit", "--config", config_path, *args, "--trainer.max_steps", "1"])
-    finally:
-        sys.argv = saved
+    with pytest.raises(SystemExit) as e:
+        run_cli(["fit", "--config", config_path, *args, "--trainer.max_steps", "1"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert expected in err, err[-2000:]

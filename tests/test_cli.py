@@ -2,28 +2,18 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-import cli
+from tests.cli_helpers import REPO, run_cli
 
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def main(args):
-    """Drive the CLI in-process, hiding pytest's own argv from LightningCLI."""
-    saved, sys.argv = sys.argv, ["cli"]
-    try:
-        return cli.main(args)
-    finally:
-        sys.argv = saved
 
 
 def test_fit_help_lists_subclass_options(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--help"])
+        run_cli(["fit", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--model" in out and "--data" in out and "--checkpoint.save_last" in out
@@ -31,7 +21,7 @@ def test_fit_help_lists_subclass_options(capsys):
 
 def test_print_config_resolves_short_class_names(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(REPO / "configs/vit_lora_digits.yaml"), "--model", "ImageClassifier",
+        run_cli(["fit", "--config", str(REPO / "configs/vit_lora_digits.yaml"), "--model", "ImageClassifier",
               "--model.lora_r", "3", "--print_config"])
     assert e.value.code == 0
     out = capsys.readouterr().out
@@ -40,7 +30,7 @@ def test_print_config_resolves_short_class_names(capsys):
 
 def test_unknown_key_is_named(capsys, in_tmp):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs/vit_lora_digits.yaml"), "--model.lora_rank", "3"])
+        run_cli(["fit", "--config", str(REPO / "configs/vit_lora_digits.yaml"), "--model.lora_rank", "3"])
     assert "lora_rank" in capsys.readouterr().err
     assert not (in_tmp / "runs").exists()
 

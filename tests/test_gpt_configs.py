@@ -1,31 +1,21 @@
 """Smoke tests of configs/gpt_pretrain.yaml, skip2lora_gpt.yaml and lora_gpt.yaml through the CLI."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import cli
 from models.gpt import load_pretrained
+from tests.cli_helpers import REPO, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = ["--data.max_windows", "16", "--data.batch_size", "8", "--data.seq_len", "32",
         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
         "--model.sample_tokens", "8"]
 
 
-def main(args):
-    """Drive the CLI in-process, hiding pytest's own argv from LightningCLI."""
-    saved, sys.argv = sys.argv, ["cli"]
-    try:
-        return cli.main(args)
-    finally:
-        sys.argv = saved
-
 
 def pretrain(tmp: Path) -> Path:
-    main(["fit", "--config", str(REPO / "configs/gpt_pretrain.yaml"), "--trainer.max_steps", "3", *FAST])
+    run_cli(["fit", "--config", str(REPO / "configs/gpt_pretrain.yaml"), "--trainer.max_steps", "3", *FAST])
     ckpt = tmp / "runs" / "gpt_pretrain" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     return ckpt
@@ -33,7 +23,7 @@ def pretrain(tmp: Path) -> Path:
 
 def test_pretrain_then_skip2lora_with_cache_then_lora(in_tmp):
     ckpt = pretrain(in_tmp)
-    run = main(["fit", "--config", str(REPO / "configs/skip2lora_gpt.yaml"), "--model.pretrained_path", str(ckpt),
+    run = run_cli(["fit", "--config", str(REPO / "configs/skip2lora_gpt.yaml"), "--model.pretrained_path", str(ckpt),
                 "--trainer.max_epochs", "2", *FAST])
     metrics = run.trainer.callback_metrics
     assert metrics["skip_cache/hit_rate"] == 1.0 and metrics["skip_cache/filled"] == 16
@@ -50,7 +40,7 @@ def test_pretrain_then_skip2lora_with_cache_then_lora(in_tmp):
     assert "samples/text_summary" in events.Tags()["tensors"]  # generated text to read in TensorBoard
     assert {"train/loss", "val/loss", "val/ppl", "time/train_epoch_s", "skip_cache/hit_rate"} <= set(events.Tags()["scalars"])
 
-    lora = main(["fit", "--config", str(REPO / "configs/lora_gpt.yaml"), "--model.pretrained_path", str(ckpt),
+    lora = run_cli(["fit", "--config", str(REPO / "configs/lora_gpt.yaml"), "--model.pretrained_path", str(ckpt),
                  "--trainer.max_steps", "2", *FAST])
     trainable = sum(p.numel() for p in lora.model.parameters() if p.requires_grad)
     skip_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
@@ -60,7 +50,7 @@ def test_pretrain_then_skip2lora_with_cache_then_lora(in_tmp):
 
 def test_skip2lora_config_without_pretraining_says_what_to_run(in_tmp, capsys):
     with pytest.raises((SystemExit, FileNotFoundError, ValueError)) as e:  # jsonargparse wraps it
-        main(["fit", "--config", str(REPO / "configs/skip2lora_gpt.yaml"), *FAST])
+        run_cli(["fit", "--config", str(REPO / "configs/skip2lora_gpt.yaml"), *FAST])
     text = str(e.value) + capsys.readouterr().err
     assert "runs/gpt_pretrain/checkpoints/last.ckpt" in text
     assert "python -m cli fit --config configs/gpt_pretrain.yaml" in text

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_helpers import run_cli
+
 from callbacks.checkpointing import AtomicCheckpointIO
 from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_cli_process(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     """The robust config, shrunk: 16x16 images, 5 batches of 256 per epoch, 2 epochs, a checkpoint every 3 steps."""
     cmd = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(REPO / "configs/vit_lora_digits_robust.yaml"),
            "--model.img_size", "16", "--data.image_size", "16", "--data.batch_size", "256",
@@ -29,14 +31,14 @@ def run_cli(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_killed_mid_epoch_then_resumed_equals_uninterrupted_run(tmp_path):
     (a := tmp_path / "uninterrupted").mkdir()
     (b := tmp_path / "killed").mkdir()
-    res = run_cli(a)
+    res = run_cli_process(a)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli(b, "--trainer.callbacks.kill_at_step", "7")  # mid epoch 1; last checkpoint at step 6
+    res = run_cli_process(b, "--trainer.callbacks.kill_at_step", "7")  # mid epoch 1; last checkpoint at step 6
     assert res.returncode == 17, res.stderr[-3000:]
     ckpt_dir = b / "runs/vit_lora_digits_robust/version_0/checkpoints"
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 6
     assert not list(ckpt_dir.glob(".*tmp*")), "no temporary files left behind"
-    res = run_cli(b, "--ckpt_path", "last")
+    res = run_cli_process(b, "--ckpt_path", "last")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "not resumable" not in res.stderr  # Lightning's warning for plain DataLoaders
     assert not (b / "runs/vit_lora_digits_robust/version_1").exists()  # resumed in place
@@ -92,14 +94,8 @@ def test_resumable_loader_skips_consumed_batches_in_the_same_order():
 
 def test_robust_config_smoke(in_tmp):
     """configs/vit_lora_digits_robust.yaml: a few steps in-process, callbacks wired from YAML."""
-    import cli
-
-    saved, sys.argv = sys.argv, ["cli"]
-    try:
-        app = cli.main(["fit", "--config", str(REPO / "configs/vit_lora_digits_robust.yaml"), "--trainer.max_steps", "3",
+    app = run_cli(["fit", "--config", str(REPO / "configs/vit_lora_digits_robust.yaml"), "--trainer.max_steps", "3",
                         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
-    finally:
-        sys.argv = saved
     names = {type(cb).__name__ for cb in app.trainer.callbacks}
     assert {"OOMRecovery", "StabilityMonitor"} <= names
     assert type(app.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"

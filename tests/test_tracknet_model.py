@@ -9,14 +9,9 @@ from models.tracknet_metrics import TrackNetMetrics, classify, detect_peaks
 from models.vit import create_vit
 from datamodules.tracknet import render_heatmap
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads are many times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+
 
 
 def test_pretrained_rgb_filters_are_repeated_per_frame(tmp_path):

@@ -1,7 +1,6 @@
 """TrackNet LightningModule: modes, a short fit, adapter-only checkpoints, predict CSVs and the configs."""
 
 import csv
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -9,12 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import cli
 from callbacks.tracknet_predictions import TrackNetPredictionWriter
 from datamodules.tracknet import TrackNetDataModule
 from lightning_modules.tracknet import TrackNet
 from models.lora import LoRALinear, count_parameters
 from models.vit import create_vit
+from tests.cli_helpers import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 HEATMAP = {"size": [64, 32], "sigma": 1.5}
@@ -27,13 +28,6 @@ SMALL_DATA = ["--data.synthetic.num_clips", "4", "--data.synthetic.frames_per_cl
               "--data.synthetic.width", "128", "--data.synthetic.height", "64", "--data.batch_size", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads make these steps ~8x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _data(**kw) -> TrackNetDataModule:
@@ -49,13 +43,6 @@ def _base_weights(path: Path) -> str:
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
     return str(path)
 
-
-def _cli(args):
-    saved, sys.argv = sys.argv, ["cli"]
-    try:
-        return cli.main(args)
-    finally:
-        sys.argv = saved
 
 
 def test_without_lora_or_quantization_sections_full_or_frozen():
@@ -174,7 +161,7 @@ def test_predict_writes_one_label_csv_per_clip(in_tmp):
 
 def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
     cfg = str(REPO / "configs/tracknet_lora.yaml")
-    _cli(["fit", "--config", cfg, *SMALL_DATA, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+    run_cli(["fit", "--config", cfg, *SMALL_DATA, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
     run = in_tmp / "runs" / "tracknet_lora" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -184,7 +171,7 @@ def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
     events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
     assert "val/frames_pred_true" in events.Tags()["images"]
     assert {"val/f1", "val/precision", "val/recall", "val/accuracy", "val/fp2"} <= set(events.Tags()["scalars"])
-    _cli(["predict", "--config", cfg, *SMALL_DATA, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+    run_cli(["predict", "--config", cfg, *SMALL_DATA, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
           "--trainer.callbacks+=TrackNetPredictionWriter", "--trainer.callbacks.output_dir", "out",
           "--trainer.enable_progress_bar", "false"])
     assert len(list((in_tmp / "out").glob("clip_*.csv"))) == 1  # the one test clip
@@ -193,12 +180,12 @@ def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
 def test_qlora_config_fits_and_predicts_from_its_checkpoint(in_tmp):
     pytest.importorskip("models.quantization")
     cfg = str(REPO / "configs/tracknet_qlora.yaml")
-    _cli(["fit", "--config", cfg, *SMALL_DATA, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+    run_cli(["fit", "--config", cfg, *SMALL_DATA, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
           "--trainer.enable_progress_bar", "false"])
     run = in_tmp / "runs" / "tracknet_qlora" / "version_0"
     assert (run / "adapter" / "adapter.safetensors").is_file()
     # The Lightning checkpoint holds the packed 4-bit buffers and reloads into a freshly quantized model.
-    _cli(["predict", "--config", cfg, *SMALL_DATA, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+    run_cli(["predict", "--config", cfg, *SMALL_DATA, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
           "--trainer.enable_progress_bar", "false"])
     assert len(list((in_tmp / "runs" / "tracknet_qlora").glob("version_*/predictions/clip_*.csv"))) == 1
 
@@ -208,7 +195,7 @@ def test_dinov3_qlora_config_smoke_with_tiny_overrides(in_tmp):
     # The real config with no weights file and CPU-sized inputs (an override YAML, as a user would write one).
     (in_tmp / "tiny.yaml").write_text("model:\n  init_args:\n    backbone: {freeze: true, patch_size: 16, "
                                       "pretrained_file: null}\n")
-    _cli(["fit", "--config", str(REPO / "configs/tracknet_dinov3_qlora.yaml"), "--config", "tiny.yaml", *SMALL_DATA,
+    run_cli(["fit", "--config", str(REPO / "configs/tracknet_dinov3_qlora.yaml"), "--config", "tiny.yaml", *SMALL_DATA,
           "--model.img_size", "[64, 32]",
           "--model.heatmap.size", "[32, 16]", "--data.heatmap.size", "[32, 16]", "--data.frame_size", "[64, 32]",
           "--model.decoder.channels", "[384, 32, 16]", "--model.decoder.upsample", "[2, 2]",
