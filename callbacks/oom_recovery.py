@@ -19,7 +19,8 @@ Assumes the loss is a mean over the batch (``loss_reduction="mean"``, weights ``
 or a sum (``"sum"``, weights 1). Only tensors whose first dimension is the batch size are split; other
 batch entries are passed whole to every micro-batch. Values a failed attempt passed to ``self.log`` stay
 in that step's logs (step values are overwritten by the retry). Under FSDP/DeepSpeed (sharded
-parameters) ``torch.autograd.grad`` is not supported: use it with single-device or DDP strategies.
+parameters) ``torch.autograd.grad`` is not supported: setup refuses those strategies with a clear error;
+use it with single-device or DDP strategies.
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ class OOMRecovery(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ValueError(
+                f"OOMRecovery does not support {strategy} (sharded parameters cannot take per-micro-batch "
+                "torch.autograd.grad); use a single-device or DDP strategy, or remove OOMRecovery"
+            )
         self._trainer = trainer
         original = pl_module.training_step
         pl_module.training_step = lambda batch, *a, **kw: self._step(pl_module, original, batch, a, kw)
