@@ -1,11 +1,16 @@
 """TrackNet fine-tuning modes side by side: full fine-tune, LoRA, QLoRA-nf4, QLoRA-nf4 + double quantization.
 
-For each mode (each in its own process, so peak RSS is its own): backbone weight bytes (parameters and
-buffers, and the linear weights alone), trainable parameters, peak RSS, mean train-step time, and
-validation F1/precision/recall after the same fixed budget of steps on the same generated clips.
+Mirrors the real workflow (pretrained weights from a local file) without downloading anything: a
+pre-training stage (its own process) fully trains the TrackNet ViT + decoder on generated clips of one seed
+and saves the ViT state dict as a timm-loadable ``backbone.safetensors`` (and the decoder). Every mode then
+starts from that file (``backbone.pretrained_file``) and fine-tunes on clips generated with another seed
+(other trajectories, backgrounds, occluders). For each mode (each in its own process, so peak RSS is its
+own): backbone weight bytes (parameters and buffers, and the linear weights alone), trainable parameters,
+peak RSS, mean train-step time, and validation F1/precision/recall after the same fixed budget of steps.
 Prints a markdown table with ratios to full fine-tuning.
 
-    python benchmarks/tracknet.py                      # CPU defaults (a few minutes)
+    python benchmarks/tracknet.py                      # CPU defaults: timm test_vit, patch 4 (~5 minutes)
+    python benchmarks/tracknet.py --model vit_tiny_patch16_224 --width 192 --patch-size 8 --pretrain-steps 350
     python benchmarks/tracknet.py --model vit_small_patch16_224 --steps 200 --device cuda
 """
 
@@ -26,16 +31,32 @@ sys.path.insert(0, str(REPO))
 VARIANTS = ("full", "lora", "qlora_nf4", "qlora_nf4_dq")
 
 
+def decoder_upsample(patch_size: int) -> list[int]:
+    """Three stage factors of 2 (or 1) that bring the patch grid back to the input (= heat-map) size."""
+    factors, left = [], patch_size
+    for _ in range(3):
+        factors.append(2 if left > 1 else 1)
+        left //= 2
+    return factors
+
+
 def variant_config(name: str, args: argparse.Namespace) -> dict:
-    """TrackNet constructor arguments for one mode (everything else shared)."""
+    """TrackNet constructor arguments for one mode (everything else shared); ``pretrain`` = full training
+    from random init, every other mode starts from ``args.pretrained_file``."""
     lora = {"enabled": True, "r": args.rank, "lora_alpha": 2 * args.rank, "lora_dropout": 0.0}
     quant = {"enabled": True, "quant_type": "nf4", "compute_dtype": args.compute_dtype, "mode": "manual"}
-    cfg = dict(pretrained_model_name=args.model, backbone={"freeze": True, "patch_size": 8, "pretrained_file": None},
-               decoder={"channels": [args.width, 128, 64, 32], "upsample": [2, 2, 2]},
-               heatmap={"size": [128, 72], "sigma": 2.0}, lr=args.lr)
-    if name == "full":
+    pretrained = None if name == "pretrain" else args.pretrained_file
+    cfg = dict(pretrained_model_name=args.model,
+               backbone={"freeze": True, "patch_size": args.patch_size, "pretrained_file": pretrained},
+               decoder={"channels": [args.width, 128, 64, 32], "upsample": decoder_upsample(args.patch_size)},
+               heatmap={"size": [128, 72], "sigma": args.sigma}, lr=args.lr, pos_weight=args.pos_weight,
+               threshold=args.threshold)
+    if name == "pretrain":
         cfg["backbone"]["freeze"] = False
-        cfg["lr"] = args.lr / 5  # full fine-tuning of a whole ViT needs a smaller step than adapters
+        cfg["lr"] = args.pretrain_lr
+    elif name == "full":
+        cfg["backbone"]["freeze"] = False
+        cfg["lr"] = args.full_lr  # full fine-tuning of a whole pretrained ViT needs a smaller step than adapters
     elif name == "lora":
         cfg["lora"] = lora
     elif name == "qlora_nf4":
@@ -59,31 +80,62 @@ def backbone_bytes(vit) -> tuple[int, int]:
     return total, linear
 
 
-def run_one(name: str, args: argparse.Namespace) -> dict:
-    """Train one mode for ``args.steps`` steps and evaluate; runs inside the child process."""
+def clips(args: argparse.Namespace, seed: int, num_clips: int) -> tuple[list[dict], list[dict]]:
+    """Decoded train/val batches of the clips generated with ``seed`` (decoded once, so every mode sees the
+    same batches in the same order)."""
+    from datamodules.tracknet import TrackNetDataModule
+
+    dm = TrackNetDataModule(heatmap={"size": [128, 72], "sigma": args.sigma}, batch_size=args.batch_size,
+                            val_fraction=0.25, test_fraction=0.0, synthetic_dir=args.data_dir,
+                            synthetic={"num_clips": num_clips, "frames_per_clip": 48, "width": 256, "height": 144,
+                                       "seed": seed})
+    dm.prepare_data()
+    dm.setup("fit")
+    return list(dm.train_dataloader()), list(dm.val_dataloader())
+
+
+def evaluate(model, val: list[dict], args: argparse.Namespace) -> dict:
+    """Validation loss and TrackNet F1/precision/recall/accuracy."""
     import torch
 
-    from datamodules.tracknet import TrackNetDataModule
+    from models.tracknet_metrics import TrackNetMetrics
+
+    model.eval()
+    metric = TrackNetMetrics(threshold=args.threshold, tolerance=4.0)
+    losses = []
+    with torch.no_grad():
+        for batch in val:
+            logits = model(batch["frames"].to(args.device))
+            losses.append(float(model._loss(logits, batch["heatmap"].to(args.device))))
+            metric.update(torch.sigmoid(logits.float()).cpu(), batch["xy"], batch["visible"])
+    m = metric.compute()
+    model.train()
+    return {"val_loss": sum(losses) / len(losses), **{k: float(m[k]) for k in ("f1", "precision", "recall", "accuracy")}}
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict:
+    """Train one mode (or the pre-training stage) and evaluate; runs inside the child process."""
+    import torch
+
     from lightning_modules.tracknet import TrackNet
     from models.lora import count_parameters
-    from models.tracknet_metrics import TrackNetMetrics
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dm = TrackNetDataModule(heatmap={"size": [128, 72], "sigma": 2.0}, batch_size=args.batch_size,
-                            val_fraction=0.25, test_fraction=0.0, synthetic_dir=args.data_dir,
-                            synthetic={"num_clips": args.clips, "frames_per_clip": 48, "width": 256, "height": 144})
-    dm.prepare_data()
-    dm.setup("fit")
-    train = list(dm.train_dataloader())  # decode once; every mode sees the same batches in the same order
-    val = list(dm.val_dataloader())
+    pretrain = name == "pretrain"
+    train, val = clips(args, *((args.pretrain_seed, args.pretrain_clips) if pretrain else (args.seed, args.clips)))
+    steps = args.pretrain_steps if pretrain else args.steps
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = TrackNet(**variant_config(name, args)).to(args.device)
+    if not pretrain and args.decoder_init == "pretrained":
+        from safetensors.torch import load_file
+
+        model.model.decoder.load_state_dict(load_file(str(Path(args.pretrained_file).with_name("decoder.safetensors"))))
     weight_bytes, linear_bytes = backbone_bytes(model.model.backbone)
     opt = model.configure_optimizers()
     model.train()
     times = []
-    for step in range(args.steps):
+    for step in range(steps):
         batch = train[step % len(train)]
         t0 = time.perf_counter()
         loss = model._loss(model(batch["frames"].to(args.device)), batch["heatmap"].to(args.device))
@@ -93,23 +145,23 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    model.eval()
-    metric = TrackNetMetrics(threshold=0.5, tolerance=4.0)
-    val_losses = []
-    with torch.no_grad():
-        for batch in val:
-            logits = model(batch["frames"].to(args.device))
-            val_losses.append(float(model._loss(logits, batch["heatmap"].to(args.device))))
-            metric.update(torch.sigmoid(logits.float()).cpu(), batch["xy"], batch["visible"])
-    m = metric.compute()
+        if args.log_every and (step + 1) % args.log_every == 0:
+            print(f"{name} step {step + 1}: train loss {loss.item():.4f}, val {evaluate(model, val, args)}",
+                  file=sys.stderr, flush=True)
+    result = evaluate(model, val, args)
+    if pretrain:
+        from safetensors.torch import save_file
+
+        out = Path(args.pretrained_file)
+        for module, path in ((model.model.backbone, out), (model.model.decoder, out.with_name("decoder.safetensors"))):
+            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
     skip = min(3, len(times) - 1)
     return {
         "variant": name, "weight_bytes": weight_bytes, "linear_bytes": linear_bytes,
         "trainable": count_parameters(model), "total_params": count_parameters(model, trainable_only=False),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "base_rss_mb": rss_base / 1024,
-        "step_s": sum(times[skip:]) / len(times[skip:]), "val_loss": sum(val_losses) / len(val_losses),
-        **{k: float(m[k]) for k in ("f1", "precision", "recall", "accuracy")},
+        "base_rss_mb": rss_base / 1024, "step_s": sum(times[skip:]) / len(times[skip:]),
+        "train_s": sum(times), **result,
     }
 
 
@@ -130,16 +182,30 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_tiny_patch16_224")
-    p.add_argument("--width", type=int, default=192, help="first decoder width (the ViT width)")
+    p.add_argument("--model", default="test_vit")
+    p.add_argument("--width", type=int, default=64, help="first decoder width (the ViT width)")
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--sigma", type=float, default=3.0, help="heat-map Gaussian std (heat-map pixels)")
+    p.add_argument("--pos-weight", type=float, default=100.0)
+    p.add_argument("--threshold", type=float, default=0.5, help="peak threshold on the sigmoid map")
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--pretrain-lr", type=float, default=3e-4)
+    p.add_argument("--pretrain-seed", type=int, default=1, help="generator seed of the pre-training clips")
+    p.add_argument("--pretrain-clips", type=int, default=40, help="generated clips for pre-training (3/4 train)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed of the fine-tuning clips")
+    p.add_argument("--decoder-init", choices=("fresh", "pretrained"), default="pretrained",
+                   help="fine-tuning decoder: random init (like a new head) or the pre-trained one")
+    p.add_argument("--pretrained-file", default=None, help="reuse this backbone file and skip pre-training")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--clips", type=int, default=12)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--full-lr", type=float, default=2e-4)
     p.add_argument("--compute-dtype", default="float32", help="QLoRA matmul dtype (bfloat16 on GPUs)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=0, help="print val metrics every N steps (0 = only at the end)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--data-dir", default=None, help="generated clips (default: a temp folder)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -147,9 +213,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print("RESULT " + json.dumps(run_one(args.child, args)))
         return
+    if args.pretrained_file is not None and not Path(args.pretrained_file).is_file():
+        raise FileNotFoundError(f"--pretrained-file {args.pretrained_file!r} does not exist")
     with tempfile.TemporaryDirectory() as tmp:
         args.data_dir = args.data_dir or tmp
         base = [a for a in (argv if argv is not None else sys.argv[1:]) if a]
+
+        def child(name: str, pretrained_file: str) -> dict:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--data-dir", args.data_dir,
+                   "--pretrained-file", pretrained_file, "--child", name]
+            res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, cwd=str(REPO))
+            if res.returncode != 0:
+                raise RuntimeError(f"{name} failed (exit {res.returncode})")
+            return json.loads(next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))[7:])
+
+        pre = None
+        if args.pretrained_file is None:
+            args.pretrained_file = str(Path(tmp) / "backbone.safetensors")
+            pre = child("pretrain", args.pretrained_file)
+            print(f"pretrain: {args.pretrain_steps} steps in {pre['train_s']:.0f}s, val F1 {pre['f1']:.3f} "
+                  f"(seed {args.pretrain_seed} clips)", file=sys.stderr)
         rows = []
         for name in args.variants:
             if name.startswith("qlora"):
@@ -158,16 +241,17 @@ def main(argv: list[str] | None = None) -> None:
                 except ImportError:
                     print(f"skipping {name}: models.quantization is not available", file=sys.stderr)
                     continue
-            cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--data-dir", args.data_dir, "--child", name]
-            res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
-            if res.returncode != 0:
-                raise RuntimeError(f"{name} failed:\n{res.stderr[-4000:]}")
-            rows.append(json.loads(next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))[7:]))
+            rows.append(child(name, args.pretrained_file))
             r = rows[-1]
             print(f"{name}: step {r['step_s']:.3f}s, F1 {r['f1']:.3f}, peak RSS {r['peak_rss_mb']:.0f} MB",
                   file=sys.stderr)
-    print(f"\nmodel {args.model}, {args.steps} steps x batch {args.batch_size}, device {args.device}, "
-          f"{args.threads} thread(s), QLoRA compute dtype {args.compute_dtype}\n")
+    if pre is not None:
+        print(f"\npre-training: {args.model} fully trained {args.pretrain_steps} steps x batch {args.batch_size} "
+              f"on seed-{args.pretrain_seed} clips in {pre['train_s']:.0f} s; its own val: loss {pre['val_loss']:.4f}, "
+              f"F1 {pre['f1']:.3f}, precision {pre['precision']:.3f}, recall {pre['recall']:.3f}")
+    print(f"\nfine-tuning from the pre-trained backbone ({args.decoder_init} decoder) on seed-{args.seed} clips: "
+          f"{args.steps} steps x batch {args.batch_size}, device {args.device}, {args.threads} thread(s), "
+          f"QLoRA compute dtype {args.compute_dtype}\n")
     print(markdown(rows))
 
 
