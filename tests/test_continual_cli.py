@@ -41,11 +41,11 @@ def test_nested_sequence_metrics_steps_and_tensorboard(in_tmp):
     assert ckpt["global_step"] == 20
 
 
-@pytest.mark.parametrize("config,adapter", [("sema_lora", "lora"), ("sema_adapter", "sema")])
+@pytest.mark.parametrize("config,adapter", [("sema_lora.yaml", "lora"), ("sema_adapter.yaml", "sema")])
 def test_other_configs_run_the_sequence(in_tmp, config, adapter):
     extra = ["--model.expansion_layers", "[-1]"] if adapter == "sema" else []  # the tiny ViT has one block
-    run_cli(["fit", "--config", str(REPO / f"configs/{config}.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET, *extra])
-    res = _results(in_tmp, config)
+    run_cli(["fit", "--config", str(REPO / "configs" / config), *TINY_MODEL, *TINY_DATA, *QUIET, *extra])
+    res = _results(in_tmp, config.removesuffix(".yaml"))
     assert res["adapter_type"] == adapter and len(res["accuracy_matrix"]) == 5
     if adapter == "sema":
         assert res["sema_layout"] and all(isinstance(e["layer"], int) for e in res["expansions"])
