@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from models.atomic import atomic_path
+
 
 class TrackNetPredictionWriter(BasePredictionWriter):
     """Collects ``predict_step`` outputs (``clip``, ``frame``, ``visibility``, ``xy``) and writes
@@ -53,14 +55,11 @@ class TrackNetPredictionWriter(BasePredictionWriter):
         self.written = []
         for clip, frames in sorted(per_clip.items()):
             path = out_dir / f"{clip}.csv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as fh:
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
                 writer = csv.writer(fh)
                 writer.writerow(["Frame", "Visibility", "X", "Y"])
                 for frame in sorted(frames):
                     vis, x, y = frames[frame]
                     writer.writerow([frame, vis, f"{x:.2f}", f"{y:.2f}"])
-            tmp.replace(path)
             self.written.append(path)
         rank_zero_info(f"TrackNetPredictionWriter: wrote {len(self.written)} label CSVs to {out_dir}")

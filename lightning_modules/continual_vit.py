@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.multi_rate import MultiRateStepping
 from models import continual_metrics as cm
+from models.atomic import atomic_path
 from models.continual_vit import ADAPTER_TYPES, AdapterType, ContinualViT
 from models.nested_lora import delta_norms
 
@@ -324,10 +325,8 @@ class ContinualViTModule(L.LightningModule):
         return out
 
     def _write_results(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.results(), indent=2))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.results(), indent=2))
 
     # ------------------------------------------------------------------ steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:

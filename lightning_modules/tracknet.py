@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.tracknet import MEAN, STD
+from models.atomic import atomic_path
 from models.lora import count_parameters, inject_lora, load_lora, save_lora
 from models.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss
 from models.tracknet_metrics import TrackNetMetrics, detect_peaks
@@ -249,9 +250,8 @@ class TrackNet(L.LightningModule):
         meta = {"task_type": self.lora_cfg.task_type, "pretrained_model_name": self.hparams.pretrained_model_name,
                 **{f"lora.{k}": v for k, v in asdict(self.lora_cfg).items()}}
         save_lora(self.model.backbone, directory / "adapter.safetensors", bias=self.lora_cfg.bias, metadata=meta)
-        tmp = directory / "decoder.safetensors.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.decoder.state_dict().items()}, str(tmp))
-        tmp.replace(directory / "decoder.safetensors")
+        with atomic_path(directory / "decoder.safetensors") as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.decoder.state_dict().items()}, str(tmp))
         return directory
 
     def load_adapter(self, directory: str | Path) -> dict[str, str]:

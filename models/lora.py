@@ -20,6 +20,8 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import nn
 
+from models.atomic import atomic_path
+
 BiasMode = Literal["none", "all", "lora_only"]
 TargetSpec = None | str | Sequence[str]
 
@@ -349,11 +351,9 @@ def save_lora(model: nn.Module, path: str | Path, bias: BiasMode = "none", metad
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model, bias).items()}
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path
 
 
