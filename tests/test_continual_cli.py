@@ -1,13 +1,11 @@
 """Whole task sequences through the CLI: every continual config, results.json, TensorBoard, resume, DDP."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.cli_helpers import run_ddp
 from tests.continual_helpers import QUIET, REPO, TINY_DATA, TINY_MODEL, run_cli, write_cifar100
 
 
@@ -116,10 +114,7 @@ def test_ddp_two_processes_nested_lora(in_tmp):
     args = ["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
             "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
             "--model.slow_update_interval", "2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(script), *args], cwd=in_tmp, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_ddp([str(script), *args], cwd=in_tmp, timeout=300)
     r0, r1 = torch.load(in_tmp / "rank0.pt"), torch.load(in_tmp / "rank1.pt")
     assert len(r0["R"]) == 5 and r0["R"] == r1["R"]
     assert r0["fast"] == r1["fast"] == 5 * 2

@@ -1,15 +1,13 @@
 """Skip-Cache under 2-process DDP (gloo, CPU): ranks see different samples each epoch, results stay exact."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli_helpers import run_ddp
+
 
 SCRIPT = r'''
 import json, sys
@@ -52,10 +50,7 @@ def _run(tmp_path: Path, skip_cache: bool) -> list[dict]:
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT)
     out = tmp_path / f"cache{int(skip_cache)}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(script), str(int(skip_cache)), str(out)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=400, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_ddp([str(script), str(int(skip_cache)), str(out)], cwd=tmp_path)
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -1,12 +1,14 @@
 """StabilityMonitor: NaN/Inf and spikes in the loss, gradients and health signals; rollback and stop."""
 
 import csv
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
 from callbacks.stability import DivergenceError, StabilityMonitor
+from tests.cli_helpers import run_ddp
 from tests.recovery_helpers import ManualStepper, Regressor, trainer
 
 
@@ -93,16 +95,7 @@ def test_monitor_only_and_state_round_trip(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_with_rank_local_faults(tmp_path):
     """OOM on rank 1 only and a loss spike on rank 0 only: ranks must stay identical."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).with_name("ddp_recovery_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parents[1])}
-    res = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_ddp([str(Path(__file__).with_name("ddp_recovery_script.py")), str(tmp_path)], cwd=tmp_path, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for name, w in r0["weights"].items():
         assert torch.equal(w, r1["weights"][name]) and torch.isfinite(w).all(), name
