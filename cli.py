@@ -21,9 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 

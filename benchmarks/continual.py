@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from callbacks.multi_rate import MultiRateStepping  # noqa: E402
 from datamodules.continual import ClassIncrementalDataModule  # noqa: E402
 from lightning_modules.continual_vit import ContinualViTModule  # noqa: E402
-from models.continual_vit import ContinualViT  # noqa: E402
+from models.vision.continual_vit import ContinualViT  # noqa: E402
 
 BACKBONE = {"depth": 4, "embed_dim": 96, "num_heads": 3, "global_pool": "avg"}
 

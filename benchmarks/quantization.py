@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.lora import count_parameters, inject_lora  # noqa: E402
-from models.quantization import Linear4bit, linear_weight_report, quantize_model  # noqa: E402
-from models.vit import create_vit  # noqa: E402
+from models.adapters.lora import count_parameters, inject_lora  # noqa: E402
+from models.quant import Linear4bit, linear_weight_report, quantize_model  # noqa: E402
+from models.vision.vit import create_vit  # noqa: E402
 
 VARIANTS = ("full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-nf4-dq-fp32")
 MB = 2**20

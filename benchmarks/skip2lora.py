@@ -26,9 +26,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.text import TextDataModule  # noqa: E402
-from models.gpt import GPT, Config, load_backbone_state  # noqa: E402
-from models.lora import count_parameters  # noqa: E402
-from models.skip_cache import SkipCache  # noqa: E402
+from models.adapters.lora import count_parameters  # noqa: E402
+from models.cache.skip_cache import SkipCache  # noqa: E402
+from models.lm.gpt import GPT, Config, load_backbone_state  # noqa: E402
 
 
 def arch(a: argparse.Namespace) -> dict:

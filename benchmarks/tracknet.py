@@ -98,7 +98,7 @@ def evaluate(model, val: list[dict], args: argparse.Namespace) -> dict:
     """Validation loss and TrackNet F1/precision/recall/accuracy."""
     import torch
 
-    from models.tracknet_metrics import TrackNetMetrics
+    from models.metrics.tracknet import TrackNetMetrics
 
     model.eval()
     metric = TrackNetMetrics(threshold=args.threshold, tolerance=4.0)
@@ -118,7 +118,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     import torch
 
     from lightning_modules.tracknet import TrackNet
-    from models.lora import count_parameters
+    from models.adapters.lora import count_parameters
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -237,9 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.variants:
             if name.startswith("qlora"):
                 try:
-                    import models.quantization  # noqa: F401
+                    import models.quant  # noqa: F401
                 except ImportError:
-                    print(f"skipping {name}: models.quantization is not available", file=sys.stderr)
+                    print(f"skipping {name}: models.quant is not available", file=sys.stderr)
                     continue
             rows.append(child(name, args.pretrained_file))
             r = rows[-1]

@@ -1,7 +1,7 @@
 """Atomic checkpoint writes: a crash while saving never leaves a truncated ``last.ckpt``.
 
 ``AtomicCheckpointIO`` is adaptlab's default ``CheckpointIO`` plugin (set in ``cli.py``'s trainer
-defaults): the checkpoint is written through :func:`models.atomic.atomic_path` (a hidden temporary file in
+defaults): the checkpoint is written through :func:`models.utils.atomic.atomic_path` (a hidden temporary file in
 the target folder, flushed to disk, then moved over the target with ``os.replace``). Remote URLs (``s3://``...) fall
 back to Lightning's writer.
 """
@@ -14,7 +14,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from models.atomic import atomic_path
+from models.utils.atomic import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

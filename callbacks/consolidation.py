@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from models.nested_lora import FAST, consolidate_layer, delta_norms, nested_layers, reset_fast
+from models.adapters.nested_lora import FAST, consolidate_layer, delta_norms, nested_layers, reset_fast
 
 
 class TaskBoundaryConsolidation(Callback):

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from models.atomic import atomic_path
+from models.utils.atomic import atomic_path
 
 
 class TrackNetPredictionWriter(BasePredictionWriter):

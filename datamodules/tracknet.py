@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.tracknet_synthetic import GeneratorSpec, generate
-from models.tracknet import HeatmapConfig
+from models.vision.tracknet import HeatmapConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 #: ImageNet statistics (timm ViT defaults) used to normalise every frame.

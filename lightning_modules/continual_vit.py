@@ -34,14 +34,14 @@ from tqdm.auto import tqdm
 
 from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.multi_rate import MultiRateStepping
-from models import continual_metrics as cm
-from models.atomic import atomic_path
-from models.continual_vit import ADAPTER_TYPES, AdapterType, ContinualViT
-from models.nested_lora import delta_norms
+from models.adapters.nested_lora import delta_norms
+from models.metrics import continual as cm
+from models.utils.atomic import atomic_path
+from models.vision.continual_vit import ADAPTER_TYPES, AdapterType, ContinualViT
 
 
 class ContinualViTModule(L.LightningModule):
-    """Thin wrapper of :class:`models.continual_vit.ContinualViT` for class-incremental sequences.
+    """Thin wrapper of :class:`models.vision.continual_vit.ContinualViT` for class-incremental sequences.
 
     Args:
         backbone / num_classes / img_size / patch_size / pretrained_file / backbone_kwargs / adapter_type /

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from datamodules.text import ByteTokenizer
-from models.gpt import GPT, Config, load_pretrained
-from models.lora import count_parameters
-from models.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable
+from models.adapters.lora import count_parameters
+from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable
+from models.lm.gpt import GPT, Config, load_pretrained
 
 PRETRAIN_COMMAND = "python -m cli fit --config configs/gpt_pretrain.yaml"
 
 
 class GPTLanguageModel(L.LightningModule):
-    """Next-token prediction with :class:`models.gpt.GPT` on batches from :class:`TextDataModule`.
+    """Next-token prediction with :class:`models.lm.gpt.GPT` on batches from :class:`TextDataModule`.
 
     Without adapters in ``config`` every weight trains (pre-training); with ``lora_*`` flags or
     ``skip2lora_enabled`` only the adapters train (plus ``lm_head`` when ``train_head``).
@@ -30,7 +30,7 @@ class GPTLanguageModel(L.LightningModule):
         train_head: also train ``lm_head`` (downstream of the cache point, so Skip-Cache still works).
         skip_cache: cache each training sample's frozen features in epoch 1 and skip the backbone
             afterwards; refused (at init) when anything upstream of the cache point trains.
-        cache_dir / cache_dtype / cache_max_memory_mb / cache_storage: see :class:`models.skip_cache.SkipCache`.
+        cache_dir / cache_dtype / cache_max_memory_mb / cache_storage: see :class:`models.cache.skip_cache.SkipCache`.
         lr / weight_decay: AdamW settings; ``warmup_steps`` ramps the learning rate linearly.
         sample_prompt / sample_tokens: after each validation, a text sample continuing this prompt goes to
             TensorBoard (``samples``, top-k 20 at temperature 0.8); ``sample_tokens: 0`` turns it off.

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from models.lora import count_parameters, inject_lora
-from models.vit import create_vit, embed_dim, freeze
+from models.adapters.lora import count_parameters, inject_lora
+from models.vision.vit import create_vit, embed_dim, freeze
 
 
 class ImageClassifier(L.LightningModule):
@@ -20,7 +20,7 @@ class ImageClassifier(L.LightningModule):
     Args:
         backbone: timm model name.
         num_classes: classifier width.
-        img_size / patch_size / pretrained_file: see :func:`models.vit.create_vit`.
+        img_size / patch_size / pretrained_file: see :func:`models.vision.vit.create_vit`.
         finetune: ``full`` trains everything, ``head`` only the classifier, ``lora`` the classifier and LoRA.
         lora_r / lora_alpha / lora_dropout / lora_target_modules: LoRA settings (``finetune: lora``).
         lr / weight_decay: AdamW settings.

@@ -17,11 +17,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.tracknet import MEAN, STD
-from models.atomic import atomic_path
-from models.lora import count_parameters, inject_lora, load_lora, save_lora
-from models.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss
-from models.tracknet_metrics import TrackNetMetrics, detect_peaks
-from models.vit import freeze
+from models.adapters.lora import count_parameters, inject_lora, load_lora, save_lora
+from models.metrics.tracknet import TrackNetMetrics, detect_peaks
+from models.utils.atomic import atomic_path
+from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss
+from models.vision.vit import freeze
 
 
 @dataclass
@@ -60,7 +60,7 @@ class LoRAConfig:
 
 @dataclass
 class QuantizationConfig:
-    """4-bit frozen backbone linears (``models.quantization``). Double quantization is on when either
+    """4-bit frozen backbone linears (``models.quant``). Double quantization is on when either
     ``compress_statistics`` (bitsandbytes' name) or ``use_double_quant`` (transformers' name) is true."""
 
     enabled: bool = False
@@ -85,7 +85,7 @@ class TrackNet(L.LightningModule):
         pretrained_model_name: timm ViT name (``vit_small_patch16_dinov3``, ``vit_tiny_patch16_224``, ...).
         num_frames: frames stacked as input (must match the DataModule).
         img_size: input frame size ``[W, H]``; ``None`` = ``heatmap.size``.
-        loss / pos_weight / focal_gamma: see :func:`models.tracknet.heatmap_loss`.
+        loss / pos_weight / focal_gamma: see :func:`models.vision.tracknet.heatmap_loss`.
         threshold / tolerance: peak threshold on sigmoid maps and TP distance in heat-map pixels.
         adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
         num_log_images: samples in the TensorBoard image grid each validation epoch (0 = none).
@@ -143,7 +143,7 @@ class TrackNet(L.LightningModule):
                                             lora_dropout=lora.lora_dropout, bias=lora.bias)
         self.quantized_modules: list[str] = []
         if quantization.enabled:
-            from models.quantization import quantize_model  # lazy: only QLoRA configs need it
+            from models.quant import quantize_model  # lazy: only QLoRA configs need it
 
             self.quantized_modules = quantize_model(
                 vit, quant_type=quantization.quant_type, compute_dtype=quantization.compute_dtype,

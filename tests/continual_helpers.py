@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 from tests.cli_helpers import REPO, run_cli  # noqa: F401  (re-exported for the continual tests)
+
 #: A 1-block, 32-wide ViT on 16x16 inputs (4 patches): fast enough for whole task sequences in tests.
 TINY_MODEL = ["--model.img_size", "16", "--model.patch_size", "8",
               "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2, global_pool: avg}"]

@@ -1,8 +1,8 @@
-"""models.atomic.atomic_path: the target is replaced whole on success and untouched on failure."""
+"""models.utils.atomic.atomic_path: the target is replaced whole on success and untouched on failure."""
 
 import pytest
 
-from models.atomic import atomic_path
+from models.utils.atomic import atomic_path
 
 
 def test_success_replaces_target_and_creates_folder(tmp_path):

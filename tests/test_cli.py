@@ -8,9 +8,6 @@ import pytest
 from tests.cli_helpers import REPO, run_cli
 
 
-
-
-
 def test_fit_help_lists_subclass_options(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(["fit", "--help"])

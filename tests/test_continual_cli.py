@@ -20,7 +20,7 @@ def test_nested_sequence_metrics_steps_and_tensorboard(in_tmp):
     R = res["accuracy_matrix"]
     assert [len(r) for r in R] == [1, 2, 3, 4, 5] and res["tasks_finished"] == 5
     assert all(0.0 <= a <= 1.0 for row in R for a in row)
-    from models import continual_metrics as cm
+    from models.metrics import continual as cm
     assert res["forgetting"] == pytest.approx(cm.forgetting(R)) and res["bwt"] == pytest.approx(cm.backward_transfer(R))
     assert res["avg_incremental_acc"] == pytest.approx(sum(res["acc_seen"]) / 5)
     # 4 batches per task: fast steps every batch; slow at batch 3 and at the task's last batch (window closed)

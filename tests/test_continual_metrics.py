@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models import continual_metrics as cm
+from models.metrics import continual as cm
 
 R = [[0.9], [0.7, 0.8], [0.5, 0.6, 0.95]]
 A = [0.9, 0.75, 0.7]

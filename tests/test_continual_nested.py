@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.lora import LoRALinear
-from models.nested_lora import FAST, SLOW, consolidate_layer, inject_nested_lora, nested_layers, reset_fast
+from models.adapters.lora import LoRALinear
+from models.adapters.nested_lora import FAST, SLOW, consolidate_layer, inject_nested_lora, nested_layers, reset_fast
 
 
 def _layer(rank: int = 3, seed: int = 0) -> LoRALinear:

@@ -3,8 +3,8 @@
 import torch
 
 from datamodules.digits import load_digits_tensors
-from models.continual_vit import ContinualViT
-from models.sema import RepresentationDescriptor, SEMALayer, expansion_decisions
+from models.adapters.sema import RepresentationDescriptor, SEMALayer, expansion_decisions
+from models.vision.continual_vit import ContinualViT
 
 
 def _model() -> ContinualViT:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.gpt import load_pretrained
+from models.lm.gpt import load_pretrained
 from tests.cli_helpers import REPO, run_cli
 
 FAST = ["--data.max_windows", "16", "--data.batch_size", "8", "--data.seq_len", "32",

@@ -8,14 +8,13 @@ import torch
 
 from tests.cli_helpers import run_ddp
 
-
 SCRIPT = r'''
 import json, sys
 import lightning as L
 import torch
 from datamodules.text import TextDataModule
 from lightning_modules.gpt import GPTLanguageModel
-from models.gpt import Config
+from models.lm.gpt import Config
 
 class Record(L.Callback):
     """Per-rank record of the sample indices seen and the cache's hit counts, per epoch."""

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.gpt import GPT, Config, load_pretrained
-from models.lora import LoRAAdapter, LoRALinear, lora_state_dict
+from models.adapters.lora import LoRAAdapter, LoRALinear, lora_state_dict
+from models.lm.gpt import GPT, Config, load_pretrained
 
 TINY = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=256)
 
@@ -68,7 +68,7 @@ def test_skip2lora_forward_equals_hand_written_reference():
     feats = model.forward_backbone(idx)
     assert feats["skip"].shape == (2, 2, 12, 16) and torch.equal(feats["skip"][:, 1], h[2])
     per_branch = sum(branch(feats["skip"][:, j]) for j, branch in enumerate(model.skip2lora))  # the LoRAAdapters
-    torch.testing.assert_close(model.skip2lora_sum(feats["skip"]), per_branch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.skip2lora(feats["skip"]), per_branch, rtol=1e-5, atol=1e-6)
 
 
 def test_skip2lora_disabled_is_plain_lora():

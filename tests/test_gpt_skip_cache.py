@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from datamodules.text import TextDataModule
 from lightning_modules.gpt import GPTLanguageModel
-from models.gpt import GPT, Config
-from models.skip_cache import RELATIVE_ROUNDING_ERROR, SkipCache, SkipCacheRefused, check_cacheable
+from models.cache.skip_cache import RELATIVE_ROUNDING_ERROR, SkipCache, SkipCacheRefused, check_cacheable
+from models.lm.gpt import GPT, Config
 
 TINY = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=256)
 SKIP = dict(TINY, skip2lora_enabled=True, skip2lora_block_indices=[0, -1], skip2lora_r=4, skip2lora_alpha=8.0)
@@ -81,7 +81,8 @@ def test_low_precision_storage_error_is_bounded_and_measured(dtype, tmp_path):
     cache = SkipCache(4, {k: tuple(v.shape[1:]) for k, v in exact.items()}, dtype=dtype)
     cache.put(torch.arange(4), exact)
     labels = torch.randint(0, 256, (4, 16))
-    loss = lambda f: F.cross_entropy(model.forward_from_cache(f).flatten(0, 1), labels.flatten()).item()
+    def loss(f):
+        return F.cross_entropy(model.forward_from_cache(f).flatten(0, 1), labels.flatten()).item()
     assert abs(loss(cache.get(torch.arange(4))) - loss(exact)) < 50 * RELATIVE_ROUNDING_ERROR[dtype]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.lora import (
+from models.adapters.lora import (
     LoRAAdapter,
     LoRALinear,
     count_parameters,
@@ -16,7 +16,7 @@ from models.lora import (
     merge_and_unload,
     save_lora,
 )
-from models.vit import create_vit
+from models.vision.vit import create_vit
 
 
 def _randomise_b(model: nn.Module, seed: int = 0) -> None:

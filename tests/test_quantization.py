@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from models import quantization as q
-from models.lora import LoRAAdapter, LoRALinear, inject_lora, load_lora, merge_and_unload, save_lora
-from models.quantization import (
+from models import quant as q
+from models.adapters.lora import LoRAAdapter, LoRALinear, inject_lora, load_lora, merge_and_unload, save_lora
+from models.quant import (
     FP4_TABLE,
     NF4_TABLE,
     Linear4bit,
@@ -18,6 +18,7 @@ from models.quantization import (
     dequantize_model,
     dynamic_map_8bit,
     encode_4bit,
+    linear4bit,
     linear_weight_report,
     pack_4bit,
     quantize_4bit,
@@ -25,7 +26,7 @@ from models.quantization import (
     quantized_storage_bytes,
     unpack_4bit,
 )
-from models.vit import create_vit
+from models.vision.vit import create_vit
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -380,7 +381,7 @@ def test_cpu_forward_never_uses_triton(monkeypatch):
     def boom():
         raise AssertionError("triton path used on CPU")
 
-    monkeypatch.setattr(q, "_triton_dequantize", boom)
+    monkeypatch.setattr(linear4bit, "_triton_dequantize", boom)
     layer = Linear4bit.from_linear(nn.Linear(16, 4))
     assert layer(torch.randn(2, 16)).shape == (2, 4)
 

@@ -23,8 +23,8 @@ import json
 import torch
 from torch import nn
 from triton.runtime.interpreter import InterpretedFunction
-from models import quantization as q
-from models.quantization_triton import _dequantize_4bit_kernel, dequantize_4bit_triton
+from models import quant as q
+from models.quant.triton_dequant import _dequantize_4bit_kernel, dequantize_4bit_triton
 
 torch.manual_seed(0)
 out = {"interpreted": isinstance(_dequantize_4bit_kernel, InterpretedFunction), "cases": []}
@@ -67,8 +67,8 @@ def test_triton_kernel_matches_torch_reference_under_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernel_on_cuda_and_used_by_linear4bit(monkeypatch):
-    from models import quantization as q
-    from models import quantization_triton as qt
+    from models import quant as q
+    from models.quant import triton_dequant as qt
 
     torch.manual_seed(0)
     for quant_type in ("nf4", "fp4"):

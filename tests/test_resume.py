@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli_helpers import run_cli
-
 from callbacks.checkpointing import AtomicCheckpointIO
 from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
+from tests.cli_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,9 @@ from datamodules.tracknet import (
     render_heatmap,
     split_clips,
 )
-from datamodules.tracknet_synthetic import generate, main as generator_main
-from models.tracknet import HeatmapConfig
+from datamodules.tracknet_synthetic import generate
+from datamodules.tracknet_synthetic import main as generator_main
+from models.vision.tracknet import HeatmapConfig
 
 
 def _frames(clip, n=4, size=(40, 20), names=None):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.tracknet import HeatmapDecoder, TrackNetViT, heatmap_grid, heatmap_loss
-from models.tracknet_metrics import TrackNetMetrics, classify, detect_peaks
-from models.vit import create_vit
 from datamodules.tracknet import render_heatmap
+from models.metrics.tracknet import TrackNetMetrics, classify, detect_peaks
+from models.vision.tracknet import HeatmapDecoder, TrackNetViT, heatmap_grid, heatmap_loss
+from models.vision.vit import create_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

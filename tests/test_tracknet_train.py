@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from callbacks.tracknet_predictions import TrackNetPredictionWriter
 from datamodules.tracknet import TrackNetDataModule
 from lightning_modules.tracknet import TrackNet
-from models.lora import LoRALinear, count_parameters
-from models.vit import create_vit
+from models.adapters.lora import LoRALinear, count_parameters
+from models.vision.vit import create_vit
 from tests.cli_helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -178,7 +178,7 @@ def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
 
 
 def test_qlora_config_fits_and_predicts_from_its_checkpoint(in_tmp):
-    pytest.importorskip("models.quantization")
+    pytest.importorskip("models.quant")
     cfg = str(REPO / "configs/tracknet_qlora.yaml")
     run_cli(["fit", "--config", cfg, *SMALL_DATA, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
           "--trainer.enable_progress_bar", "false"])
@@ -191,7 +191,7 @@ def test_qlora_config_fits_and_predicts_from_its_checkpoint(in_tmp):
 
 
 def test_dinov3_qlora_config_smoke_with_tiny_overrides(in_tmp):
-    pytest.importorskip("models.quantization")
+    pytest.importorskip("models.quant")
     # The real config with no weights file and CPU-sized inputs (an override YAML, as a user would write one).
     (in_tmp / "tiny.yaml").write_text("model:\n  init_args:\n    backbone: {freeze: true, patch_size: 16, "
                                       "pretrained_file: null}\n")
@@ -206,7 +206,7 @@ def test_dinov3_qlora_config_smoke_with_tiny_overrides(in_tmp):
 
 
 def test_qlora_trains_only_adapters_and_reloads_onto_a_fresh_quantized_backbone(in_tmp):
-    quant = pytest.importorskip("models.quantization")
+    quant = pytest.importorskip("models.quant")
     base = _base_weights(in_tmp / "base.safetensors")
     cfg = {**TINY, "backbone": {**TINY["backbone"], "pretrained_file": base}, "lora": LORA,
            "quantization": {"enabled": True, "quant_type": "nf4", "compute_dtype": "float32", "mode": "manual",
@@ -231,7 +231,7 @@ def test_qlora_trains_only_adapters_and_reloads_onto_a_fresh_quantized_backbone(
 
 
 def test_hf_mode_without_bitsandbytes_fails_at_construction():
-    pytest.importorskip("models.quantization")
+    pytest.importorskip("models.quant")
     try:
         import bitsandbytes  # noqa: F401
         pytest.skip("bitsandbytes is installed")

@@ -13,14 +13,14 @@ so a freshly injected layer computes exactly what the base layer computed.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import torch
 from torch import nn
 
-from models.atomic import atomic_path
+from models.module_swap import find_modules, replace_modules
+from models.utils.atomic import atomic_path
 
 BiasMode = Literal["none", "all", "lora_only"]
 TargetSpec = None | str | Sequence[str]
@@ -33,7 +33,6 @@ TIMM_VIT_DEFAULT_TARGETS: tuple[str, ...] = (
 )
 #: Last name components treated as the classifier/output head, never targeted by ``"all-linear"``.
 HEAD_NAMES: tuple[str, ...] = ("head", "lm_head", "classifier")
-_REGEX_CHARS = set("\\^$*+?[](){}|")
 
 
 class LoRAAdapter(nn.Module):
@@ -210,24 +209,8 @@ def _resolve_targets(target_modules: TargetSpec) -> list[str] | None:
     return list(target_modules)
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """Plain names match the full name or its trailing components (``"qkv"`` matches ``blocks.0.attn.qkv``);
-    patterns with regex characters are searched in the full name."""
-    for p in patterns:
-        if name == p or name.endswith("." + p):
-            return True
-        if _REGEX_CHARS & set(p) and re.search(p, name):
-            return True
-    return False
-
-
 def _is_head(name: str) -> bool:
     return name.split(".")[-1] in HEAD_NAMES or name.startswith("head.")
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of every ``nn.Linear`` in ``model`` (used in error messages and docs)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def inject_lora(
@@ -268,23 +251,10 @@ def inject_lora(
             "or use LoRALinear.add_adapter for a second adapter"
         )
     patterns = _resolve_targets(target_modules)
-    chosen: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name:
-            continue
-        hit = not _is_head(name) if patterns is None else _matches(name, patterns)
-        if hit and not (exclude_modules and _matches(name, exclude_modules)):
-            chosen.append(name)
-    if not chosen:
-        available = linear_module_names(model)
-        shown = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear in {type(model).__name__}. "
-            f"Available linear modules: {shown or '(none)'}"
-        )
-    for name in chosen:
-        base = model.get_submodule(name)
-        model.set_submodule(name, LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora, adapter_name))
+    include = (lambda name: not _is_head(name)) if patterns is None else patterns
+    chosen = find_modules(model, nn.Linear, include, exclude_modules, what=f"target_modules={target_modules!r}")
+    replace_modules(model, chosen, lambda _, base: LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora,
+                                                              adapter_name))
     mark_only_lora_as_trainable(model, bias=bias)
     return chosen
 

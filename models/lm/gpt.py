@@ -6,10 +6,10 @@ LoRA can target each) + MLP (``GptNeoxMLP``: fc -> GELU -> proj, or ``LLaMAMLP``
 ``lm_head``.
 
 Skip2-LoRA (Matsutani et al., ASP-DAC 2025): for every selected block i, a standalone
-:class:`models.lora.LoRAAdapter` maps the block's output ``h_i`` to ``alpha/r * B_i A_i h_i``; the branches
+:class:`models.adapters.skip2lora.Skip2LoRA` branch maps the block's output ``h_i`` to ``alpha/r * B_i A_i h_i``; the branches
 are summed into the final normalised hidden state just before ``lm_head``. Nothing flows back into the
 frozen blocks, so :meth:`GPT.forward_backbone` (frozen) and :meth:`GPT.forward_from_cache` (branches +
-head) split the model at that point, which is what :mod:`models.skip_cache` caches.
+head) split the model at that point, which is what :mod:`models.cache.skip_cache` caches.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lora import LoRAAdapter, inject_lora, mark_only_lora_as_trainable
+from models.adapters.lora import inject_lora, mark_only_lora_as_trainable
+from models.adapters.skip2lora import Skip2LoRA
+from models.layers.create import create_mlp, create_norm
+from models.layers.rotary import apply_rope, rope_cache
 
 #: Fields that define the weights' shapes; a checkpoint must agree on them.
 ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "norm_class", "mlp_class",
@@ -126,36 +129,8 @@ class Config:
         return sorted(out)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale (LLaMA)."""
-
-    def __init__(self, size: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
 def make_norm(config: Config) -> nn.Module:
-    if config.norm_class == "RMSNorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
-
-
-def rope_cache(seq_len: int, head_size: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cos/sin tables ``(seq_len, head_size)`` for rotary embeddings (rotate-half convention)."""
-    theta = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), theta).repeat(1, 2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return create_norm(config.norm_class, config.n_embd, config.norm_eps, config.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -177,27 +152,6 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-class GptNeoxMLP(nn.Module):
-    def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)
-        self.proj = nn.Linear(config.mlp_size, config.n_embd, bias=config.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
-
-
-class LLaMAMLP(nn.Module):
-    def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.fc_1 = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)
-        self.fc_2 = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)
-        self.proj = nn.Linear(config.mlp_size, config.n_embd, bias=config.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm_1(x))``, then ``+ mlp(norm_2(x))``."""
 
@@ -205,7 +159,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_1, self.norm_2 = make_norm(config), make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.mlp = LLaMAMLP(config) if config.mlp_class == "LLaMAMLP" else GptNeoxMLP(config)
+        self.mlp = create_mlp(config.mlp_class, config.n_embd, config.mlp_size, config.bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -247,10 +201,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         self.skip_indices = config.skip_indices
-        self.skip2lora = nn.ModuleList(
-            LoRAAdapter(config.n_embd, config.n_embd, config.skip2lora_r, config.skip2lora_alpha)
-            for _ in self.skip_indices
-        )
+        self.skip2lora = Skip2LoRA(config.n_embd, len(self.skip_indices), config.skip2lora_r, config.skip2lora_alpha)
         if config.lora_enabled:
             inject_lora(self, lora_target_patterns(config), r=config.lora_r, lora_alpha=config.lora_alpha,
                         lora_dropout=config.lora_dropout)
@@ -297,16 +248,8 @@ class GPT(nn.Module):
         """Trainable part: ``final + sum_i alpha/r B_i A_i h_i``, then ``lm_head``."""
         x = features["final"]
         if len(self.skip2lora):
-            x = x + self.skip2lora_sum(features["skip"]).to(x.dtype)
+            x = x + self.skip2lora(features["skip"]).to(x.dtype)
         return self.lm_head(x)
-
-    def skip2lora_sum(self, skip: torch.Tensor) -> torch.Tensor:
-        """``sum_i scaling_i * h_i A_i^T B_i^T`` over the branches ``(B, K, T, C) -> (B, T, C)``: the same as
-        summing each :class:`LoRAAdapter`'s output, in two batched matmuls instead of 2K small ones."""
-        A = torch.stack([branch.lora_A * branch.scaling for branch in self.skip2lora])  # (K, r, C)
-        B = torch.cat([branch.lora_B for branch in self.skip2lora], dim=1)  # (C, K*r)
-        down = torch.einsum("bktc,krc->btkr", skip.to(A.dtype), A)
-        return down.flatten(2) @ B.t()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.forward_from_cache(self.forward_backbone(idx))

@@ -1,7 +1,7 @@
 """A frozen timm ViT with continual-learning adapters and a class-incremental head (pure PyTorch).
 
 ``adapter_type``: ``none`` (head only), ``lora``, ``nested_lora`` (slow + fast LoRA, see
-``models.nested_lora``) or ``sema`` (self-expanding mixture of adapters, see ``models.sema``).
+``models.adapters.nested_lora``) or ``sema`` (self-expanding mixture of adapters, see ``models.adapters.sema``).
 
 The head has one row per class of the whole sequence; ``forward(x, n_seen, n_old)`` returns the logits of
 the ``n_seen`` classes seen so far with the ``n_old`` classes of earlier tasks set to ``-inf`` (SEMA's
@@ -17,10 +17,10 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from torch import nn
 
-from models.lora import LoRAAdapter, inject_lora
-from models.nested_lora import FAST, SLOW, adapter_parameters, inject_nested_lora
-from models.sema import SEMALayer, expansion_decisions, inject_sema
-from models.vit import create_vit, embed_dim, freeze
+from models.adapters.lora import LoRAAdapter, inject_lora
+from models.adapters.nested_lora import FAST, SLOW, adapter_parameters, inject_nested_lora
+from models.adapters.sema import SEMALayer, expansion_decisions, inject_sema
+from models.vision.vit import create_vit, embed_dim, freeze
 
 AdapterType = Literal["none", "lora", "sema", "nested_lora"]
 ADAPTER_TYPES = ("none", "lora", "sema", "nested_lora")
@@ -30,7 +30,7 @@ class ContinualViT(nn.Module):
     """Backbone + adapters + masked head.
 
     Args:
-        backbone / img_size / patch_size / pretrained_file / backbone_kwargs: see ``models.vit.create_vit``
+        backbone / img_size / patch_size / pretrained_file / backbone_kwargs: see ``models.vision.vit.create_vit``
             (``backbone_kwargs`` such as ``{depth: 4}`` shrink the timm model for CPU runs).
         num_classes: classes of the whole sequence.
         adapter_type: see module docstring.

@@ -3,8 +3,8 @@
 One program handles ``BYTES`` packed bytes (``2 * BYTES`` values): it unpacks the high and low nibble,
 looks both codes up in the 16-value table, rebuilds the block's absmax (directly, or from its 8-bit
 dynamic-map code, the group's scale and the mean offset when double-quantized) and writes
-``value * absmax`` in the output dtype. The torch code in :mod:`models.quantization` is the reference;
-:class:`models.quantization.Linear4bit` calls this on CUDA tensors only. With ``TRITON_INTERPRET=1`` set
+``value * absmax`` in the output dtype. The torch code in :mod:`models.quant.nf4` is the reference;
+:class:`models.quant.linear4bit.Linear4bit` calls this on CUDA tensors only. With ``TRITON_INTERPRET=1`` set
 before this module is imported, the kernel runs on CPU tensors (how the tests check it).
 """
 
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from models.quantization import DOUBLE_QUANT_BLOCK_SIZE, QuantState, cached_table
+from models.quant.nf4 import DOUBLE_QUANT_BLOCK_SIZE, QuantState, cached_table
 
 _BYTES_PER_PROGRAM = 512
 
@@ -56,7 +56,7 @@ def _dequantize_4bit_kernel(
 
 
 def dequantize_4bit_triton(state: QuantState, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Same result as :func:`models.quantization.dequantize_4bit`, computed by the Triton kernel."""
+    """Same result as :func:`models.quant.dequantize_4bit`, computed by the Triton kernel."""
     packed = state.packed.contiguous()
     device = packed.device
     n_bytes = packed.numel()

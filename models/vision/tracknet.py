@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.vit import create_vit, embed_dim
+from models.vision.vit import create_vit, embed_dim
 
 
 @dataclass
@@ -78,7 +78,7 @@ class TrackNetViT(nn.Module):
     Args:
         backbone: timm ViT name; ``img_size = (H, W)`` of the input frames.
         num_frames: frames stacked on channels.
-        pretrained_file / patch_size: see :func:`models.vit.create_vit`.
+        pretrained_file / patch_size: see :func:`models.vision.vit.create_vit`.
         decoder_channels / decoder_upsample: :class:`HeatmapDecoder` stages.
         heatmap_size: output ``(W, H)`` (TrackNet order, like :class:`HeatmapConfig`).
     """

@@ -5,7 +5,7 @@
 The fast adapter learns each task at a high rate; the slow one changes rarely (see
 ``callbacks.multi_rate.MultiRateStepping``) and, at task boundaries, absorbs the fast one in weight space:
 ``slow <- slow + alpha * fast`` (``callbacks.consolidation.TaskBoundaryConsolidation``). Built on
-``LoRALinear.add_adapter``, so everything in ``models.lora`` (save/load, merge) keeps working.
+``LoRALinear.add_adapter``, so everything in ``models.adapters.lora`` (save/load, merge) keeps working.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.lora import LoRAAdapter, LoRALinear, inject_lora, lora_layers
+from models.adapters.lora import LoRAAdapter, LoRALinear, inject_lora, lora_layers
 
 SLOW, FAST = "slow", "fast"
 

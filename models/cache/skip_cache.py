@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.lora import LoRALinear
+from models.adapters.lora import LoRALinear
 
 CacheDtype = Literal["float32", "bfloat16", "float16"]
 Storage = Literal["auto", "memory", "disk"]

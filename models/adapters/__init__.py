@@ -1,0 +1,1 @@
+"""Parameter-efficient adapters: LoRA, Nested LoRA (slow + fast), SEMA mixture of adapters, Skip2-LoRA."""

@@ -1,0 +1,1 @@
+"""Feature caches: the Skip-Cache store of frozen-backbone outputs."""

@@ -1,0 +1,1 @@
+"""Language models: the LitGPT-style GPT and the Phase 1 / Phase 2 efficiency-engine LMs."""

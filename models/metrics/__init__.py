@@ -1,0 +1,1 @@
+"""Evaluation metrics as plain functions and torchmetrics Metrics (continual learning, TrackNet)."""

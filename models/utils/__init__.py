@@ -1,0 +1,1 @@
+"""Utilities that are not models (atomic file writes)."""

@@ -1,0 +1,1 @@
+"""Vision models: timm ViT helpers, the continual-learning ViT, the TrackNet heat-map tracker."""
