@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from callbacks.continual_eval import continual_results  # noqa: E402
 from callbacks.multi_rate import MultiRateStepping  # noqa: E402
 from datamodules.continual import ClassIncrementalDataModule  # noqa: E402
-from lightning_modules.continual_vit import ContinualViTModule  # noqa: E402
+from lightning_modules.continual_vit import ContinualClassifier  # noqa: E402
 from models.vision.continual_vit import ContinualViT  # noqa: E402
 
 BACKBONE = {"depth": 4, "embed_dim": 96, "num_heads": 3, "global_pool": "avg"}
@@ -66,14 +67,14 @@ def run(name: str, args: argparse.Namespace, **model_kwargs) -> dict:
     L.seed_everything(0, verbose=False)
     dm = ClassIncrementalDataModule("digits", init_cls=2, increment=2, epochs_per_task=args.epochs_per_task,
                                     image_size=32, batch_size=32)
-    module = ContinualViTModule(
+    module = ContinualClassifier(
         backbone_kwargs=BACKBONE,
         img_size=32, patch_size=8, first_task_adaptation=True, lr_fast=1e-3, scheduler="constant", **model_kwargs)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[MultiRateStepping()], default_root_dir=args.out)
     trainer.fit(module, dm)
-    res = module.results()
+    res = continual_results(module.trainer, module)
     res["name"] = name
     return res
 
@@ -90,8 +91,8 @@ def main() -> None:
     methods = {
         "none (head only)": dict(adapter_type="none"),
         "full fine-tuning": dict(adapter_type="none", finetune_backbone=True),
-        f"lora (rank {2 * r})": dict(adapter_type="lora", lora_rank=2 * r),
-        f"nested_lora ({r} + {r})": dict(adapter_type="nested_lora", nested_lora_rank=r, lr_slow=5e-4,
+        f"lora (rank {2 * r})": dict(adapter_type="lora", lora_r=2 * r),
+        f"nested_lora ({r} + {r})": dict(adapter_type="nested_lora", nested_lora_r=r, lr_slow=5e-4,
                                          slow_update_interval=3),
         "sema": dict(adapter_type="sema"),
     }

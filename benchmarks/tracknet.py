@@ -43,7 +43,7 @@ def decoder_upsample(patch_size: int) -> list[int]:
 def variant_config(name: str, args: argparse.Namespace) -> dict:
     """TrackNet constructor arguments for one mode (everything else shared); ``pretrain`` = full training
     from random init, every other mode starts from ``args.pretrained_file``."""
-    lora = {"enabled": True, "r": args.rank, "lora_alpha": 2 * args.rank, "lora_dropout": 0.0}
+    lora = {"enabled": True, "lora_r": args.rank, "lora_alpha": 2 * args.rank, "lora_dropout": 0.0}
     quant = {"enabled": True, "quant_type": "nf4", "compute_dtype": args.compute_dtype, "mode": "manual"}
     pretrained = None if name == "pretrain" else args.pretrained_file
     cfg = dict(pretrained_model_name=args.model,
@@ -117,7 +117,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     """Train one mode (or the pre-training stage) and evaluate; runs inside the child process."""
     import torch
 
-    from lightning_modules.tracknet import TrackNet
+    from lightning_modules.tracknet import HeatmapTracker
     from models.adapters.lora import count_parameters
 
     torch.set_num_threads(args.threads)
@@ -126,7 +126,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     train, val = clips(args, *((args.pretrain_seed, args.pretrain_clips) if pretrain else (args.seed, args.clips)))
     steps = args.pretrain_steps if pretrain else args.steps
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = TrackNet(**variant_config(name, args)).to(args.device)
+    model = HeatmapTracker(**variant_config(name, args)).to(args.device)
     if not pretrain and args.decoder_init == "pretrained":
         from safetensors.torch import load_file
 

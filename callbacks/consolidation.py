@@ -1,6 +1,6 @@
 """Task-boundary consolidation of Nested LoRA: ``slow <- slow + alpha * fast`` in weight space, then reset fast.
 
-At the end of each task (the LightningModule calls ``on_task_end`` on every callback that has it), for every
+At the end of each task (the ``on_task_end`` hook of ``callbacks.protocols.TaskBoundaryHooks``), for every
 layer with ``slow`` and ``fast`` adapters the slow adapter is re-factorised to
 ``scale_s B_s A_s + alpha scale_f B_f A_f`` by a truncated SVD at the slow rank (approximate: a sum of
 two rank-r products has rank up to 2r; the relative truncation error is logged), the fast adapter is

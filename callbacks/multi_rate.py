@@ -9,8 +9,8 @@ callback still counts as one batch:
 - every other optimizer (slow) steps every ``slow_update_interval`` batches (0 or 1: every batch).
   ``slow_grad_mode: accumulate`` applies the sum of the gradients of those batches; ``discard`` drops the
   in-between gradients, so only the last batch's gradient is applied. Between updates slow parameters
-  do not move. A window still open at the end of a task (when the module exposes
-  ``is_task_end_batch``) is closed there, so gradients never leak into the next task.
+  do not move. A window still open at the end of a task (when the module is a ``TaskSequenceModule``, see
+  ``callbacks/protocols.py``) is closed there, so gradients never leak into the next task.
 - each optimizer's scheduler steps right after its optimizer.
 
 ``trainer.global_step`` counts fast steps, i.e. training batches (Lightning only counts steps taken
@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+
+from callbacks.protocols import TaskSequenceModule
 
 
 class MultiRateStepping(Callback):
@@ -81,8 +83,8 @@ class MultiRateStepping(Callback):
         progress.increment_completed()
         if len(optimizers) > 1:
             self.window += 1
-            is_end = getattr(pl_module, "is_task_end_batch", None)
-            if self.window >= self.interval(pl_module) or (is_end is not None and is_end(batch_idx)):
+            task_end = isinstance(pl_module, TaskSequenceModule) and pl_module.is_task_end_batch(batch_idx)
+            if self.window >= self.interval(pl_module) or task_end:
                 for opt in optimizers[1:]:
                     self._step(opt, schedulers)
                 self.slow_steps += 1
@@ -105,7 +107,7 @@ class MultiRateStepping(Callback):
             scheduler.step()
 
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
-        """A new task starts with an empty slow window (its optimizers are fresh)."""
+        """``TaskBoundaryHooks``: a new task starts with an empty slow window (its optimizers are fresh)."""
         self.window = 0
 
     def state_dict(self) -> dict[str, int]:

@@ -15,7 +15,8 @@ After ``max_consecutive_failures`` failures in a row it saves ``diverged.ckpt`` 
 and raises :class:`DivergenceError` naming what diverged first (the loss, a signal or a parameter).
 Under DDP the decision is shared (any rank failing fails all), so ranks stay in step.
 
-Health-signal hook: a LightningModule may define ``health_signals(self) -> dict[str, torch.Tensor]``. It is
+Health-signal hook (the ``HealthSignals`` protocol of ``callbacks/protocols.py``): a LightningModule may define
+``health_signals(self) -> dict[str, torch.Tensor]``. It is
 called once per backward (after the backward, before the optimizer step) and returns scalar tensors (or
 floats) for which larger means less healthy (bounds, norms, condition numbers). Each is logged as
 ``health/<name>`` and fails when non-finite or, with ``check_signal_spikes``, when it spikes.
@@ -36,6 +37,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
+
+from callbacks.protocols import HealthSignals
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,8 @@ class StabilityMonitor(L.Callback):
         snapshot_every: take an in-memory snapshot every this many good batches.
         lr_factor: learning-rate multiplier applied at every rollback.
         max_consecutive_failures: failures in a row before stopping with a checkpoint.
-        check_grad_spikes / check_signal_spikes: also flag spikes of the gradient norm / health signals.
+        check_grad_spikes: also flag spikes of the gradient norm.
+        check_signal_spikes: also flag spikes of the health signals.
         recover: ``False`` only monitors and logs (failures still count and stop the run).
     """
 
@@ -183,7 +187,7 @@ class StabilityMonitor(L.Callback):
             spiky.append("loss")
             if not math.isfinite(values["loss"]):
                 reasons.append(f"loss is {values['loss']}")
-        signals = pl_module.health_signals() if callable(getattr(pl_module, "health_signals", None)) else {}
+        signals = pl_module.health_signals() if isinstance(pl_module, HealthSignals) else {}
         for name, value in signals.items():
             key = f"health/{name}"
             values[key] = float(torch.as_tensor(value).detach().float())

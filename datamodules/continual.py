@@ -125,16 +125,20 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             under ``root``) or ``image_folder`` (``root`` holds one sub-folder per class).
         root: data folder for ``cifar100``/``image_folder``.
         download: let torchvision download CIFAR-100 into ``root`` when it is missing.
-        init_cls / increment: classes in the first task / in each later task.
+        init_cls: classes in the first task.
+        increment: classes in each later task.
         class_order_seed: seed of the class permutation (1993 as in PILOT/SEMA).
         shuffle: ``False`` keeps the natural class order.
         epochs_per_task: epochs per task; the trainer's ``max_epochs`` is derived from it.
         image_size: side of the (square) model input.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
         val_fraction: share of each class's training images held out for validation.
         test_fraction: share used as test set for sources without one (``digits``, ``image_folder``).
         split_seed: seed of the stratified train/val/test split.
-        mean / std: per-channel normalisation of ``cifar100``/``image_folder`` images (ImageNet statistics by
-            default; ``[0.5, 0.5, 0.5]`` for timm's augreg/in21k ViTs).
+        mean: per-channel mean of ``cifar100``/``image_folder`` images (ImageNet statistics by default;
+            ``[0.5, 0.5, 0.5]`` for timm's augreg/in21k ViTs).
+        std: per-channel standard deviation, as ``mean``.
     """
 
     def __init__(

@@ -47,7 +47,16 @@ def stratified_split(
 
 
 class DigitsDataModule(L.LightningDataModule):
-    """All ten digit classes at once (plain classification); train/val/test split stratified by class."""
+    """All ten digit classes at once (plain classification); train/val/test split stratified by class.
+
+    Args:
+        image_size: side of the (square) model input; the 8x8 digits are resized to it.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of each class in the validation split.
+        test_fraction: share of each class in the test split.
+        split_seed: seed of the stratified split.
+    """
 
     def __init__(
         self,

@@ -181,7 +181,10 @@ class TextDataModule(L.LightningDataModule):
         stride: distance between window starts (default ``seq_len``: non-overlapping).
         max_files: at most this many files per split (first in sorted order); ``None`` = all.
         max_windows: at most this many windows per split (evenly spaced); ``None`` = all.
-        val_fraction / test_fraction: share of files in the val/test splits.
+        batch_size: windows per batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of files in the validation split.
+        test_fraction: share of files in the test split.
         split_seed: changes which files land in which split.
     """
 

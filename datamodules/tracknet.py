@@ -256,10 +256,18 @@ class TrackNetDataModule(L.LightningDataModule):
         heatmap: target size ``[W, H]``, ``sigma`` (Gaussian std or disk radius, heat-map pixels), ``mode``.
             Must equal the model's ``heatmap`` (the TrackNet module checks).
         frame_size: input frame size ``[W, H]``; ``None`` = ``heatmap.size``.
-        val_fraction / test_fraction / split_seed: split by clip; ``val_clips``/``test_clips`` name clips
-            explicitly instead (the rest train).
+        val_fraction: share of clips in the validation split.
+        test_fraction: share of clips in the test split.
+        val_clips: validation clips by name (instead of ``val_fraction``; the rest train).
+        test_clips: test clips by name (instead of ``test_fraction``).
+        split_seed: seed of the split by clip.
         predict_split: clips used by ``predict``.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
         cache_frames: keep decoded, resized frames in memory (fast for small data sets).
+        normalize: normalise frames with ImageNet statistics.
+        synthetic: settings of the generated default clips (``data_root: null``).
+        synthetic_dir: folder of the generated clips (reused when its settings match).
     """
 
     def __init__(

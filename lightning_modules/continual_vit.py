@@ -2,15 +2,17 @@
 
 Epoch ``e`` trains task ``e // epochs_per_task`` of a ``ClassIncrementalDataModule``. A task starts with
 (SEMA) self-expansion, the task's trainable parameters and fresh optimizers with a cosine schedule over the
-task; it ends (at the next task's first epoch, or when training ends) with ``on_task_end`` on every
-callback that has it (Nested LoRA consolidation), then the accuracy matrix row, the continual metrics on
-every logger, the matrix as a TensorBoard image and ``results.json`` in the logger's ``log_dir``. The
-task index, the matrix and the SEMA layout are checkpointed, so ``--ckpt_path last`` resumes mid-sequence.
+task; it ends on its last batch (before that epoch's checkpoint) with ``on_task_end`` on every callback that
+has it (Nested LoRA consolidation), then ``on_task_evaluate`` (the ``ContinualEvaluation`` callback: the
+accuracy-matrix row, the continual metrics, the matrix image and ``results.json``). The hooks are the
+``TaskBoundaryHooks`` protocol of ``callbacks/protocols.py``. The task index, the matrix and the SEMA layout
+are checkpointed, so ``--ckpt_path last`` resumes mid-sequence.
 
 Manual optimization: ``training_step`` calls ``manual_backward`` once and never steps; the
 ``MultiRateStepping`` callback steps the fast optimizer (head + adapters, ``lr_fast``) every batch and the
 slow one (Nested LoRA's slow adapters, ``lr_slow``) every ``slow_update_interval`` batches. Missing
-``MultiRateStepping``/``TaskBoundaryConsolidation`` callbacks are added from these hyper-parameters.
+``MultiRateStepping``/``TaskBoundaryConsolidation``/``ContinualEvaluation`` callbacks are added from these
+hyper-parameters.
 
 First-task adaptation (``first_task_adaptation: true``, meant for backbones without pretrained weights such
 as the embedded digits default): the whole backbone also trains on the first task, then stays frozen.
@@ -18,34 +20,39 @@ as the embedded digits default): the whole backbone also trains on the first tas
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.classification import MulticlassAccuracy
-from tqdm.auto import tqdm
 
 from callbacks.consolidation import TaskBoundaryConsolidation
+from callbacks.continual_eval import ContinualEvaluation
 from callbacks.multi_rate import MultiRateStepping
-from models.adapters.nested_lora import delta_norms
-from models.metrics import continual as cm
-from models.utils.atomic import atomic_path
+from callbacks.protocols import ClassIncrementalData
 from models.vision.continual_vit import ADAPTER_TYPES, AdapterType, ContinualViT
 
 
-class ContinualViTModule(L.LightningModule):
+class ContinualClassifier(L.LightningModule):
     """Thin wrapper of :class:`models.vision.continual_vit.ContinualViT` for class-incremental sequences.
 
     Args:
-        backbone / num_classes / img_size / patch_size / pretrained_file / backbone_kwargs / adapter_type /
-            lora_* / nested_lora_rank / sema_layers / expansion_layers: see ``ContinualViT``.
+        backbone: timm ViT name.
+        num_classes: classes over the whole sequence (one head row each).
+        img_size: input image size (square).
+        patch_size: ViT patch size (``None``: the model's own).
+        pretrained_file: local backbone weights (never downloaded).
+        backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth``, ``embed_dim``).
+        adapter_type: ``none`` (head only), ``lora``, ``sema`` or ``nested_lora``.
+        lora_r: LoRA rank (``adapter_type: lora``).
+        lora_alpha: LoRA alpha (``None``: twice the rank).
+        lora_target_modules: layers that get LoRA / Nested LoRA (``None``: attention and MLP linears).
+        nested_lora_r: rank of each of Nested LoRA's slow and fast adapters.
+        sema_layers: blocks that get SEMA adapters (``None``: all).
+        expansion_layers: blocks where SEMA may add adapters at a new task.
         first_task_adaptation: also train the whole backbone on the first task, then freeze it.
         finetune_backbone: train the whole backbone on every task (the full fine-tuning baseline).
         lr_fast: learning rate of the head and the adapters (Nested LoRA: the fast adapters).
@@ -53,11 +60,13 @@ class ContinualViTModule(L.LightningModule):
         lr_backbone: first-task adaptation learning rate (``None``: ``lr_fast``).
         lr_descriptor: learning rate of SEMA's descriptors.
         slow_update_interval: batches per slow update (0 or 1: every batch).
-        use_consolidation / consolidation_alpha: Nested LoRA task-boundary consolidation (``use_consolidation``
-            adds a ``TaskBoundaryConsolidation`` callback when the trainer has none; one configured explicitly
-            always runs, with its own ``alpha`` or else ``consolidation_alpha``).
-        expansion_threshold: SEMA's z-score threshold; expansion_batches: batches scored per expansion check.
-        optimizer: ``adamw`` or ``sgd`` (momentum 0.9, as SEMA); weight_decay: for both.
+        use_consolidation: Nested LoRA task-boundary consolidation (adds a ``TaskBoundaryConsolidation``
+            callback when the trainer has none; one configured explicitly always runs).
+        consolidation_alpha: weight of the fast delta folded into slow (unless the callback sets its own).
+        expansion_threshold: SEMA's z-score threshold.
+        expansion_batches: batches scored per SEMA expansion check.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9, as SEMA).
+        weight_decay: weight decay of either optimizer.
         scheduler: ``cosine`` (per task, per optimizer) or ``constant``.
         mask_old_logits: set earlier tasks' logits to -inf while training a new task.
     """
@@ -73,10 +82,10 @@ class ContinualViTModule(L.LightningModule):
         adapter_type: AdapterType = "nested_lora",
         first_task_adaptation: bool = False,
         finetune_backbone: bool = False,
-        lora_rank: int = 8,
+        lora_r: int = 8,
         lora_alpha: float | None = None,
         lora_target_modules: None | str | Sequence[str] = None,
-        nested_lora_rank: int = 4,
+        nested_lora_r: int = 4,
         sema_layers: Sequence[int] | None = None,
         expansion_layers: Sequence[int] = (-3, -2, -1),
         expansion_threshold: float = 2.0,
@@ -111,7 +120,7 @@ class ContinualViTModule(L.LightningModule):
         self.automatic_optimization = False
         self.model = ContinualViT(
             backbone, num_classes, img_size, patch_size, pretrained_file, backbone_kwargs, adapter_type,
-            lora_rank, lora_alpha, lora_target_modules, nested_lora_rank, sema_layers, expansion_layers,
+            lora_r, lora_alpha, lora_target_modules, nested_lora_r, sema_layers, expansion_layers,
         )
         self.slow_update_interval = slow_update_interval
         self.consolidation_alpha = consolidation_alpha
@@ -122,15 +131,68 @@ class ContinualViTModule(L.LightningModule):
         self.A: list[float] = []
         self.expansions: list[dict[str, float]] = []
 
-    # ------------------------------------------------------------------ wiring
     @property
-    def dm(self) -> Any:
+    def dm(self) -> ClassIncrementalData:
         dm = self.trainer.datamodule
-        for attr in ("num_tasks", "task_of_epoch", "classes_seen", "task_offset", "task_dataset", "epochs_per_task"):
-            if not hasattr(dm, attr):
-                raise TypeError(f"{type(self).__name__} needs a class-incremental DataModule "
-                                f"(ClassIncrementalDataModule); {type(dm).__name__} lacks `{attr}`")
+        if not isinstance(dm, ClassIncrementalData):
+            raise TypeError(f"{type(self).__name__} needs a class-incremental DataModule (ClassIncrementalDataModule); "
+                            f"{type(dm).__name__} lacks the ClassIncrementalData methods (callbacks/protocols.py)")
         return dm
+
+    # ------------------------------------------------------------------ wiring
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the classes seen so far (every class before the first task)."""
+        return self.model(x, self.seen_classes or None)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        dm, task = self.dm, max(self.task, 0)
+        n_old = dm.task_offset(task) if self.hparams.mask_old_logits else 0
+        logits = self.model(x, dm.classes_seen(task), n_old)
+        loss = F.cross_entropy(logits, y)
+        aux = self.model.auxiliary_loss()
+        total = loss if aux is None else loss + aux
+        self.manual_backward(total)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True)
+        if aux is not None:
+            self.log("train/descriptor_loss", aux)
+        return total.detach()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("val/loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x, self.hparams.num_classes)
+        self.log("test/acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
+        fast = [{"params": groups["fast"], "lr": hp.lr_fast}]
+        if groups["backbone"]:
+            fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
+        if groups["descriptors"]:
+            fast.append({"params": groups["descriptors"], "lr": hp.lr_descriptor})
+        optimizers = [self._optimizer(fast)]
+        if groups["slow"]:
+            optimizers.append(self._optimizer([{"params": groups["slow"], "lr": hp.lr_slow}]))
+        if hp.scheduler == "constant":
+            return optimizers
+        interval = max(1, self.slow_update_interval)
+        steps = [self.task_steps] + [math.ceil(self.task_steps / interval)] * (len(optimizers) - 1)
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(1, s)) for o, s in zip(optimizers, steps)]
+        return optimizers, schedulers
+
+    def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(groups, momentum=0.9, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
 
     def configure_callbacks(self) -> list[Callback]:
         present = {type(c) for c in self.trainer.callbacks}
@@ -140,6 +202,8 @@ class ContinualViTModule(L.LightningModule):
         if (self.hparams.adapter_type == "nested_lora" and self.hparams.use_consolidation
                 and not any(issubclass(t, TaskBoundaryConsolidation) for t in present)):
             out.append(TaskBoundaryConsolidation())
+        if not any(issubclass(t, ContinualEvaluation) for t in present):
+            out.append(ContinualEvaluation())
         return out
 
     def setup(self, stage: str) -> None:
@@ -168,36 +232,6 @@ class ContinualViTModule(L.LightningModule):
         if self.task < 0:
             self.model.set_trainable(0, self._trains_backbone(0))
 
-    def _trains_backbone(self, task: int) -> bool:
-        return self.hparams.finetune_backbone or (self.hparams.first_task_adaptation and task == 0)
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
-        fast = [{"params": groups["fast"], "lr": hp.lr_fast}]
-        if groups["backbone"]:
-            fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
-        if groups["descriptors"]:
-            fast.append({"params": groups["descriptors"], "lr": hp.lr_descriptor})
-        optimizers = [self._optimizer(fast)]
-        if groups["slow"]:
-            optimizers.append(self._optimizer([{"params": groups["slow"], "lr": hp.lr_slow}]))
-        if hp.scheduler == "constant":
-            return optimizers
-        interval = max(1, self.slow_update_interval)
-        steps = [self.task_steps] + [math.ceil(self.task_steps / interval)] * (len(optimizers) - 1)
-        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(1, s)) for o, s in zip(optimizers, steps)]
-        return optimizers, schedulers
-
-    def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
-        if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(groups, momentum=0.9, weight_decay=self.hparams.weight_decay)
-        return torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
-
-    # ------------------------------------------------------------------ task boundaries
-    def _callbacks_with(self, hook: str) -> list[Callback]:
-        return [c for c in self.trainer.callbacks if callable(getattr(c, hook, None))]
-
     def on_train_epoch_start(self) -> None:
         task = self.dm.task_of_epoch(self.current_epoch)
         if task == self.task:
@@ -205,6 +239,12 @@ class ContinualViTModule(L.LightningModule):
         if 0 <= self.task and self.finished_task < self.task:
             self._finish_task(self.task)
         self._begin_task(task)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Finish the task on its last batch, after the callbacks' final optimizer steps and before the epoch's
+        checkpoint, so ``last.ckpt`` holds the consolidated model and the full accuracy matrix."""
+        if self.is_task_end_batch(batch_idx) and 0 <= self.task and self.finished_task < self.task:
+            self._finish_task(self.task)
 
     def on_train_end(self) -> None:
         """Finish the last task if all its epochs ran (a run stopped mid-task resumes from its checkpoint)."""
@@ -251,115 +291,23 @@ class ContinualViTModule(L.LightningModule):
                        f"{self.dm.classes_seen(task) - 1}, trainable parameters {int(counts['params/trainable'])}")
 
     def _finish_task(self, task: int) -> None:
-        trainer, dm = self.trainer, self.dm
+        """Task-boundary work (``on_task_end`` hooks, SEMA statistics), then measurement (``on_task_evaluate``)."""
         for cb in self._callbacks_with("on_task_end"):
-            cb.on_task_end(trainer, self, task)
+            cb.on_task_end(self.trainer, self, task)
         if self.hparams.adapter_type == "sema":
+            dm = self.dm
             loader = dm.loader(dm.task_dataset("train", task))
             self.model.sema_record((x.to(self.device) for x, _ in loader), task)
-        row, acc_all = self.evaluate_seen(task)
-        self.R.append(row)
-        self.A.append(acc_all)
         self.finished_task = task
-        metrics = {"cl/acc_seen": acc_all, **{f"cl/acc_task_{i}": a for i, a in enumerate(row)},
-                   **{f"cl/{k}": v for k, v in cm.summary(self.R, self.A).items()}}
-        if self.hparams.adapter_type == "nested_lora":
-            metrics.update({f"nested/{k}_delta_norm": v for k, v in delta_norms(self.model).items()})
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=task)
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("cl/accuracy_matrix", cm.render_accuracy_matrix(self.R), global_step=task)
-        rank_zero_info(f"[continual] after task {task}: R[{task}] = {[round(a, 4) for a in row]}, "
-                       f"A = {acc_all:.4f}, avg incremental acc = {metrics['cl/avg_incremental_acc']:.4f}")
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
-        if trainer.is_global_zero:
-            self._write_results(Path(log_dir) / "results.json")
+        for cb in self._callbacks_with("on_task_evaluate"):
+            cb.on_task_evaluate(self.trainer, self, task)
 
-    @torch.no_grad()
-    def evaluate_seen(self, task: int) -> tuple[list[float], float]:
-        """Accuracy on each seen task's test set and on all seen classes, over the logits of the seen classes.
-        Each rank scores a shard; torchmetrics sums the counts across ranks."""
-        dm, n_seen = self.dm, self.dm.classes_seen(task)
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        was_training = self.model.training
-        self.model.eval()
-        overall = MulticlassAccuracy(n_seen, average="micro").to(self.device)
-        loaders = []
-        for i in range(task + 1):
-            ds = dm.task_dataset("test", i)
-            loaders.append(dm.loader(torch.utils.data.Subset(ds, range(rank, len(ds), world))))
-        show = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
-        bar = tqdm(total=sum(len(dl) for dl in loaders), desc=f"accuracy matrix row {task}", disable=not show,
-                   leave=False)
-        per_task = []
-        for loader in loaders:
-            metric = MulticlassAccuracy(n_seen, average="micro").to(self.device)
-            for x, y in loader:
-                pred = self.model(x.to(self.device), n_seen).argmax(-1)
-                metric.update(pred, y.to(self.device))
-                overall.update(pred, y.to(self.device))
-                bar.update()
-            per_task.append(float(metric.compute()))
-        bar.close()
-        self.model.train(was_training)
-        return per_task, float(overall.compute())
+    def _trains_backbone(self, task: int) -> bool:
+        return self.hparams.finetune_backbone or (self.hparams.first_task_adaptation and task == 0)
 
-    def results(self) -> dict[str, Any]:
-        """Everything ``results.json`` holds."""
-        hp = self.hparams
-        out: dict[str, Any] = {
-            "adapter_type": hp.adapter_type, "backbone": hp.backbone, "tasks_finished": self.finished_task + 1,
-            "accuracy_matrix": self.R, "acc_seen": self.A, "trainable_params": self.trainable_params,
-            "slow_update_interval": self.slow_update_interval,
-        }
-        if self.A:
-            out.update(cm.summary(self.R, self.A))
-        if hp.adapter_type == "sema":
-            out["expansions"] = self.expansions
-            out["sema_layout"] = {str(k): v for k, v in self.model.sema_layout().items()}
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, TaskBoundaryConsolidation):
-                out["consolidations"] = cb.events
-            if isinstance(cb, MultiRateStepping):
-                out["fast_steps"], out["slow_steps"] = cb.fast_steps, cb.slow_steps
-        return out
+    def _callbacks_with(self, hook: str) -> list[Callback]:
+        return [c for c in self.trainer.callbacks if callable(getattr(c, hook, None))]
 
-    def _write_results(self, path: Path) -> None:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(self.results(), indent=2))
-
-    # ------------------------------------------------------------------ steps
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the classes seen so far (every class before the first task)."""
-        return self.model(x, self.seen_classes or None)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        dm, task = self.dm, max(self.task, 0)
-        n_old = dm.task_offset(task) if self.hparams.mask_old_logits else 0
-        logits = self.model(x, dm.classes_seen(task), n_old)
-        loss = F.cross_entropy(logits, y)
-        aux = self.model.auxiliary_loss()
-        total = loss if aux is None else loss + aux
-        self.manual_backward(total)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True)
-        if aux is not None:
-            self.log("train/descriptor_loss", aux)
-        return total.detach()
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y), sync_dist=True)
-        self.log("val/loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self.model(x, self.hparams.num_classes)
-        self.log("test/acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
-
-    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["continual"] = {
             "task": self.task, "finished_task": self.finished_task, "task_steps": self.task_steps,

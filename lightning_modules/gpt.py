@@ -30,10 +30,16 @@ class GPTLanguageModel(L.LightningModule):
         train_head: also train ``lm_head`` (downstream of the cache point, so Skip-Cache still works).
         skip_cache: cache each training sample's frozen features in epoch 1 and skip the backbone
             afterwards; refused (at init) when anything upstream of the cache point trains.
-        cache_dir / cache_dtype / cache_max_memory_mb / cache_storage: see :class:`models.cache.skip_cache.SkipCache`.
-        lr / weight_decay: AdamW settings; ``warmup_steps`` ramps the learning rate linearly.
-        sample_prompt / sample_tokens: after each validation, a text sample continuing this prompt goes to
-            TensorBoard (``samples``, top-k 20 at temperature 0.8); ``sample_tokens: 0`` turns it off.
+        cache_dir: folder of the disk cache (``None``: a temporary folder).
+        cache_dtype: dtype of cached features (``float32`` exact; ``bfloat16``/``float16`` halve memory).
+        cache_max_memory_mb: memory budget of the cache; over it the cache goes to disk (or errors).
+        cache_storage: ``auto`` (memory within budget, else disk), ``memory`` or ``disk``.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: steps of linear learning-rate warm-up.
+        sample_prompt: after each validation, a text sample continuing this prompt goes to TensorBoard
+            (``samples``, top-k 20 at temperature 0.8).
+        sample_tokens: length of that sample; 0 turns it off.
     """
 
     def __init__(

@@ -20,10 +20,16 @@ class ImageClassifier(L.LightningModule):
     Args:
         backbone: timm model name.
         num_classes: classifier width.
-        img_size / patch_size / pretrained_file: see :func:`models.vision.vit.create_vit`.
+        img_size: input image size (square).
+        patch_size: ViT patch size (``None``: the model's own).
+        pretrained_file: local weights file for the backbone (never downloaded).
         finetune: ``full`` trains everything, ``head`` only the classifier, ``lora`` the classifier and LoRA.
-        lora_r / lora_alpha / lora_dropout / lora_target_modules: LoRA settings (``finetune: lora``).
-        lr / weight_decay: AdamW settings.
+        lora_r: LoRA rank (``finetune: lora``).
+        lora_alpha: LoRA alpha (scaling ``lora_alpha / lora_r``).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: layers that get LoRA (``None``: attention qkv/proj and MLP fc1/fc2).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
     """
 
     def __init__(

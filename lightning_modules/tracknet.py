@@ -50,7 +50,7 @@ class LoRAConfig:
     the adapters (and the biases ``bias`` selects) train in the backbone, whatever ``backbone.freeze`` says."""
 
     enabled: bool = False
-    r: int = 16
+    lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     target_modules: str | list[str] | None = None
@@ -77,16 +77,28 @@ def _as(cls: type, value: Any) -> Any:
     return cls(**value) if isinstance(value, dict) else value
 
 
-class TrackNet(L.LightningModule):
+class HeatmapTracker(L.LightningModule):
     """Heat-map tracker; see the module docstring and README ("TrackNet") for the config keys.
 
     Args:
         model_name: architecture; ``vit_heatmap`` (ViT + conv decoder) is the one available.
         pretrained_model_name: timm ViT name (``vit_small_patch16_dinov3``, ``vit_tiny_patch16_224``, ...).
         num_frames: frames stacked as input (must match the DataModule).
+        backbone: ``freeze``, ``patch_size`` and the local ``pretrained_file`` of the ViT.
+        decoder: ``channels`` and ``upsample`` factors of the conv decoder.
+        heatmap: target size ``[W, H]``, ``sigma`` and ``mode`` (must equal the DataModule's).
+        lora: LoRA on the backbone (``enabled``, ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
+            ``bias``, ``task_type``).
+        quantization: 4-bit backbone weights (``enabled``, ``quant_type``, ``compute_dtype``, ``skip_modules``,
+            ``mode``, ``use_double_quant``, ``compress_statistics``).
         img_size: input frame size ``[W, H]``; ``None`` = ``heatmap.size``.
-        loss / pos_weight / focal_gamma: see :func:`models.vision.tracknet.heatmap_loss`.
-        threshold / tolerance: peak threshold on sigmoid maps and TP distance in heat-map pixels.
+        loss: ``bce`` (weighted by ``pos_weight``) or ``focal`` (see :func:`models.vision.tracknet.heatmap_loss`).
+        pos_weight: weight of positive pixels in the BCE loss.
+        focal_gamma: focusing exponent of the focal loss.
+        threshold: peak threshold on the sigmoid maps.
+        tolerance: TP distance in heat-map pixels.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
         adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
         num_log_images: samples in the TensorBoard image grid each validation epoch (0 = none).
     """
@@ -139,7 +151,7 @@ class TrackNet(L.LightningModule):
             freeze(vit)
         self.lora_modules: list[str] = []
         if lora.enabled:
-            self.lora_modules = inject_lora(vit, lora.target_modules, r=lora.r, lora_alpha=lora.lora_alpha,
+            self.lora_modules = inject_lora(vit, lora.target_modules, r=lora.lora_r, lora_alpha=lora.lora_alpha,
                                             lora_dropout=lora.lora_dropout, bias=lora.bias)
         self.quantized_modules: list[str] = []
         if quantization.enabled:

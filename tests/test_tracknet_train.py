@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from callbacks.tracknet_predictions import TrackNetPredictionWriter
 from datamodules.tracknet import TrackNetDataModule
-from lightning_modules.tracknet import TrackNet
+from lightning_modules.tracknet import HeatmapTracker
 from models.adapters.lora import LoRALinear, count_parameters
 from models.vision.vit import create_vit
 from tests.cli_helpers import run_cli
@@ -22,7 +22,7 @@ HEATMAP = {"size": [64, 32], "sigma": 1.5}
 TINY = dict(pretrained_model_name="vit_tiny_patch16_224",
             backbone={"freeze": True, "patch_size": 8, "pretrained_file": None},
             decoder={"channels": [192, 32, 16, 8], "upsample": [2, 2, 2]}, heatmap=HEATMAP)
-LORA = {"enabled": True, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": None, "bias": "none",
+LORA = {"enabled": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": None, "bias": "none",
         "task_type": "FEATURE_EXTRACTION"}
 SMALL_DATA = ["--data.synthetic.num_clips", "4", "--data.synthetic.frames_per_clip", "8",
               "--data.synthetic.width", "128", "--data.synthetic.height", "64", "--data.batch_size", "4"]
@@ -46,12 +46,12 @@ def _base_weights(path: Path) -> str:
 
 
 def test_without_lora_or_quantization_sections_full_or_frozen():
-    frozen = TrackNet(**TINY)
+    frozen = HeatmapTracker(**TINY)
     assert not any(isinstance(m, LoRALinear) for m in frozen.modules())
     assert count_parameters(frozen) == count_parameters(frozen.model.decoder)
-    full = TrackNet(**{**TINY, "backbone": {**TINY["backbone"], "freeze": False}})
+    full = HeatmapTracker(**{**TINY, "backbone": {**TINY["backbone"], "freeze": False}})
     assert count_parameters(full) == count_parameters(full, trainable_only=False)
-    lora = TrackNet(**TINY, lora=LORA)
+    lora = HeatmapTracker(**TINY, lora=LORA)
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n or n.startswith("model.decoder.") for n in trainable)
     assert len(lora.lora_modules) == 4 * 12  # qkv, proj, fc1, fc2 of every block
@@ -59,44 +59,48 @@ def test_without_lora_or_quantization_sections_full_or_frozen():
 
 def test_config_errors_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="model_name"):
-        TrackNet(model_name="unet", **TINY)
+        HeatmapTracker(model_name="unet", **TINY)
     with pytest.raises(ValueError, match="quantization.enabled needs backbone.freeze"):
-        TrackNet(**{**TINY, "backbone": {**TINY["backbone"], "freeze": False}}, quantization={"enabled": True})
+        HeatmapTracker(**{**TINY, "backbone": {**TINY["backbone"], "freeze": False}}, quantization={"enabled": True})
     with pytest.raises(ValueError, match="adapter_path needs lora.enabled"):
-        TrackNet(**TINY, adapter_path=str(tmp_path))
+        HeatmapTracker(**TINY, adapter_path=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="pretrained_file"):
-        TrackNet(**{**TINY, "backbone": {**TINY["backbone"], "pretrained_file": str(tmp_path / "nope.safetensors")}})
+        HeatmapTracker(**{**TINY, "backbone": {**TINY["backbone"], "pretrained_file": str(tmp_path / "nope.safetensors")}})
 
 
 def test_datamodule_mismatch_is_named(in_tmp):
     trainer = L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"data.heatmap .* differs from model.heatmap"):
-        trainer.fit(TrackNet(**TINY), datamodule=_data(heatmap={"size": [64, 32], "sigma": 3.0}))
+        trainer.fit(HeatmapTracker(**TINY), datamodule=_data(heatmap={"size": [64, 32], "sigma": 3.0}))
     with pytest.raises(ValueError, match="data.num_frames=2 differs"):
-        trainer.fit(TrackNet(**TINY), datamodule=_data(num_frames=2))
+        trainer.fit(HeatmapTracker(**TINY), datamodule=_data(num_frames=2))
 
 
-def test_short_fit_reduces_the_loss_on_generated_clips(in_tmp):
+class _LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_lora_fit_overfits_one_batch(in_tmp):
+    """Trainer + LoRA + decoder learn: on one repeated batch the training loss falls well below its start.
+
+    Training-mode losses only: an eval-mode loss after a few steps depends on the decoder's BatchNorm running
+    statistics, which is what made the old criterion build-dependent. Over seeds 0-4 the last five losses
+    stay below 0.48x the first; the assertion allows 0.7x. The frozen ViT weights must not move."""
     torch.manual_seed(0)
-    dm = _data()
-    dm.prepare_data()
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    model = TrackNet(**TINY, lora=LORA, lr=5e-3)
-
-    def loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            out = float(model._loss(model(batch["frames"]), batch["heatmap"]))
-        model.train()
-        return out
-
-    before = loss()
-    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(model, datamodule=dm)
-    after = loss()
-    assert after < 0.7 * before, (before, after)
+    model = HeatmapTracker(**TINY, lora=LORA, lr=5e-3)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    recorder = _LossRecorder()
+    trainer = L.Trainer(max_steps=40, overfit_batches=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[recorder])
+    trainer.fit(model, datamodule=_data())
+    assert len(recorder.losses) == 40
+    assert max(recorder.losses[-5:]) < 0.7 * recorder.losses[0], recorder.losses
+    assert frozen and all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 def test_overfitting_one_batch_reaches_perfect_metrics(in_tmp):
@@ -108,7 +112,7 @@ def test_overfitting_one_batch_reaches_perfect_metrics(in_tmp):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["visible"].any() and not batch["visible"].all()
-    model = TrackNet(**{**TINY, "backbone": {**TINY["backbone"], "freeze": False}})
+    model = HeatmapTracker(**{**TINY, "backbone": {**TINY["backbone"], "freeze": False}})
     opt = model.configure_optimizers()
     for _ in range(80):
         model._loss(model(batch["frames"]), batch["heatmap"]).backward()
@@ -125,7 +129,7 @@ def test_overfitting_one_batch_reaches_perfect_metrics(in_tmp):
 def test_adapter_checkpoint_loads_onto_a_fresh_backbone(in_tmp):
     base = _base_weights(in_tmp / "base.safetensors")
     cfg = {**TINY, "backbone": {**TINY["backbone"], "pretrained_file": base}}
-    trained = TrackNet(**cfg, lora=LORA)
+    trained = HeatmapTracker(**cfg, lora=LORA)
     with torch.no_grad():  # stand-in for training: non-zero adapters and decoder
         for n, p in trained.named_parameters():
             if p.requires_grad:
@@ -134,21 +138,21 @@ def test_adapter_checkpoint_loads_onto_a_fresh_backbone(in_tmp):
     saved = load_file(str(in_tmp / "adapter" / "adapter.safetensors"))
     assert saved and all(".lora_" in k for k in saved)  # adapters only, no base weights
     torch.manual_seed(999)  # the fresh model's own random init must not matter
-    fresh = TrackNet(**cfg, lora=LORA, adapter_path=str(in_tmp / "adapter"))
+    fresh = HeatmapTracker(**cfg, lora=LORA, adapter_path=str(in_tmp / "adapter"))
     x = torch.randn(2, 9, 32, 64)
     trained.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), trained(x))
-    untouched = TrackNet(**cfg, lora=LORA).eval()
+    untouched = HeatmapTracker(**cfg, lora=LORA).eval()
     assert not torch.allclose(untouched(x), trained(x), atol=1e-4)
     with pytest.raises(KeyError):  # a different LoRA layout is refused
-        TrackNet(**cfg, lora={**LORA, "target_modules": ["qkv"]}, adapter_path=str(in_tmp / "adapter"))
+        HeatmapTracker(**cfg, lora={**LORA, "target_modules": ["qkv"]}, adapter_path=str(in_tmp / "adapter"))
 
 
 def test_predict_writes_one_label_csv_per_clip(in_tmp):
     dm = _data(predict_split="all")
     writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
     trainer = L.Trainer(logger=False, callbacks=[writer], enable_progress_bar=False, enable_model_summary=False)
-    trainer.predict(TrackNet(**TINY, threshold=0.01), datamodule=dm)
+    trainer.predict(HeatmapTracker(**TINY, threshold=0.01), datamodule=dm)
     files = sorted((in_tmp / "pred").glob("*.csv"))
     assert [f.stem for f in files] == [f"clip_{i:04d}" for i in range(4)]
     rows = list(csv.reader(open(files[0])))
@@ -211,7 +215,7 @@ def test_qlora_trains_only_adapters_and_reloads_onto_a_fresh_quantized_backbone(
     cfg = {**TINY, "backbone": {**TINY["backbone"], "pretrained_file": base}, "lora": LORA,
            "quantization": {"enabled": True, "quant_type": "nf4", "compute_dtype": "float32", "mode": "manual",
                             "compress_statistics": True, "use_double_quant": True}}
-    model = TrackNet(**cfg)
+    model = HeatmapTracker(**cfg)
     vit = model.model.backbone
     layers = [m for m in vit.modules() if isinstance(m, LoRALinear)]
     assert layers and all(isinstance(m.base, quant.Linear4bit) for m in layers)
@@ -225,7 +229,7 @@ def test_qlora_trains_only_adapters_and_reloads_onto_a_fresh_quantized_backbone(
         for layer in layers:
             layer.adapters["default"].lora_B.normal_(0, 0.05)
     model.save_adapter(in_tmp / "adapter")
-    fresh = TrackNet(**cfg, adapter_path=str(in_tmp / "adapter"))
+    fresh = HeatmapTracker(**cfg, adapter_path=str(in_tmp / "adapter"))
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), model(x))
 
@@ -238,4 +242,4 @@ def test_hf_mode_without_bitsandbytes_fails_at_construction():
     except ImportError:
         pass
     with pytest.raises(ImportError, match="bitsandbytes"):
-        TrackNet(**TINY, lora=LORA, quantization={"enabled": True, "mode": "hf"})
+        HeatmapTracker(**TINY, lora=LORA, quantization={"enabled": True, "mode": "hf"})

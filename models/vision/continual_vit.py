@@ -34,9 +34,9 @@ class ContinualViT(nn.Module):
             (``backbone_kwargs`` such as ``{depth: 4}`` shrink the timm model for CPU runs).
         num_classes: classes of the whole sequence.
         adapter_type: see module docstring.
-        lora_rank / lora_alpha / lora_target_modules: ``lora`` settings (``lora_alpha`` None = the rank,
+        lora_r / lora_alpha / lora_target_modules: ``lora`` settings (``lora_alpha`` None = the rank,
             scaling 1; also used by ``nested_lora``).
-        nested_lora_rank: rank of each of the slow and fast adapters (total rank ``2 * nested_lora_rank``).
+        nested_lora_r: rank of each of the slow and fast adapters (total rank ``2 * nested_lora_r``).
         sema_layers: blocks that get a SEMA layer at the first task (``None``: every block).
         expansion_layers: blocks where SEMA may add adapters (negative = from the end; SEMA: last three).
         sema_bottleneck / sema_descriptor_hidden / sema_buffer_size: SEMA sizes (16, 128, 500).
@@ -51,10 +51,10 @@ class ContinualViT(nn.Module):
         pretrained_file: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         adapter_type: AdapterType = "nested_lora",
-        lora_rank: int = 8,
+        lora_r: int = 8,
         lora_alpha: float | None = None,
         lora_target_modules: None | str | Sequence[str] = None,
-        nested_lora_rank: int = 4,
+        nested_lora_r: int = 4,
         sema_layers: Sequence[int] | None = None,
         expansion_layers: Sequence[int] = (-3, -2, -1),
         sema_bottleneck: int = 16,
@@ -73,10 +73,10 @@ class ContinualViT(nn.Module):
         dim = embed_dim(self.backbone)
         self.sema: dict[int, SEMALayer] = {}
         if adapter_type == "lora":
-            inject_lora(self.backbone, lora_target_modules, r=lora_rank,
-                        lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha))
+            inject_lora(self.backbone, lora_target_modules, r=lora_r,
+                        lora_alpha=float(lora_r if lora_alpha is None else lora_alpha))
         elif adapter_type == "nested_lora":
-            inject_nested_lora(self.backbone, lora_target_modules, nested_lora_rank, lora_alpha)
+            inject_nested_lora(self.backbone, lora_target_modules, nested_lora_r, lora_alpha)
         elif adapter_type == "sema":
             blocks = self.backbone.blocks
             n = len(blocks)

@@ -1,0 +1,76 @@
+"""The hooks that adaptlab's callbacks call, written down as Protocols.
+
+A LightningModule or DataModule opts into a callback's behaviour by offering these methods; the callbacks
+check for them with ``isinstance(obj, Protocol)`` (runtime-checkable: the method names are checked, the
+signatures are documented here).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+@runtime_checkable
+class HealthSignals(Protocol):
+    """A module with its own health measures, read by ``StabilityMonitor`` once per backward."""
+
+    def health_signals(self) -> dict[str, torch.Tensor | float]:
+        """Scalar tensors (or floats) by name; larger means less healthy (a bound, a norm, a condition number).
+
+        Called after the backward and before the optimizer step; logged as ``health/<name>``; a NaN/Inf value
+        (or, with ``check_signal_spikes``, a spike) fails the step.
+        """
+        ...
+
+
+@runtime_checkable
+class TaskBoundaryHooks(Protocol):
+    """A callback that acts at task boundaries of a continual-learning sequence.
+
+    The LightningModule running the sequence calls, in this order: ``on_task_start`` when a task's first
+    epoch starts (after its optimizers are set up); ``on_task_end`` after the task's last batch (work that
+    changes the model, e.g. consolidation); then ``on_task_evaluate`` (measurement of the final model of the
+    task, e.g. the accuracy-matrix row). A callback may implement any subset; missing hooks are skipped.
+    """
+
+    def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None: ...
+
+    def on_task_end(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None: ...
+
+    def on_task_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None: ...
+
+
+@runtime_checkable
+class TaskSequenceModule(Protocol):
+    """A LightningModule that trains a task sequence (read by ``MultiRateStepping`` to close slow windows)."""
+
+    def is_task_end_batch(self, batch_idx: int) -> bool:
+        """True on the last batch of a task's last epoch."""
+        ...
+
+
+@runtime_checkable
+class ClassIncrementalData(Protocol):
+    """What a class-incremental DataModule offers the continual LightningModule and its evaluation callback.
+
+    Epoch ``e`` trains task ``task_of_epoch(e)``; classes are numbered in task order, so task ``t`` owns
+    labels ``task_offset(t) .. classes_seen(t) - 1``.
+    """
+
+    num_classes: int
+    num_tasks: int
+    epochs_per_task: int
+
+    def task_of_epoch(self, epoch: int) -> int: ...
+
+    def task_offset(self, task: int) -> int: ...
+
+    def classes_seen(self, task: int) -> int: ...
+
+    def task_dataset(self, split: str, task: int) -> Dataset: ...
+
+    def loader(self, dataset: Dataset) -> DataLoader: ...
