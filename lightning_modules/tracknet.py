@@ -60,16 +60,20 @@ class LoRAConfig:
 
 @dataclass
 class QuantizationConfig:
-    """4-bit frozen backbone linears (``models.quant``). Double quantization is on when either
-    ``compress_statistics`` (bitsandbytes' name) or ``use_double_quant`` (transformers' name) is true."""
+    """4-bit frozen backbone linears (``models.quant``). ``compute_dtype: auto`` = bfloat16 where the device
+    computes it natively, else float32. Double quantization: ``use_double_quant`` (transformers' name) and
+    ``compress_statistics`` (bitsandbytes' name) are one switch; neither set = on, one set = its value, both
+    set = on if either is true. ``save_dequantized``: one dequantization per step instead of two (keeps a
+    dense copy of each weight from forward to backward)."""
 
     enabled: bool = False
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     skip_modules: list[str] = field(default_factory=list)
     mode: Literal["manual", "hf"] = "manual"
-    compress_statistics: bool = True
-    use_double_quant: bool = True
+    compress_statistics: bool | None = None
+    use_double_quant: bool | None = None
+    save_dequantized: bool = False
 
 
 def _as(cls: type, value: Any) -> Any:
@@ -90,7 +94,7 @@ class HeatmapTracker(L.LightningModule):
         lora: LoRA on the backbone (``enabled``, ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
             ``bias``, ``task_type``).
         quantization: 4-bit backbone weights (``enabled``, ``quant_type``, ``compute_dtype``, ``skip_modules``,
-            ``mode``, ``use_double_quant``, ``compress_statistics``).
+            ``mode``, ``use_double_quant``, ``compress_statistics``, ``save_dequantized``).
         img_size: input frame size ``[W, H]``; ``None`` = ``heatmap.size``.
         loss: ``bce`` (weighted by ``pos_weight``) or ``focal`` (see :func:`models.vision.tracknet.heatmap_loss`).
         pos_weight: weight of positive pixels in the BCE loss.
@@ -160,7 +164,8 @@ class HeatmapTracker(L.LightningModule):
             self.quantized_modules = quantize_model(
                 vit, quant_type=quantization.quant_type, compute_dtype=quantization.compute_dtype,
                 skip_modules=tuple(quantization.skip_modules), mode=quantization.mode,
-                use_double_quant=quantization.compress_statistics or quantization.use_double_quant,
+                use_double_quant=quantization.use_double_quant, compress_statistics=quantization.compress_statistics,
+                save_dequantized=quantization.save_dequantized,
             )
         if adapter_path is not None:
             self.load_adapter(adapter_path)

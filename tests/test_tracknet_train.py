@@ -243,3 +243,16 @@ def test_hf_mode_without_bitsandbytes_fails_at_construction():
         pass
     with pytest.raises(ImportError, match="bitsandbytes"):
         HeatmapTracker(**TINY, lora=LORA, quantization={"enabled": True, "mode": "hf"})
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({}, True), ({"use_double_quant": False}, False), ({"compress_statistics": False}, False),
+    ({"use_double_quant": False, "compress_statistics": True}, True),
+])
+def test_use_double_quant_false_alone_turns_double_quantization_off(settings, expected):
+    quant = pytest.importorskip("models.quant")
+    model = HeatmapTracker(**{**TINY, "decoder": {"channels": [192, 8], "upsample": [8]}}, lora=LORA,
+                           quantization={"enabled": True, **settings})
+    layers = [m for m in model.modules() if isinstance(m, quant.Linear4bit)]
+    assert layers and all(m.use_double_quant is expected for m in layers)
+    assert all(m.compute_dtype_setting == "auto" for m in layers)  # the default
