@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.tracknet import MEAN, STD
 from models.adapters.lora import count_parameters, inject_lora, load_lora, save_lora
-from models.metrics.tracknet import TrackNetMetrics, detect_peaks
+from models.metrics.tracknet import TrackNetMetrics, centroid_radius, detect_peaks
 from models.utils.atomic import atomic_path
 from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss
 from models.vision.vit import freeze
@@ -100,7 +100,12 @@ class HeatmapTracker(L.LightningModule):
         pos_weight: weight of positive pixels in the BCE loss.
         focal_gamma: focusing exponent of the focal loss.
         threshold: peak threshold on the sigmoid maps.
-        tolerance: TP distance in heat-map pixels.
+        tolerance: TP distance in pixels of ``tolerance_space``.
+        tolerance_space: where distances are measured: ``reference`` = at ``reference_size`` (TrackNetV3: 4 px at
+            512x288, comparable across heat-map sizes), ``source`` = each clip's source pixels, ``heatmap``.
+        reference_size: ``[W, H]`` of ``tolerance_space: reference``.
+        peak_method: ``centroid`` (weighted centroid over a window of ``3 sigma``, unbiased) or ``component``
+            (TrackNetV3: bounding-box centre of the largest region above ``threshold``).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
@@ -123,6 +128,9 @@ class HeatmapTracker(L.LightningModule):
         focal_gamma: float = 2.0,
         threshold: float = 0.5,
         tolerance: float = 4.0,
+        tolerance_space: Literal["reference", "source", "heatmap"] = "reference",
+        reference_size: tuple[int, int] = (512, 288),
+        peak_method: Literal["centroid", "component"] = "centroid",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         adapter_path: str | None = None,
@@ -133,6 +141,10 @@ class HeatmapTracker(L.LightningModule):
             raise ValueError(f"model_name must be 'vit_heatmap', got {model_name!r}")
         if loss not in ("bce", "focal"):
             raise ValueError(f"loss must be 'bce' or 'focal', got {loss!r}")
+        if tolerance_space not in ("reference", "source", "heatmap"):
+            raise ValueError(f"tolerance_space must be 'reference', 'source' or 'heatmap', got {tolerance_space!r}")
+        if len(reference_size) != 2 or min(reference_size) < 1:
+            raise ValueError(f"reference_size must be [width, height] > 0, got {list(reference_size)}")
         backbone, decoder = _as(BackboneConfig, backbone), _as(DecoderConfig, decoder)
         heatmap = _as(HeatmapConfig, heatmap)
         lora = _as(LoRAConfig, lora) if lora is not None else LoRAConfig()
@@ -169,8 +181,9 @@ class HeatmapTracker(L.LightningModule):
             )
         if adapter_path is not None:
             self.load_adapter(adapter_path)
-        self.val_metrics = TrackNetMetrics(threshold, tolerance)
-        self.test_metrics = TrackNetMetrics(threshold, tolerance)
+        self.peak_radius = centroid_radius(heatmap.sigma, heatmap.mode)
+        self.val_metrics = TrackNetMetrics(threshold, tolerance, peak_method, self.peak_radius)
+        self.test_metrics = TrackNetMetrics(threshold, tolerance, peak_method, self.peak_radius)
         self._val_images: tuple[torch.Tensor, ...] | None = None
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
@@ -206,10 +219,24 @@ class HeatmapTracker(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
         return loss
 
+    def distance_scale(self, src_size: torch.Tensor) -> torch.Tensor:
+        """``(B, 2)`` factors from heat-map pixels to the pixels ``tolerance`` is measured in."""
+        hm = torch.tensor(self.heatmap_cfg.size, dtype=torch.float32, device=src_size.device)
+        space = self.hparams.tolerance_space
+        if space == "source":
+            return src_size.float() / hm
+        ref = torch.tensor(self.hparams.reference_size, dtype=torch.float32, device=src_size.device)
+        scale = ref / hm if space == "reference" else torch.ones(2, device=src_size.device)
+        return scale.expand(src_size.shape[0], 2)
+
+    def peaks(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(xy, found)`` of probability maps with this model's peak method (heat-map pixels)."""
+        return detect_peaks(probs, self.hparams.threshold, self.hparams.peak_method, self.peak_radius)
+
     def _eval_step(self, batch: dict[str, Any], metrics: TrackNetMetrics, prefix: str) -> torch.Tensor:
         logits = self(batch["frames"])
         probs = torch.sigmoid(logits.float())
-        metrics.update(probs, batch["xy"], batch["visible"])
+        metrics.update(probs, batch["xy"], batch["visible"], self.distance_scale(batch["src_size"]))
         self.log(f"{prefix}/loss", self._loss(logits, batch["heatmap"]), prog_bar=True, sync_dist=True,
                  batch_size=batch["frames"].shape[0])
         return probs
@@ -243,7 +270,7 @@ class HeatmapTracker(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Ball position per frame at the clip's source resolution (collected by ``TrackNetPredictionWriter``)."""
         probs = torch.sigmoid(self(batch["frames"]).float())
-        xy, found = detect_peaks(probs, self.hparams.threshold)
+        xy, found = self.peaks(probs)
         w, h = self.heatmap_cfg.size
         scale = batch["src_size"].to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
         xy = torch.where(found[:, None], xy * scale, torch.zeros_like(xy))

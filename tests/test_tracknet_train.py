@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from callbacks.tracknet_predictions import TrackNetPredictionWriter
@@ -256,3 +257,20 @@ def test_use_double_quant_false_alone_turns_double_quantization_off(settings, ex
     layers = [m for m in model.modules() if isinstance(m, quant.Linear4bit)]
     assert layers and all(m.use_double_quant is expected for m in layers)
     assert all(m.compute_dtype_setting == "auto" for m in layers)  # the default
+
+
+def test_v3_512x288_preset_config_smoke_with_tiny_overrides(in_tmp):
+    """The TrackNetV3-comparable preset (reference 512x288, component peaks, disk targets) at CPU size."""
+    (in_tmp / "tiny_v3.yaml").write_text("model:\n  init_args:\n    backbone: {freeze: true, patch_size: 16, "
+                                         "pretrained_file: null}\n")
+    run_cli(["fit", "--config", str(REPO / "configs/tracknet_v3_512x288.yaml"), "--config", "tiny_v3.yaml",
+             *SMALL_DATA, "--model.img_size", "[64, 32]", "--model.heatmap.size", "[64, 32]",
+             "--data.heatmap.size", "[64, 32]", "--data.frame_size", "[64, 32]",
+             "--model.decoder.channels", "[384, 16, 8, 8, 8]", "--trainer.precision", "32",
+             "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
+    run = in_tmp / "runs" / "tiny_v3" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    hp = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert (hp["tolerance_space"], list(hp["reference_size"]), hp["peak_method"]) == ("reference", [512, 288],
+                                                                                      "component")
