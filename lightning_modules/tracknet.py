@@ -20,7 +20,7 @@ from datamodules.tracknet import MEAN, STD
 from models.adapters.lora import count_parameters, inject_lora, load_lora, save_lora
 from models.metrics.tracknet import TrackNetMetrics, centroid_radius, detect_peaks
 from models.utils.atomic import atomic_path
-from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss
+from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss, prediction_grid
 from models.vision.vit import freeze
 
 
@@ -109,7 +109,9 @@ class HeatmapTracker(L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
-        num_log_images: samples in the TensorBoard image grid each validation epoch (0 = none).
+        num_log_images: samples in the TensorBoard image grids (0 = none): each validation epoch
+            ``val/frames_pred_true`` (maps) and ``val/predictions`` (frames with the predicted ball as a red cross,
+            the true ball as a green ring), and ``predict/predictions`` for the first predict batch.
     """
 
     def __init__(
@@ -245,7 +247,8 @@ class HeatmapTracker(L.LightningModule):
         probs = self._eval_step(batch, self.val_metrics, "val")
         n = self.hparams.num_log_images
         if batch_idx == 0 and n > 0:
-            self._val_images = (batch["frames"][:n], probs[:n], batch["heatmap"][:n])
+            self._val_images = (batch["frames"][:n], probs[:n], batch["heatmap"][:n], batch["xy"][:n],
+                                batch["visible"][:n])
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
@@ -260,8 +263,14 @@ class HeatmapTracker(L.LightningModule):
         self._log_metrics(self.val_metrics, "val")
         log_images = isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking
         if self._val_images is not None and log_images and self.trainer.is_global_zero:
-            grid = heatmap_grid(*self._val_images, mean=MEAN, std=STD)
+            frames, probs, target, true_xy, visible = self._val_images
+            grid = heatmap_grid(frames, probs, target, mean=MEAN, std=STD)
             self.logger.experiment.add_image("val/frames_pred_true", grid, self.global_step)
+            xy, found = self.peaks(probs)
+            to_img = self._heatmap_to_image(frames)
+            self.logger.experiment.add_image(
+                "val/predictions", prediction_grid(frames, xy * to_img, found, MEAN, STD, true_xy * to_img, visible),
+                self.global_step)
         self._val_images = None
 
     def on_test_epoch_end(self) -> None:
@@ -271,11 +280,21 @@ class HeatmapTracker(L.LightningModule):
         """Ball position per frame at the clip's source resolution (collected by ``TrackNetPredictionWriter``)."""
         probs = torch.sigmoid(self(batch["frames"]).float())
         xy, found = self.peaks(probs)
+        n = self.hparams.num_log_images
+        if batch_idx == 0 and n > 0 and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            frames = batch["frames"][:n]
+            grid = prediction_grid(frames, xy[:n] * self._heatmap_to_image(frames), found[:n], MEAN, STD)
+            self.logger.experiment.add_image("predict/predictions", grid, self.global_step)
         w, h = self.heatmap_cfg.size
         scale = batch["src_size"].to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
         xy = torch.where(found[:, None], xy * scale, torch.zeros_like(xy))
         return {"clip": list(batch["clip"]), "frame": batch["frame"].cpu(), "visibility": found.long().cpu(),
                 "xy": xy.cpu()}
+
+    def _heatmap_to_image(self, frames: torch.Tensor) -> torch.Tensor:
+        """Factors ``(2,)`` from heat-map pixels to input-frame pixels."""
+        w, h = self.heatmap_cfg.size
+        return torch.tensor([frames.shape[-1] / w, frames.shape[-2] / h], device=frames.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from datamodules.tracknet import render_heatmap
 from models.metrics.tracknet import TrackNetMetrics, centroid_radius, classify, detect_peaks
-from models.vision.tracknet import HeatmapDecoder, TrackNetViT, heatmap_grid, heatmap_loss
+from models.vision.tracknet import HeatmapDecoder, TrackNetViT, heatmap_grid, heatmap_loss, prediction_grid
 from models.vision.vit import create_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,3 +155,17 @@ def test_heatmap_grid_layout():
     frames = torch.zeros(2, 9, 16, 32)
     grid = heatmap_grid(frames, torch.rand(2, 1, 8, 16), torch.rand(2, 1, 8, 16), (0.5,) * 3, (0.25,) * 3)
     assert grid.shape == (3, 2 * 20, 4 * 36) and 0 <= grid.min() and grid.max() <= 1
+
+
+def test_prediction_grid_draws_marks_where_the_ball_is():
+    frames = torch.zeros(3, 9, 16, 32)  # mean 0, std 1: black frames
+    pred = torch.tensor([[5.0, 4.0], [20.0, 8.0], [0.0, 0.0]])
+    grid = prediction_grid(frames, pred, torch.tensor([True, True, False]), (0.0,) * 3, (1.0,) * 3,
+                           true_xy=torch.tensor([[10.0, 8.0], [0.0, 0.0], [0.0, 0.0]]),
+                           visible=torch.tensor([True, False, False]), ncol=2)
+    assert grid.shape == (3, 2 * 20, 2 * 36)  # 2 rows x 2 columns of 16x32 tiles with 2 px padding
+    tile = grid[:, 2:18, 2:34]
+    assert tile[:, 4, 5].tolist() == [1.0, 0.0, 0.0]  # red cross centre at the prediction
+    assert tile[1].sum() > 0 and tile[1, 8, 10] == 0  # a green ring around the label, hollow
+    assert grid[:, 2:18, 38:70][0, 8, 20] == 1.0  # second tile: cross at (20, 8)
+    assert grid[:, 22:38, 2:34].sum() == 0  # third tile: nothing found, nothing drawn

@@ -174,7 +174,7 @@ def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
-    assert "val/frames_pred_true" in events.Tags()["images"]
+    assert {"val/frames_pred_true", "val/predictions"} <= set(events.Tags()["images"])
     assert {"val/f1", "val/precision", "val/recall", "val/accuracy", "val/fp2"} <= set(events.Tags()["scalars"])
     run_cli(["predict", "--config", cfg, *SMALL_DATA, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
           "--trainer.callbacks+=TrackNetPredictionWriter", "--trainer.callbacks.output_dir", "out",
@@ -274,3 +274,56 @@ def test_v3_512x288_preset_config_smoke_with_tiny_overrides(in_tmp):
     hp = yaml.safe_load((run / "hparams.yaml").read_text())
     assert (hp["tolerance_space"], list(hp["reference_size"]), hp["peak_method"]) == ("reference", [512, 288],
                                                                                       "component")
+
+
+def _write_video(path: Path, levels: list[int], size=(128, 64)) -> None:
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for level in levels:
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), level, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_predict_on_unlabelled_frames_and_a_video(in_tmp):
+    """predict_path: a folder of numbered frames (no Label.csv) and a video file, one CSV each, at source
+    resolution; the first batch is drawn on its frames in TensorBoard."""
+    import numpy as np
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from PIL import Image
+
+    from datamodules.tracknet import read_video
+
+    frames = in_tmp / "input" / "court_a"
+    frames.mkdir(parents=True)
+    for i in (3, 0, 2, 1, 5, 4):
+        Image.fromarray(np.full((64, 128, 3), 20 * i, np.uint8)).save(frames / f"{i}.jpg")
+    levels = [0, 60, 120, 180, 240]
+    _write_video(in_tmp / "input" / "rally.mp4", levels)
+    decoded = read_video(in_tmp / "input" / "rally.mp4", (64, 32))
+    assert decoded.shape == (5, 3, 32, 64)
+    assert (decoded.float().mean((1, 2, 3)) - torch.tensor(levels, dtype=torch.float32)).abs().max() < 8
+    dm = TrackNetDataModule(heatmap=HEATMAP, predict_path=str(in_tmp / "input"), batch_size=4, normalize=False)
+    writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
+    trainer = L.Trainer(logger=TensorBoardLogger(str(in_tmp / "tb"), name="p"), callbacks=[writer],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(HeatmapTracker(**TINY, threshold=0.01), datamodule=dm)
+    assert sorted(p.relative_to(in_tmp / "pred").as_posix() for p in (in_tmp / "pred").rglob("*.csv")) == [
+        "court_a.csv", "rally.csv"]
+    for name, n in (("court_a", 6), ("rally", 5)):
+        rows = list(csv.reader(open(in_tmp / "pred" / f"{name}.csv")))
+        assert rows[0] == ["Frame", "Visibility", "X", "Y"] and [int(r[0]) for r in rows[1:]] == list(range(n))
+        assert all(0 <= float(r[2]) <= 128 and 0 <= float(r[3]) <= 64 for r in rows[1:])
+    ds = dm.dataset("unlabelled")
+    sample = next(s for s in ds if s["clip"] == "court_a" and s["frame"] == 3)  # window 1, 2, 3: grey 20, 40, 60
+    assert [round(float(sample["frames"][3 * k].mean()) * 255) for k in range(3)] == [20, 40, 60]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(in_tmp / "tb" / "p" / "version_0"), size_guidance={"images": 0}).Reload()
+    assert "predict/predictions" in events.Tags()["images"]
+    with pytest.raises(FileNotFoundError, match="predict_path"):
+        TrackNetDataModule(predict_path=str(in_tmp / "missing.mp4"))

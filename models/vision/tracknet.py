@@ -154,3 +154,47 @@ def heatmap_grid(frames: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
     pad = 2
     tiles = F.pad(tiles, (pad, pad, pad, pad), value=1.0)
     return tiles.permute(2, 0, 3, 1, 4).reshape(3, n * (h + 2 * pad), 4 * (w + 2 * pad))
+
+
+def draw_marks(images: torch.Tensor, xy: torch.Tensor, show: torch.Tensor, color: Sequence[float],
+               shape: Literal["cross", "ring"] = "cross", radius: int = 4) -> torch.Tensor:
+    """Copy of ``images`` ``(n, 3, h, w)`` in [0, 1] with a ``cross`` or ``ring`` of ``color`` at pixel ``xy``
+    (``(n, 2)``, x then y) wherever ``show`` is true."""
+    out = images.clone()
+    n, _, h, w = out.shape
+    yy = torch.arange(h, dtype=torch.float32)[:, None]
+    xx = torch.arange(w, dtype=torch.float32)[None, :]
+    col = torch.tensor(color, dtype=out.dtype).view(3, 1, 1)
+    for i in range(n):
+        if not bool(show[i]):
+            continue
+        x, y = float(xy[i, 0]), float(xy[i, 1])
+        dx, dy = (xx - round(x)).abs(), (yy - round(y)).abs()
+        if shape == "cross":
+            mask = ((dx <= radius) & (dy < 1)) | ((dy <= radius) & (dx < 1))
+        else:
+            d = ((xx - x) ** 2 + (yy - y) ** 2).sqrt()
+            mask = (d >= radius - 0.75) & (d <= radius + 0.75)
+        out[i] = torch.where(mask[None], col, out[i])
+    return out
+
+
+@torch.no_grad()
+def prediction_grid(frames: torch.Tensor, pred_xy: torch.Tensor, found: torch.Tensor, mean: Sequence[float],
+                    std: Sequence[float], true_xy: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+                    ncol: int = 4) -> torch.Tensor:
+    """Image grid ``(3, H', W')`` of the labelled (last) frames with the predicted ball drawn as a red cross and,
+    when given, the true ball as a green ring. ``pred_xy``/``true_xy`` are in the frames' pixels."""
+    last = frames[:, -3:].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    images = last.clamp(0, 1)
+    if true_xy is not None and visible is not None:
+        images = draw_marks(images, true_xy.cpu(), visible.cpu(), (0.0, 1.0, 0.0), "ring")
+    images = draw_marks(images, pred_xy.cpu(), found.cpu(), (1.0, 0.0, 0.0), "cross")
+    n, _, h, w = images.shape
+    ncol = max(1, min(ncol, n))
+    nrow = -(-n // ncol)
+    pad = 2
+    tiles = torch.ones(nrow * ncol, 3, h, w)
+    tiles[:n] = images
+    tiles = F.pad(tiles, (pad, pad, pad, pad), value=1.0).view(nrow, ncol, 3, h + 2 * pad, w + 2 * pad)
+    return tiles.permute(2, 0, 3, 1, 4).reshape(3, nrow * (h + 2 * pad), ncol * (w + 2 * pad))
