@@ -195,11 +195,12 @@ def read_label_csv(path: str | Path, frame_dir: str | Path | None = None) -> Cli
 
 
 def frame_window(clip: ClipLabels, fid: int, num_frames: int, gap_policy: GapPolicy = "fill",
-                 ids: list[int] | None = None) -> tuple[list[Any] | None, bool]:
-    """The ``num_frames`` sources (files or video indices) ending at frame number ``fid``, oldest first.
+                 ids: list[int] | None = None) -> tuple[list[int] | None, bool]:
+    """The ``num_frames`` frame numbers of the window ending at frame number ``fid``, oldest first (their
+    sources are ``clip.available[n]``).
 
     Numbers before the clip's first frame repeat the first frame; a missing number inside the clip is a gap:
-    ``fill`` takes the nearest earlier existing frame, ``skip`` returns ``None``. Returns ``(sources, gapped)``.
+    ``fill`` takes the nearest earlier existing frame, ``skip`` returns ``None``. Returns ``(numbers, gapped)``.
     ``ids`` = ``sorted(clip.available)`` (pass it when calling in a loop).
     """
     ids = ids if ids is not None else sorted(clip.available)
@@ -212,7 +213,7 @@ def frame_window(clip: ClipLabels, fid: int, num_frames: int, gap_policy: GapPol
             if gap_policy == "skip":
                 return None, True
             g = ids[bisect.bisect_left(ids, g) - 1]
-        out.append(clip.available[g])
+        out.append(g)
     return out, gapped
 
 
@@ -328,27 +329,30 @@ class TrackNetClipDataset(Dataset):
     :func:`frame_window`), the target heat map and the label for metrics/predict.
 
     ``gap_stats``: ``missing_frames`` (numbers inside clips with no image), ``filled_windows`` and
-    ``skipped_windows``."""
+    ``skipped_windows``. Every sample also carries ``window`` (the frame numbers of its frames) and, with
+    ``output_frames: all``, ``heatmaps`` ``(num_frames, H, W)`` (one target per window frame) and ``target_mask``
+    (1 where that frame is labelled and really sits at that position: not a repeat or a gap fill)."""
 
     def __init__(self, clips: list[ClipLabels], num_frames: int, frame_size: tuple[int, int],
                  heatmap: HeatmapConfig, normalize: bool = True, cache_frames: bool = False,
-                 gap_policy: GapPolicy = "fill") -> None:
+                 gap_policy: GapPolicy = "fill", output_frames: Literal["last", "all"] = "last") -> None:
         if gap_policy not in ("fill", "skip"):
             raise ValueError(f"gap_policy must be 'fill' or 'skip', got {gap_policy!r}")
         self.clips, self.num_frames, self.frame_size = clips, num_frames, tuple(frame_size)
-        self.heatmap, self.normalize = heatmap, normalize
-        self.index: list[tuple[int, int, list[Any]]] = []
+        self.heatmap, self.normalize, self.output_frames = heatmap, normalize, output_frames
+        self.index: list[tuple[int, int, list[int]]] = []
+        self._rows = [{fid: i for i, fid in enumerate(clip.frame_ids)} for clip in clips]
         self.gap_stats = {"missing_frames": 0, "filled_windows": 0, "skipped_windows": 0}
         for c, clip in enumerate(clips):
             ids = sorted(clip.available)
             self.gap_stats["missing_frames"] += ids[-1] - ids[0] + 1 - len(ids)
             for i, fid in enumerate(clip.frame_ids):
-                sources, gapped = frame_window(clip, fid, num_frames, gap_policy, ids)
-                if sources is None:
+                window, gapped = frame_window(clip, fid, num_frames, gap_policy, ids)
+                if window is None:
                     self.gap_stats["skipped_windows"] += 1
                     continue
                 self.gap_stats["filled_windows"] += int(gapped)
-                self.index.append((c, i, sources))
+                self.index.append((c, i, window))
         self._cache: dict[Any, torch.Tensor] | None = {} if cache_frames else None
         self._videos: dict[Path, torch.Tensor] = {}
         self._mean = torch.tensor(MEAN).view(3, 1, 1)
@@ -375,16 +379,16 @@ class TrackNetClipDataset(Dataset):
         return t
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        c, i, sources = self.index[k]
+        c, i, window = self.index[k]
         clip = self.clips[c]
-        frames = torch.stack([self._load(clip, s) for s in sources]).float() / 255.0
+        frames = torch.stack([self._load(clip, clip.available[g]) for g in window]).float() / 255.0
         if self.normalize:
             frames = (frames - self._mean) / self._std
         sw, sh = clip.src_size
         hw, hh = self.heatmap.size
         x, y = float(clip.xy[i, 0]) * hw / sw, float(clip.xy[i, 1]) * hh / sh
         visible = bool(clip.visible[i])
-        return {
+        sample = {
             "frames": frames.flatten(0, 1),  # (num_frames*3, H, W)
             "heatmap": render_heatmap(x, y, visible, (hw, hh), self.heatmap.sigma, self.heatmap.mode),
             "xy": torch.tensor([x, y] if visible else [0.0, 0.0]),
@@ -392,7 +396,22 @@ class TrackNetClipDataset(Dataset):
             "src_size": torch.tensor([sw, sh]),
             "clip": clip.name,
             "frame": clip.frame_ids[i],
+            "window": torch.tensor(window),
         }
+        if self.output_frames == "all":
+            maps, mask = [], []
+            fid = clip.frame_ids[i]
+            for pos, g in enumerate(window):
+                row = self._rows[c].get(g)
+                real = row is not None and clip.labelled and g == fid - len(window) + 1 + pos
+                mask.append(float(real))
+                if real and clip.visible[row]:
+                    gx, gy = float(clip.xy[row, 0]) * hw / sw, float(clip.xy[row, 1]) * hh / sh
+                    maps.append(render_heatmap(gx, gy, True, (hw, hh), self.heatmap.sigma, self.heatmap.mode)[0])
+                else:
+                    maps.append(torch.zeros(hh, hw))
+            sample["heatmaps"], sample["target_mask"] = torch.stack(maps), torch.tensor(mask)
+        return sample
 
 
 class TrackNetDataModule(L.LightningDataModule):
@@ -407,6 +426,9 @@ class TrackNetDataModule(L.LightningDataModule):
             in the windows, ``skip`` = windows containing it are dropped (counts are logged).
         predict_path: unlabelled input for ``predict`` instead of ``predict_split``: a video file (PyAV), a
             folder of numbered frames, or a folder of several (one output CSV per clip).
+        output_frames: ``last`` = one target map per sample (its last frame); ``all`` = one per window frame
+            (``heatmaps``, ``target_mask``), for models that predict every frame (TrackNetV3 style; must equal
+            the model's ``output_frames``).
         num_frames: consecutive frames stacked on channels (input has ``3 * num_frames`` channels).
         heatmap: target size ``[W, H]``, ``sigma`` (Gaussian std or disk radius, heat-map pixels), ``mode``.
             Must equal the model's ``heatmap`` (the TrackNet module checks).
@@ -431,6 +453,7 @@ class TrackNetDataModule(L.LightningDataModule):
         label_file: str = "Label.csv",
         gap_policy: GapPolicy = "fill",
         predict_path: str | None = None,
+        output_frames: Literal["last", "all"] = "last",
         num_frames: int = 3,
         heatmap: HeatmapConfig = HeatmapConfig(),
         frame_size: tuple[int, int] | None = None,
@@ -454,6 +477,8 @@ class TrackNetDataModule(L.LightningDataModule):
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if gap_policy not in ("fill", "skip"):
             raise ValueError(f"gap_policy must be 'fill' or 'skip', got {gap_policy!r}")
+        if output_frames not in ("last", "all"):
+            raise ValueError(f"output_frames must be 'last' or 'all', got {output_frames!r}")
         if predict_path is not None and not Path(predict_path).expanduser().exists():
             raise FileNotFoundError(f"predict_path {predict_path!r} does not exist (a video file or a folder of "
                                     "frames)")
@@ -536,7 +561,7 @@ class TrackNetDataModule(L.LightningDataModule):
         its clips have gaps in their frame numbers."""
         hp = self.hparams
         ds = TrackNetClipDataset(self.clips[split], hp.num_frames, self.frame_size, self.heatmap, hp.normalize,
-                                 hp.cache_frames, hp.gap_policy)
+                                 hp.cache_frames, hp.gap_policy, hp.output_frames)
         g = ds.gap_stats
         if g["missing_frames"]:
             done = (f"{g['filled_windows']} windows filled with the nearest earlier frame" if hp.gap_policy == "fill"

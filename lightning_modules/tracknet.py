@@ -106,6 +106,12 @@ class HeatmapTracker(L.LightningModule):
         reference_size: ``[W, H]`` of ``tolerance_space: reference``.
         peak_method: ``centroid`` (weighted centroid over a window of ``3 sigma``, unbiased) or ``component``
             (TrackNetV3: bounding-box centre of the largest region above ``threshold``).
+        output_frames: ``last`` = one heat map per window (its last frame); ``all`` = one per input frame, as
+            TrackNetV3 (trained on every labelled frame of the window; metrics use the last map; must equal
+            ``data.output_frames``).
+        temporal_ensemble: with ``output_frames: all``, ``predict`` averages each frame's maps from every window
+            that holds it at its own position (up to ``num_frames``), as TrackNetV3's temporal ensemble; needs an
+            ordered, single-device predict loader (the default).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
@@ -133,6 +139,8 @@ class HeatmapTracker(L.LightningModule):
         tolerance_space: Literal["reference", "source", "heatmap"] = "reference",
         reference_size: tuple[int, int] = (512, 288),
         peak_method: Literal["centroid", "component"] = "centroid",
+        output_frames: Literal["last", "all"] = "last",
+        temporal_ensemble: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         adapter_path: str | None = None,
@@ -145,6 +153,10 @@ class HeatmapTracker(L.LightningModule):
             raise ValueError(f"loss must be 'bce' or 'focal', got {loss!r}")
         if tolerance_space not in ("reference", "source", "heatmap"):
             raise ValueError(f"tolerance_space must be 'reference', 'source' or 'heatmap', got {tolerance_space!r}")
+        if output_frames not in ("last", "all"):
+            raise ValueError(f"output_frames must be 'last' or 'all', got {output_frames!r}")
+        if temporal_ensemble and output_frames != "all":
+            raise ValueError("temporal_ensemble needs output_frames: all (one map per input frame)")
         if len(reference_size) != 2 or min(reference_size) < 1:
             raise ValueError(f"reference_size must be [width, height] > 0, got {list(reference_size)}")
         backbone, decoder = _as(BackboneConfig, backbone), _as(DecoderConfig, decoder)
@@ -163,7 +175,8 @@ class HeatmapTracker(L.LightningModule):
         self.heatmap_cfg, self.lora_cfg, self.quant_cfg = heatmap, lora, quantization
         size = tuple(img_size) if img_size is not None else tuple(heatmap.size)
         self.model = TrackNetViT(pretrained_model_name, (size[1], size[0]), num_frames, backbone.pretrained_file,
-                                 backbone.patch_size, decoder.channels, decoder.upsample, tuple(heatmap.size))
+                                 backbone.patch_size, decoder.channels, decoder.upsample, tuple(heatmap.size),
+                                 num_frames if output_frames == "all" else 1)
         vit = self.model.backbone
         if backbone.freeze:
             freeze(vit)
@@ -201,6 +214,9 @@ class HeatmapTracker(L.LightningModule):
         theirs = (tuple(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode)
         if mine != theirs:
             raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode)")
+        if dm.hparams.get("output_frames", "last") != hp.output_frames:
+            raise ValueError(f"data.output_frames={dm.hparams.get('output_frames', 'last')!r} differs from "
+                             f"model.output_frames={hp.output_frames!r}")
         if dm.hparams.num_frames != hp.num_frames:
             raise ValueError(f"data.num_frames={dm.hparams.num_frames} differs from model.num_frames={hp.num_frames}")
         size = tuple(hp.img_size) if hp.img_size is not None else tuple(self.heatmap_cfg.size)
@@ -212,12 +228,21 @@ class HeatmapTracker(L.LightningModule):
             self.logger.log_hyperparams(self.hparams, {"params/trainable": count_parameters(self),
                                                        "params/total": count_parameters(self, False)})
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss; with ``mask`` ``(B, n)`` (``output_frames: all``) the mean over the maps it marks."""
         hp = self.hparams
-        return heatmap_loss(logits.float(), target, hp.loss, hp.pos_weight, hp.focal_gamma)
+        if mask is None:
+            return heatmap_loss(logits.float(), target, hp.loss, hp.pos_weight, hp.focal_gamma)
+        per_map = heatmap_loss(logits.float(), target, hp.loss, hp.pos_weight, hp.focal_gamma, "none").mean((2, 3))
+        return (per_map * mask).sum() / mask.sum().clamp_min(1)
+
+    def _batch_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        if self.hparams.output_frames == "all":
+            return self._loss(logits, batch["heatmaps"], batch["target_mask"].float())
+        return self._loss(logits, batch["heatmap"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self(batch["frames"]), batch["heatmap"])
+        loss = self._batch_loss(self(batch["frames"]), batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
         return loss
 
@@ -237,9 +262,9 @@ class HeatmapTracker(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], metrics: TrackNetMetrics, prefix: str) -> torch.Tensor:
         logits = self(batch["frames"])
-        probs = torch.sigmoid(logits.float())
+        probs = torch.sigmoid(logits[:, -1:].float())  # the labelled (last) frame's map
         metrics.update(probs, batch["xy"], batch["visible"], self.distance_scale(batch["src_size"]))
-        self.log(f"{prefix}/loss", self._loss(logits, batch["heatmap"]), prog_bar=True, sync_dist=True,
+        self.log(f"{prefix}/loss", self._batch_loss(logits, batch), prog_bar=True, sync_dist=True,
                  batch_size=batch["frames"].shape[0])
         return probs
 
@@ -276,20 +301,66 @@ class HeatmapTracker(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Ball position per frame at the clip's source resolution (collected by ``TrackNetPredictionWriter``)."""
-        probs = torch.sigmoid(self(batch["frames"]).float())
+        all_probs = torch.sigmoid(self(batch["frames"]).float())
+        probs = all_probs[:, -1:]
         xy, found = self.peaks(probs)
         n = self.hparams.num_log_images
         if batch_idx == 0 and n > 0 and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             frames = batch["frames"][:n]
             grid = prediction_grid(frames, xy[:n] * self._heatmap_to_image(frames), found[:n], MEAN, STD)
             self.logger.experiment.add_image("predict/predictions", grid, self.global_step)
+        if self.hparams.temporal_ensemble:
+            last = batch_idx == int(self.trainer.num_predict_batches[dataloader_idx]) - 1
+            return self._ensemble_step(all_probs, batch, last)
+        return self._rows(list(batch["clip"]), batch["frame"], xy, found, batch["src_size"])
+
+    def _rows(self, clips: list[str], frames: torch.Tensor, xy: torch.Tensor, found: torch.Tensor,
+              src_size: torch.Tensor) -> dict[str, Any]:
         w, h = self.heatmap_cfg.size
-        scale = batch["src_size"].to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
+        scale = src_size.to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
         xy = torch.where(found[:, None], xy * scale, torch.zeros_like(xy))
-        return {"clip": list(batch["clip"]), "frame": batch["frame"].cpu(), "visibility": found.long().cpu(),
-                "xy": xy.cpu()}
+        return {"clip": clips, "frame": frames.cpu(), "visibility": found.long().cpu(), "xy": xy.cpu()}
+
+    def on_predict_epoch_start(self) -> None:
+        self._ens: dict[int, list[Any]] = {}  # frame -> [map sum, count, src_size] of the current clip
+        self._ens_clip: str | None = None
+
+    def _ensemble_step(self, probs: torch.Tensor, batch: dict[str, Any], last_batch: bool) -> dict[str, Any]:
+        """Temporal ensemble: the map at window position ``p`` of the window ending at frame ``L`` predicts frame
+        ``L - n + 1 + p`` (positions holding a repeat or a gap fill are left out); a frame is final once the
+        window it starts has been seen, and comes out as the peak of its averaged maps."""
+        n = probs.shape[1]
+        done: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+
+        def flush(upto: int | None) -> None:
+            for g in sorted(self._ens):
+                if upto is None or g <= upto:
+                    total, count, src = self._ens.pop(g)
+                    done.append((self._ens_clip, g, total / count, src))
+
+        for b in range(probs.shape[0]):
+            clip, end = batch["clip"][b], int(batch["frame"][b])
+            if clip != self._ens_clip:
+                flush(None)
+                self._ens_clip = clip
+            for pos, g in enumerate(batch["window"][b].tolist()):
+                if g != end - n + 1 + pos:
+                    continue
+                entry = self._ens.setdefault(g, [torch.zeros_like(probs[b, pos]), 0, batch["src_size"][b]])
+                entry[0] += probs[b, pos]
+                entry[1] += 1
+            flush(end - n + 1)
+        if last_batch:
+            flush(None)
+        if not done:
+            none = torch.zeros(0, dtype=torch.long)
+            return {"clip": [], "frame": none, "visibility": none, "xy": torch.zeros(0, 2)}
+        maps = torch.stack([d[2] for d in done])[:, None]
+        xy, found = self.peaks(maps)
+        return self._rows([d[0] for d in done], torch.tensor([d[1] for d in done]), xy, found,
+                          torch.stack([d[3] for d in done]))
 
     def _heatmap_to_image(self, frames: torch.Tensor) -> torch.Tensor:
         """Factors ``(2,)`` from heat-map pixels to input-frame pixels."""

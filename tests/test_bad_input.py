@@ -52,6 +52,7 @@ CASES = [
     (TRACKNET, ["--model.tolerance_space", "image"], "tolerance_space"),
     (TRACKNET, ["--model.reference_size", "[512, 0]"], "reference_size"),
     (TRACKNET, ["--model.peak_method", "argmax"], "peak_method"),
+    (TRACKNET, ["--model.temporal_ensemble", "true"], "temporal_ensemble needs output_frames: all"),
     (GPT, ["--data.source", "files", "--data.include", "null", "--data.paths", "[/missing_dir/*.txt]"], "/missing_dir/*.txt"),
     (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],
      "skip2lora_block_indices"),

@@ -327,3 +327,67 @@ def test_predict_on_unlabelled_frames_and_a_video(in_tmp):
     assert "predict/predictions" in events.Tags()["images"]
     with pytest.raises(FileNotFoundError, match="predict_path"):
         TrackNetDataModule(predict_path=str(in_tmp / "missing.mp4"))
+
+
+def test_output_frames_all_trains_on_every_labelled_window_frame(in_tmp):
+    """output_frames: all = one map per input frame (TrackNetV3): targets and masks per window position, the
+    masked loss, and a fit step; a model/data mismatch is named."""
+    dm = _data(output_frames="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    s0, s5 = ds[0], ds[5]  # a clip start (frame 0 repeated) and a full window
+    assert s0["target_mask"].tolist() == [0.0, 0.0, 1.0] and s5["target_mask"].tolist() == [1.0, 1.0, 1.0]
+    assert s5["heatmaps"].shape == (3, 32, 64) and torch.equal(s5["heatmaps"][-1:], s5["heatmap"])
+    assert s5["window"].tolist() == [s5["frame"] - 2, s5["frame"] - 1, s5["frame"]]
+    prev = ds[4]  # the frame before: its own target is position 1 of the next window
+    assert torch.equal(s5["heatmaps"][1], prev["heatmap"][0])
+    model = HeatmapTracker(**TINY, output_frames="all")
+    batch = next(iter(dm.train_dataloader()))
+    logits = model(batch["frames"])
+    assert logits.shape == (8, 3, 32, 64)
+    mask = batch["target_mask"].float()
+    expected = torch.stack([model._loss(logits[i:i + 1, j:j + 1], batch["heatmaps"][i:i + 1, j:j + 1])
+                            for i in range(8) for j in range(3) if mask[i, j] > 0]).mean()
+    torch.testing.assert_close(model._batch_loss(logits, batch), expected)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    with pytest.raises(ValueError, match="output_frames"):
+        L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False).fit(
+            HeatmapTracker(**TINY), datamodule=_data(output_frames="all"))
+    with pytest.raises(ValueError, match="temporal_ensemble needs output_frames: all"):
+        HeatmapTracker(**TINY, temporal_ensemble=True)
+
+
+def test_temporal_ensemble_averages_each_frames_maps_over_its_windows(in_tmp):
+    """predict with temporal_ensemble: each frame's CSV row is the peak of the mean of the maps predicted for it
+    at its own position in every window (computed here by hand), across batch boundaries and clips."""
+    from models.metrics.tracknet import detect_peaks
+
+    torch.manual_seed(0)
+    model = HeatmapTracker(**TINY, output_frames="all", temporal_ensemble=True, threshold=0.05).eval()
+    dm = _data(output_frames="all", predict_split="all", batch_size=5)  # 16 frames per clip: batches straddle
+    writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
+    L.Trainer(logger=False, callbacks=[writer], enable_progress_bar=False, enable_model_summary=False).predict(
+        model, datamodule=dm)
+    ds = dm.dataset("all")
+    sums: dict[tuple[str, int], list] = {}
+    with torch.no_grad():
+        for s in ds:
+            probs = torch.sigmoid(model(s["frames"][None]))[0]
+            for pos, g in enumerate(s["window"].tolist()):
+                if g == s["frame"] - 2 + pos:
+                    entry = sums.setdefault((s["clip"], g), [0, 0, s["src_size"]])
+                    entry[0], entry[1] = entry[0] + probs[pos], entry[1] + 1
+    assert {c for (_, _), (_, c, _) in sums.items()} == {1, 2, 3}  # clip ends get fewer windows
+    for clip in sorted({k[0] for k in sums}):
+        rows = list(csv.reader(open(in_tmp / "pred" / f"{clip}.csv")))[1:]
+        assert [int(r[0]) for r in rows] == list(range(16))
+        for r in rows:
+            total, count, src = sums[(clip, int(r[0]))]
+            xy, found = detect_peaks((total / count)[None, None], 0.05, "centroid", model.peak_radius)
+            assert int(r[1]) == int(found[0])
+            if found[0]:
+                expect = xy[0] * src / torch.tensor([64.0, 32.0])
+                assert abs(float(r[2]) - float(expect[0])) < 0.02 and abs(float(r[3]) - float(expect[1])) < 0.02
