@@ -6,9 +6,9 @@ not ``getrusage``: ``ru_maxrss`` survives ``fork``/``exec`` and would report the
 training-phase peak is ``VmHWM`` again after resetting it (``/proc/self/clear_refs``) once the model is
 built. QLoRA variants: ``--compute-dtype`` (default ``auto``: bfloat16 where the CPU computes it natively,
 else float32), then explicit ``-fp32`` and ``-bf16`` (what the other choice costs on this CPU) and ``-saved``
-(``save_dequantized``: one dequantization per step instead of two). Every figure of a row comes from one run:
-each variant runs ``--repeats`` times (interleaved), the run with the median step time is reported whole, and
-a run's step time is the median of its timed steps. Prints markdown tables with the CPU model.
+(``save_dequantized``: one dequantization per step instead of two; ``-fp32-saved`` both). Every figure of a
+row comes from one run: each variant runs ``--repeats`` times (interleaved), the run with the median step time
+is reported whole, and a run's step time is the median of its timed steps. Prints markdown tables with the CPU model.
 
     python benchmarks/quantization.py                      # vit_small_patch16_224, img 64, batch 8
     python benchmarks/quantization.py --model vit_base_patch16_224 --steps 3
@@ -36,7 +36,7 @@ from models.quant import Linear4bit, linear_weight_report, quantize_model  # noq
 from models.vision.vit import create_vit  # noqa: E402
 
 VARIANTS = ("full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-nf4-dq-fp32", "qlora-nf4-dq-bf16",
-            "qlora-nf4-dq-saved")
+            "qlora-nf4-dq-saved", "qlora-nf4-dq-fp32-saved")
 MB = 2**20
 
 
@@ -62,7 +62,7 @@ def _build(args: argparse.Namespace, variant: str) -> nn.Module:
     if variant != "full":
         inject_lora(vit, r=args.rank, lora_alpha=2 * args.rank)
         if variant.startswith("qlora"):
-            compute = {"-fp32": "float32", "-bf16": "bfloat16"}.get(variant[-5:], args.compute_dtype)
+            compute = "float32" if "-fp32" in variant else "bfloat16" if "-bf16" in variant else args.compute_dtype
             quantize_model(vit, "nf4", compute, use_double_quant="-dq" in variant, skip_modules=["head"],
                            save_dequantized=variant.endswith("-saved"))
         vit.head.weight.requires_grad_(True)  # the new classifier trains in every variant
