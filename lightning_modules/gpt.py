@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.text import ByteTokenizer
 from models.adapters.lora import count_parameters
-from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable
+from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable, weights_fingerprint
 from models.lm.gpt import GPT, Config, load_pretrained
 
 PRETRAIN_COMMAND = "python -m cli fit --config configs/gpt_pretrain.yaml"
@@ -138,11 +138,13 @@ class GPTLanguageModel(L.LightningModule):
             shapes["skip"] = (len(self.model.skip_indices), seq_len, cfg.n_embd)
         num_samples = len(dataset)
         return SkipCache(num_samples, shapes, hp.cache_dtype, hp.cache_dir, hp.cache_max_memory_mb,
-                         hp.cache_storage, tag=f"rank{self.global_rank}_")
+                         hp.cache_storage, tag=f"rank{self.global_rank}_",
+                         fingerprint=weights_fingerprint(self.model.backbone_modules()))
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
         if self.cache is not None:
+            self.cache.check_fingerprint(weights_fingerprint(self.model.backbone_modules()))
             self.cache.reset_stats()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

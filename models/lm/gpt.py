@@ -202,7 +202,8 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         self.skip_indices = config.skip_indices
-        self.skip2lora = Skip2LoRA(config.n_embd, len(self.skip_indices), config.skip2lora_r, config.skip2lora_alpha)
+        self.skip2lora = Skip2LoRA(config.n_embd, len(self.skip_indices), config.skip2lora_r, config.skip2lora_alpha,
+                                  block_indices=self.skip_indices)
         if config.lora_enabled:
             inject_lora(self, lora_target_patterns(config), r=config.lora_r, lora_alpha=config.lora_alpha,
                         lora_dropout=config.lora_dropout)
