@@ -188,6 +188,12 @@ class AdaptLabCLI(LightningCLI):
                  "and the run is refused); the config's values are used.",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would load ``--ckpt_path`` here (before any check) and silently replace the model's
+        command-line/config values with the checkpoint's hyper-parameters. adaptlab does neither: the checkpoint
+        is loaded safely in :meth:`preflight` and a difference is refused (``--allow_config_change`` keeps the
+        config's values)."""
+
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the config file unless the YAML names it; resolve and check
         ``ckpt_path``."""
@@ -269,6 +275,7 @@ class AdaptLabCLI(LightningCLI):
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)
+        self._check_trainer_args(self._get(self.config, "trainer") or {})
         try:
             self.trainer = self.instantiate_trainer()
         except Exception as e:
@@ -283,7 +290,6 @@ class AdaptLabCLI(LightningCLI):
         """Checks run after the classes exist and before the Trainer starts; each failure is one ``error:`` line."""
         cfg = self.config[subcommand]
         model, data = self.model, self.datamodule
-        self._check_trainer_args(cfg.get("trainer") or {})
         stage = {"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[subcommand]
         if isinstance(data, DataPreflight):
             self._guard("data", data, lambda: data.preflight(stage))
@@ -357,6 +363,8 @@ class AdaptLabCLI(LightningCLI):
         if saved_data is not None and self.datamodule is not None and subcommand != "predict":
             diffs += differing_keys(saved_data, dict(self.datamodule.hparams), "data", ignore)
         diffs = [d.replace("._class_path", " (class)") for d in diffs]
+        if any(" (class)" in d for d in diffs):  # another class: its other keys are noise
+            diffs = [d for d in diffs if " (class)" in d]
         if diffs and not allow_change:
             shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
             fail(f"ckpt_path {str(path)!r} was made with other settings than the config: {shown}. Use the original "

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -60,11 +62,16 @@ def safe_load(path: str | Path | BinaryIO, map_location: Any = "cpu", what: str 
                     "loaded; refusing it (only tensors, plain containers and adaptlab's own dataclasses are loaded)"
                 )
             allowed.append(cls)
+    is_zip = isinstance(path, (str, Path)) and Path(path).is_file() and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if not is_zip and isinstance(path, (str, Path)):  # not torch's zip format: damaged or foreign bytes
+            raise CheckpointError(f"{what} {name} is truncated or not a PyTorch checkpoint (not a torch zip "
+                                  "archive)") from e
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        first = f"type {found[1]}" if found else type(e).__name__
         raise CheckpointError(
             f"{what} {name} holds objects that are not allowed when loading safely ({first[:200]}); refusing it"
         ) from e
