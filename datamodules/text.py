@@ -275,6 +275,8 @@ class TextDataModule(L.LightningDataModule):
         self.vocab_size = self.tokenizer.vocab_size
         #: fraction range of every file that each split reads (``split_by: position``), else the whole file
         self.split_ranges = {s: (0.0, 1.0) for s in SPLITS}
+        #: split -> why it is empty although its fraction is positive (raised when a stage reads it)
+        self.empty_splits: dict[str, str] = {}
         self.split_files = self._resolve_files()
         self.datasets: dict[str, TokenWindows] = {}
 
@@ -328,8 +330,8 @@ class TextDataModule(L.LightningDataModule):
                 out["train"].remove(moved)
                 out[split].append(moved)
         for split, fraction in zip(SPLITS, (1.0, fractions["val"], fractions["test"])):
-            if fraction > 0 and not out[split]:
-                raise ValueError(
+            if fraction > 0 and not out[split]:  # an error when a stage needs the split (predict reads all files)
+                self.empty_splits[split] = (
                     f"the {split} split is empty ({len(entries)} files in the {where}); select more files, change "
                     f"`val_fraction`/`test_fraction`/`split_seed`, split inside files with `split_by: position`, or "
                     f"name the files with `val_paths`/`test_paths`"
@@ -347,6 +349,8 @@ class TextDataModule(L.LightningDataModule):
 
     def load_split(self, split: str) -> TokenWindows:
         """Read and window one split (cached on the DataModule); ``all`` = every selected file, whole."""
+        if split in self.empty_splits:
+            raise ValueError(self.empty_splits[split])
         if split not in self.datasets:
             hp = self.hparams
             if split == "all":
@@ -373,12 +377,13 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("all",)}
         for split in splits.get(stage or "", SPLITS):
-            if split == "all" or split == "train" or self.split_files[split]:
+            if split in ("all", "train") or self.split_files[split] or split in self.empty_splits:
                 self.load_split(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self.load_split(split), self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers
+            self.load_split(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
