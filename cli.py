@@ -147,14 +147,16 @@ def plain(value: Any) -> Any:
 
 
 def differing_keys(saved: Any, current: Any, prefix: str, ignore: set[str]) -> list[str]:
-    """Dotted keys whose values differ between two (nested) hyper-parameter dicts, as ``key: saved -> now``."""
+    """Dotted keys whose values differ between two (nested) hyper-parameter dicts, as ``key: saved -> now``.
+
+    Keys present on one side only (an argument added to or removed from the class since) are not compared."""
     saved, current = plain(saved), plain(current)
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
-        for key in sorted(set(saved) | set(current)):
+        for key in sorted(set(saved) & set(current)):
             if key in ignore:
                 continue
-            out += differing_keys(saved.get(key, "<unset>"), current.get(key, "<unset>"), f"{prefix}.{key}", ignore)
+            out += differing_keys(saved[key], current[key], f"{prefix}.{key}", ignore)
         return out
     return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
 
@@ -307,8 +309,9 @@ class AdaptLabCLI(LightningCLI):
         dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
         if subcommand == "fit" and ckpt is None and dirpath and Path(str(dirpath)).is_dir() \
                 and any(Path(str(dirpath)).glob("*.ckpt")):
-            fail(f"checkpoint.dirpath {str(dirpath)!r} already holds checkpoints of an earlier run, which a new run would "
-                 "shadow (last-v1.ckpt); resume it with --ckpt_path last, or set another --checkpoint.dirpath")
+            fail(f"checkpoint.dirpath {str(dirpath)!r} already holds checkpoints of an earlier run, which a new "
+                 "run would shadow (last-v1.ckpt); resume it with --ckpt_path last, or set another "
+                 "--checkpoint.dirpath")
         # Temporary files of a save that was killed (SIGKILL while writing): gone before this run writes.
         for folder in (self._log_root, Path(str(dirpath)) if dirpath else None):
             if folder is not None:
@@ -352,8 +355,8 @@ class AdaptLabCLI(LightningCLI):
         except CheckpointError as e:
             fail(str(e))
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            fail(f"ckpt_path {str(path)!r} is not a Lightning checkpoint (no 'state_dict'); a plain state dict is loaded "
-                 "through the model's own weights option")
+            fail(f"ckpt_path {str(path)!r} is not a Lightning checkpoint (no 'state_dict'); a plain state dict is "
+                 "loaded through the model's own weights option")
         ignore = IGNORED_HPARAMS | (IGNORED_EVAL_HPARAMS if subcommand != "fit" else set())
         diffs = []
         saved_model = ckpt.get("hyper_parameters")

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import lightning as L
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 SPLITS = ("train", "val", "test")

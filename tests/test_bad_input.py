@@ -69,7 +69,8 @@ CASES = [
     # other families: missing data roots, unreadable sources, impossible sizes
     (TRACKNET, ["--data.data_root", "/missing_clips"], "data_root '/missing_clips' does not exist"),
     (TRACKNET, ["--data.batch_size", "0"], "data (TrackNetDataModule)"),
-    (GPT, ["--data.source", "files", "--data.include", "null", "--data.paths", "[/missing_dir/*.txt]"], "/missing_dir/*.txt"),
+    # (source: files no longer needs `--data.include null`)
+    (GPT, ["--data.source", "files", "--data.paths", "[/missing_dir/*.txt]"], "/missing_dir/*.txt"),
     (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],
      "skip2lora_block_indices"),
     (GPT, ["--model.config.n_embd", "130"], "n_embd"),
@@ -77,7 +78,8 @@ CASES = [
     (GPT, ["--data.seq_len", "256"], "data.seq_len (256) exceeds model.config.block_size (128)"),
     (DIGITS, ["--data.image_size", "16"], "data.image_size (16) differs from model.img_size (32)"),
     (DIGITS, ["--model.num_classes", "5"], "the data has 10 classes but model.num_classes is 5"),
-    (DIGITS, ["--model.img_size", "30", "--data.image_size", "30"], "`img_size` (30) is not a multiple of `patch_size`"),
+    (DIGITS, ["--model.img_size", "30", "--data.image_size", "30"],
+     "`img_size` (30) is not a multiple of `patch_size`"),
     # learning rates, fractions and Trainer arguments out of range
     (DIGITS, ["--model.lr", "-0.1"], "model (ImageClassifier): `lr` must be positive"),
     (DIGITS, ["--model.weight_decay", "-1"], "`weight_decay` must be >= 0"),

@@ -18,8 +18,9 @@ GPT = str(REPO / "configs/gpt_pretrain.yaml")
 TINY_DIGITS = ["--model.img_size", "16", "--data.image_size", "16", "--data.batch_size", "256",
                "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TINY_GPT = ["--data.max_windows", "16", "--data.batch_size", "8", "--data.seq_len", "32", "--trainer.limit_val_batches",
-            "1", "--trainer.enable_progress_bar", "false", "--model.sample_tokens", "4", "--trainer.log_every_n_steps", "1"]
+TINY_GPT = ["--data.max_windows", "16", "--data.batch_size", "8", "--data.seq_len", "32",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--model.sample_tokens", "4",
+            "--trainer.log_every_n_steps", "1"]
 
 
 def snapshot(folder):
@@ -128,7 +129,8 @@ def test_text_splits_hash_the_path_relative_to_the_data_root(tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "elsewhere/b")
     for entry in ("{}/pkg", "{}/pkg/*.txt", "{}/**/*.txt"):
         one = TextDataModule(source="files", paths=[entry.format(tmp_path / "a")], val_fraction=0.3, seq_len=8)
-        two = TextDataModule(source="files", paths=[entry.format(tmp_path / "elsewhere/b")], val_fraction=0.3, seq_len=8)
+        two = TextDataModule(source="files", paths=[entry.format(tmp_path / "elsewhere/b")], val_fraction=0.3,
+                             seq_len=8)
         names = [{s: [p.name for p in v] for s, v in dm.split_files.items()} for dm in (one, two)]
         assert names[0] == names[1] and names[0]["val"] and names[0]["train"], entry
 
