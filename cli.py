@@ -9,14 +9,21 @@ always keeps ``last.ckpt`` (its options live under the ``checkpoint:`` key) and 
 Bad input fails before anything is written, with one line naming the key or file: config files are checked
 (exist, readable, valid YAML) before parsing, jsonargparse's nested union messages are condensed, and
 errors raised by a class's ``__init__`` are reported with its config key (``ADAPTLAB_TRACEBACK=1``: traceback).
+Before the Trainer touches the disk, :meth:`AdaptLabCLI.preflight` runs every check that would otherwise fire
+later (the DataModule's ``preflight`` and the LightningModule's ``check_data`` hooks, ``--ckpt_path``: found,
+loadable without running code, same model and data settings as the config); an error that still escapes
+before the first batch removes the files this run created. SIGTERM saves ``last.ckpt`` and exits with 143.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import os
 import pkgutil
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,7 +31,14 @@ from typing import Any, NoReturn
 import lightning as L
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from callbacks.checkpointing import CheckpointSaveError, RunInfo
+from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights
+from callbacks.signals import SigtermCheckpoint
+from models.utils.atomic import clean_stale_temporaries
+from models.utils.checkpoint import CheckpointError, safe_load
 
 #: Project packages whose modules are imported so their classes can be named by short name in YAML.
 PROJECT_PACKAGES = ("lightning_modules", "datamodules", "callbacks")
@@ -111,15 +125,76 @@ def find_config_key(cfg: Any, class_path: str, prefix: str = "") -> str | None:
     return None
 
 
+#: Hyper-parameters that may differ between a checkpoint and the config without changing results.
+IGNORED_HPARAMS = {"_instantiator", "num_workers"}
+#: ... and, when only evaluating a checkpoint (validate/test/predict), also these.
+IGNORED_EVAL_HPARAMS = {"batch_size", "sample_tokens", "sample_prompt"}
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (dataclasses, Namespaces, tuples and paths normalised) for comparison."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def differing_keys(saved: Any, current: Any, prefix: str, ignore: set[str]) -> list[str]:
+    """Dotted keys whose values differ between two (nested) hyper-parameter dicts, as ``key: saved -> now``.
+
+    Keys present on one side only (an argument added to or removed from the class since) are not compared."""
+    saved, current = plain(saved), plain(current)
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) & set(current)):
+            if key in ignore:
+                continue
+            out += differing_keys(saved[key], current[key], f"{prefix}.{key}", ignore)
+        return out
+    return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
+
+
+class KeepConfigCallback(SaveConfigCallback):
+    """``SaveConfigCallback`` that never overwrites an earlier run's ``config.yaml``: a run resumed in place
+    writes ``config.resume-<k>.yaml`` beside it."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and trainer.log_dir is not None:
+            folder, k = Path(trainer.log_dir), 1
+            if (folder / self.config_filename).exists():
+                while (folder / f"config.resume-{k}.yaml").exists():
+                    k += 1
+                self.config_filename = f"config.resume-{k}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
 class AdaptLabCLI(LightningCLI):
     """LightningCLI with adaptlab's defaults (checkpointing, log directory naming, resume, clear errors)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, parser_class=ConciseErrorParser, **kwargs)
+        super().__init__(*args, parser_class=ConciseErrorParser, save_config_callback=KeepConfigCallback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_argument(
+            "--allow_config_change", type=bool, default=False,
+            help="Accept a --ckpt_path whose model/data settings differ from the config (they are listed otherwise "
+                 "and the run is refused); the config's values are used.",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would load ``--ckpt_path`` here (before any check) and silently replace the model's
+        command-line/config values with the checkpoint's hyper-parameters. adaptlab does neither: the checkpoint
+        is loaded safely in :meth:`preflight` and a difference is refused (``--allow_config_change`` keeps the
+        config's values)."""
 
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the config file unless the YAML names it; resolve and check
@@ -130,8 +205,11 @@ class AdaptLabCLI(LightningCLI):
         if init_args is not None and init_args.get("name") in (None, "lightning_logs"):
             configs = [c for c in (cfg.get("config") or []) if c is not None]
             init_args["name"] = Path(str(configs[-1])).stem if configs else "adaptlab"
-        if init_args is not None and self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
-            self._resume_in_place(cfg, init_args)
+        self._log_root = None
+        if init_args is not None:
+            self._log_root = Path(str(init_args.get("save_dir") or RUNS_DIR)) / str(init_args["name"])
+        if cfg.get("ckpt_path") == "last":
+            self._resolve_last(cfg, init_args)
         self._check_ckpt_path(cfg.get("ckpt_path"))
 
     @staticmethod
@@ -142,25 +220,49 @@ class AdaptLabCLI(LightningCLI):
         if not Path(ckpt).is_file():
             fail(f"ckpt_path {ckpt!r} does not exist")
 
+    def _resolve_last(self, cfg: Any, logger_args: Any) -> None:
+        """``--ckpt_path last``: the newest ``version_N/checkpoints/last.ckpt`` of this config (``fit`` keeps
+        logging in that ``version_N``), or ``last.ckpt`` in a fixed ``checkpoint.dirpath``; none is an error."""
+        found: list[tuple[int, Path]] = []
+        if self._log_root is not None:
+            found = sorted(
+                (int(d.name.split("_")[1]), d / "checkpoints" / "last.ckpt")
+                for d in self._log_root.glob("version_*")
+                if d.name.split("_")[1].isdigit() and (d / "checkpoints" / "last.ckpt").is_file()
+            )
+        dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
+        fixed = Path(str(dirpath)) / "last.ckpt" if dirpath else None
+        if fixed is not None and fixed.is_file():
+            cfg["ckpt_path"] = str(fixed)
+            info = self._run_info(fixed)
+            version = info.get("version")
+            if self.subcommand == "fit" and logger_args is not None and logger_args.get("version") is None \
+                    and isinstance(version, int) and info.get("name") == logger_args.get("name"):
+                logger_args["version"] = version
+        elif found:
+            version, cfg["ckpt_path"] = found[-1][0], str(found[-1][1])
+            if self.subcommand == "fit" and logger_args is not None and logger_args.get("version") is None:
+                logger_args["version"] = version
+        else:
+            where = [str(self._log_root / "version_*" / "checkpoints" / "last.ckpt")] if self._log_root else []
+            where += [str(fixed)] if fixed is not None else []
+            fail(f"ckpt_path 'last': no earlier run of this config to resume (looked for {' and '.join(where)}); "
+                 "drop --ckpt_path to start a new run")
+
     @staticmethod
-    def _resume_in_place(cfg: Any, logger_args: Any) -> None:
-        """``--ckpt_path last``: resume the newest ``version_N/checkpoints/last.ckpt`` and keep logging there."""
-        runs = Path(str(logger_args.get("save_dir") or RUNS_DIR)) / str(logger_args["name"])
-        found = sorted(
-            (int(d.name.split("_")[1]), d / "checkpoints" / "last.ckpt")
-            for d in runs.glob("version_*")
-            if d.name.split("_")[1].isdigit() and (d / "checkpoints" / "last.ckpt").is_file()
-        )
-        if found and logger_args.get("version") is None:
-            logger_args["version"], cfg["ckpt_path"] = found[-1][0], str(found[-1][1])
+    def _run_info(path: Path) -> dict:
+        try:
+            return dict(safe_load(path).get("adaptlab") or {})
+        except Exception:
+            return {}
 
     def instantiate_classes(self) -> None:
-        """Report an error raised by a class's ``__init__`` in one line naming its config key.
+        """Report an error raised by a class's ``__init__`` (or the Trainer's) in one line naming its config key.
 
         ``ADAPTLAB_TRACEBACK=1`` re-raises instead (the full traceback, for debugging a class).
         """
         try:
-            super().instantiate_classes()
+            self.config_init = self.parser.instantiate_classes(self.config)
         except Exception as e:
             match = re.search(r"class_path='([\w.]+)'", str(e))
             if match is None or os.environ.get("ADAPTLAB_TRACEBACK"):
@@ -171,7 +273,166 @@ class AdaptLabCLI(LightningCLI):
             cfg = self.config.get(self.subcommand) if self.subcommand else self.config
             key = find_config_key(cfg.as_dict(), match[1]) or match[1]
             kind = "" if isinstance(root, (ValueError, TypeError, OSError, KeyError)) else f"{type(root).__name__}: "
-            fail(f"{key} ({match[1].rsplit('.', 1)[-1]}): {kind}{root}")
+            fail(f"{key} ({match[1].rsplit('.', 1)[-1]}): {kind}{first_line(root)}")
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        self._check_trainer_args(self._get(self.config, "trainer") or {})
+        try:
+            self.trainer = self.instantiate_trainer()
+        except Exception as e:
+            if os.environ.get("ADAPTLAB_TRACEBACK"):
+                raise
+            fail(f"trainer: {first_line(e)}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Pre-flight: everything that can be checked before the Trainer writes a run folder, a log or a checkpoint.
+
+    def preflight(self, subcommand: str) -> None:
+        """Checks run after the classes exist and before the Trainer starts; each failure is one ``error:`` line."""
+        cfg = self.config[subcommand]
+        model, data = self.model, self.datamodule
+        stage = {"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[subcommand]
+        if isinstance(data, DataPreflight):
+            self._guard("data", data, lambda: data.preflight(stage))
+        if data is not None and isinstance(model, DataCompatibility):
+            self._guard("model", model, lambda: model.check_data(data))
+        ckpt = cfg.get("ckpt_path")
+        if subcommand == "predict" and ckpt is None:
+            source = model.trained_weights_source() if isinstance(model, TrainedWeights) else None
+            if source is None:
+                fail(f"predict needs trained weights: pass --ckpt_path (e.g. {RUNS_DIR}/<config>/version_N/checkpoints/"
+                     f"last.ckpt) or the model's own weights option; {type(model).__name__} would predict from "
+                     "untrained weights")
+        if ckpt is not None and Path(str(ckpt)).is_file():
+            self._check_checkpoint(Path(str(ckpt)), subcommand, bool(cfg.get("allow_config_change")))
+        dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
+        if subcommand == "fit" and ckpt is None and dirpath and Path(str(dirpath)).is_dir() \
+                and any(Path(str(dirpath)).glob("*.ckpt")):
+            fail(f"checkpoint.dirpath {str(dirpath)!r} already holds checkpoints of an earlier run, which a new "
+                 "run would shadow (last-v1.ckpt); resume it with --ckpt_path last, or set another "
+                 "--checkpoint.dirpath")
+        # Temporary files of a save that was killed (SIGKILL while writing): gone before this run writes.
+        for folder in (self._log_root, Path(str(dirpath)) if dirpath else None):
+            if folder is not None:
+                clean_stale_temporaries(folder, recursive=True)
+
+    def _guard(self, key: str, obj: Any, check: Any) -> None:
+        try:
+            check()
+        except (ValueError, TypeError, OSError, KeyError, MemoryError) as e:
+            if os.environ.get("ADAPTLAB_TRACEBACK"):
+                raise
+            fail(f"{key} ({type(obj).__name__}): {first_line(e)}")
+
+    @staticmethod
+    def _check_trainer_args(trainer_cfg: Any) -> None:
+        """Trainer arguments Lightning only checks once training runs (or never)."""
+        get = trainer_cfg.get
+        checks = [
+            ("max_epochs", get("max_epochs"), lambda v: v is None or v >= -1, ">= -1 (-1: no limit)"),
+            ("min_epochs", get("min_epochs"), lambda v: v is None or v >= 0, ">= 0"),
+            ("max_steps", get("max_steps"), lambda v: v is None or v >= -1, ">= -1 (-1: no limit)"),
+            ("min_steps", get("min_steps"), lambda v: v is None or v >= 0, ">= 0"),
+            ("log_every_n_steps", get("log_every_n_steps"), lambda v: v is None or v >= 0, ">= 0"),
+            ("accumulate_grad_batches", get("accumulate_grad_batches"), lambda v: v is None or v >= 1, ">= 1"),
+            ("gradient_clip_val", get("gradient_clip_val"), lambda v: v is None or v >= 0, ">= 0"),
+            ("num_sanity_val_steps", get("num_sanity_val_steps"), lambda v: v is None or v >= -1, ">= -1"),
+            ("check_val_every_n_epoch", get("check_val_every_n_epoch"), lambda v: v is None or v >= 1, ">= 1 or null"),
+        ]
+        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                     "overfit_batches", "val_check_interval"):
+            checks.append((name, get(name), lambda v: v is None or v >= 0, ">= 0 (a fraction in [0, 1] or a count)"))
+        for name, value, ok, rule in checks:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+                fail(f"trainer.{name} must be {rule}, got {value}")
+
+    def _check_checkpoint(self, path: Path, subcommand: str, allow_change: bool) -> None:
+        """The checkpoint loads without running code, is a Lightning checkpoint, and was made with the same
+        model class and model/data settings as the config (unless ``--allow_config_change``)."""
+        try:
+            ckpt = safe_load(path, what="ckpt_path")
+        except CheckpointError as e:
+            fail(str(e))
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            fail(f"ckpt_path {str(path)!r} is not a Lightning checkpoint (no 'state_dict'); a plain state dict is "
+                 "loaded through the model's own weights option")
+        ignore = IGNORED_HPARAMS | (IGNORED_EVAL_HPARAMS if subcommand != "fit" else set())
+        diffs = []
+        saved_model = ckpt.get("hyper_parameters")
+        if saved_model is not None:
+            diffs += differing_keys(saved_model, dict(self.model.hparams), "model", ignore)
+        saved_data = ckpt.get("datamodule_hyper_parameters")
+        if saved_data is not None and self.datamodule is not None and subcommand != "predict":
+            diffs += differing_keys(saved_data, dict(self.datamodule.hparams), "data", ignore)
+        diffs = [d.replace("._class_path", " (class)") for d in diffs]
+        if any(" (class)" in d for d in diffs):  # another class: its other keys are noise
+            diffs = [d for d in diffs if " (class)" in d]
+        if diffs and not allow_change:
+            shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+            fail(f"ckpt_path {str(path)!r} was made with other settings than the config: {shown}. Use the original "
+                 "settings, or --allow_config_change true to continue with the config's values")
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Pre-flight, then run; an error before the first batch removes what this run created."""
+        self.preflight(subcommand)
+        roots = [r for r in (self._log_root, self._checkpoint_dir(subcommand)) if r is not None]
+        before = {r: snapshot_paths(r) for r in roots}
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise
+        except CheckpointSaveError as e:
+            fail(str(e))
+        except Exception as e:
+            info = next((cb for cb in self.trainer.callbacks if isinstance(cb, RunInfo)), None)
+            if os.environ.get("ADAPTLAB_TRACEBACK") or info is None or info.first_batch_done:
+                raise
+            for root in roots:
+                remove_new_paths(root, before[root])
+            fail(f"{type(e).__name__}: {first_line(e)} (before the first batch; the files this run had created were "
+                 "removed; ADAPTLAB_TRACEBACK=1 shows the traceback)")
+
+    def _checkpoint_dir(self, subcommand: str) -> Path | None:
+        dirpath = (self.config[subcommand].get("checkpoint") or {}).get("dirpath")
+        return Path(str(dirpath)) if dirpath else None
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line (jsonargparse's union noise dropped; the type name when empty)."""
+    text = str(e).strip()
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        text = e.args[0]
+    if "Parser key" in text:
+        text = concise_error(text)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not _NOISE.search(line.strip())]
+    return " ".join(lines) if lines else type(e).__name__
+
+
+def snapshot_paths(root: Path) -> set[Path] | None:
+    """Every path under ``root`` (``None`` when ``root`` does not exist yet)."""
+    if not root.exists():
+        return None
+    return {root, *root.rglob("*")}
+
+
+def remove_new_paths(root: Path, before: set[Path] | None) -> None:
+    """Delete what appeared under ``root`` since :func:`snapshot_paths` (``root`` too if it is new); nothing
+    that existed before is touched."""
+    if not root.exists():
+        return
+    if before is None:
+        shutil.rmtree(root, ignore_errors=True)
+        parent = root.parent  # e.g. runs/ itself when this run created it
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+        return
+    new = sorted((p for p in root.rglob("*") if p not in before), key=lambda p: len(p.parts), reverse=True)
+    for p in new:
+        with contextlib.suppress(OSError):
+            p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def trainer_defaults() -> dict[str, Any]:
@@ -182,6 +443,7 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
+        "callbacks": [SigtermCheckpoint(), RunInfo()],
     }
 
 

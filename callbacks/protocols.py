@@ -74,3 +74,38 @@ class ClassIncrementalData(Protocol):
     def task_dataset(self, split: str, task: int) -> Dataset: ...
 
     def loader(self, dataset: Dataset) -> DataLoader: ...
+
+
+@runtime_checkable
+class DataPreflight(Protocol):
+    """A DataModule that can check its input before any run folder exists (``cli.py`` calls it first).
+
+    ``preflight(stage)`` reads or at least opens everything ``setup(stage)`` will need (it may cache what it read
+    for ``setup``) and raises ``ValueError``/``OSError`` naming the key or the file (a corrupt image, a non-UTF-8
+    label file, an empty class folder, a binary text file). Stages: ``fit``, ``validate``, ``test``, ``predict``.
+    """
+
+    def preflight(self, stage: str) -> None: ...
+
+
+@runtime_checkable
+class DataCompatibility(Protocol):
+    """A LightningModule that cross-checks its settings against the DataModule before any work starts.
+
+    ``check_data(datamodule)`` raises ``ValueError`` naming both keys when sizes do not fit together (e.g.
+    ``data.seq_len`` > ``model.config.block_size``, ``data.image_size`` != ``model.img_size``, more classes in the
+    data than ``model.num_classes``, data frames vs model frames). Called after ``DataPreflight.preflight``.
+    """
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None: ...
+
+
+@runtime_checkable
+class TrainedWeights(Protocol):
+    """A LightningModule that can say where its trained weights came from without a ``--ckpt_path``.
+
+    ``trained_weights_source()`` returns a description (e.g. the ``pretrained_path`` or ``adapter_path``) or
+    ``None``; ``predict`` without ``--ckpt_path`` is refused unless it returns something.
+    """
+
+    def trained_weights_source(self) -> str | None: ...

@@ -70,10 +70,26 @@ class DigitsDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8 (the digits are 8x8), got {image_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
+                             "and leave samples for training")
         self.save_hyperparameters()
         self.num_classes = 10
 
+    def preflight(self, stage: str) -> None:
+        """Build the splits now (``callbacks.protocols.DataPreflight``); an empty split is an error."""
+        self.setup(stage)
+        for name, ds in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set)):
+            if len(ds) == 0 and (name == "train" or getattr(self.hparams, f"{name}_fraction") > 0):
+                raise ValueError(f"the {name} split is empty; change val_fraction/test_fraction")
+
     def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):  # already built (by preflight or an earlier stage)
+            return
         x, y = load_digits_tensors(self.hparams.image_size)
         hp = self.hparams
         train, val, test = stratified_split(

@@ -4,9 +4,12 @@ The embedded default corpus is the standard library's ``.py`` files (found via `
 everything runs offline. Include/exclude globs (relative to the stdlib root, ``**`` = any depth) carve it
 into domains, e.g. top-level modules for pre-training and ``email/**`` for fine-tuning.
 
-Files are split into train/val/test *by file*, from a hash of each file's relative path and
-``split_seed``: a file's split does not depend on which other files are selected, so splits are disjoint
-and stable (only a selection so small that val or test would be empty moves one train file there).
+Files are split into train/val/test *by file*, from a hash of each file's path relative to its data root (the
+stdlib root, or the folder a ``paths`` entry names or globs from) and ``split_seed``: a file's split does not
+depend on which other files are selected or where the folder lives, so splits are disjoint and stable (only a
+selection so small that val or test would be empty moves one train file there). ``split_by: position`` splits
+inside every file instead (its first bytes train, then val, then test: a single file gets a validation split),
+and ``val_paths``/``test_paths`` name the validation/test files explicitly. ``predict`` reads every selected file.
 Each split's files (sorted) are joined with a NUL byte as document separator and cut into
 fixed windows of ``seq_len + 1`` bytes. Every sample carries a stable integer ``index`` (its window
 number within the split), which is the key of :class:`models.cache.skip_cache.SkipCache`.
@@ -25,6 +28,7 @@ from typing import Literal, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 SPLITS = ("train", "val", "test")
@@ -114,9 +118,26 @@ def list_stdlib_files(include: Sequence[str], exclude: Sequence[str]) -> tuple[P
     return root, sorted(r for r in rels if matches_any(r, include) and not matches_any(r, exclude))
 
 
-def list_user_files(paths: Sequence[str], exclude: Sequence[str]) -> list[Path]:
-    """Expand user paths/globs (``**`` allowed) into sorted files; every entry must match something."""
-    files: set[Path] = set()
+def entry_root(entry: str) -> Path:
+    """The data root of a ``paths`` entry: the folder itself, a glob's folder before its first wildcard, or a
+    single file's folder. Split hashes use paths relative to it, so moving the data keeps the splits."""
+    p = Path(entry).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    if p.is_file():
+        return p.resolve().parent
+    parts = []
+    for part in p.parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts).resolve() if parts else Path.cwd()
+
+
+def list_user_files(paths: Sequence[str], exclude: Sequence[str], key: str = "paths") -> list[tuple[str, Path]]:
+    """Expand user paths/globs (``**`` allowed) into sorted ``(path relative to the entry's root, file)`` pairs;
+    every entry must match something."""
+    files: dict[Path, str] = {}
     for entry in paths:
         p = Path(entry).expanduser()
         if p.is_file():
@@ -126,9 +147,14 @@ def list_user_files(paths: Sequence[str], exclude: Sequence[str]) -> list[Path]:
         else:
             found = [Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file()]
         if not found:
-            raise FileNotFoundError(f"`paths` entry {entry!r} matches no file")
-        files.update(f.resolve() for f in found)
-    return sorted(f for f in files if not matches_any(f.as_posix(), exclude) and not matches_any(f.name, exclude))
+            raise FileNotFoundError(f"`{key}` entry {entry!r} matches no file")
+        root = entry_root(entry)
+        for f in found:
+            f = f.resolve()
+            rel = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
+            files.setdefault(f, rel)
+    return sorted(((rel, f) for f, rel in files.items()
+                   if not matches_any(rel, exclude) and not matches_any(f.name, exclude)), key=lambda e: e[1])
 
 
 def read_text_bytes(path: Path) -> bytes:
@@ -143,6 +169,9 @@ def read_text_bytes(path: Path) -> bytes:
         raise ValueError(
             f"text file {str(path)!r} is not valid UTF-8 (byte {e.start}); exclude it or convert it"
         ) from e
+    if DOC_SEPARATOR in data:
+        raise ValueError(f"text file {str(path)!r} contains NUL bytes (byte {data.index(DOC_SEPARATOR)}): a binary "
+                         "file, not text; exclude it")
     return data
 
 
@@ -175,17 +204,23 @@ class TextDataModule(L.LightningDataModule):
     Args:
         source: ``python_stdlib`` (the running interpreter's standard library) or ``files``.
         include: globs relative to the stdlib root (``python_stdlib``), e.g. ``["email/**"]`` or ``["*.py"]``
-            (top-level modules only); ``None`` = every ``.py`` file.
+            (top-level modules only); ``None`` = every ``.py`` file. Not used with ``source: files`` (a warning
+            says so; select files with ``paths``).
         exclude: globs to drop; ``None`` = :data:`DEFAULT_STDLIB_EXCLUDE` for the stdlib, nothing for files.
         paths: files, directories or globs (``source: files``), read as UTF-8.
+        val_paths: files, directories or globs of the validation split (``source: files``); given, ``paths``
+            all go to training (or to test, see ``test_paths``) and ``val_fraction`` is not used.
+        test_paths: the same for the test split.
+        split_by: ``file`` (each file goes to one split, by the hash of its relative path) or ``position`` (every
+            file is cut: its first ``1 - val_fraction - test_fraction`` bytes train, then val, then test).
         seq_len: tokens per input; each sample holds ``seq_len + 1`` tokens.
         stride: distance between window starts (default ``seq_len``: non-overlapping).
         max_files: at most this many files per split (first in sorted order); ``None`` = all.
         max_windows: at most this many windows per split (evenly spaced); ``None`` = all.
         batch_size: windows per batch.
         num_workers: DataLoader worker processes.
-        val_fraction: share of files in the validation split.
-        test_fraction: share of files in the test split.
+        val_fraction: share of files (or, with ``split_by: position``, of every file) in the validation split.
+        test_fraction: share of files (or of every file) in the test split.
         split_seed: changes which files land in which split.
     """
 
@@ -195,6 +230,9 @@ class TextDataModule(L.LightningDataModule):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         paths: list[str] | None = None,
+        val_paths: list[str] | None = None,
+        test_paths: list[str] | None = None,
+        split_by: Literal["file", "position"] = "file",
         seq_len: int = 128,
         stride: int | None = None,
         batch_size: int = 32,
@@ -209,9 +247,13 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if source not in ("python_stdlib", "files"):
             raise ValueError(f"`source` must be 'python_stdlib' or 'files', got {source!r}")
+        if split_by not in ("file", "position"):
+            raise ValueError(f"`split_by` must be 'file' or 'position', got {split_by!r}")
         for key, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if value <= 0:
                 raise ValueError(f"`{key}` must be positive, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
         if stride is not None and stride <= 0:
             raise ValueError(f"`stride` must be positive, got {stride}")
         for key, value in (("max_files", max_files), ("max_windows", max_windows)):
@@ -222,8 +264,19 @@ class TextDataModule(L.LightningDataModule):
                 f"`val_fraction` ({val_fraction}) and `test_fraction` ({test_fraction}) must be in [0, 1) "
                 "and leave files for training"
             )
+        if (val_paths or test_paths) and source != "files":
+            raise ValueError("`val_paths`/`test_paths` need `source: files`")
+        if (val_paths or test_paths) and split_by != "file":
+            raise ValueError("`val_paths`/`test_paths` name whole files: use them with `split_by: file`")
+        if source == "files" and include:
+            rank_zero_warn(f"TextDataModule: `include` {include} is only used with `source: python_stdlib`; "
+                           "with `source: files` the files are the ones `paths` selects")
         self.tokenizer = ByteTokenizer()
         self.vocab_size = self.tokenizer.vocab_size
+        #: fraction range of every file that each split reads (``split_by: position``), else the whole file
+        self.split_ranges = {s: (0.0, 1.0) for s in SPLITS}
+        #: split -> why it is empty although its fraction is positive (raised when a stage reads it)
+        self.empty_splits: dict[str, str] = {}
         self.split_files = self._resolve_files()
         self.datasets: dict[str, TokenWindows] = {}
 
@@ -240,41 +293,75 @@ class TextDataModule(L.LightningDataModule):
         else:
             if not hp.paths:
                 raise ValueError("`paths` must list files, directories or globs when `source: files`")
-            if hp.include:
-                raise ValueError("`include` is only used with `source: python_stdlib`; list files in `paths`")
-            files = list_user_files(hp.paths, hp.exclude or [])
-            entries = [(f.as_posix(), f) for f in files]
+            entries = list_user_files(hp.paths, hp.exclude or [])
             where = f"`paths` {hp.paths} (exclude={hp.exclude})"
         if not entries:
             raise ValueError(f"no text files found in the {where}")
         out: dict[str, list[Path]] = {s: [] for s in SPLITS}
+        if hp.split_by == "position":
+            v, t = hp.val_fraction, hp.test_fraction
+            self.split_ranges = {"train": (0.0, 1 - v - t), "val": (1 - v - t, 1 - t), "test": (1 - t, 1.0)}
+            for split, fraction in zip(SPLITS, (1.0, v, t)):
+                out[split] = [path for _, path in entries] if fraction > 0 else []
+                if hp.max_files is not None:
+                    out[split] = out[split][: hp.max_files]
+            return out
+        explicit = {"val": hp.val_paths, "test": hp.test_paths}
+        if any(explicit.values()):
+            train_files = {path for _, path in entries}
+            for split, listed in explicit.items():
+                if listed:
+                    out[split] = [f for _, f in list_user_files(listed, hp.exclude or [], key=f"{split}_paths")]
+                    overlap = sorted(str(f) for f in set(out[split]) & train_files)
+                    if overlap:
+                        raise ValueError(f"`{split}_paths` and `paths` share {len(overlap)} file(s), e.g. "
+                                         f"{overlap[0]!r}: a file must be in one split only")
+            fractions = {"val": 0.0 if hp.val_paths else hp.val_fraction,
+                         "test": 0.0 if hp.test_paths else hp.test_fraction}
+        else:
+            fractions = {"val": hp.val_fraction, "test": hp.test_fraction}
         for rel, path in entries:
-            out[split_of(rel, hp.val_fraction, hp.test_fraction, hp.split_seed)].append(path)
+            out[split_of(rel, fractions["val"], fractions["test"], hp.split_seed)].append(path)
         # Very small selections: an empty val/test split borrows the train file whose hash is lowest.
         hashes = {path: path_hash(rel, hp.split_seed) for rel, path in entries}
-        for split, fraction in (("test", hp.test_fraction), ("val", hp.val_fraction)):
-            if fraction > 0 and not out[split] and len(out["train"]) > 1:
+        for split in ("test", "val"):
+            if fractions[split] > 0 and not out[split] and len(out["train"]) > 1:
                 moved = min(out["train"], key=hashes.__getitem__)
                 out["train"].remove(moved)
                 out[split].append(moved)
-        for split, fraction in zip(SPLITS, (1.0, hp.val_fraction, hp.test_fraction)):
-            if fraction > 0 and not out[split]:
-                raise ValueError(
-                    f"the {split} split is empty ({len(entries)} files in the {where}); "
-                    f"select more files or change `val_fraction`/`test_fraction`/`split_seed`"
+        for split, fraction in zip(SPLITS, (1.0, fractions["val"], fractions["test"])):
+            if fraction > 0 and not out[split]:  # an error when a stage needs the split (predict reads all files)
+                self.empty_splits[split] = (
+                    f"the {split} split is empty ({len(entries)} files in the {where}); select more files, change "
+                    f"`val_fraction`/`test_fraction`/`split_seed`, split inside files with `split_by: position`, or "
+                    f"name the files with `val_paths`/`test_paths`"
                 )
             if hp.max_files is not None:
                 out[split] = out[split][: hp.max_files]
         return out
 
+    def _read(self, path: Path, split: str) -> bytes:
+        data = read_text_bytes(path)
+        lo, hi = self.split_ranges[split]
+        if (lo, hi) == (0.0, 1.0):
+            return data
+        return data[round(lo * len(data)) : round(hi * len(data))]
+
     def load_split(self, split: str) -> TokenWindows:
-        """Read and window one split (cached on the DataModule)."""
+        """Read and window one split (cached on the DataModule); ``all`` = every selected file, whole."""
+        if split in self.empty_splits:
+            raise ValueError(self.empty_splits[split])
         if split not in self.datasets:
             hp = self.hparams
-            data = DOC_SEPARATOR.join(read_text_bytes(p) for p in self.split_files[split])
+            if split == "all":
+                files = sorted({p for s in SPLITS for p in self.split_files[s]})
+                data = DOC_SEPARATOR.join(read_text_bytes(p) for p in files)
+            else:
+                files = self.split_files[split]
+                data = DOC_SEPARATOR.join(self._read(p, split) for p in files)
             tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
             ds = TokenWindows(tokens, hp.seq_len, hp.stride or hp.seq_len, hp.max_windows)
-            if len(ds) == 0 and self.split_files[split]:
+            if len(ds) == 0 and files:
                 raise ValueError(
                     f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = {hp.seq_len + 1}; "
                     "lower `seq_len` or add files"
@@ -282,14 +369,21 @@ class TextDataModule(L.LightningDataModule):
             self.datasets[split] = ds
         return self.datasets[split]
 
+    def preflight(self, stage: str) -> None:
+        """Read the stage's splits now (``callbacks.protocols.DataPreflight``): an unreadable, non-UTF-8 or binary
+        file, or a split too short for one window, fails before any run folder exists. ``setup`` reuses them."""
+        self.setup(stage)
+
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("all",)}
         for split in splits.get(stage or "", SPLITS):
-            self.load_split(split)
+            if split in ("all", "train") or self.split_files[split] or split in self.empty_splits:
+                self.load_split(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self.load_split(split), self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers
+            self.load_split(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -302,4 +396,5 @@ class TextDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        """Every selected file (the text to score), not only the test split."""
+        return self._loader("all", False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.text import ByteTokenizer
 from models.adapters.lora import count_parameters
-from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable
+from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable, weights_fingerprint
 from models.lm.gpt import GPT, Config, load_pretrained
 
 PRETRAIN_COMMAND = "python -m cli fit --config configs/gpt_pretrain.yaml"
@@ -67,9 +69,12 @@ class GPTLanguageModel(L.LightningModule):
                 f"`{PRETRAIN_COMMAND}` (it writes runs/gpt_pretrain/checkpoints/last.ckpt), "
                 "or point --model.pretrained_path at your own checkpoint"
             )
-        if lr <= 0 or warmup_steps < 0 or sample_tokens < 0:
+        if not lr > 0 or not math.isfinite(lr) or warmup_steps < 0 or sample_tokens < 0:
             raise ValueError(f"`lr` must be positive, `warmup_steps` and `sample_tokens` >= 0, "
                              f"got {lr}, {warmup_steps}, {sample_tokens}")
+        if weight_decay < 0 or cache_max_memory_mb <= 0:
+            raise ValueError(f"`weight_decay` must be >= 0 and `cache_max_memory_mb` positive, got {weight_decay}, "
+                             f"{cache_max_memory_mb}")
         self.model = GPT(config)
         if pretrained_path is not None:
             load_pretrained(self.model, pretrained_path)
@@ -83,6 +88,21 @@ class GPTLanguageModel(L.LightningModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Windows must fit the context and tokens the vocabulary (``callbacks.protocols.DataCompatibility``)."""
+        cfg, hp = self.model.config, getattr(datamodule, "hparams", {})
+        seq_len = hp.get("seq_len") if hasattr(hp, "get") else None
+        if seq_len is not None and seq_len > cfg.block_size:
+            raise ValueError(f"data.seq_len ({seq_len}) exceeds model.config.block_size ({cfg.block_size}); "
+                             "lower data.seq_len or raise block_size")
+        vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is not None and vocab > cfg.vocab_size:
+            raise ValueError(f"the data's tokenizer has {vocab} tokens but model.config.vocab_size is {cfg.vocab_size}")
+
+    def trained_weights_source(self) -> str | None:
+        """``pretrained_path``, when given (``predict`` then needs no ``--ckpt_path``)."""
+        return self.hparams.pretrained_path
 
     def on_fit_start(self) -> None:
         if self.logger is not None:
@@ -118,11 +138,13 @@ class GPTLanguageModel(L.LightningModule):
             shapes["skip"] = (len(self.model.skip_indices), seq_len, cfg.n_embd)
         num_samples = len(dataset)
         return SkipCache(num_samples, shapes, hp.cache_dtype, hp.cache_dir, hp.cache_max_memory_mb,
-                         hp.cache_storage, tag=f"rank{self.global_rank}_")
+                         hp.cache_storage, tag=f"rank{self.global_rank}_",
+                         fingerprint=weights_fingerprint(self.model.backbone_modules()))
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
         if self.cache is not None:
+            self.cache.check_fingerprint(weights_fingerprint(self.model.backbone_modules()))
             self.cache.reset_stats()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -180,6 +202,38 @@ class GPTLanguageModel(L.LightningModule):
         self.test_loss.reset()
         self.log("test/loss", loss)
         self.log("test/ppl", loss.exp())
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-window mean next-token loss (nats per byte) of the given text: ``{"index", "loss", "tokens"}``."""
+        logits = self(batch["input_ids"]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")  # (B, T)
+        return {"index": batch["index"], "loss": nll.mean(1), "tokens": torch.full_like(batch["index"], nll.size(1))}
+
+    def on_predict_epoch_end(self) -> None:
+        """Print the text's loss and perplexity and, with ``sample_tokens`` > 0, a continuation of
+        ``sample_prompt``; both also go to ``predictions.txt`` in the run folder."""
+        outputs = self.trainer.predict_loop.predictions
+        flat = [o for group in outputs for o in (group if isinstance(group, list) else [group])] \
+            if outputs and isinstance(outputs[0], list) else list(outputs or [])
+        lines = []
+        if flat:
+            losses = torch.cat([o["loss"] for o in flat]).double()
+            tokens = torch.cat([o["tokens"] for o in flat]).double()
+            mean = float((losses * tokens).sum() / tokens.sum())
+            lines.append(f"predict: {len(losses)} windows, {int(tokens.sum())} tokens, loss {mean:.4f} nats/token, "
+                         f"perplexity {math.exp(mean):.3f}")
+        if self.hparams.sample_tokens:
+            tok = ByteTokenizer()
+            prompt = tok.encode(self.hparams.sample_prompt or "\n").unsqueeze(0).to(self.device)
+            g = torch.Generator(device=self.device).manual_seed(0)
+            out = self.model.generate(prompt, self.hparams.sample_tokens, temperature=0.8, top_k=20, generator=g)
+            lines.append("sample:\n" + tok.decode(out[0].tolist()))
+        if self.global_rank == 0 and lines:
+            text = "\n".join(lines) + "\n"
+            sys.stdout.write(text)
+            if self.trainer.log_dir is not None:
+                Path(self.trainer.log_dir).mkdir(parents=True, exist_ok=True)
+                (Path(self.trainer.log_dir) / "predictions.txt").write_text(text)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import lightning as L
@@ -49,7 +50,26 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for key, value, ok, rule in (
+            ("num_classes", num_classes, num_classes >= 1, ">= 1"),
+            ("img_size", img_size, img_size >= 1, ">= 1"),
+            ("patch_size", patch_size, patch_size is None or patch_size >= 1, ">= 1 or null"),
+            ("lora_r", lora_r, finetune != "lora" or lora_r >= 1, ">= 1"),
+            ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
+            ("lr", lr, lr > 0 and math.isfinite(lr), "positive"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+        ):
+            if not ok:
+                raise ValueError(f"`{key}` must be {rule}, got {value}")
+        if patch_size is not None and img_size % patch_size:
+            raise ValueError(f"`img_size` ({img_size}) is not a multiple of `patch_size` ({patch_size}): the last "
+                             f"{img_size % patch_size} pixel rows and columns would be silently dropped")
         self.backbone = create_vit(backbone, img_size, pretrained_file=pretrained_file, patch_size=patch_size)
+        own = getattr(getattr(self.backbone, "patch_embed", None), "patch_size", None)
+        own = own[0] if isinstance(own, (tuple, list)) else own
+        if patch_size is None and isinstance(own, int) and img_size % own:
+            raise ValueError(f"`img_size` ({img_size}) is not a multiple of {backbone}'s patch size ({own}): the last "
+                             f"{img_size % own} pixel rows and columns would be silently dropped")
         if finetune != "full":
             freeze(self.backbone)
         if finetune == "lora":
@@ -60,6 +80,16 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Image size and class count must fit the data (``callbacks.protocols.DataCompatibility``)."""
+        size = getattr(getattr(datamodule, "hparams", {}), "get", lambda k: None)("image_size")
+        if size is not None and size != self.hparams.img_size:
+            raise ValueError(f"data.image_size ({size}) differs from model.img_size ({self.hparams.img_size}); "
+                             "set both to the same value")
+        classes = getattr(datamodule, "num_classes", None)
+        if classes is not None and classes > self.hparams.num_classes:
+            raise ValueError(f"the data has {classes} classes but model.num_classes is {self.hparams.num_classes}")
 
     def on_fit_start(self) -> None:
         if self.logger is not None:

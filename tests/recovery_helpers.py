@@ -4,6 +4,7 @@ that can fake out-of-memory errors and NaNs at chosen steps, and records the sam
 from __future__ import annotations
 
 import os
+import signal
 
 import lightning as L
 import torch
@@ -154,10 +155,18 @@ def trainer(tmp_path, callbacks=(), max_epochs=2, **kw) -> L.Trainer:
 
 class FaultInjector(L.Callback):
     """Kills the process (``os._exit``, no cleanup) after ``kill_at_step`` optimizer steps, before that
-    step's checkpoint; at the end of fit saves the trainable weights and the recovery callbacks' states."""
+    step's checkpoint, or sends it SIGTERM when step ``sigterm_at_step`` starts; at the end of fit saves the
+    trainable weights and the recovery callbacks' states."""
 
-    def __init__(self, kill_at_step: int | None = None, save_final_to: str = "final.pt") -> None:
+    def __init__(self, kill_at_step: int | None = None, save_final_to: str = "final.pt",
+                 sigterm_at_step: int | None = None) -> None:
         self.kill_at_step, self.save_final_to = kill_at_step, save_final_to
+        self.sigterm_at_step = sigterm_at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # SIGTERM as a scheduler sends it: while a step runs (here: as it starts), not between steps.
+        if self.sigterm_at_step is not None and trainer.global_step == self.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.kill_at_step:

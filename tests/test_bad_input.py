@@ -4,9 +4,11 @@ existing ``runs/`` output left byte-identical. Extend ``CASES`` with ``(config, 
 Paths in args may use the files made by ``FILES`` (relative to the test's working directory).
 """
 
+import io
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cli_helpers import REPO, run_cli
 
@@ -14,12 +16,32 @@ DIGITS = "configs/vit_lora_digits.yaml"
 TRACKNET = "configs/tracknet_lora.yaml"
 GPT = "configs/gpt_pretrain.yaml"
 
-#: files created in the working directory before each case
+class _RunsCode:
+    """Unpickling this runs ``exec``: were it ever loaded, the test process would exit with status 99."""
+
+    def __reduce__(self):
+        return exec, ("raise SystemExit(99)",)
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+#: files created in the working directory before each case (str: UTF-8 text, bytes: as is)
 FILES = {
     "typo.yaml": "trainer:\n  max_epoch: 2\n",
     "broken.yaml": "model: [a, b\ndata: 1\n",
     "garbage.safetensors": "\x00\x01 not a safetensors file",
     "a_directory/keep": "",
+    "evil.ckpt": _torch_bytes({"state_dict": {}, "hyper_parameters": _RunsCode()}),
+    "plain_state_dict.ckpt": _torch_bytes({"weight": torch.zeros(2)}),
+    "gpt_run.ckpt": _torch_bytes({"state_dict": {}, "hyper_parameters": {
+        "_class_path": "lightning_modules.gpt.GPTLanguageModel", "lr": 0.002}}),
+    "text/latin1.txt": "caf\xe9 ".encode("latin-1") * 200,
+    "text/binary.txt": b"text" * 100 + b"\x00\x01\x02" + b"text" * 100,
+    "text/good.txt": "hello world " * 200,
 }
 
 CASES = [
@@ -55,11 +77,44 @@ CASES = [
     (TRACKNET, ["--model.reference_size", "[512, 0]"], "reference_size"),
     (TRACKNET, ["--model.peak_method", "argmax"], "peak_method"),
     (TRACKNET, ["--model.temporal_ensemble", "true"], "temporal_ensemble needs output_frames: all"),
-    (GPT, ["--data.source", "files", "--data.include", "null", "--data.paths", "[/missing_dir/*.txt]"],
-     "/missing_dir/*.txt"),
+    # (source: files no longer needs `--data.include null`)
+    (GPT, ["--data.source", "files", "--data.paths", "[/missing_dir/*.txt]"], "/missing_dir/*.txt"),
     (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],
      "skip2lora_block_indices"),
     (GPT, ["--model.config.n_embd", "130"], "n_embd"),
+    # sizes that do not fit together across model and data (checked before any run folder exists)
+    (GPT, ["--data.seq_len", "256"], "data.seq_len (256) exceeds model.config.block_size (128)"),
+    (DIGITS, ["--data.image_size", "16"], "data.image_size (16) differs from model.img_size (32)"),
+    (DIGITS, ["--model.num_classes", "5"], "the data has 10 classes but model.num_classes is 5"),
+    (DIGITS, ["--model.img_size", "30", "--data.image_size", "30"],
+     "`img_size` (30) is not a multiple of `patch_size`"),
+    # learning rates, fractions and Trainer arguments out of range
+    (DIGITS, ["--model.lr", "-0.1"], "model (ImageClassifier): `lr` must be positive"),
+    (DIGITS, ["--model.weight_decay", "-1"], "`weight_decay` must be >= 0"),
+    (GPT, ["--model.lr", "0"], "`lr` must be positive"),
+    (DIGITS, ["--data.val_fraction", "1.5"], "data (DigitsDataModule): val_fraction"),
+    (DIGITS, ["--data.test_fraction", "-0.2"], "data (DigitsDataModule): val_fraction"),
+    (GPT, ["--data.val_fraction", "-0.1"], "data (TextDataModule): `val_fraction`"),
+    (DIGITS, ["--trainer.max_epochs", "-5"], "trainer.max_epochs must be >= -1"),
+    (DIGITS, ["--trainer.limit_val_batches", "-1"], "trainer.limit_val_batches must be >= 0"),
+    (DIGITS, ["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be >= 1"),
+    (DIGITS, ["--trainer.precision", "13"], "trainer.precision"),
+    (DIGITS, ["--trainer.devices", "0"], "trainer: "),
+    # data that cannot be read names the file
+    (GPT, ["--data.source", "files", "--data.paths", "[text/latin1.txt, text/good.txt]", "--data.val_fraction", "0",
+           "--data.test_fraction", "0", "--data.seq_len", "16"], "latin1.txt' is not valid UTF-8"),
+    (GPT, ["--data.source", "files", "--data.paths", "[text/binary.txt, text/good.txt]", "--data.val_fraction", "0",
+           "--data.test_fraction", "0", "--data.seq_len", "16"], "binary.txt' contains NUL bytes"),
+    (GPT, ["--data.source", "files", "--data.paths", "[text/good.txt]"], "the val split is empty"),
+    # checkpoints: never unpickled unsafely; truncated, foreign, other model or no earlier run: one line
+    (GPT, ["--model.pretrained_path", "evil.ckpt"], "'builtins.exec', which could run code"),
+    (DIGITS, ["--ckpt_path", "evil.ckpt"], "'builtins.exec', which could run code"),
+    (DIGITS, ["--ckpt_path", "last"], "is truncated or not a PyTorch checkpoint"),  # the "precious" last.ckpt
+    (DIGITS, ["--ckpt_path", "plain_state_dict.ckpt"], "is not a Lightning checkpoint"),
+    (DIGITS, ["--ckpt_path", "gpt_run.ckpt"], "model (class): 'lightning_modules.gpt.GPTLanguageModel' -> "
+                                              "'lightning_modules.image_classifier.ImageClassifier'"),
+    (DIGITS, ["--ckpt_path", "last", "--trainer.logger.init_args.name", "never_ran"],
+     "ckpt_path 'last': no earlier run of this config"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),
@@ -75,9 +130,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("config, args, expected", CASES,
                          ids=[f"{Path(c).stem}:{' '.join(a)[:40]}" for c, a, _ in CASES])
 def test_bad_input_fails_clearly_before_training(in_tmp, capsys, config, args, expected):
-    for name, text in FILES.items():
+    for name, content in FILES.items():
         (in_tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        (in_tmp / name).write_text(text)
+        if isinstance(content, bytes):
+            (in_tmp / name).write_bytes(content)
+        else:
+            (in_tmp / name).write_text(content)
     run = in_tmp / "runs" / Path(config).stem / "version_0"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"precious weights")

@@ -179,3 +179,21 @@ def test_generate_greedy_and_sampled():
     assert torch.equal(a, model.generate(prompt, 40, temperature=0))  # top-1 sampling is greedy
     long = model.generate(torch.zeros(1, 30, dtype=torch.long), 10)  # beyond block_size=32: window slides
     assert long.shape == (1, 40)
+
+
+def test_skip2lora_branches_are_saved_under_their_block_index():
+    """Branches for blocks [1, 3] are saved as skip2lora.1.* and skip2lora.3.*; a model whose branches read other
+    blocks cannot load them silently, while the same selection loads exactly."""
+    cfg = dict(TINY, n_layer=4, skip2lora_enabled=True, skip2lora_r=2)
+    src = _model(**cfg, skip2lora_block_indices=[1, 3])
+    _randomise_adapters(src)
+    state = src.state_dict()
+    assert sorted(k for k in state if k.startswith("skip2lora.")) == [
+        "skip2lora.1.lora_A", "skip2lora.1.lora_B", "skip2lora.3.lora_A", "skip2lora.3.lora_B"]
+    same = _model(seed=1, **cfg, skip2lora_block_indices=[-3, -1])  # the same blocks, written from the end
+    same.load_state_dict(state)
+    idx = torch.randint(0, 256, (2, 8))
+    assert torch.equal(same(idx), src(idx))
+    other = _model(**cfg, skip2lora_block_indices=[0, 1])
+    with pytest.raises(RuntimeError, match=r"(?s)skip2lora\.0\..*skip2lora\.3\."):
+        other.load_state_dict(state)

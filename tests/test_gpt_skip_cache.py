@@ -197,3 +197,45 @@ def test_lightning_over_budget_fails_before_the_first_step(tmp_path):
     with pytest.raises(MemoryError, match=r"needs 0.1 MiB \(24 samples.*over the budget of 0.01 MiB"):
         trainer.fit(model, dm)
     assert trainer.global_step == 0
+
+
+def test_two_caches_sharing_a_cache_dir_keep_their_own_files_and_crash_leftovers_go(tmp_path):
+    """Same cache_dir, same tag: each cache has its own folder; closing one leaves the other intact; a folder
+    left by a dead process (SIGKILL) is deleted when the next cache starts."""
+    import os
+    import socket
+
+    a = SkipCache(4, SHAPES, cache_dir=tmp_path, storage="disk", tag="rank0_", fingerprint="x")
+    b = SkipCache(4, SHAPES, cache_dir=tmp_path, storage="disk", tag="rank0_", fingerprint="x")
+    assert a.folder != b.folder and not set(a.files) & set(b.files)
+    feats = _features(4)
+    b.put(torch.arange(4), feats)
+    a.close()
+    assert not a.folder and all(f.is_file() for f in b.files)
+    assert torch.equal(b.get(torch.arange(4))["final"], feats["final"])
+    host = socket.gethostname().replace("-", "_")
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = tmp_path / f"skipcache-{host}-{dead}-deadbeef"
+    stale.mkdir()
+    (stale / "rank0_final.float32.bin").write_bytes(b"0" * 16)
+    live = tmp_path / f"skipcache-{host}-{os.getppid()}-cafecafe"  # a live process: kept
+    live.mkdir()
+    c = SkipCache(4, SHAPES, cache_dir=tmp_path, storage="disk")
+    assert not stale.exists() and live.exists() and all(f.is_file() for f in b.files)
+    b.close()
+    c.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+def test_stale_cache_is_refused_when_frozen_weights_change():
+    from models.cache.skip_cache import SkipCacheStale, weights_fingerprint
+
+    model = GPT(Config(**SKIP))
+    fp = weights_fingerprint(model.backbone_modules())
+    cache = SkipCache(4, SHAPES, fingerprint=fp)
+    cache.put(torch.arange(2), {k: v[:2] for k, v in _features(4).items()})
+    cache.check_fingerprint(weights_fingerprint(model.backbone_modules()))  # unchanged: fine
+    with torch.no_grad():
+        model.blocks[1].attn.query.weight[0, 0] += 1e-3
+    with pytest.raises(SkipCacheStale, match="frozen weights changed"):
+        cache.check_fingerprint(weights_fingerprint(model.backbone_modules()))

@@ -26,12 +26,25 @@ def run_cli_process(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.slow
-def test_killed_mid_epoch_then_resumed_equals_uninterrupted_run(tmp_path):
-    (a := tmp_path / "uninterrupted").mkdir()
-    (b := tmp_path / "killed").mkdir()
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The final weights of the shrunk robust run, uninterrupted (shared by the kill and SIGTERM tests)."""
+    a = tmp_path_factory.mktemp("uninterrupted")
     res = run_cli_process(a)
     assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(a / "final.pt", weights_only=False)
+
+
+def assert_same_final_weights(full: dict, resumed: dict) -> None:
+    assert full["global_step"] == resumed["global_step"] == 10
+    assert full["weights"].keys() == resumed["weights"].keys()
+    for name, w in full["weights"].items():
+        assert torch.equal(w, resumed["weights"][name]), name
+
+
+@pytest.mark.slow
+def test_killed_mid_epoch_then_resumed_equals_uninterrupted_run(tmp_path, uninterrupted):
+    (b := tmp_path / "killed").mkdir()
     res = run_cli_process(b, "--trainer.callbacks.kill_at_step", "7")  # mid epoch 1; last checkpoint at step 6
     assert res.returncode == 17, res.stderr[-3000:]
     ckpt_dir = b / "runs/vit_lora_digits_robust/version_0/checkpoints"
@@ -41,14 +54,27 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted_run(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "not resumable" not in res.stderr  # Lightning's warning for plain DataLoaders
     assert not (b / "runs/vit_lora_digits_robust/version_1").exists()  # resumed in place
-    full, resumed = (torch.load(d / "final.pt", weights_only=False) for d in (a, b))
-    assert full["global_step"] == resumed["global_step"] == 10
-    assert full["weights"].keys() == resumed["weights"].keys()
-    for name, w in full["weights"].items():
-        assert torch.equal(w, resumed["weights"][name]), name
+    full, resumed = uninterrupted, torch.load(b / "final.pt", weights_only=False)
+    assert_same_final_weights(full, resumed)
     # the callbacks' own state came back from the checkpoint: 10 good batches in all, not 4
     assert resumed["callbacks"]["StabilityMonitor"]["good_batches"] == 10
     assert resumed["callbacks"]["StabilityMonitor"]["history"] == full["callbacks"]["StabilityMonitor"]["history"]
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_nonzero(tmp_path, uninterrupted):
+    """SIGTERM while step 4 runs (mid epoch 0; the last periodic checkpoint is at step 3): the run saves last.ckpt
+    after that step, exits 143, and resuming it ends with exactly the uninterrupted run's weights."""
+    res = run_cli_process(tmp_path, "--trainer.callbacks.sigterm_at_step", "4")
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert "stopped by SIGTERM" in res.stderr and "--ckpt_path last" in res.stderr
+    ckpt_dir = tmp_path / "runs/vit_lora_digits_robust/version_0/checkpoints"
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 5  # not the periodic step 3
+    assert not (tmp_path / "final.pt").exists()  # fit did not end
+    res = run_cli_process(tmp_path, "--ckpt_path", "last")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (tmp_path / "runs/vit_lora_digits_robust/version_1").exists()  # resumed in place
+    assert (tmp_path / "runs/vit_lora_digits_robust/version_0/config.resume-1.yaml").is_file()  # original kept
+    assert_same_final_weights(uninterrupted, torch.load(tmp_path / "final.pt", weights_only=False))
 
 
 def test_atomic_save_never_leaves_a_corrupt_checkpoint(tmp_path, monkeypatch):

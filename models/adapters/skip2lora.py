@@ -21,10 +21,36 @@ class Skip2LoRA(nn.ModuleList):
         num_branches: number of selected blocks (K).
         r: rank of every branch.
         alpha: LoRA alpha of every branch (scaling ``alpha / r``).
+        block_indices: the block each branch reads (its key in the state dict); default ``0..K-1``.
     """
 
-    def __init__(self, dim: int, num_branches: int, r: int, alpha: float) -> None:
+    def __init__(self, dim: int, num_branches: int, r: int, alpha: float,
+                 block_indices: list[int] | None = None) -> None:
         super().__init__(LoRAAdapter(dim, dim, r, alpha) for _ in range(num_branches))
+        if block_indices is not None and len(block_indices) != num_branches:
+            raise ValueError(f"block_indices {block_indices} must name {num_branches} blocks")
+        self.block_indices = list(range(num_branches)) if block_indices is None else list(block_indices)
+        # Saved under the block index (``skip2lora.<block>.lora_A``), not the position in this list, so a branch
+        # can only load onto the block it was trained on.
+        self._register_state_dict_hook(Skip2LoRA._positions_to_blocks)
+        self._register_load_state_dict_pre_hook(self._blocks_to_positions)
+
+    @staticmethod
+    def _rename(state: dict, prefix: str, mapping: dict[int, int]) -> None:
+        renamed = {}
+        for key in [k for k in state if k.startswith(prefix)]:
+            head, _, tail = key[len(prefix):].partition(".")
+            if head.isdigit() and int(head) in mapping:
+                renamed[f"{prefix}{mapping[int(head)]}.{tail}"] = state.pop(key)
+        state.update(renamed)
+
+    @staticmethod
+    def _positions_to_blocks(module: "Skip2LoRA", state: dict, prefix: str, local_metadata: dict) -> dict:
+        Skip2LoRA._rename(state, prefix, dict(enumerate(module.block_indices)))
+        return state
+
+    def _blocks_to_positions(self, state: dict, prefix: str, *args) -> None:
+        Skip2LoRA._rename(state, prefix, {b: i for i, b in enumerate(self.block_indices)})
 
     def forward(self, skip: torch.Tensor) -> torch.Tensor:
         """``sum_i scaling_i * h_i A_i^T B_i^T``: the same as summing each branch's output, in two batched

@@ -11,12 +11,25 @@ epoch they are computed, so every epoch trains on identical features; the approx
 an uncached float32 run (see ``tests/test_gpt_skip_cache.py``, which measures it).
 
 The cache is valid only while everything upstream is frozen and deterministic: :func:`check_cacheable`
-refuses (naming the reason) when something upstream trains, carries standard LoRA or has active dropout.
+refuses (naming the reason) when something upstream trains, carries standard LoRA or has active dropout, and
+:func:`weights_fingerprint` (a SHA-256 of the frozen weights) is recorded with the cache: a cache whose frozen
+weights have changed since it was filled is refused (:class:`SkipCacheStale`) instead of serving stale features.
+
+On disk, every cache lives in its own folder ``<cache_dir>/skipcache-<host>-<pid>-<random>/`` (with an
+``owner.json``), so two runs sharing a ``cache_dir`` never touch each other's files. The folder is deleted by
+:meth:`SkipCache.close`, at interpreter exit, and, after a crash (SIGKILL), by the next cache created on that host
+in the same ``cache_dir`` (folders whose process is gone).
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
+import os
 import shutil
+import socket
+import uuid
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -37,6 +50,46 @@ RELATIVE_ROUNDING_ERROR = {"float32": 0.0, "bfloat16": 2.0**-8, "float16": 2.0**
 
 class SkipCacheRefused(ValueError):
     """The model is not eligible for caching; the message names the reason."""
+
+
+class SkipCacheStale(ValueError):
+    """The frozen weights changed after the cache was filled; its features are stale."""
+
+
+@torch.no_grad()
+def weights_fingerprint(modules: dict[str, nn.Module]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of every parameter and buffer of ``modules``."""
+    h = hashlib.sha256()
+    for prefix, module in sorted(modules.items()):
+        for name, t in sorted(module.state_dict(prefix=prefix + ".").items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_caches(cache_dir: str | Path) -> list[Path]:
+    """Delete cache folders under ``cache_dir`` left by crashed processes of this host; returns them."""
+    removed = []
+    for folder in Path(cache_dir).glob(f"skipcache-{_HOST}-*-*"):
+        parts = folder.name.split("-")
+        if len(parts) == 4 and parts[2].isdigit() and int(parts[2]) != os.getpid() and not _pid_alive(int(parts[2])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _names(names: list[str]) -> str:
@@ -84,7 +137,9 @@ class SkipCache:
         cache_dir: folder for disk-backed arrays (used when ``storage`` is ``disk``, or ``auto`` over budget).
         max_memory_mb: in-memory budget. ``auto``: over budget -> disk if ``cache_dir`` is set, else an error.
         storage: ``auto``, ``memory`` or ``disk``.
-        tag: file name prefix on disk (e.g. the DDP rank, so ranks never share files).
+        tag: file name prefix on disk (e.g. the DDP rank).
+        fingerprint: :func:`weights_fingerprint` of the frozen weights whose outputs are cached
+            (:meth:`check_fingerprint` refuses a cache filled from other weights).
 
     Raises:
         MemoryError: the cache does not fit the budget (or the disk) and there is nowhere else to put it;
@@ -100,6 +155,7 @@ class SkipCache:
         max_memory_mb: float = 2048.0,
         storage: Storage = "auto",
         tag: str = "",
+        fingerprint: str | None = None,
     ) -> None:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"cache dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
@@ -124,15 +180,24 @@ class SkipCache:
         else:
             self.storage = "memory"
         self.files: list[Path] = []
+        self.folder: Path | None = None
+        self.fingerprint = fingerprint
         if self.storage == "disk":
-            folder = Path(cache_dir).expanduser()
-            folder.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(folder).free
+            root = Path(cache_dir).expanduser()
+            root.mkdir(parents=True, exist_ok=True)
+            clean_stale_caches(root)
+            free = shutil.disk_usage(root).free
             if self.nbytes > free:
                 raise MemoryError(
-                    f"Skip-Cache needs {size} on disk but {str(folder)!r} has {free / 2**20:.0f} MiB free"
+                    f"Skip-Cache needs {size} on disk but {str(root)!r} has {free / 2**20:.0f} MiB free"
                 )
-            self.files = [folder / f"{tag}{name}.{dtype}.bin" for name in self.shapes]
+            self.folder = root / f"skipcache-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.folder.mkdir()
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "fingerprint": fingerprint, "dtype": dtype,
+                     "num_samples": num_samples, "shapes": {k: list(v) for k, v in self.shapes.items()}}
+            (self.folder / "owner.json").write_text(json.dumps(owner, indent=1))
+            self.files = [self.folder / f"{tag}{name}.{dtype}.bin" for name in self.shapes]
+            atexit.register(self.close)
         self.data: dict[str, torch.Tensor] = {}
         for i, (name, shape) in enumerate(self.shapes.items()):
             if self.storage == "disk":
@@ -214,9 +279,22 @@ class SkipCache:
             out[name] = full
         return out
 
+    def check_fingerprint(self, fingerprint: str) -> None:
+        """Raise :class:`SkipCacheStale` when the frozen weights are not the ones the cache was filled from."""
+        if self.fingerprint is not None and fingerprint != self.fingerprint and len(self):
+            raise SkipCacheStale(
+                f"Skip-Cache refused: the frozen weights changed after {len(self)} samples were cached (fingerprint "
+                f"{self.fingerprint[:12]} -> {fingerprint[:12]}); the cached features are stale. Something modified "
+                "the frozen backbone during training: keep it frozen, or turn skip_cache off"
+            )
+
     def close(self) -> None:
-        """Drop the arrays and delete the disk files."""
+        """Drop the arrays and delete the disk files (the cache's own folder)."""
         self.data.clear()
         for f in self.files:
             f.unlink(missing_ok=True)
         self.files = []
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+        atexit.unregister(self.close)

@@ -27,6 +27,7 @@ from models.adapters.lora import inject_lora, mark_only_lora_as_trainable
 from models.adapters.skip2lora import Skip2LoRA
 from models.layers.create import create_mlp, create_norm
 from models.layers.rotary import apply_rope, rope_cache
+from models.utils.checkpoint import CheckpointError, safe_load
 
 #: Fields that define the weights' shapes; a checkpoint must agree on them.
 ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "norm_class", "mlp_class",
@@ -202,7 +203,8 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         self.skip_indices = config.skip_indices
-        self.skip2lora = Skip2LoRA(config.n_embd, len(self.skip_indices), config.skip2lora_r, config.skip2lora_alpha)
+        self.skip2lora = Skip2LoRA(config.n_embd, len(self.skip_indices), config.skip2lora_r, config.skip2lora_alpha,
+                                  block_indices=self.skip_indices)
         if config.lora_enabled:
             inject_lora(self, lora_target_patterns(config), r=config.lora_r, lora_alpha=config.lora_alpha,
                         lora_dropout=config.lora_dropout)
@@ -294,9 +296,12 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path)), None
-    # Our own Lightning checkpoints carry the Config dataclass, which needs full unpickling.
-    obj = torch.load(path, map_location="cpu", weights_only=path.suffix != ".ckpt")
+        try:
+            return load_file(str(path)), None
+        except Exception as e:  # safetensors raises its own error type on a truncated or foreign file
+            raise CheckpointError(f"GPT checkpoint {str(path)!r} is not a readable safetensors file ({e})") from e
+    # weights_only loading; our own Config dataclass (in a checkpoint's hyper-parameters) is let through.
+    obj = safe_load(path, what="GPT checkpoint")
     config = None
     if isinstance(obj, dict) and "state_dict" in obj:
         cfg = (obj.get("hyper_parameters") or {}).get("config")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+#: ``.<name>.tmp-<pid>``: the temporary file :func:`atomic_path` writes before the rename.
+_TMP = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 @contextmanager
@@ -26,3 +30,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files that a killed :func:`atomic_path` writer left in ``folder`` (their process
+    is gone); files of a live process are kept. Returns the deleted paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.rglob(".*.tmp-*") if recursive else folder.glob(".*.tmp-*"):
+        match = _TMP.match(p.name)
+        if match and p.is_file() and not _alive(int(match[1])):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
