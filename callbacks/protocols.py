@@ -74,3 +74,12 @@ class ClassIncrementalData(Protocol):
     def task_dataset(self, split: str, task: int) -> Dataset: ...
 
     def loader(self, dataset: Dataset) -> DataLoader: ...
+
+
+@runtime_checkable
+class MemoryDiagnostics(Protocol):
+    """A module whose memory reports diagnostics, read by ``Phase2Diagnostics`` after every training batch."""
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Detached 0-dim tensors by name from the last forward (no host sync); NaN where undefined."""
+        ...
