@@ -4,10 +4,10 @@ document resets) and one test per defect of the public code it replaces."""
 import pytest
 import torch
 
-from models.lm.phase2 import BK_AVAILABLE, PRESETS, Phase2Config, Phase2LM, bk_mix
+from models.lm.phase2 import PRESETS, Phase2Config, Phase2LM, bk_mix
 
 F64 = torch.float64
-BK = [False, pytest.param(True, marks=pytest.mark.skipif(not BK_AVAILABLE, reason="bk_mixer.py not merged"))]
+BK = [False, True]
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +127,6 @@ def test_raising_base_decay_shortens_the_memory(bk, seed):
     assert far[2] < 1e-4 * far[0]
 
 
-@pytest.mark.skipif(not BK_AVAILABLE, reason="bk_mixer.py not merged")
 def test_gamma_enters_the_bk_operator():
     """Defect: Gamma computed but never used. With the memory's output zeroed, Gamma's projection still gets a
     gradient (through the BK potential only), and the BK output depends on Gamma."""
@@ -146,7 +145,6 @@ def test_gamma_enters_the_bk_operator():
     assert (y1 - y2).abs().max() > 1e-6
 
 
-@pytest.mark.skipif(not BK_AVAILABLE, reason="bk_mixer.py not merged")
 def test_bk_mix_without_resets_is_the_mixer_forward():
     block = tiny(True).blocks[0]
     h = torch.randn(2, 19, 16, dtype=F64)

@@ -13,7 +13,7 @@ token mixers on the same normalised input h, then an MLP:
 * ``BK`` is the resolvent mixer of the Phase 1 family (:class:`models.layers.bk_mixer.BKMixer`) with Gamma as the
   imaginary part of its potential, a_t - i (eta + Gamma_t): each head's Gamma covers its d_model / n_heads
   channels. A larger Gamma shrinks |g_t| and with it the coupling of a token to the past. ``bk_enabled: false``
-  drops the BK branch (the model then needs no ``models/layers/bk_mixer.py``).
+  drops the BK branch (an ablation).
 
 Documents: a ``reset_token`` (default 0, the NUL byte that :class:`datamodules.text.TextDataModule` puts between
 files) starts a new document: both mixers forget everything before it (the memory is zeroed before that token's
@@ -25,23 +25,16 @@ State: ``forward(idx)`` starts from an empty state every call (nothing persists 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layers.bk_mixer import BKMixer, resolvent_diagonal
 from models.layers.create import create_mlp, create_norm
 from models.layers.fast_weights import DissipativeHebbianMemory, FastWeightState
-
-try:  # the BK mixer lives on the Phase 1 branch; the model works without it when bk_enabled is false
-    from models.layers import bk_mixer as _bk
-except ImportError:  # pragma: no cover - depends on the checkout
-    _bk = None
-
-BK_AVAILABLE = _bk is not None
 
 #: Size presets (issue 11): d_model, layers, heads x head_dim; the training sequence length is a data key.
 PRESETS: dict[str, dict[str, int]] = {
@@ -121,9 +114,6 @@ class Phase2Config:
         if self.use_triton:
             raise ValueError("config.use_triton: there is no Triton kernel for the Phase 2 model yet (the chunked "
                              "PyTorch scan runs on every device); set use_triton: false")
-        if self.bk_enabled and not BK_AVAILABLE:
-            raise ValueError("config.bk_enabled: models/layers/bk_mixer.py (the Phase 1 BK mixer) is not in this "
-                             "checkout; set bk_enabled: false")
         self.gamma_bounds, self.eta_bounds = tuple(self.gamma_bounds), tuple(self.eta_bounds)
 
     @property
@@ -149,7 +139,7 @@ class LayerState(NamedTuple):
     memory: FastWeightState
 
 
-def bk_mix(mixer: nn.Module, x: Tensor, decay: Tensor, state: Tensor | None, reset: Tensor | None
+def bk_mix(mixer: BKMixer, x: Tensor, decay: Tensor, state: Tensor | None, reset: Tensor | None
            ) -> tuple[Tensor, Tensor]:
     """BKMixer forward with document resets: the coupling k_t of a reset token to its predecessor is zeroed, so
     g_t = 1 / d_t restarts there (and ``state`` is ignored for a row whose first token is a reset). Without
@@ -157,7 +147,7 @@ def bk_mix(mixer: nn.Module, x: Tensor, decay: Tensor, state: Tensor | None, res
     d, k, v = mixer.coefficients(x, decay)
     if reset is not None:
         k = k.masked_fill(reset[..., None], 0.0)
-    g = _bk.resolvent_diagonal(d, k, state, method=mixer.method, chunk_size=mixer.chunk_size)
+    g = resolvent_diagonal(d, k, state, method=mixer.method, chunk_size=mixer.chunk_size)
     if mixer.track_stats:
         mixer._record_stats(d.detach(), k.detach(), g.detach())
     feature = torch.view_as_real(g * (mixer.eta * v.to(k.dtype))).flatten(-2)
@@ -177,7 +167,7 @@ class Phase2Block(nn.Module):
             snr_threshold=c.snr_threshold, chunk_size=c.chunk_size, delta=c.delta, gamma_bounds=c.gamma_bounds,
             eta_bounds=c.eta_bounds, resonance_damping=c.resonance_damping, num_basis_seed=index,
             resonance_threshold=c.resonance_threshold)
-        self.bk = _bk.BKMixer(c.d_model, eta=c.bk_eta, chunk_size=c.bk_chunk_size) if c.bk_enabled else None
+        self.bk = BKMixer(c.d_model, eta=c.bk_eta, chunk_size=c.bk_chunk_size) if c.bk_enabled else None
         self.mlp = create_mlp(c.mlp_class, c.d_model, c.mlp_size, True)
         self.drop = nn.Dropout(c.dropout)
         self.channels_per_head = c.d_model // c.n_heads
@@ -291,17 +281,3 @@ class Phase2LM(nn.Module):
             return {}
         return {"gamma_max": diag["gamma_max"], "memory_horizon": 1.0 / (diag["gamma_min"] * self.config.delta),
                 "memory_over_bound": 1.0 - diag["stability_ratio"]}
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def config_fields() -> list[str]:
-    """The YAML keys of ``model.config``."""
-    return [f.name for f in fields(Phase2Config)]
-
-
-def memory_horizon(base_decay: float, delta: float = 1.0) -> float:
-    """Tokens after which a write has decayed by e at the slowest rate base_decay allows (inf for 0)."""
-    return math.inf if base_decay == 0 else 1.0 / (base_decay * delta)
