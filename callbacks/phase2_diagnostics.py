@@ -5,12 +5,12 @@
 the device, so nothing waits for the host per batch or per token. Every ``log_every_n_batches`` batches the
 current values go to the loggers under ``batch/`` (one host sync), together with the memory in use and its
 peak (CUDA allocator when on a GPU, else the process's resident memory). At the end of every epoch (after its
-validation) the epoch means, reduced over DDP ranks, go under ``train/``, and ``training_history.json`` is
-rewritten atomically (:func:`models.utils.atomic.atomic_path`) with one entry per epoch: train and val loss,
-learning rate, the Gamma / SNR / resonance / stability histories. The history is part of the callback's
-checkpoint state, so a resumed run continues it instead of starting over. Every ``checkpoint_every_n_epochs``
-epochs a full checkpoint ``checkpoint_epoch{N}.ckpt`` (N counted from 1) is saved beside the run's other
-checkpoints.
+validation) the epoch means, reduced over DDP ranks (the memory peak: the largest), go under ``train/``, and
+``training_history.json`` is rewritten atomically (:func:`models.utils.atomic.atomic_path`) with one entry per
+epoch: train and val loss, learning rate, the Gamma / SNR / resonance / stability histories. The history is part
+of the callback's checkpoint state, so a resumed run continues it instead of starting over. Every
+``checkpoint_every_n_epochs`` epochs a full checkpoint ``checkpoint_epoch{N}.ckpt`` (N counted from 1) is saved
+beside the run's other checkpoints.
 """
 
 from __future__ import annotations
@@ -122,15 +122,9 @@ class Phase2Diagnostics(L.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
     # --------------------------------------------------------------------------------------------- epochs
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The end of an epoch's validation: record the epoch (mid-epoch validations are skipped)."""
-        if trainer.sanity_checking or not trainer.training:
-            return
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self._end_epoch(trainer, pl_module)
-
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Epochs without a validation are recorded here."""
+        """After the epoch's validation and before ``ModelCheckpoint`` (Lightning runs checkpoint callbacks last), so
+        ``last.ckpt`` and ``best.ckpt`` hold the history up to this epoch."""
         self._end_epoch(trainer, pl_module)
 
     def _epoch_means(self, trainer: L.Trainer) -> dict[str, float]:
@@ -150,6 +144,7 @@ class Phase2Diagnostics(L.Callback):
         self._recorded_epoch = epoch
         means = self._epoch_means(trainer)
         _, peak = process_memory_mb(pl_module.device)
+        peak = float(trainer.strategy.all_gather(torch.tensor(peak, device=pl_module.device)).max())  # worst rank
         val = trainer.callback_metrics.get("val/loss")
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         entry = {"train_loss": means.pop("loss", math.nan), "val_loss": float(val) if val is not None else math.nan,
@@ -164,8 +159,9 @@ class Phase2Diagnostics(L.Callback):
                         "train/epoch_perplexity": math.exp(min(entry["train_loss"], 80.0))})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        path = self.history_path(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            with atomic_path(self.history_path(trainer)) as tmp:
+            with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps(self.history, indent=1, allow_nan=True))
         every = self.checkpoint_every_n_epochs
         if every and (epoch + 1) % every == 0:

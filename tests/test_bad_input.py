@@ -13,6 +13,7 @@ from tests.cli_helpers import REPO, run_cli
 DIGITS = "configs/vit_lora_digits.yaml"
 TRACKNET = "configs/tracknet_lora.yaml"
 GPT = "configs/gpt_pretrain.yaml"
+PHASE2 = "configs/phase2_small.yaml"
 
 #: files created in the working directory before each case
 FILES = {
@@ -54,6 +55,12 @@ CASES = [
     (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],
      "skip2lora_block_indices"),
     (GPT, ["--model.config.n_embd", "130"], "n_embd"),
+    # Phase 2 language model
+    (PHASE2, ["--model.config.base_decay", "-0.1"], "config.base_decay must be >= 0"),
+    (PHASE2, ["--model.config.d_model", "30"], "config.d_model (30) must be divisible by config.n_heads"),
+    (PHASE2, ["--model.config.use_triton", "true"], "config.use_triton: there is no Triton kernel"),
+    (PHASE2, ["--model.config.snr_threshold", "0"], "config.snr_threshold must be positive or null"),
+    (PHASE2, ["--model.min_lr", "0.1"], "model (Phase2LanguageModel): `lr` must be positive and `min_lr` in [0, lr]"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),

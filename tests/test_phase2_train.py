@@ -90,6 +90,9 @@ def test_history_checkpoints_tensorboard_and_resume(in_tmp):
     ckpts = version / "checkpoints"
     assert {p.name for p in ckpts.iterdir()} >= {"best.ckpt", "last.ckpt", "checkpoint_epoch2.ckpt"}
     assert not (ckpts / "checkpoint_epoch1.ckpt").exists()
+    for name in ("last.ckpt", "checkpoint_epoch2.ckpt"):  # the checkpoints carry the history up to their epoch
+        state = torch.load(ckpts / name, map_location="cpu", weights_only=False)["callbacks"]
+        assert next(v for k, v in state.items() if "Phase2Diagnostics" in k)["history"]["epoch"] == [1, 2]
     history = json.loads((version / "training_history.json").read_text())
     assert history["epoch"] == [1, 2] and history["global_step"] == [3, 6]
     for key in ("train_loss", "val_loss", "lr", "gamma_mean", "gamma_min", "snr_mean", "resonance_energy",
