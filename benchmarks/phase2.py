@@ -19,8 +19,8 @@ including distances longer than any seen in training. Chance (the do-nothing ans
 
     python benchmarks/phase2.py --section memory --quick  # CPU: a few minutes
 
-compare: Phase 2 vs Phase 1 (when models/lm/phase1 exists) vs GPT at (nearly) equal parameter counts and equal
-steps, batch and learning rate on the stdlib corpus (TextDataModule windows): loss on the validation and test
+compare: Phase 2 vs Phase 1 (when models/lm/phase1 is in the checkout) vs GPT at (nearly) equal parameter counts
+and equal steps, batch and learning rate on the stdlib corpus (TextDataModule windows): loss on the validation and test
 splits after training, and training tokens/s. The do-nothing baseline is the unigram model of the training bytes.
 
     python benchmarks/phase2.py --section compare --quick
@@ -239,26 +239,33 @@ def _windows(split: str, seq_len: int, max_windows: int | None):
     return dm.load_split(split)
 
 
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _matched(build: Callable[[int | None], torch.nn.Module], target: int) -> Callable[[], torch.nn.Module]:
+    """The builder with the MLP width that brings its parameter count closest to ``target``."""
+    base, step = _params(build(512)), _params(build(513)) - _params(build(512))
+    width = max(16, 512 + round((target - base) / step))
+    return lambda: build(width)
+
+
 def _lm_candidates(target: int, seq_len: int) -> dict[str, Callable[[], torch.nn.Module]]:
-    """Model builders at about ``target`` parameters: Phase 2, GPT (MLP width matched), Phase 1 when present."""
+    """Builders at about ``target`` parameters (MLP width matched): Phase 2, GPT, and Phase 1 when this checkout
+    has it (models/lm/phase1, issue 10: BK mixer + AR-SSM blocks, its default features; gradient checkpointing off,
+    a memory-for-time trade that is not part of the model)."""
     from models.lm.gpt import GPT, Config
     from models.lm.phase2 import Phase2Config, Phase2LM
 
-    def gpt(size: int | None) -> torch.nn.Module:
-        return GPT(Config(n_layer=3, n_head=4, n_embd=128, block_size=seq_len, intermediate_size=size))
-
-    per_unit = sum(p.numel() for p in gpt(513).parameters()) - sum(p.numel() for p in gpt(512).parameters())
-    width = 512 + round((target - sum(p.numel() for p in gpt(512).parameters())) / per_unit)
     out = {"phase2": lambda: Phase2LM(Phase2Config(d_model=128, n_layers=2, n_heads=2, head_dim=64)),
-           "gpt": lambda: gpt(width)}
+           "gpt": _matched(lambda w: GPT(Config(n_layer=3, n_head=4, n_embd=128, block_size=seq_len,
+                                                intermediate_size=w)), target)}
     try:
-        from models.lm import phase1  # noqa: F401  (Phase 1 LM, issue 10)
+        from models.lm.phase1 import Phase1Config, create_phase1_model
     except ImportError:
-        pass
-    else:
-        build = getattr(phase1, "build_for_benchmark", None)
-        if build is not None:
-            out["phase1"] = lambda: build(target, seq_len)
+        return out
+    out["phase1"] = _matched(lambda w: create_phase1_model(Phase1Config(
+        d_model=128, n_layers=2, n_seq=seq_len, intermediate_size=w, use_gradient_checkpointing=False)), target)
     return out
 
 
@@ -287,13 +294,13 @@ def compare_section(args: argparse.Namespace, device: torch.device) -> list[str]
     seq, batch = args.lm_seq_len, args.lm_batch
     train = _windows("train", seq, None)
     val, test = _windows("val", seq, args.lm_eval_windows), _windows("test", seq, args.lm_eval_windows)
-    target = sum(p.numel() for p in _lm_candidates(0, seq)["phase2"]().parameters())
+    target = _params(_lm_candidates(0, seq)["phase2"]())
     builders = _lm_candidates(target, seq)
     lines = [(f"### Phase 2 vs Phase 1 vs GPT on the stdlib corpus (seq {seq}, batch {batch}, {args.lm_steps} steps, "
               f"AdamW lr {args.lm_lr:g}, cosine to 1e-6, clip 1.0, same windows in the same order; "
               f"{len(val)} val / {len(test)} test windows)"), ""]
     if "phase1" not in builders:
-        lines += ["Phase 1 LM: not in this checkout (models/lm/phase1 with build_for_benchmark); row omitted.", ""]
+        lines += ["Phase 1 LM: not in this checkout (models/lm/phase1); row omitted.", ""]
     lines += ["| model | params | val loss | test loss | test bits/byte | train tokens/s | tokens/s vs GPT |",
               "|---|---|---|---|---|---|---|"]
     rows = {}
@@ -313,6 +320,7 @@ def compare_section(args: argparse.Namespace, device: torch.device) -> list[str]
             _sync(device)
             t0 = time.perf_counter()
             loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+            loss = loss + getattr(model, "aux_loss", 0.0)  # Phase 1's AR-SSM gate L1 term (its recipe)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -116,7 +116,8 @@ class Phase2Diagnostics(L.Callback):
             self._accumulate(name, value)
         if batch_idx % self.log_every_n_batches == 0 and trainer.loggers:
             current, peak = process_memory_mb(pl_module.device)
-            metrics = {f"batch/{k}": float(v) for k, v in values.items()}  # one host sync per logged batch
+            stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+            metrics = dict(zip((f"batch/{k}" for k in values), stacked.tolist()))  # one host sync per logged batch
             metrics.update({"batch/memory_current_mb": current, "batch/memory_peak_mb": peak})
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
