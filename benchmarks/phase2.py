@@ -9,11 +9,27 @@ call; tables show the median. Runs on CUDA when available (``--device``). Prints
 
     python benchmarks/phase2.py --section scan            # CPU, 1 thread: about 2-3 minutes
     python benchmarks/phase2.py --section scan --quick    # lengths 1024-4096, fewer rounds
+
+memory: does the forgetting control do what it claims, on a task nobody tuned the model for? Copying at a
+distance: a sequence ``v, f_1 .. f_D, Q`` (v one of 8 value tokens, f random filler tokens, Q the query token)
+must be answered with v at Q. A tiny Phase 2 LM (the layers of models/lm/phase2.py, no change) is trained on
+distances 1..``--train-max-distance`` for every ``base_decay`` in ``--decays`` (same seed, same steps, same
+learning rate, chosen before the run), then tested on fresh sequences (another seed) at each distance,
+including distances longer than any seen in training. Chance (the do-nothing answer) is 1/8.
+
+    python benchmarks/phase2.py --section memory --quick  # CPU: a few minutes
+
+compare: Phase 2 vs Phase 1 (when models/lm/phase1 is in the checkout) vs GPT at (nearly) equal parameter counts
+and equal steps, batch and learning rate on the stdlib corpus (TextDataModule windows): loss on the validation and test
+splits after training, and training tokens/s. The do-nothing baseline is the unigram model of the training bytes.
+
+    python benchmarks/phase2.py --section compare --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -137,7 +153,197 @@ def scan_section(args: argparse.Namespace, device: torch.device) -> list[str]:
     return lines
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace, torch.device], list[str]]] = {"scan": scan_section}
+# ------------------------------------------------------------------------------------------------------ memory
+N_VALUES, FILLER0, N_FILLER = 8, 9, 32  # value tokens 1..8, filler tokens 9..40, the query token 41, vocab 64
+QUERY, VOCAB = FILLER0 + N_FILLER, 64
+
+
+def copy_batch(batch: int, distance: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (batch, distance + 2), answers (batch,)): value, ``distance`` fillers, query."""
+    values = torch.randint(1, N_VALUES + 1, (batch,), generator=gen)
+    fill = torch.randint(FILLER0, FILLER0 + N_FILLER, (batch, distance), generator=gen)
+    query = torch.full((batch, 1), QUERY)
+    return torch.cat([values[:, None], fill, query], 1), values
+
+
+def _tiny_phase2(base_decay: float, seed: int):
+    from models.lm.phase2 import Phase2Config, Phase2LM
+
+    torch.manual_seed(seed)
+    return Phase2LM(Phase2Config(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, head_dim=16, chunk_size=16,
+                                 bk_chunk_size=64, base_decay=base_decay, reset_token=None))
+
+
+def train_copy(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> float:
+    """Cross-entropy at the query only; distances uniform in 1..train_max_distance. Returns seconds."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.memory_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1000)
+    t0 = time.perf_counter()
+    for _ in range(args.memory_steps):
+        distance = int(torch.randint(1, args.train_max_distance + 1, (), generator=gen))
+        x, y = copy_batch(args.memory_batch, distance, gen)
+        logits = model(x.to(device))[:, -1]
+        loss = F.cross_entropy(logits.float(), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def copy_accuracy(model: torch.nn.Module, distance: int, n: int, seed: int, device: torch.device) -> float:
+    model.eval()
+    x, y = copy_batch(n, distance, torch.Generator().manual_seed(seed + distance))
+    return (model(x.to(device))[:, -1].argmax(-1).cpu() == y).float().mean().item()
+
+
+def memory_section(args: argparse.Namespace, device: torch.device) -> list[str]:
+    dists = args.distances
+    lines = [(f"### Copy at a distance: accuracy vs distance by base_decay (tiny Phase 2 LM, d 32, 2 layers, "
+              f"{args.memory_steps} steps of {args.memory_batch}, lr {args.memory_lr:g}, trained on distances "
+              f"1..{args.train_max_distance}, tested on {args.memory_test} fresh sequences per distance; "
+              f"chance {1 / N_VALUES:.3f})"), "",
+             "| base_decay | horizon 1/base_decay | " + " | ".join(f"d={d}" for d in dists) + " | train s |",
+             "|---|---|" + "---|" * len(dists) + "---|"]
+    first = None
+    for decay in args.decays:
+        model = _tiny_phase2(decay, seed=0)
+        secs = train_copy(model, args, device)
+        first = first or (decay, model)
+        acc = [copy_accuracy(model, d, args.memory_test, 50_000, device) for d in dists]
+        horizon = "inf" if decay == 0 else f"{1 / decay:.0f}"
+        lines.append(f"| {decay:g} | {horizon} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {secs:.0f} |")
+        print(lines[-1], flush=True)
+    lines.append("| do nothing (chance) | - | " + " | ".join(f"{1 / N_VALUES:.3f}" for _ in dists) + " | - |")
+    # Same weights, only the floor of Gamma changed at test time: forgetting isolated from learnability.
+    trained_with, model = first
+    lines += ["", (f"Same weights (the model trained with base_decay {trained_with:g}), base_decay raised at test time "
+                   "only (it lifts Gamma in the memory and in the BK potential):"), "",
+              "| base_decay at test | " + " | ".join(f"d={d}" for d in dists) + " |", "|---|" + "---|" * len(dists)]
+    for decay in args.decays:
+        for block in model.blocks:
+            block.memory.base_decay = decay
+        acc = [copy_accuracy(model, d, args.memory_test, 50_000, device) for d in dists]
+        lines.append(f"| {decay:g} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------- compare
+def _windows(split: str, seq_len: int, max_windows: int | None):
+    from datamodules.text import TextDataModule
+
+    dm = TextDataModule(seq_len=seq_len, batch_size=1, max_windows=max_windows)
+    return dm.load_split(split)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _matched(build: Callable[[int | None], torch.nn.Module], target: int) -> Callable[[], torch.nn.Module]:
+    """The builder with the MLP width that brings its parameter count closest to ``target``."""
+    base, step = _params(build(512)), _params(build(513)) - _params(build(512))
+    width = max(16, 512 + round((target - base) / step))
+    return lambda: build(width)
+
+
+def _lm_candidates(target: int, seq_len: int) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Builders at about ``target`` parameters (MLP width matched): Phase 2, GPT, and Phase 1 when this checkout
+    has it (models/lm/phase1, issue 10: BK mixer + AR-SSM blocks, its default features; gradient checkpointing off,
+    a memory-for-time trade that is not part of the model)."""
+    from models.lm.gpt import GPT, Config
+    from models.lm.phase2 import Phase2Config, Phase2LM
+
+    out = {"phase2": lambda: Phase2LM(Phase2Config(d_model=128, n_layers=2, n_heads=2, head_dim=64)),
+           "gpt": _matched(lambda w: GPT(Config(n_layer=3, n_head=4, n_embd=128, block_size=seq_len,
+                                                intermediate_size=w)), target)}
+    try:
+        from models.lm.phase1 import Phase1Config, create_phase1_model
+    except ImportError:
+        return out
+    out["phase1"] = _matched(lambda w: create_phase1_model(Phase1Config(
+        d_model=128, n_layers=2, n_seq=seq_len, intermediate_size=w, use_gradient_checkpointing=False)), target)
+    return out
+
+
+@torch.no_grad()
+def _eval_loss(model: torch.nn.Module, data, batch: int, device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch):
+        items = [data[j] for j in range(i, min(i + batch, len(data)))]
+        x = torch.stack([it["input_ids"] for it in items]).to(device)
+        y = torch.stack([it["labels"] for it in items]).to(device)
+        total += F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def _unigram_loss(train, data) -> float:
+    counts = torch.bincount(train.tokens.long(), minlength=256).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    ids = torch.cat([data[i]["labels"] for i in range(len(data))])
+    return -logp[ids].mean().item()
+
+
+def compare_section(args: argparse.Namespace, device: torch.device) -> list[str]:
+    seq, batch = args.lm_seq_len, args.lm_batch
+    train = _windows("train", seq, None)
+    val, test = _windows("val", seq, args.lm_eval_windows), _windows("test", seq, args.lm_eval_windows)
+    target = _params(_lm_candidates(0, seq)["phase2"]())
+    builders = _lm_candidates(target, seq)
+    lines = [(f"### Phase 2 vs Phase 1 vs GPT on the stdlib corpus (seq {seq}, batch {batch}, {args.lm_steps} steps, "
+              f"AdamW lr {args.lm_lr:g}, cosine to 1e-6, clip 1.0, same windows in the same order; "
+              f"{len(val)} val / {len(test)} test windows)"), ""]
+    if "phase1" not in builders:
+        lines += ["Phase 1 LM: not in this checkout (models/lm/phase1); row omitted.", ""]
+    lines += ["| model | params | val loss | test loss | test bits/byte | train tokens/s | tokens/s vs GPT |",
+              "|---|---|---|---|---|---|---|"]
+    rows = {}
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        model = build().to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lm_lr, weight_decay=0.01)
+        floor = 1e-6 / args.lm_lr
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * s / args.lm_steps)))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+        times = []
+        for step in range(args.lm_steps):
+            idx = order[(step * batch) % len(order):][:batch]
+            x = torch.stack([train[int(i)]["input_ids"] for i in idx]).to(device)
+            y = torch.stack([train[int(i)]["labels"] for i in idx]).to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+            loss = loss + getattr(model, "aux_loss", 0.0)  # Phase 1's AR-SSM gate L1 term (its recipe)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        tps = batch * seq / statistics.median(times[1:] or times)
+        rows[name] = (sum(p.numel() for p in model.parameters()), _eval_loss(model, val, batch, device),
+                      _eval_loss(model, test, batch, device), tps)
+        print(name, rows[name], flush=True)
+    gpt_tps = rows["gpt"][3]
+    for name, (params, vl, tl, tps) in rows.items():
+        lines.append(f"| {name} | {params:,} | {vl:.3f} | {tl:.3f} | {tl / math.log(2):.3f} | {tps:,.0f} | "
+                     f"{tps / gpt_tps:.2f} |")
+    ul = _unigram_loss(train, test)
+    lines.append(f"| do nothing (unigram of train bytes) | 256 | {_unigram_loss(train, val):.3f} | {ul:.3f} | "
+                 f"{ul / math.log(2):.3f} | - | - |")
+    return lines
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, torch.device], list[str]]] = {
+    "scan": scan_section, "memory": memory_section, "compare": compare_section}
 
 
 def main() -> None:
@@ -156,8 +362,24 @@ def main() -> None:
     parser.add_argument("--seq-max", type=int, default=4096, help="longest length timed with the sequential loop")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 3, quick 2)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--decays", type=float, nargs="+", default=[0.0, 0.01, 0.05, 0.2],
+                        help="memory: base_decay values")
+    parser.add_argument("--distances", type=int, nargs="+", default=None, help="memory: test distances")
+    parser.add_argument("--train-max-distance", type=int, default=64)
+    parser.add_argument("--memory-steps", type=int, default=None, help="memory: training steps (default 800)")
+    parser.add_argument("--memory-batch", type=int, default=32)
+    parser.add_argument("--memory-lr", type=float, default=3e-3)
+    parser.add_argument("--memory-test", type=int, default=512, help="memory: test sequences per distance")
+    parser.add_argument("--lm-seq-len", type=int, default=256)
+    parser.add_argument("--lm-batch", type=int, default=8)
+    parser.add_argument("--lm-steps", type=int, default=None, help="compare: training steps (default 300)")
+    parser.add_argument("--lm-lr", type=float, default=1e-3)
+    parser.add_argument("--lm-eval-windows", type=int, default=64, help="compare: windows per evaluation split")
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 3)
+    args.distances = args.distances or [1, 4, 16, 32, 64, 128, 256]
+    args.memory_steps = args.memory_steps or (400 if args.quick else 800)
+    args.lm_steps = args.lm_steps or (120 if args.quick else 300)
     args.lengths = args.lengths or ([1024, 2048, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384])
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -109,3 +109,12 @@ class TrainedWeights(Protocol):
     """
 
     def trained_weights_source(self) -> str | None: ...
+
+
+@runtime_checkable
+class MemoryDiagnostics(Protocol):
+    """A module whose memory reports diagnostics, read by ``Phase2Diagnostics`` after every training batch."""
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Detached 0-dim tensors by name from the last forward (no host sync); NaN where undefined."""
+        ...

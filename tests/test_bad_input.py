@@ -15,6 +15,7 @@ from tests.cli_helpers import REPO, run_cli
 DIGITS = "configs/vit_lora_digits.yaml"
 TRACKNET = "configs/tracknet_lora.yaml"
 GPT = "configs/gpt_pretrain.yaml"
+PHASE2 = "configs/phase2_small.yaml"
 
 class _RunsCode:
     """Unpickling this runs ``exec``: were it ever loaded, the test process would exit with status 99."""
@@ -115,6 +116,12 @@ CASES = [
                                               "'lightning_modules.image_classifier.ImageClassifier'"),
     (DIGITS, ["--ckpt_path", "last", "--trainer.logger.init_args.name", "never_ran"],
      "ckpt_path 'last': no earlier run of this config"),
+    # Phase 2 language model
+    (PHASE2, ["--model.config.base_decay", "-0.1"], "config.base_decay must be >= 0"),
+    (PHASE2, ["--model.config.d_model", "30"], "config.d_model (30) must be divisible by config.n_heads"),
+    (PHASE2, ["--model.config.use_triton", "true"], "config.use_triton: there is no Triton kernel"),
+    (PHASE2, ["--model.config.snr_threshold", "0"], "config.snr_threshold must be positive or null"),
+    (PHASE2, ["--model.min_lr", "0.1"], "model (Phase2LanguageModel): `lr` must be positive and `min_lr` in [0, lr]"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),

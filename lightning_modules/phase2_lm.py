@@ -1,0 +1,131 @@
+"""Phase 2 language modelling: :class:`models.lm.phase2.Phase2LM` trained with the issue-11 recipe.
+
+AdamW (weight decay on matrices and embeddings only), cosine annealing from ``lr`` to ``min_lr`` over the run's
+total optimizer steps (``trainer.estimated_stepping_batches``) after an optional linear warm-up; gradient
+clipping is the Trainer's ``gradient_clip_val`` (1.0 in ``configs/phase2_*.yaml``). Every batch starts from an
+empty memory; documents inside a window are separated by the NUL byte and reset the memory there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from datamodules.text import ByteTokenizer
+from models.lm.phase2 import Phase2Config, Phase2LM
+
+
+class Phase2LanguageModel(L.LightningModule):
+    """Next-byte prediction with the Phase 2 model on batches from :class:`datamodules.text.TextDataModule`.
+
+    Logs ``train/loss`` and ``train/perplexity`` per step, ``val/loss`` and ``val/perplexity`` per validation;
+    the memory diagnostics, history file and epoch checkpoints come from
+    :class:`callbacks.phase2_diagnostics.Phase2Diagnostics`. ``health_signals`` feeds ``StabilityMonitor``.
+
+    Args:
+        config: architecture and memory options (``base_decay``, ``hebbian_eta``, ``snr_threshold``, sizes...).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay of weight matrices and embeddings (not of biases and norms).
+        min_lr: learning rate at the end of the cosine annealing.
+        warmup_steps: steps of linear warm-up before the cosine annealing.
+        sample_prompt: after each validation, a text sample continuing this prompt goes to TensorBoard
+            (``samples``, top-k 20 at temperature 0.8, generated on the carried state).
+        sample_tokens: length of that sample; 0 turns it off.
+    """
+
+    def __init__(
+        self,
+        config: Phase2Config | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        min_lr: float = 1e-6,
+        warmup_steps: int = 0,
+        sample_prompt: str = "def ",
+        sample_tokens: int = 64,
+    ) -> None:
+        super().__init__()
+        config = config or Phase2Config()
+        self.save_hyperparameters()
+        if lr <= 0 or not 0 <= min_lr <= lr:
+            raise ValueError(f"`lr` must be positive and `min_lr` in [0, lr], got lr={lr}, min_lr={min_lr}")
+        if weight_decay < 0 or warmup_steps < 0 or sample_tokens < 0:
+            raise ValueError(f"`weight_decay`, `warmup_steps` and `sample_tokens` must be >= 0, got {weight_decay}, "
+                             f"{warmup_steps}, {sample_tokens}")
+        self.model = Phase2LM(config)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Memory diagnostics of the last forward (see :meth:`Phase2LM.diagnostics`)."""
+        return self.model.diagnostics()
+
+    def health_signals(self) -> dict[str, torch.Tensor]:
+        """Gamma range and memory energy against its Lyapunov bound (see :meth:`Phase2LM.health_signals`)."""
+        return self.model.health_signals()
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(self.model(batch["input_ids"]), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/perplexity", loss.detach().exp())
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_loss.update(self._loss(self.model(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/perplexity", loss.exp())
+        self._log_sample()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_loss.update(self._loss(self.model(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log("test/loss", loss)
+        self.log("test/perplexity", loss.exp())
+
+    def _log_sample(self) -> None:
+        hp, logger = self.hparams, self.logger
+        if self.trainer.sanity_checking or not hp.sample_tokens or self.global_rank != 0:
+            return
+        if not hasattr(getattr(logger, "experiment", None), "add_text"):  # no TensorBoard logger
+            return
+        tok = ByteTokenizer()
+        prompt = tok.encode(hp.sample_prompt or "\n").unsqueeze(0).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        out = self.model.generate(prompt, hp.sample_tokens, temperature=0.8, top_k=20, generator=g)
+        logger.experiment.add_text("samples", "```\n" + tok.decode(out[0].tolist()) + "\n```", self.global_step)
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine from 1 to min_lr / lr."""
+        hp = self.hparams
+        if step < hp.warmup_steps:
+            return (step + 1) / hp.warmup_steps
+        span = max(1, total_steps - hp.warmup_steps)
+        progress = min(1.0, (step - hp.warmup_steps) / span)
+        floor = hp.min_lr / hp.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
