@@ -201,6 +201,10 @@ class HeatmapTracker(L.LightningModule):
         self.test_metrics = TrackNetMetrics(threshold, tolerance, peak_method, self.peak_radius)
         self._val_images: tuple[torch.Tensor, ...] | None = None
 
+    def trained_weights_source(self) -> str | None:
+        """``adapter_path``, when given (``TrainedWeights`` protocol: ``predict`` then needs no ``--ckpt_path``)."""
+        return self.hparams.adapter_path
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model(frames)
 

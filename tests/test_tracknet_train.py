@@ -182,6 +182,12 @@ def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
           "--trainer.callbacks+=TrackNetPredictionWriter", "--trainer.callbacks.output_dir", "out",
           "--trainer.enable_progress_bar", "false"])
     assert len(list((in_tmp / "out").glob("clip_*.csv"))) == 1  # the one test clip
+    # the adapter folder alone is trained weights too (TrainedWeights protocol): predict needs no --ckpt_path
+    run_cli(["predict", "--config", cfg, *SMALL_DATA, "--model.adapter_path", str(run / "adapter"),
+             "--trainer.callbacks+=TrackNetPredictionWriter", "--trainer.callbacks.output_dir", "out_adapter",
+             "--trainer.enable_progress_bar", "false"])
+    assert sorted(p.read_text() for p in (in_tmp / "out_adapter").glob("clip_*.csv")) == sorted(
+        p.read_text() for p in (in_tmp / "out").glob("clip_*.csv"))
 
 
 def test_qlora_config_fits_and_predicts_from_its_checkpoint(in_tmp):
