@@ -288,7 +288,8 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self.load_split(split), self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers
+            self.load_split(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
+            num_workers=self.hparams.num_workers,  # keywords: Lightning re-creates the loader for predict
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -13,6 +13,7 @@ from tests.cli_helpers import REPO, run_cli
 DIGITS = "configs/vit_lora_digits.yaml"
 TRACKNET = "configs/tracknet_lora.yaml"
 GPT = "configs/gpt_pretrain.yaml"
+PHASE1 = "configs/phase1_lm.yaml"
 
 #: files created in the working directory before each case
 FILES = {
@@ -51,6 +52,11 @@ CASES = [
     (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],
      "skip2lora_block_indices"),
     (GPT, ["--model.config.n_embd", "130"], "n_embd"),
+    # Phase 1 LM: unknown nested keys, impossible sizes, unknown presets
+    (PHASE1, ["--model.phase1", '{"ar_ssm": {"max_rnk": 3}}'], "phase1.ar_ssm.max_rnk is not a Phase 1 option"),
+    (PHASE1, ["--model.phase1", '{"preset": "4gb"}'], "phase1.preset must be one of"),
+    (PHASE1, ["--model.config.ar_ssm_min_rank", "40"], "ar_ssm_min_rank"),
+    (PHASE1, ["--model.config.lns_format", "lns3"], "config.lns_format"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),
