@@ -105,7 +105,8 @@ def main() -> None:
     for x in rows:
         x["step_ms"] = ms[x["name"]]
     lora_ms = next(x["step_ms"] for x in rows if x["name"].startswith("lora"))
-    print("\n| method | avg incremental acc | last acc | forgetting | trainable params (last task) | step time vs lora |")
+    print("\n| method | avg incremental acc | last acc | forgetting | trainable params (last task) "
+          "| step time vs lora |")
     print("|---|---|---|---|---|---|")
     for x in rows:
         print(f"| {x['name']} | {100 * x['avg_incremental_acc']:.1f} | {100 * x['last_acc']:.1f} | "

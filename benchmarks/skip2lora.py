@@ -126,7 +126,8 @@ def main() -> None:
 
     print(f"# Skip2-LoRA benchmark  torch {torch.__version__}, {a.threads} thread(s)", flush=True)
     pre = windows(["*.py"], "train", a.pretrain_windows)
-    train, val = windows(["email/**", "json/**"], "train", a.train_windows), windows(["email/**", "json/**"], "val", a.val_windows)
+    train, val = (windows(["email/**", "json/**"], "train", a.train_windows),
+                  windows(["email/**", "json/**"], "val", a.val_windows))
     if a.weights and Path(a.weights).is_file():
         print(f"pre-trained weights from {a.weights}", flush=True)
         weights = torch.load(a.weights, map_location="cpu")
@@ -180,7 +181,8 @@ def report(a: argparse.Namespace, runs: dict[str, list["Method"]], base_val: flo
     for n in names:
         m = best[n]
         print(f"| {n} | {count_parameters(m.model)} | {first[n]:.2f} | {later[n]:.3f} | {later[lora] / later[n]:.1f}x "
-              f"| {m.opt.param_groups[0]['lr']:g} | {m.val[-1]:.4f} | {100 * (m.val[-1] / best[lora].val[-1] - 1):+.2f}% |")
+              f"| {m.opt.param_groups[0]['lr']:g} | {m.val[-1]:.4f} "
+              f"| {100 * (m.val[-1] / best[lora].val[-1] - 1):+.2f}% |")
     print("\n| val loss by learning rate | " + " | ".join(f"{lr:g}" for lr in a.lrs) + " |")
     print("|---|" + "---|" * len(a.lrs))
     for n in (cached, lora):

@@ -110,7 +110,8 @@ def evaluate(model, val: list[dict], args: argparse.Namespace) -> dict:
             metric.update(torch.sigmoid(logits.float()).cpu(), batch["xy"], batch["visible"])
     m = metric.compute()
     model.train()
-    return {"val_loss": sum(losses) / len(losses), **{k: float(m[k]) for k in ("f1", "precision", "recall", "accuracy")}}
+    return {"val_loss": sum(losses) / len(losses),
+            **{k: float(m[k]) for k in ("f1", "precision", "recall", "accuracy")}}
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
@@ -168,13 +169,15 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 def markdown(rows: list[dict]) -> str:
     ref = next((r for r in rows if r["variant"] == "full"), rows[0])
     head = ("| mode | backbone bytes (MB) | x full | linear weights (MB) | x full | trainable params | "
-            "peak RSS (MB) | RSS over data-loaded baseline (MB) | step (s) | x full | val loss | val F1 | precision | recall |")
+            "peak RSS (MB) | RSS over data-loaded baseline (MB) | step (s) | x full | val loss | val F1 | "
+            "precision | recall |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['weight_bytes'] / 1e6:.1f} | {r['weight_bytes'] / ref['weight_bytes']:.3f} | "
             f"{r['linear_bytes'] / 1e6:.2f} | {r['linear_bytes'] / ref['linear_bytes']:.3f} | {r['trainable']:,} | "
-            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['base_rss_mb']:.0f} | {r['step_s']:.3f} | {r['step_s'] / ref['step_s']:.2f} | {r['val_loss']:.4f} | {r['f1']:.3f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['base_rss_mb']:.0f} | {r['step_s']:.3f} | "
+            f"{r['step_s'] / ref['step_s']:.2f} | {r['val_loss']:.4f} | {r['f1']:.3f} | "
             f"{r['precision']:.3f} | {r['recall']:.3f} |"
         )
     return "\n".join(lines)
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, cwd=str(REPO))
             if res.returncode != 0:
                 raise RuntimeError(f"{name} failed (exit {res.returncode})")
-            return json.loads(next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))[7:])
+            return json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
         pre = None
         if args.pretrained_file is None:

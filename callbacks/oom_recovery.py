@@ -230,7 +230,8 @@ class OOMRecovery(L.Callback):
         )
         if trainer is not None and trainer.logger is not None:
             trainer.logger.log_metrics(
-                {"oom/micro_batch": new, "oom/accumulation": record["accumulation"], "oom/recoveries": len(self.recoveries)},
+                {"oom/micro_batch": new, "oom/accumulation": record["accumulation"],
+                 "oom/recoveries": len(self.recoveries)},
                 step=step,
             )
 

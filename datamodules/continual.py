@@ -163,7 +163,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in ("digits", "cifar100", "image_folder"):
             raise ValueError(f"dataset must be 'digits', 'cifar100' or 'image_folder', got {dataset!r}")
-        for key, value in (("batch_size", batch_size), ("epochs_per_task", epochs_per_task), ("image_size", image_size)):
+        for key, value in (("batch_size", batch_size), ("epochs_per_task", epochs_per_task),
+                           ("image_size", image_size)):
             if value <= 0:
                 raise ValueError(f"{key} must be positive, got {value}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -271,7 +272,9 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         if not self._sets:
             self._sets = dict(zip(("train", "val", "test"), self._load()))
 
-    def task_dataset(self, split: Literal["train", "val", "test"], task: int, cumulative: bool = False) -> ImageTensorDataset:
+    def task_dataset(
+        self, split: Literal["train", "val", "test"], task: int, cumulative: bool = False
+    ) -> ImageTensorDataset:
         """Samples of task ``task`` (or of tasks ``0..task`` with ``cumulative``) from one split."""
         self.setup()
         if not 0 <= task < self.num_tasks:

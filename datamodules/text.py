@@ -6,7 +6,8 @@ into domains, e.g. top-level modules for pre-training and ``email/**`` for fine-
 
 Files are split into train/val/test *by file*, from a hash of each file's relative path and
 ``split_seed``: a file's split does not depend on which other files are selected, so splits are disjoint
-and stable (only a selection so small that val or test would be empty moves one train file there). Each split's files (sorted) are joined with a NUL byte as document separator and cut into
+and stable (only a selection so small that val or test would be empty moves one train file there).
+Each split's files (sorted) are joined with a NUL byte as document separator and cut into
 fixed windows of ``seq_len + 1`` bytes. Every sample carries a stable integer ``index`` (its window
 number within the split), which is the key of :class:`models.cache.skip_cache.SkipCache`.
 """

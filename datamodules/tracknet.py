@@ -180,7 +180,9 @@ def render_heatmap(x: float, y: float, visible: bool, size: tuple[int, int], sig
     return torch.exp(-d2 / (2 * sigma**2))[None]
 
 
-def split_clips(names: list[str], val_fraction: float, test_fraction: float, seed: int) -> tuple[list[str], list[str], list[str]]:
+def split_clips(
+    names: list[str], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[str], list[str], list[str]]:
     """Deterministic split of clip names into train/val/test (each non-zero fraction gets >= 1 clip)."""
     order = sorted(names)
     perm = np.random.default_rng(seed).permutation(len(order))

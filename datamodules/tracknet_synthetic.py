@@ -43,7 +43,9 @@ class GeneratorSpec:
 
     def validate(self) -> None:
         if self.num_clips < 1 or self.frames_per_clip < 1:
-            raise ValueError(f"num_clips and frames_per_clip must be >= 1, got {self.num_clips}, {self.frames_per_clip}")
+            raise ValueError(
+                f"num_clips and frames_per_clip must be >= 1, got {self.num_clips}, {self.frames_per_clip}"
+            )
         if self.width < 32 or self.height < 32:
             raise ValueError(f"width and height must be >= 32 pixels, got {self.width}x{self.height}")
         if self.image_format not in ("png", "jpg"):
@@ -60,7 +62,9 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.nda
     return up[:h, :w] / 127.5 - 1.0
 
 
-def _draw_line(img: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], width: float, color: np.ndarray) -> None:
+def _draw_line(
+    img: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], width: float, color: np.ndarray
+) -> None:
     """Anti-aliased straight line (distance-to-segment mask), drawn in place."""
     h, w, _ = img.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -159,7 +163,9 @@ def _trajectory(rng: np.random.Generator, n: int, w: int, h: int, sub: int) -> t
     return out, status
 
 
-def render_clip(rng: np.random.Generator, n: int, w: int, h: int) -> tuple[list[np.ndarray], list[tuple[int, float, float, int]]]:
+def render_clip(
+    rng: np.random.Generator, n: int, w: int, h: int
+) -> tuple[list[np.ndarray], list[tuple[int, float, float, int]]]:
     """Frames (uint8 HxWx3) and labels ``(visibility, x, y, status)`` of one clip."""
     sub = 5  # sub-steps per frame; the exposure spans the sub-steps around the frame time
     bg = court_background(rng, w, h)

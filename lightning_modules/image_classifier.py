@@ -64,7 +64,8 @@ class ImageClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.logger is not None:
             self.logger.log_hyperparams(
-                self.hparams, {"params/trainable": count_parameters(self), "params/total": count_parameters(self, False)}
+                self.hparams,
+                {"params/trainable": count_parameters(self), "params/total": count_parameters(self, False)},
             )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

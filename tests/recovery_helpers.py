@@ -90,7 +90,9 @@ class Regressor(L.LightningModule):
         step = self.trainer.current_epoch * self.trainer.num_training_batches + batch_idx  # = global_step
         if x.shape[0] > self.oom_forward.get(step, 10**9):
             if self.cpu_oom_message:
-                raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+                raise RuntimeError(
+                    "[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
+                )
             raise torch.OutOfMemoryError("CUDA out of memory (fake, in forward)")
         h = _OOMInBackward.apply(x) if x.shape[0] > self.oom_backward.get(step, 10**9) else x
         self._step = step

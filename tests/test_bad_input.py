@@ -36,8 +36,10 @@ CASES = [
     ("missing.yaml", [], "config file 'missing.yaml' does not exist"),
     ("broken.yaml", [], "config file 'broken.yaml' is not valid YAML"),
     ("a_directory", [], "config file 'a_directory' cannot be read"),
-    (DIGITS, ["--model.pretrained_file", "/missing.safetensors"], "pretrained_file '/missing.safetensors' does not exist"),
-    (DIGITS, ["--model.pretrained_file", "garbage.safetensors"], "pretrained_file 'garbage.safetensors' could not be loaded"),
+    (DIGITS, ["--model.pretrained_file", "/missing.safetensors"],
+     "pretrained_file '/missing.safetensors' does not exist"),
+    (DIGITS, ["--model.pretrained_file", "garbage.safetensors"],
+     "pretrained_file 'garbage.safetensors' could not be loaded"),
     (DIGITS, ["--ckpt_path", "missing.ckpt"], "ckpt_path 'missing.ckpt' does not exist"),
     # impossible sizes and names
     (DIGITS, ["--model.lora_r", "100000"], "model (ImageClassifier): LoRA rank `r`=100000 is larger than the layer"),
@@ -48,7 +50,8 @@ CASES = [
     # other families: missing data roots, unreadable sources, impossible sizes
     (TRACKNET, ["--data.data_root", "/missing_clips"], "data_root '/missing_clips' does not exist"),
     (TRACKNET, ["--data.batch_size", "0"], "data (TrackNetDataModule)"),
-    (GPT, ["--data.source", "files", "--data.include", "null", "--data.paths", "[/missing_dir/*.txt]"], "/missing_dir/*.txt"),
+    (GPT, ["--data.source", "files", "--data.include", "null", "--data.paths", "[/missing_dir/*.txt]"],
+     "/missing_dir/*.txt"),
     (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],
      "skip2lora_block_indices"),
     (GPT, ["--model.config.n_embd", "130"], "n_embd"),
@@ -69,7 +72,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("config, args, expected", CASES, ids=[f"{Path(c).stem}:{' '.join(a)[:40]}" for c, a, _ in CASES])
+@pytest.mark.parametrize("config, args, expected", CASES,
+                         ids=[f"{Path(c).stem}:{' '.join(a)[:40]}" for c, a, _ in CASES])
 def test_bad_input_fails_clearly_before_training(in_tmp, capsys, config, args, expected):
     for name, text in FILES.items():
         (in_tmp / name).parent.mkdir(parents=True, exist_ok=True)

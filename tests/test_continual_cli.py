@@ -56,7 +56,8 @@ def test_cifar100_vitb_config_smoke_with_tiny_override(in_tmp):
              "--trainer.limit_val_batches", "1",
              "--model.backbone", "vit_tiny_patch16_224", "--model.pretrained_file", "null", *TINY_MODEL,
              "--data.root", str(root), "--data.image_size", "16", "--data.num_workers", "0",
-             "--model.expansion_layers", "[-1]", "--data.val_fraction", "0.5", "--data.epochs_per_task", "1", "--trainer.enable_progress_bar", "false"])
+             "--model.expansion_layers", "[-1]", "--data.val_fraction", "0.5", "--data.epochs_per_task", "1",
+             "--trainer.enable_progress_bar", "false"])
     assert cli.trainer.global_step == 1 and cli.model.hparams.num_classes == 100
     assert len(cli.model.R) == 1 and len(cli.model.R[0]) == 1  # task 0 (10 classes) scored after its one epoch
     assert _results(in_tmp, "sema_cifar100_vitb")["adapter_type"] == "sema"
@@ -109,10 +110,12 @@ def test_ddp_two_processes_nested_lora(in_tmp):
         "cli = adaptlab_cli.main(sys.argv[1:])  # sys.argv kept: Lightning relaunches this script per rank\n"
         "rank = cli.trainer.global_rank\n"
         "state = {k: v for k, v in cli.model.state_dict().items() if 'adapters' in k or k.startswith('model.head')}\n"
-        "torch.save({'state': state, 'fast': cli.trainer.callbacks[0].fast_steps, 'R': cli.model.R}, f'rank{rank}.pt')\n"
+        "torch.save({'state': state, 'fast': cli.trainer.callbacks[0].fast_steps, 'R': cli.model.R}, "
+        "f'rank{rank}.pt')\n"
     )
     args = ["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
-            "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2",
+            "--trainer.accelerator", "cpu",
             "--model.slow_update_interval", "2"]
     run_ddp([str(script), *args], cwd=in_tmp, timeout=300)
     r0, r1 = torch.load(in_tmp / "rank0.pt"), torch.load(in_tmp / "rank1.pt")

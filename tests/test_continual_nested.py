@@ -47,7 +47,9 @@ def test_consolidation_equals_weight_space_formula_up_to_the_measured_truncation
     sv = torch.linalg.svdvals(target.double())
     # Eckart-Young: the best rank-3 approximation leaves exactly the tail singular values
     assert err == pytest.approx(float(sv[3:].square().sum().sqrt() / sv.square().sum().sqrt()), rel=1e-4)
-    assert float(torch.linalg.matrix_norm(target - new) / torch.linalg.matrix_norm(target)) == pytest.approx(err, rel=1e-3)
+    assert float(torch.linalg.matrix_norm(target - new) / torch.linalg.matrix_norm(target)) == pytest.approx(
+        err, rel=1e-3
+    )
     assert 0 < err < 0.9
     assert torch.linalg.matrix_rank(new) == 3
     assert float(torch.linalg.matrix_norm(wrong.detach() - target)) > 2 * float(torch.linalg.matrix_norm(new - target))
@@ -104,22 +106,22 @@ def test_consolidation_callback_updates_slow_resets_fast_and_its_optimizer_state
     for layer in layers.values():
         with torch.no_grad():
             layer.adapters[FAST].lora_B.normal_()
-    fast = [p for l in layers.values() for p in l.adapters[FAST].parameters()]
-    slow = [p for l in layers.values() for p in l.adapters[SLOW].parameters()]
+    fast = [p for lora in layers.values() for p in lora.adapters[FAST].parameters()]
+    slow = [p for lora in layers.values() for p in lora.adapters[SLOW].parameters()]
     opt_fast, opt_slow = torch.optim.Adam(fast), torch.optim.Adam(slow)
     model(torch.randn(3, 8)).sum().backward()
     opt_fast.step(), opt_slow.step()
-    targets = {n: (l.adapters[SLOW].delta_weight() + 0.5 * l.adapters[FAST].delta_weight()).detach()
-               for n, l in layers.items()}
+    targets = {n: (lora.adapters[SLOW].delta_weight() + 0.5 * lora.adapters[FAST].delta_weight()).detach()
+               for n, lora in layers.items()}
     trainer = SimpleNamespace(optimizers=[opt_fast, opt_slow], loggers=[])
     cb = TaskBoundaryConsolidation(alpha=0.5)
     cb.on_task_end(trainer, model, task=0)
     (event,) = cb.events
     errors = []
-    for n, l in layers.items():  # new slow delta = slow + 0.5 fast, up to the reported truncation
-        new = l.adapters[SLOW].delta_weight().detach()
+    for n, lora in layers.items():  # new slow delta = slow + 0.5 fast, up to the reported truncation
+        new = lora.adapters[SLOW].delta_weight().detach()
         errors.append(float(torch.linalg.matrix_norm(new - targets[n]) / torch.linalg.matrix_norm(targets[n])))
-        assert torch.count_nonzero(l.adapters[FAST].lora_B) == 0
+        assert torch.count_nonzero(lora.adapters[FAST].lora_B) == 0
     assert max(errors) == pytest.approx(event["truncation_error_max"], rel=1e-3, abs=1e-6)
     assert max(errors) < 0.05  # slow moved one small Adam step: the sum is nearly rank 2
     assert len(opt_fast.state) == 0 and len(opt_slow.state) == len(slow)

@@ -9,7 +9,8 @@ from models.lm.gpt import load_pretrained
 from tests.cli_helpers import REPO, run_cli
 
 FAST = ["--data.max_windows", "16", "--data.batch_size", "8", "--data.seq_len", "32",
-        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.log_every_n_steps", "1",
         "--model.sample_tokens", "8"]
 
 
@@ -38,7 +39,9 @@ def test_pretrain_then_skip2lora_with_cache_then_lora(in_tmp):
     events = EventAccumulator(str(in_tmp / "runs" / "skip2lora_gpt" / "version_0"))
     events.Reload()
     assert "samples/text_summary" in events.Tags()["tensors"]  # generated text to read in TensorBoard
-    assert {"train/loss", "val/loss", "val/ppl", "time/train_epoch_s", "skip_cache/hit_rate"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/ppl", "time/train_epoch_s", "skip_cache/hit_rate"} <= set(
+        events.Tags()["scalars"]
+    )
 
     lora = run_cli(["fit", "--config", str(REPO / "configs/lora_gpt.yaml"), "--model.pretrained_path", str(ckpt),
                  "--trainer.max_steps", "2", *FAST])

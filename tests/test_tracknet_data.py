@@ -71,7 +71,9 @@ def test_bad_rows_name_file_and_line(tmp_path, body, line, fragment):
 def test_v1_missing_image_is_named(tmp_path):
     clip = tmp_path / "clip"
     _frames(clip, 1)
-    (clip / "Label.csv").write_text("file name,visibility,x-coordinate,y-coordinate,status\n0000.png,0,,,0\nmissing.png,1,2,2,0\n")
+    (clip / "Label.csv").write_text(
+        "file name,visibility,x-coordinate,y-coordinate,status\n0000.png,0,,,0\nmissing.png,1,2,2,0\n"
+    )
     with pytest.raises(FileNotFoundError, match=r"Label\.csv:3: frame image .*missing\.png"):
         read_label_csv(clip / "Label.csv")
 

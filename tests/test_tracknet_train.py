@@ -65,7 +65,9 @@ def test_config_errors_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="adapter_path needs lora.enabled"):
         HeatmapTracker(**TINY, adapter_path=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="pretrained_file"):
-        HeatmapTracker(**{**TINY, "backbone": {**TINY["backbone"], "pretrained_file": str(tmp_path / "nope.safetensors")}})
+        HeatmapTracker(
+            **{**TINY, "backbone": {**TINY["backbone"], "pretrained_file": str(tmp_path / "nope.safetensors")}}
+        )
 
 
 def test_datamodule_mismatch_is_named(in_tmp):

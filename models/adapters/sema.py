@@ -80,7 +80,8 @@ class SEMALayer(nn.Module):
 
     def __init__(self, dim: int, bottleneck: int = 16, descriptor_hidden: int = 128, buffer_size: int = 500) -> None:
         super().__init__()
-        self.dim, self.bottleneck, self.descriptor_hidden, self.buffer_size = dim, bottleneck, descriptor_hidden, buffer_size
+        self.dim, self.bottleneck = dim, bottleneck
+        self.descriptor_hidden, self.buffer_size = descriptor_hidden, buffer_size
         self.adapters = nn.ModuleList()
         self.descriptors = nn.ModuleList()
         self.router: nn.Linear | None = None
@@ -102,7 +103,9 @@ class SEMALayer(nn.Module):
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
             self.adapters.append(BottleneckAdapter(self.dim, self.bottleneck).to(device))
-            self.descriptors.append(RepresentationDescriptor(self.dim, self.descriptor_hidden, self.buffer_size).to(device))
+            self.descriptors.append(
+                RepresentationDescriptor(self.dim, self.descriptor_hidden, self.buffer_size).to(device)
+            )
         n = self.num_adapters
         if n > 1:
             router = nn.Linear(self.dim, n).to(device)

@@ -129,7 +129,9 @@ class SkipCache:
             folder.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(folder).free
             if self.nbytes > free:
-                raise MemoryError(f"Skip-Cache needs {size} on disk but {str(folder)!r} has {free / 2**20:.0f} MiB free")
+                raise MemoryError(
+                    f"Skip-Cache needs {size} on disk but {str(folder)!r} has {free / 2**20:.0f} MiB free"
+                )
             self.files = [folder / f"{tag}{name}.{dtype}.bin" for name in self.shapes]
         self.data: dict[str, torch.Tensor] = {}
         for i, (name, shape) in enumerate(self.shapes.items()):

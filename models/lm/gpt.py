@@ -6,7 +6,8 @@ LoRA can target each) + MLP (``GptNeoxMLP``: fc -> GELU -> proj, or ``LLaMAMLP``
 ``lm_head``.
 
 Skip2-LoRA (Matsutani et al., ASP-DAC 2025): for every selected block i, a standalone
-:class:`models.adapters.skip2lora.Skip2LoRA` branch maps the block's output ``h_i`` to ``alpha/r * B_i A_i h_i``; the branches
+:class:`models.adapters.skip2lora.Skip2LoRA` branch maps the block's output ``h_i`` to
+``alpha/r * B_i A_i h_i``; the branches
 are summed into the final normalised hidden state just before ``lm_head``. Nothing flows back into the
 frozen blocks, so :meth:`GPT.forward_backbone` (frozen) and :meth:`GPT.forward_from_cache` (branches +
 head) split the model at that point, which is what :mod:`models.cache.skip_cache` caches.

@@ -42,7 +42,7 @@ def forgetting(R: Matrix) -> float:
     T = len(rows) - 1
     if T == 0:
         return 0.0
-    return float(np.mean([max(rows[l][j] for l in range(j, T)) - rows[T][j] for j in range(T)]))
+    return float(np.mean([max(rows[k][j] for k in range(j, T)) - rows[T][j] for j in range(T)]))
 
 
 def backward_transfer(R: Matrix) -> float:

@@ -8,7 +8,8 @@ is subtracted and the rest is quantized blockwise (blocks of 256) to 8 bits with
 dynamic map, each block with its own fp32 scale: 4 + 8/64 + 32/(64*256) ~ 4.127 bits per parameter
 instead of 4.5. Quantization is lossy by design; the tests measure the error.
 
-:class:`models.quant.linear4bit.Linear4bit` keeps the packed codes and statistics as buffers and dequantizes to ``compute_dtype``
+:class:`models.quant.linear4bit.Linear4bit` keeps the packed codes and statistics as buffers and dequantizes to
+``compute_dtype``
 on every forward (a Triton kernel on CUDA, this module's torch code elsewhere). Gradients reach the input
 through the dequantized weight; the 4-bit weight never gets one. :func:`models.quant.convert.quantize_model` swaps every
 ``nn.Linear`` (including the ``base`` of LoRA layers) in place, so QLoRA is ``inject_lora`` then
