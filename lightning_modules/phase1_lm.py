@@ -115,6 +115,14 @@ class Phase1LanguageModel(L.LightningModule):
                     self.log(f"phase1/{key}", value)
         return ce + aux
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Under DDP each rank updated AR-SSM's running max gate from its own shard; the max over ranks is what
+        one process would have recorded from the whole batch (``lerp(old, .)`` is increasing and ``old`` is
+        the same on every rank), so replicas keep identical buffers and prune the same ranks in eval."""
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for layer in self.model.ar_ssm_layers():
+                torch.distributed.all_reduce(layer.gate_running_max, op=torch.distributed.ReduceOp.MAX)
+
     def health_signals(self) -> dict[str, torch.Tensor]:
         """BK bound ratio and transfer-matrix conditioning of the last forward (see ``phase1_health``)."""
         return phase1_health(self.model) if self.config.stability_monitoring_enabled else {}
