@@ -27,8 +27,8 @@ def test_print_config_resolves_short_class_names(capsys):
 
 def test_unknown_key_is_named(capsys, in_tmp):
     with pytest.raises(SystemExit):
-        run_cli(["fit", "--config", str(REPO / "configs/vit_lora_digits.yaml"), "--model.lora_r", "3"])
-    assert "lora_r" in capsys.readouterr().err
+        run_cli(["fit", "--config", str(REPO / "configs/vit_lora_digits.yaml"), "--model.lora_rank", "3"])
+    assert "lora_rank" in capsys.readouterr().err
     assert not (in_tmp / "runs").exists()
 
 
