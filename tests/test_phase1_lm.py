@@ -160,3 +160,18 @@ def test_rank_curriculum_limits_the_computed_ranks():
     restored = make("ar_ssm_only")
     restored.load_state_dict(model.state_dict())
     assert all(layer.active_rank == 3 for layer in restored.ar_ssm_layers())
+
+
+def test_collect_phase1_diagnostics_reports_rank_compression_memory_and_stability():
+    from models.lm.phase1 import collect_phase1_diagnostics
+
+    model = make("both")
+    batches = [(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))) for _ in range(3)]
+    d = collect_phase1_diagnostics(model, batches)
+    assert 0 <= d["ar_ssm_effective_rank"] <= 8 and d["ar_ssm_inference_rank"] == 8
+    assert d["htt_compression_ratio"] == pytest.approx(model.embed.compression_ratio()) and d["htt_compression_ratio"] > 1
+    assert d["peak_memory_mb"] >= 0 or d["peak_memory_mb"] != d["peak_memory_mb"]  # nan without /proc
+    assert d["is_stable"] and d["bk_bound_ratio"] <= 1 and d["tokens"] == 96 and d["ppl"] > 1
+    assert model.training  # restored
+    dense = collect_phase1_diagnostics(make("baseline"), batches)
+    assert dense["htt_compression_ratio"] == 1.0 and dense["ar_ssm_effective_rank"] == 0.0
