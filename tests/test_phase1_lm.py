@@ -169,7 +169,8 @@ def test_collect_phase1_diagnostics_reports_rank_compression_memory_and_stabilit
     batches = [(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))) for _ in range(3)]
     d = collect_phase1_diagnostics(model, batches)
     assert 0 <= d["ar_ssm_effective_rank"] <= 8 and d["ar_ssm_inference_rank"] == 8
-    assert d["htt_compression_ratio"] == pytest.approx(model.embed.compression_ratio()) > 1
+    assert d["htt_compression_ratio"] == pytest.approx(model.embed.compression_ratio())
+    assert d["htt_compression_ratio"] > 1
     assert d["peak_memory_mb"] >= 0 or d["peak_memory_mb"] != d["peak_memory_mb"]  # nan without /proc
     assert d["is_stable"] and d["bk_bound_ratio"] <= 1 and d["tokens"] == 96 and d["ppl"] > 1
     assert model.training  # restored

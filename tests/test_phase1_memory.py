@@ -81,8 +81,9 @@ for kw in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 
-#: measured peak / estimate stays within this factor (measured 0.81-1.00 on the sizes below, 2026-11-23)
-FACTOR = 1.5
+#: measured peak / estimate stays within this factor (measured 0.71-1.01 on the sizes below over three runs on a
+#: busy 2-core VM, 2026-11-23; the allocator's reuse of freed blocks makes the low end vary)
+FACTOR = 1.6
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
