@@ -4,8 +4,11 @@ fine-tuning vs LoRA vs QLoRA-nf4 vs QLoRA-nf4 + double quantization on a timm Vi
 Each training variant runs in its own subprocess. Peak RSS comes from the process's ``VmHWM`` (Linux),
 not ``getrusage``: ``ru_maxrss`` survives ``fork``/``exec`` and would report the parent's peak. The
 training-phase peak is ``VmHWM`` again after resetting it (``/proc/self/clear_refs``) once the model is
-built. The ``-fp32`` QLoRA variant dequantizes to float32 instead of ``--compute-dtype`` to show what
-the CPU's slow bf16 matmul costs. Prints markdown tables.
+built. QLoRA variants: ``--compute-dtype`` (default ``auto``: bfloat16 where the CPU computes it natively,
+else float32), then explicit ``-fp32`` and ``-bf16`` (what the other choice costs on this CPU) and ``-saved``
+(``save_dequantized``: one dequantization per step instead of two; ``-fp32-saved`` both). Every figure of a
+row comes from one run: each variant runs ``--repeats`` times (interleaved), the run with the median step time
+is reported whole, and a run's step time is the median of its timed steps. Prints markdown tables with the CPU model.
 
     python benchmarks/quantization.py                      # vit_small_patch16_224, img 64, batch 8
     python benchmarks/quantization.py --model vit_base_patch16_224 --steps 3
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +35,8 @@ from models.adapters.lora import count_parameters, inject_lora  # noqa: E402
 from models.quant import Linear4bit, linear_weight_report, quantize_model  # noqa: E402
 from models.vision.vit import create_vit  # noqa: E402
 
-VARIANTS = ("full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-nf4-dq-fp32")
+VARIANTS = ("full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-nf4-dq-fp32", "qlora-nf4-dq-bf16",
+            "qlora-nf4-dq-saved", "qlora-nf4-dq-fp32-saved")
 MB = 2**20
 
 
@@ -57,8 +62,9 @@ def _build(args: argparse.Namespace, variant: str) -> nn.Module:
     if variant != "full":
         inject_lora(vit, r=args.rank, lora_alpha=2 * args.rank)
         if variant.startswith("qlora"):
-            compute = "float32" if variant.endswith("-fp32") else args.compute_dtype
-            quantize_model(vit, "nf4", compute, use_double_quant="-dq" in variant, skip_modules=["head"])
+            compute = "float32" if "-fp32" in variant else "bfloat16" if "-bf16" in variant else args.compute_dtype
+            quantize_model(vit, "nf4", compute, use_double_quant="-dq" in variant, skip_modules=["head"],
+                           save_dequantized=variant.endswith("-saved"))
         vit.head.weight.requires_grad_(True)  # the new classifier trains in every variant
         vit.head.bias.requires_grad_(True)
     return vit
@@ -84,7 +90,7 @@ def worker(args: argparse.Namespace) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:  # step 0 is the warm-up
-            times.append(time.perf_counter() - t0)  # min, not median: the CPU is shared
+            times.append(time.perf_counter() - t0)
     print("RESULT" + json.dumps({
         "variant": args.worker,
         "trainable": count_parameters(vit),
@@ -93,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
         "rss_built_mb": rss_built,
         "peak_rss_mb": max(build_peak, _status_kb("VmHWM") / 1024),
         "train_peak_rss_mb": _status_kb("VmHWM") / 1024 if reset else float("nan"),
-        "step_s": min(times),
+        "step_s": statistics.median(times),
         "loss": loss.item(),
     }))
 
@@ -129,23 +135,39 @@ def _rel_error(ref: dict[str, torch.Tensor], approx: dict[str, torch.Tensor]) ->
     return (num / sum((w**2).sum().item() for w in ref.values())) ** 0.5
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``unknown`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def training_table(args: argparse.Namespace) -> list[str]:
-    results: dict[str, dict] = {}
-    for _ in range(args.repeats):  # variants interleaved, best of the repeats: load on a shared CPU varies
-        for variant in VARIANTS:
+    from models.quant import auto_compute_dtype, native_bf16
+
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for _ in range(args.repeats):  # variants interleaved: load on a shared CPU varies over time
+        for variant in args.variants:
             cmd = [sys.executable, __file__, "--worker", variant] + _passthrough(args)
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
             line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-            r = json.loads(line[len("RESULT"):])
-            old = results.setdefault(variant, r)
-            results[variant] = {k: min(v, old[k]) if isinstance(v, float) else v for k, v in r.items()}
-            print(f"  {variant}: {1000 * r['step_s']:.0f} ms/step", file=sys.stderr)
+            runs[variant].append(json.loads(line[len("RESULT"):]))
+            print(f"  {variant}: {1000 * runs[variant][-1]['step_s']:.0f} ms/step", file=sys.stderr)
+    # one whole run per variant: the one with the median step time (never per-field minima across runs)
+    results = {v: sorted(rs, key=lambda r: r["step_s"])[(len(rs) - 1) // 2] for v, rs in runs.items()}
     lora = results["lora"]
+    auto = str(auto_compute_dtype("cpu")).removeprefix("torch.")
     rows = [
-        f"`{args.model}`, img {args.img_size}, batch {args.batch}, LoRA r={args.rank} on qkv/proj/fc1/fc2, "
-        f"QLoRA compute dtype {args.compute_dtype}, best of {args.steps} steps x {args.repeats} runs, "
+        f"CPU: {cpu_model()} (native bf16: {native_bf16('cpu')}; compute_dtype auto = {auto}), torch "
+        f"{torch.__version__}. `{args.model}`, img {args.img_size}, batch {args.batch}, LoRA r={args.rank} on "
+        f"qkv/proj/fc1/fc2, QLoRA compute dtype {args.compute_dtype} unless the variant names one; per variant the "
+        f"median-step-time run of {args.repeats}, its step time the median of {args.steps} steps; "
         f"{args.threads} thread(s):",
         "",
         "| variant | trainable params | linear weight MB | peak RSS MB (build + steps) | training-phase peak RSS MB "
@@ -176,9 +198,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--compute-dtype", default="bfloat16")
+    parser.add_argument("--compute-dtype", default="auto")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

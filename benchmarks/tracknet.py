@@ -31,6 +31,23 @@ sys.path.insert(0, str(REPO))
 VARIANTS = ("full", "lora", "qlora_nf4", "qlora_nf4_dq")
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``unknown`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def auto_note() -> str:
+    from models.quant import auto_compute_dtype
+
+    return f"auto = {str(auto_compute_dtype('cpu')).removeprefix('torch.')} on this CPU"
+
+
 def decoder_upsample(patch_size: int) -> list[int]:
     """Three stage factors of 2 (or 1) that bring the patch grid back to the input (= heat-map) size."""
     factors, left = [], patch_size
@@ -168,8 +185,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     ref = next((r for r in rows if r["variant"] == "full"), rows[0])
+    lora = next((r for r in rows if r["variant"] == "lora"), ref)
     head = ("| mode | backbone bytes (MB) | x full | linear weights (MB) | x full | trainable params | "
-            "peak RSS (MB) | RSS over data-loaded baseline (MB) | step (s) | x full | val loss | val F1 | "
+            "peak RSS (MB) | RSS over data-loaded baseline (MB) | step (s) | x full | x LoRA | val loss | val F1 | "
             "precision | recall |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -177,8 +195,8 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['variant']} | {r['weight_bytes'] / 1e6:.1f} | {r['weight_bytes'] / ref['weight_bytes']:.3f} | "
             f"{r['linear_bytes'] / 1e6:.2f} | {r['linear_bytes'] / ref['linear_bytes']:.3f} | {r['trainable']:,} | "
             f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['base_rss_mb']:.0f} | {r['step_s']:.3f} | "
-            f"{r['step_s'] / ref['step_s']:.2f} | {r['val_loss']:.4f} | {r['f1']:.3f} | "
-            f"{r['precision']:.3f} | {r['recall']:.3f} |"
+            f"{r['step_s'] / ref['step_s']:.2f} | {r['step_s'] / lora['step_s']:.2f} | {r['val_loss']:.4f} | "
+            f"{r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -205,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--full-lr", type=float, default=2e-4)
-    p.add_argument("--compute-dtype", default="float32", help="QLoRA matmul dtype (bfloat16 on GPUs)")
+    p.add_argument("--compute-dtype", default="auto", help="QLoRA matmul dtype (auto: bf16 where native)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=0, help="print val metrics every N steps (0 = only at the end)")
@@ -253,8 +271,9 @@ def main(argv: list[str] | None = None) -> None:
               f"on seed-{args.pretrain_seed} clips in {pre['train_s']:.0f} s; its own val: loss {pre['val_loss']:.4f}, "
               f"F1 {pre['f1']:.3f}, precision {pre['precision']:.3f}, recall {pre['recall']:.3f}")
     print(f"\nfine-tuning from the pre-trained backbone ({args.decoder_init} decoder) on seed-{args.seed} clips: "
-          f"{args.steps} steps x batch {args.batch_size}, device {args.device}, {args.threads} thread(s), "
-          f"QLoRA compute dtype {args.compute_dtype}\n")
+          f"{args.steps} steps x batch {args.batch_size}, device {args.device} ({cpu_model()}), "
+          f"{args.threads} thread(s), QLoRA compute dtype {args.compute_dtype} ({auto_note()}); each row is one run "
+          "of its variant (its own process), the step time the mean over its steps after warm-up\n")
     print(markdown(rows))
 
 

@@ -1,22 +1,38 @@
-"""TrackNet clips: a folder per clip with frame images and a label CSV, as heat-map training samples.
+"""TrackNet clips: frame images (or a video) with an optional label CSV, as heat-map training samples.
 
-Layout (searched recursively under ``data_root``): every folder holding ``label_file`` is a clip.
-Both TrackNet column styles are read:
+Layouts (searched recursively under ``data_root``):
+
+- clip folders: every folder holding ``label_file`` (default ``Label.csv``) is a clip, its frames beside it;
+- TrackNetV3: ``<match>/csv/<rally>_ball.csv`` with the frames in ``<match>/frame/<rally>/<n>.png`` (clip
+  name ``<match>/<rally>``).
+
+Both TrackNet column styles are read (a UTF-8 byte-order mark before the header is accepted):
 
 - v1: ``file name,visibility,x-coordinate,y-coordinate,status`` (``file name`` relative to the clip folder);
 - v2/v3: ``Frame,Visibility,X,Y`` (``Frame`` = the integer in a frame file's name: ``0.png``, ``0007.jpg``).
 
 Visibility 0 means "no ball" (coordinates ignored, may be empty); any other value (v1's 1/2/3) means the
-labelled position is the target. A sample is ``num_frames`` consecutive frames stacked on channels, oldest
-first and the labelled frame last (the first frames of a clip repeat frame 0), so every labelled frame has
-exactly one sample. Targets are rendered at ``heatmap.size`` with coordinates rescaled from the clip's
-source resolution; invisible frames give an all-zero map. Train/val/test are split by clip, never by frame.
-Without ``data_root`` the procedural generator (:mod:`datamodules.tracknet_synthetic`) writes the default
-clips under ``synthetic_dir`` first.
+labelled position is the target.
+
+Frame windows follow frame *numbers*, never the CSV's row order: rows are sorted by frame number (v1: the
+number at the end of the file name; if any name has none, the row order numbers the frames), and a duplicate
+frame number is an error naming both lines. A sample is the window ``f - num_frames + 1 .. f`` of frame
+numbers, oldest first and the labelled frame ``f`` last, taken from every numbered image of the clip (labelled
+or not). Numbers before the clip's first frame repeat the first frame. A number inside the clip with no image
+is a gap: ``gap_policy: fill`` (default) puts the nearest earlier existing frame in its place (so every
+labelled frame keeps exactly one sample), ``gap_policy: skip`` drops the windows that contain a gap; the
+number of missing frames and of filled or skipped windows is logged once per split. Targets are rendered at
+``heatmap.size`` with coordinates rescaled from the clip's source resolution; invisible frames give an
+all-zero map. Train/val/test are split by clip, never by frame. Without ``data_root`` the procedural generator
+(:mod:`datamodules.tracknet_synthetic`) writes the default clips under ``synthetic_dir`` first.
+
+Inference on unlabelled input (``predict_path``): a video file, a folder of numbered frames, or a folder of
+several of those; every frame gets a sample (see :func:`scan_unlabelled`).
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
@@ -28,6 +44,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -35,15 +52,20 @@ from datamodules.tracknet_synthetic import GeneratorSpec, generate
 from models.vision.tracknet import HeatmapConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 #: ImageNet statistics (timm ViT defaults) used to normalise every frame.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _V1 = ("file name", "visibility", "x-coordinate", "y-coordinate")
 _V2 = ("frame", "visibility", "x", "y")
+GapPolicy = Literal["fill", "skip"]
 
 
 @dataclass
 class ClipLabels:
-    """One clip: frame files in label order, visibility (bool), ball centre in source pixels, source size."""
+    """One clip, sorted by frame number: labelled frame files, visibility (bool), ball centre in source pixels,
+    source size ``(width, height)``, their frame numbers, and ``available``: every frame number of the clip
+    that has an image (labelled or not) -> its file (or, for a video, its index in the decoded frames).
+    ``labelled: false`` marks unlabelled input (all ``visible`` false, used by ``predict`` only)."""
 
     name: str
     frames: list[Path]
@@ -51,49 +73,61 @@ class ClipLabels:
     xy: np.ndarray
     src_size: tuple[int, int]  # (width, height)
     frame_ids: list[int] = field(default_factory=list)
+    available: dict[int, Any] = field(default_factory=dict)
+    labelled: bool = True
+    video: Path | None = None
+
+
+def _frame_number(path: Path) -> int | None:
+    m = re.search(r"(\d+)$", path.stem)
+    return int(m.group(1)) if m else None
 
 
 def _frame_index(clip_dir: Path) -> dict[int, Path]:
     """Frame number -> image file, from names whose stem ends in digits (``0.png``, ``img_0007.jpg``)."""
     out: dict[int, Path] = {}
-    for p in clip_dir.iterdir():
-        m = re.search(r"(\d+)$", p.stem)
-        if p.suffix.lower() in IMAGE_SUFFIXES and m:
-            out.setdefault(int(m.group(1)), p)
+    for p in sorted(clip_dir.iterdir()):
+        n = _frame_number(p)
+        if p.suffix.lower() in IMAGE_SUFFIXES and n is not None:
+            out.setdefault(n, p)
     return out
 
 
-def read_label_csv(path: str | Path) -> ClipLabels:
-    """Parse a TrackNet label CSV (either column style) and resolve its frame files.
+def read_label_csv(path: str | Path, frame_dir: str | Path | None = None) -> ClipLabels:
+    """Parse a TrackNet label CSV (either column style, optional UTF-8 BOM) and resolve its frame files.
 
-    Raises:
+    Args:
+        path: the CSV.
+        frame_dir: folder of the frame images; ``None`` = the CSV's folder (TrackNetV3:
+            ``<match>/frame/<rally>``).
+
+    Rows come back sorted by frame number. Raises:
         ValueError: unknown header, or a bad row (non-numeric or missing values, visible coordinates
-            outside the image, duplicate frames); the message names the file and the line number.
+            outside the image, a frame number or file labelled twice); the message names the file and line.
         FileNotFoundError: a row names a frame image that does not exist (file and line named).
     """
     path = Path(path)
-    clip_dir = path.parent
-    with open(path, newline="") as fh:
+    clip_dir = Path(frame_dir) if frame_dir is not None else path.parent
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.reader(fh))
     if not rows:
         raise ValueError(f"{path}: empty label file")
-    header = [h.strip().lower() for h in rows[0]]
+    header = [h.strip().lstrip("\ufeff").lower() for h in rows[0]]
     if all(c in header for c in _V1):
         style, cols = "v1", [header.index(c) for c in _V1]
         index: dict[int, Path] = {}
     elif all(c in header for c in _V2):
         style, cols = "v2", [header.index(c) for c in _V2]
+        if not clip_dir.is_dir():
+            raise FileNotFoundError(f"{path}: frame folder {clip_dir} does not exist")
         index = _frame_index(clip_dir)
     else:
         raise ValueError(
             f"{path}:1: unknown label header {rows[0]}; expected "
             "'file name,visibility,x-coordinate,y-coordinate,status' or 'Frame,Visibility,X,Y'"
         )
-    frames: list[Path] = []
-    frame_ids: list[int] = []
-    vis: list[bool] = []
-    xy: list[tuple[float, float]] = []
-    seen: set[Path] = set()
+    entries: list[tuple[int | None, int, Path, bool, float, float]] = []  # (frame number, line, file, vis, x, y)
+    seen: dict[Path, int] = {}
     for line, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
             continue
@@ -117,7 +151,7 @@ def read_label_csv(path: str | Path) -> ClipLabels:
                 raise ValueError(f"{where}: coordinates must be finite and >= 0, got ({x_raw}, {y_raw})")
         if style == "v1":
             frame = clip_dir / key
-            fid = len(frames)
+            fid = _frame_number(frame)
         else:
             try:
                 fid = int(float(key))
@@ -129,37 +163,131 @@ def read_label_csv(path: str | Path) -> ClipLabels:
         if not frame.is_file():
             raise FileNotFoundError(f"{where}: frame image {frame} does not exist")
         if frame in seen:
-            raise ValueError(f"{where}: frame {key!r} is labelled twice")
-        seen.add(frame)
-        frames.append(frame)
-        frame_ids.append(fid)
-        vis.append(v > 0)
-        xy.append((x, y))
-    if not frames:
+            raise ValueError(f"{where}: frame {key!r} is labelled twice (also on line {seen[frame]})")
+        seen[frame] = line
+        entries.append((fid, line, frame, v > 0, x, y))
+    if not entries:
         raise ValueError(f"{path}: no labelled frames")
-    with Image.open(frames[0]) as im:
+    if any(e[0] is None for e in entries):  # v1 names without numbers: the row order numbers the frames
+        entries = [(k, *e[1:]) for k, e in enumerate(entries)]
+    else:
+        first_line: dict[int, int] = {}
+        for fid, line, *_ in entries:
+            if fid in first_line:
+                raise ValueError(f"{path}:{line}: frame number {fid} is labelled twice "
+                                 f"(also on line {first_line[fid]})")
+            first_line[fid] = line
+        entries.sort(key=lambda e: e[0])
+    with Image.open(entries[0][2]) as im:
         size = im.size
-    xy_arr = np.asarray(xy, np.float32).reshape(-1, 2)
-    vis_arr = np.asarray(vis, bool)
-    outside = vis_arr & ((xy_arr[:, 0] > size[0]) | (xy_arr[:, 1] > size[1]))
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
-        raise ValueError(
-            f"{path}:{_line_of(rows, i)}: visible ball at ({xy_arr[i, 0]}, {xy_arr[i, 1]}) lies outside the "
-            f"{size[0]}x{size[1]} frame"
-        )
-    return ClipLabels(clip_dir.name, frames, vis_arr, xy_arr, size, frame_ids)
+    for fid, line, frame, vis, x, y in entries:
+        if vis and (x > size[0] or y > size[1]):
+            raise ValueError(f"{path}:{line}: visible ball at ({x}, {y}) lies outside the {size[0]}x{size[1]} frame")
+    available: dict[int, Any] = dict(index) if style == "v2" else {}
+    if style == "v1" and all(_frame_number(e[2]) is not None for e in entries):
+        available = _frame_index(clip_dir)
+    available.update({e[0]: e[2] for e in entries})
+    return ClipLabels(
+        clip_dir.name, [e[2] for e in entries], np.asarray([e[3] for e in entries], bool),
+        np.asarray([(e[4], e[5]) for e in entries], np.float32).reshape(-1, 2), size, [e[0] for e in entries],
+        dict(sorted(available.items())),
+    )
 
 
-def _line_of(rows: list[list[str]], k: int) -> int:
-    """File line number of the k-th non-empty data row."""
-    seen = -1
-    for line, row in enumerate(rows[1:], start=2):
-        if any(c.strip() for c in row):
-            seen += 1
-            if seen == k:
-                return line
-    return len(rows)
+def frame_window(clip: ClipLabels, fid: int, num_frames: int, gap_policy: GapPolicy = "fill",
+                 ids: list[int] | None = None) -> tuple[list[int] | None, bool]:
+    """The ``num_frames`` frame numbers of the window ending at frame number ``fid``, oldest first (their
+    sources are ``clip.available[n]``).
+
+    Numbers before the clip's first frame repeat the first frame; a missing number inside the clip is a gap:
+    ``fill`` takes the nearest earlier existing frame, ``skip`` returns ``None``. Returns ``(numbers, gapped)``.
+    ``ids`` = ``sorted(clip.available)`` (pass it when calling in a loop).
+    """
+    ids = ids if ids is not None else sorted(clip.available)
+    out, gapped = [], False
+    for g in range(fid - num_frames + 1, fid + 1):
+        if g < ids[0]:
+            g = ids[0]
+        elif g not in clip.available:
+            gapped = True
+            if gap_policy == "skip":
+                return None, True
+            g = ids[bisect.bisect_left(ids, g) - 1]
+        out.append(g)
+    return out, gapped
+
+
+def scan_unlabelled(path: str | Path) -> list[ClipLabels]:
+    """Unlabelled clips for ``predict``: a video file (one clip), a folder of numbered frame images (one clip),
+    or a folder holding videos and/or frame folders (one clip each, searched recursively)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise ValueError(f"predict_path {str(path)!r} is neither a video ({', '.join(VIDEO_SUFFIXES)}) "
+                             "nor a folder")
+        return [_video_clip(path, path.stem)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"predict_path {str(path)!r} does not exist")
+    clips = []
+    for folder in [path, *sorted(p for p in path.rglob("*") if p.is_dir())]:
+        index = _frame_index(folder)
+        name = folder.relative_to(path).as_posix() if folder != path else path.name
+        if index:
+            first = next(iter(index.values()))
+            with Image.open(first) as im:
+                size = im.size
+            n = len(index)
+            clips.append(ClipLabels(name, list(index.values()), np.zeros(n, bool), np.zeros((n, 2), np.float32), size,
+                                    list(index), dict(index), labelled=False))
+        for video in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES):
+            rel = video.relative_to(path).with_suffix("").as_posix()
+            clips.append(_video_clip(video, rel))
+    if not clips:
+        raise FileNotFoundError(f"predict_path {str(path)!r} holds no numbered frame images and no videos "
+                                f"({', '.join(VIDEO_SUFFIXES)})")
+    return clips
+
+
+def _video_clip(path: Path, name: str) -> ClipLabels:
+    """A video as an unlabelled clip: frame numbers 0..n-1 (decoding happens in the dataset)."""
+    n, size = video_info(path)
+    return ClipLabels(name, list(range(n)), np.zeros(n, bool), np.zeros((n, 2), np.float32), size, list(range(n)),
+                      {i: i for i in range(n)}, labelled=False, video=path)
+
+
+def _av():
+    try:
+        import av
+    except ImportError as err:
+        raise ImportError("reading videos needs PyAV (pip install av, or pip install -e '.[video]'); "
+                          "a folder of frame images works without it") from err
+    return av
+
+
+def video_info(path: Path) -> tuple[int, tuple[int, int]]:
+    """(number of frames, (width, height)) of a video, by decoding it once (frame counts in headers lie)."""
+    av = _av()
+    n, size = 0, None
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            size = size or (frame.width, frame.height)
+            n += 1
+    if not n:
+        raise ValueError(f"video {str(path)!r} has no decodable frames")
+    return n, size
+
+
+def read_video(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """All frames of a video as ``uint8 (n, 3, H, W)`` resized to ``size = (W, H)`` (PyAV decoding)."""
+    av = _av()
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            im = frame.to_image()  # PIL RGB
+            if im.size != tuple(size):
+                im = im.resize(tuple(size), Image.BILINEAR)
+            frames.append(torch.from_numpy(np.asarray(im, np.uint8).copy()).permute(2, 0, 1))
+    return torch.stack(frames)
 
 
 def render_heatmap(x: float, y: float, visible: bool, size: tuple[int, int], sigma: float,
@@ -199,21 +327,48 @@ def split_clips(
 
 
 class TrackNetClipDataset(Dataset):
-    """One sample per labelled frame: stacked frames, target heat map and the label for metrics/predict."""
+    """One sample per labelled frame (per frame of an unlabelled clip): the window of stacked frames (see
+    :func:`frame_window`), the target heat map and the label for metrics/predict.
+
+    ``gap_stats``: ``missing_frames`` (numbers inside clips with no image), ``filled_windows`` and
+    ``skipped_windows``. Every sample also carries ``window`` (the frame numbers of its frames) and, with
+    ``output_frames: all``, ``heatmaps`` ``(num_frames, H, W)`` (one target per window frame) and ``target_mask``
+    (1 where that frame is labelled and really sits at that position: not a repeat or a gap fill)."""
 
     def __init__(self, clips: list[ClipLabels], num_frames: int, frame_size: tuple[int, int],
-                 heatmap: HeatmapConfig, normalize: bool = True, cache_frames: bool = False) -> None:
+                 heatmap: HeatmapConfig, normalize: bool = True, cache_frames: bool = False,
+                 gap_policy: GapPolicy = "fill", output_frames: Literal["last", "all"] = "last") -> None:
+        if gap_policy not in ("fill", "skip"):
+            raise ValueError(f"gap_policy must be 'fill' or 'skip', got {gap_policy!r}")
         self.clips, self.num_frames, self.frame_size = clips, num_frames, tuple(frame_size)
-        self.heatmap, self.normalize = heatmap, normalize
-        self.index = [(c, i) for c, clip in enumerate(clips) for i in range(len(clip.frames))]
-        self._cache: dict[Path, torch.Tensor] | None = {} if cache_frames else None
+        self.heatmap, self.normalize, self.output_frames = heatmap, normalize, output_frames
+        self.index: list[tuple[int, int, list[int]]] = []
+        self._rows = [{fid: i for i, fid in enumerate(clip.frame_ids)} for clip in clips]
+        self.gap_stats = {"missing_frames": 0, "filled_windows": 0, "skipped_windows": 0}
+        for c, clip in enumerate(clips):
+            ids = sorted(clip.available)
+            self.gap_stats["missing_frames"] += ids[-1] - ids[0] + 1 - len(ids)
+            for i, fid in enumerate(clip.frame_ids):
+                window, gapped = frame_window(clip, fid, num_frames, gap_policy, ids)
+                if window is None:
+                    self.gap_stats["skipped_windows"] += 1
+                    continue
+                self.gap_stats["filled_windows"] += int(gapped)
+                self.index.append((c, i, window))
+        self._cache: dict[Any, torch.Tensor] | None = {} if cache_frames else None
+        self._videos: dict[Path, torch.Tensor] = {}
         self._mean = torch.tensor(MEAN).view(3, 1, 1)
         self._std = torch.tensor(STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _load(self, path: Path) -> torch.Tensor:
+    def _load(self, clip: ClipLabels, source: Any) -> torch.Tensor:
+        if clip.video is not None:  # decoded once, resized, kept as uint8
+            if clip.video not in self._videos:
+                self._videos[clip.video] = read_video(clip.video, self.frame_size)
+            return self._videos[clip.video][source]
+        path = source
         if self._cache is not None and path in self._cache:
             return self._cache[path]
         with Image.open(path) as im:
@@ -226,17 +381,16 @@ class TrackNetClipDataset(Dataset):
         return t
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        c, i = self.index[k]
+        c, i, window = self.index[k]
         clip = self.clips[c]
-        idx = [max(0, j) for j in range(i - self.num_frames + 1, i + 1)]
-        frames = torch.stack([self._load(clip.frames[j]) for j in idx]).float() / 255.0
+        frames = torch.stack([self._load(clip, clip.available[g]) for g in window]).float() / 255.0
         if self.normalize:
             frames = (frames - self._mean) / self._std
         sw, sh = clip.src_size
         hw, hh = self.heatmap.size
         x, y = float(clip.xy[i, 0]) * hw / sw, float(clip.xy[i, 1]) * hh / sh
         visible = bool(clip.visible[i])
-        return {
+        sample = {
             "frames": frames.flatten(0, 1),  # (num_frames*3, H, W)
             "heatmap": render_heatmap(x, y, visible, (hw, hh), self.heatmap.sigma, self.heatmap.mode),
             "xy": torch.tensor([x, y] if visible else [0.0, 0.0]),
@@ -244,16 +398,39 @@ class TrackNetClipDataset(Dataset):
             "src_size": torch.tensor([sw, sh]),
             "clip": clip.name,
             "frame": clip.frame_ids[i],
+            "window": torch.tensor(window),
         }
+        if self.output_frames == "all":
+            maps, mask = [], []
+            fid = clip.frame_ids[i]
+            for pos, g in enumerate(window):
+                row = self._rows[c].get(g)
+                real = row is not None and clip.labelled and g == fid - len(window) + 1 + pos
+                mask.append(float(real))
+                if real and clip.visible[row]:
+                    gx, gy = float(clip.xy[row, 0]) * hw / sw, float(clip.xy[row, 1]) * hh / sh
+                    maps.append(render_heatmap(gx, gy, True, (hw, hh), self.heatmap.sigma, self.heatmap.mode)[0])
+                else:
+                    maps.append(torch.zeros(hh, hw))
+            sample["heatmaps"], sample["target_mask"] = torch.stack(maps), torch.tensor(mask)
+        return sample
 
 
 class TrackNetDataModule(L.LightningDataModule):
     """TrackNet clips (or generated ones) as ``{"frames", "heatmap", "xy", "visible", ...}`` batches.
 
     Args:
-        data_root: folder searched recursively for clip folders holding ``label_file``; ``None`` = generate
-            the default clips (``synthetic``) under ``synthetic_dir`` (reused when already there).
+        data_root: folder searched recursively for clip folders holding ``label_file`` and for TrackNetV3
+            matches (``<match>/csv/<rally>_ball.csv`` + ``<match>/frame/<rally>/``); ``None`` = generate the
+            default clips (``synthetic``) under ``synthetic_dir`` (reused when already there).
         label_file: label CSV name inside each clip folder.
+        gap_policy: a frame number missing inside a clip: ``fill`` = the nearest earlier frame takes its place
+            in the windows, ``skip`` = windows containing it are dropped (counts are logged).
+        predict_path: unlabelled input for ``predict`` instead of ``predict_split``: a video file (PyAV), a
+            folder of numbered frames, or a folder of several (one output CSV per clip).
+        output_frames: ``last`` = one target map per sample (its last frame); ``all`` = one per window frame
+            (``heatmaps``, ``target_mask``), for models that predict every frame (TrackNetV3 style; must equal
+            the model's ``output_frames``).
         num_frames: consecutive frames stacked on channels (input has ``3 * num_frames`` channels).
         heatmap: target size ``[W, H]``, ``sigma`` (Gaussian std or disk radius, heat-map pixels), ``mode``.
             Must equal the model's ``heatmap`` (the TrackNet module checks).
@@ -276,6 +453,9 @@ class TrackNetDataModule(L.LightningDataModule):
         self,
         data_root: str | None = None,
         label_file: str = "Label.csv",
+        gap_policy: GapPolicy = "fill",
+        predict_path: str | None = None,
+        output_frames: Literal["last", "all"] = "last",
         num_frames: int = 3,
         heatmap: HeatmapConfig = HeatmapConfig(),
         frame_size: tuple[int, int] | None = None,
@@ -297,6 +477,13 @@ class TrackNetDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"data_root {data_root!r} does not exist (use data_root: null for generated clips)")
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if gap_policy not in ("fill", "skip"):
+            raise ValueError(f"gap_policy must be 'fill' or 'skip', got {gap_policy!r}")
+        if output_frames not in ("last", "all"):
+            raise ValueError(f"output_frames must be 'last' or 'all', got {output_frames!r}")
+        if predict_path is not None and not Path(predict_path).expanduser().exists():
+            raise FileNotFoundError(f"predict_path {predict_path!r} does not exist (a video file or a folder of "
+                                    "frames)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -326,21 +513,37 @@ class TrackNetDataModule(L.LightningDataModule):
             generate(self.root, **asdict(self.synthetic))
 
     def discover(self) -> list[ClipLabels]:
-        """Parse every clip under the root (sorted by relative folder path, which becomes the clip name)."""
-        files = sorted(self.root.rglob(self.hparams.label_file))
-        if not files:
-            raise FileNotFoundError(f"no clip folders with {self.hparams.label_file!r} under {self.root}")
+        """Parse every clip under the root: folders holding ``label_file`` (named by their relative path) and
+        TrackNetV3 rallies ``<match>/csv/<rally>_ball.csv`` (named ``<match>/<rally>``), sorted by name."""
         clips = []
-        for f in files:
+        for f in sorted(self.root.rglob(self.hparams.label_file)):
             clip = read_label_csv(f)
             clip.name = f.parent.relative_to(self.root).as_posix() if f.parent != self.root else f.parent.name
             clips.append(clip)
-        return clips
+        for f in sorted(self.root.rglob("*_ball.csv")):
+            if f.parent.name != "csv" or f.name == self.hparams.label_file:
+                continue
+            match, rally = f.parent.parent, f.name[: -len("_ball.csv")]
+            clip = read_label_csv(f, match / "frame" / rally)
+            clip.name = (match.relative_to(self.root) / rally).as_posix() if match != self.root else rally
+            clips.append(clip)
+        if not clips:
+            raise FileNotFoundError(f"no clip folders with {self.hparams.label_file!r} and no TrackNetV3 "
+                                    f"'<match>/csv/<rally>_ball.csv' files under {self.root}")
+        names = [c.name for c in clips]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two clips under {self.root} have the same name: "
+                             f"{sorted({n for n in names if names.count(n) > 1})}")
+        return sorted(clips, key=lambda c: c.name)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.clips:
-            return
         hp = self.hparams
+        if stage == "predict" and hp.predict_path is not None:
+            if "unlabelled" not in self.clips:
+                self.clips["unlabelled"] = scan_unlabelled(hp.predict_path)
+            return
+        if {"train", "val", "test", "all"} <= set(self.clips):
+            return
         clips = {c.name: c for c in self.discover()}
         if hp.val_clips is not None or hp.test_clips is not None:
             val, test = list(hp.val_clips or []), list(hp.test_clips or [])
@@ -350,15 +553,24 @@ class TrackNetDataModule(L.LightningDataModule):
             train = sorted(set(clips) - set(val) - set(test))
         else:
             train, val, test = split_clips(list(clips), hp.val_fraction, hp.test_fraction, hp.split_seed)
-        self.clips = {"train": [clips[n] for n in train], "val": [clips[n] for n in val],
-                      "test": [clips[n] for n in test], "all": [clips[n] for n in sorted(clips)]}
+        self.clips.update({"train": [clips[n] for n in train], "val": [clips[n] for n in val],
+                           "test": [clips[n] for n in test], "all": [clips[n] for n in sorted(clips)]})
         if not self.clips[hp.predict_split] and stage == "predict":
             raise ValueError(f"predict_split={hp.predict_split!r} has no clips (set test_fraction or predict_split)")
 
     def dataset(self, split: str) -> TrackNetClipDataset:
+        """The samples of one split (``train``, ``val``, ``test``, ``all`` or ``unlabelled``); logs one line when
+        its clips have gaps in their frame numbers."""
         hp = self.hparams
-        return TrackNetClipDataset(self.clips[split], hp.num_frames, self.frame_size, self.heatmap, hp.normalize,
-                                   hp.cache_frames)
+        ds = TrackNetClipDataset(self.clips[split], hp.num_frames, self.frame_size, self.heatmap, hp.normalize,
+                                 hp.cache_frames, hp.gap_policy, hp.output_frames)
+        g = ds.gap_stats
+        if g["missing_frames"]:
+            done = (f"{g['filled_windows']} windows filled with the nearest earlier frame" if hp.gap_policy == "fill"
+                    else f"{g['skipped_windows']} windows skipped")
+            rank_zero_info(f"TrackNet data ({split}): {g['missing_frames']} frame numbers missing inside clips; "
+                           f"{done} (gap_policy: {hp.gap_policy})")
+        return ds
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
@@ -375,4 +587,4 @@ class TrackNetDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.predict_split)
+        return self._loader("unlabelled" if self.hparams.predict_path is not None else self.hparams.predict_split)

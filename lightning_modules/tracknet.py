@@ -18,9 +18,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.tracknet import MEAN, STD
 from models.adapters.lora import count_parameters, inject_lora, load_lora, save_lora
-from models.metrics.tracknet import TrackNetMetrics, detect_peaks
+from models.metrics.tracknet import TrackNetMetrics, centroid_radius, detect_peaks
 from models.utils.atomic import atomic_path
-from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss
+from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss, prediction_grid
 from models.vision.vit import freeze
 
 
@@ -60,16 +60,20 @@ class LoRAConfig:
 
 @dataclass
 class QuantizationConfig:
-    """4-bit frozen backbone linears (``models.quant``). Double quantization is on when either
-    ``compress_statistics`` (bitsandbytes' name) or ``use_double_quant`` (transformers' name) is true."""
+    """4-bit frozen backbone linears (``models.quant``). ``compute_dtype: auto`` = bfloat16 where the device
+    computes it natively, else float32. Double quantization: ``use_double_quant`` (transformers' name) and
+    ``compress_statistics`` (bitsandbytes' name) are one switch; neither set = on, one set = its value, both
+    set = on if either is true. ``save_dequantized``: one dequantization per step instead of two (keeps a
+    dense copy of each weight from forward to backward)."""
 
     enabled: bool = False
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     skip_modules: list[str] = field(default_factory=list)
     mode: Literal["manual", "hf"] = "manual"
-    compress_statistics: bool = True
-    use_double_quant: bool = True
+    compress_statistics: bool | None = None
+    use_double_quant: bool | None = None
+    save_dequantized: bool = False
 
 
 def _as(cls: type, value: Any) -> Any:
@@ -90,17 +94,30 @@ class HeatmapTracker(L.LightningModule):
         lora: LoRA on the backbone (``enabled``, ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
             ``bias``, ``task_type``).
         quantization: 4-bit backbone weights (``enabled``, ``quant_type``, ``compute_dtype``, ``skip_modules``,
-            ``mode``, ``use_double_quant``, ``compress_statistics``).
+            ``mode``, ``use_double_quant``, ``compress_statistics``, ``save_dequantized``).
         img_size: input frame size ``[W, H]``; ``None`` = ``heatmap.size``.
         loss: ``bce`` (weighted by ``pos_weight``) or ``focal`` (see :func:`models.vision.tracknet.heatmap_loss`).
         pos_weight: weight of positive pixels in the BCE loss.
         focal_gamma: focusing exponent of the focal loss.
         threshold: peak threshold on the sigmoid maps.
-        tolerance: TP distance in heat-map pixels.
+        tolerance: TP distance in pixels of ``tolerance_space``.
+        tolerance_space: where distances are measured: ``reference`` = at ``reference_size`` (TrackNetV3: 4 px at
+            512x288, comparable across heat-map sizes), ``source`` = each clip's source pixels, ``heatmap``.
+        reference_size: ``[W, H]`` of ``tolerance_space: reference``.
+        peak_method: ``centroid`` (weighted centroid over a window of ``3 sigma``, unbiased) or ``component``
+            (TrackNetV3: bounding-box centre of the largest region above ``threshold``).
+        output_frames: ``last`` = one heat map per window (its last frame); ``all`` = one per input frame, as
+            TrackNetV3 (trained on every labelled frame of the window; metrics use the last map; must equal
+            ``data.output_frames``).
+        temporal_ensemble: with ``output_frames: all``, ``predict`` averages each frame's maps from every window
+            that holds it at its own position (up to ``num_frames``), as TrackNetV3's temporal ensemble; needs an
+            ordered, single-device predict loader (the default).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
-        num_log_images: samples in the TensorBoard image grid each validation epoch (0 = none).
+        num_log_images: samples in the TensorBoard image grids (0 = none): each validation epoch
+            ``val/frames_pred_true`` (maps) and ``val/predictions`` (frames with the predicted ball as a red cross,
+            the true ball as a green ring), and ``predict/predictions`` for the first predict batch.
     """
 
     def __init__(
@@ -119,6 +136,11 @@ class HeatmapTracker(L.LightningModule):
         focal_gamma: float = 2.0,
         threshold: float = 0.5,
         tolerance: float = 4.0,
+        tolerance_space: Literal["reference", "source", "heatmap"] = "reference",
+        reference_size: tuple[int, int] = (512, 288),
+        peak_method: Literal["centroid", "component"] = "centroid",
+        output_frames: Literal["last", "all"] = "last",
+        temporal_ensemble: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         adapter_path: str | None = None,
@@ -129,6 +151,14 @@ class HeatmapTracker(L.LightningModule):
             raise ValueError(f"model_name must be 'vit_heatmap', got {model_name!r}")
         if loss not in ("bce", "focal"):
             raise ValueError(f"loss must be 'bce' or 'focal', got {loss!r}")
+        if tolerance_space not in ("reference", "source", "heatmap"):
+            raise ValueError(f"tolerance_space must be 'reference', 'source' or 'heatmap', got {tolerance_space!r}")
+        if output_frames not in ("last", "all"):
+            raise ValueError(f"output_frames must be 'last' or 'all', got {output_frames!r}")
+        if temporal_ensemble and output_frames != "all":
+            raise ValueError("temporal_ensemble needs output_frames: all (one map per input frame)")
+        if len(reference_size) != 2 or min(reference_size) < 1:
+            raise ValueError(f"reference_size must be [width, height] > 0, got {list(reference_size)}")
         backbone, decoder = _as(BackboneConfig, backbone), _as(DecoderConfig, decoder)
         heatmap = _as(HeatmapConfig, heatmap)
         lora = _as(LoRAConfig, lora) if lora is not None else LoRAConfig()
@@ -145,7 +175,8 @@ class HeatmapTracker(L.LightningModule):
         self.heatmap_cfg, self.lora_cfg, self.quant_cfg = heatmap, lora, quantization
         size = tuple(img_size) if img_size is not None else tuple(heatmap.size)
         self.model = TrackNetViT(pretrained_model_name, (size[1], size[0]), num_frames, backbone.pretrained_file,
-                                 backbone.patch_size, decoder.channels, decoder.upsample, tuple(heatmap.size))
+                                 backbone.patch_size, decoder.channels, decoder.upsample, tuple(heatmap.size),
+                                 num_frames if output_frames == "all" else 1)
         vit = self.model.backbone
         if backbone.freeze:
             freeze(vit)
@@ -160,12 +191,14 @@ class HeatmapTracker(L.LightningModule):
             self.quantized_modules = quantize_model(
                 vit, quant_type=quantization.quant_type, compute_dtype=quantization.compute_dtype,
                 skip_modules=tuple(quantization.skip_modules), mode=quantization.mode,
-                use_double_quant=quantization.compress_statistics or quantization.use_double_quant,
+                use_double_quant=quantization.use_double_quant, compress_statistics=quantization.compress_statistics,
+                save_dequantized=quantization.save_dequantized,
             )
         if adapter_path is not None:
             self.load_adapter(adapter_path)
-        self.val_metrics = TrackNetMetrics(threshold, tolerance)
-        self.test_metrics = TrackNetMetrics(threshold, tolerance)
+        self.peak_radius = centroid_radius(heatmap.sigma, heatmap.mode)
+        self.val_metrics = TrackNetMetrics(threshold, tolerance, peak_method, self.peak_radius)
+        self.test_metrics = TrackNetMetrics(threshold, tolerance, peak_method, self.peak_radius)
         self._val_images: tuple[torch.Tensor, ...] | None = None
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
@@ -181,6 +214,9 @@ class HeatmapTracker(L.LightningModule):
         theirs = (tuple(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode)
         if mine != theirs:
             raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode)")
+        if dm.hparams.get("output_frames", "last") != hp.output_frames:
+            raise ValueError(f"data.output_frames={dm.hparams.get('output_frames', 'last')!r} differs from "
+                             f"model.output_frames={hp.output_frames!r}")
         if dm.hparams.num_frames != hp.num_frames:
             raise ValueError(f"data.num_frames={dm.hparams.num_frames} differs from model.num_frames={hp.num_frames}")
         size = tuple(hp.img_size) if hp.img_size is not None else tuple(self.heatmap_cfg.size)
@@ -192,20 +228,43 @@ class HeatmapTracker(L.LightningModule):
             self.logger.log_hyperparams(self.hparams, {"params/trainable": count_parameters(self),
                                                        "params/total": count_parameters(self, False)})
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss; with ``mask`` ``(B, n)`` (``output_frames: all``) the mean over the maps it marks."""
         hp = self.hparams
-        return heatmap_loss(logits.float(), target, hp.loss, hp.pos_weight, hp.focal_gamma)
+        if mask is None:
+            return heatmap_loss(logits.float(), target, hp.loss, hp.pos_weight, hp.focal_gamma)
+        per_map = heatmap_loss(logits.float(), target, hp.loss, hp.pos_weight, hp.focal_gamma, "none").mean((2, 3))
+        return (per_map * mask).sum() / mask.sum().clamp_min(1)
+
+    def _batch_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        if self.hparams.output_frames == "all":
+            return self._loss(logits, batch["heatmaps"], batch["target_mask"].float())
+        return self._loss(logits, batch["heatmap"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self(batch["frames"]), batch["heatmap"])
+        loss = self._batch_loss(self(batch["frames"]), batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["frames"].shape[0])
         return loss
 
+    def distance_scale(self, src_size: torch.Tensor) -> torch.Tensor:
+        """``(B, 2)`` factors from heat-map pixels to the pixels ``tolerance`` is measured in."""
+        hm = torch.tensor(self.heatmap_cfg.size, dtype=torch.float32, device=src_size.device)
+        space = self.hparams.tolerance_space
+        if space == "source":
+            return src_size.float() / hm
+        ref = torch.tensor(self.hparams.reference_size, dtype=torch.float32, device=src_size.device)
+        scale = ref / hm if space == "reference" else torch.ones(2, device=src_size.device)
+        return scale.expand(src_size.shape[0], 2)
+
+    def peaks(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(xy, found)`` of probability maps with this model's peak method (heat-map pixels)."""
+        return detect_peaks(probs, self.hparams.threshold, self.hparams.peak_method, self.peak_radius)
+
     def _eval_step(self, batch: dict[str, Any], metrics: TrackNetMetrics, prefix: str) -> torch.Tensor:
         logits = self(batch["frames"])
-        probs = torch.sigmoid(logits.float())
-        metrics.update(probs, batch["xy"], batch["visible"])
-        self.log(f"{prefix}/loss", self._loss(logits, batch["heatmap"]), prog_bar=True, sync_dist=True,
+        probs = torch.sigmoid(logits[:, -1:].float())  # the labelled (last) frame's map
+        metrics.update(probs, batch["xy"], batch["visible"], self.distance_scale(batch["src_size"]))
+        self.log(f"{prefix}/loss", self._batch_loss(logits, batch), prog_bar=True, sync_dist=True,
                  batch_size=batch["frames"].shape[0])
         return probs
 
@@ -213,7 +272,8 @@ class HeatmapTracker(L.LightningModule):
         probs = self._eval_step(batch, self.val_metrics, "val")
         n = self.hparams.num_log_images
         if batch_idx == 0 and n > 0:
-            self._val_images = (batch["frames"][:n], probs[:n], batch["heatmap"][:n])
+            self._val_images = (batch["frames"][:n], probs[:n], batch["heatmap"][:n], batch["xy"][:n],
+                                batch["visible"][:n])
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
@@ -228,22 +288,84 @@ class HeatmapTracker(L.LightningModule):
         self._log_metrics(self.val_metrics, "val")
         log_images = isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking
         if self._val_images is not None and log_images and self.trainer.is_global_zero:
-            grid = heatmap_grid(*self._val_images, mean=MEAN, std=STD)
+            frames, probs, target, true_xy, visible = self._val_images
+            grid = heatmap_grid(frames, probs, target, mean=MEAN, std=STD)
             self.logger.experiment.add_image("val/frames_pred_true", grid, self.global_step)
+            xy, found = self.peaks(probs)
+            to_img = self._heatmap_to_image(frames)
+            self.logger.experiment.add_image(
+                "val/predictions", prediction_grid(frames, xy * to_img, found, MEAN, STD, true_xy * to_img, visible),
+                self.global_step)
         self._val_images = None
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Ball position per frame at the clip's source resolution (collected by ``TrackNetPredictionWriter``)."""
-        probs = torch.sigmoid(self(batch["frames"]).float())
-        xy, found = detect_peaks(probs, self.hparams.threshold)
+        all_probs = torch.sigmoid(self(batch["frames"]).float())
+        probs = all_probs[:, -1:]
+        xy, found = self.peaks(probs)
+        n = self.hparams.num_log_images
+        if batch_idx == 0 and n > 0 and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            frames = batch["frames"][:n]
+            grid = prediction_grid(frames, xy[:n] * self._heatmap_to_image(frames), found[:n], MEAN, STD)
+            self.logger.experiment.add_image("predict/predictions", grid, self.global_step)
+        if self.hparams.temporal_ensemble:
+            last = batch_idx == int(self.trainer.num_predict_batches[dataloader_idx]) - 1
+            return self._ensemble_step(all_probs, batch, last)
+        return self._rows(list(batch["clip"]), batch["frame"], xy, found, batch["src_size"])
+
+    def _rows(self, clips: list[str], frames: torch.Tensor, xy: torch.Tensor, found: torch.Tensor,
+              src_size: torch.Tensor) -> dict[str, Any]:
         w, h = self.heatmap_cfg.size
-        scale = batch["src_size"].to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
+        scale = src_size.to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
         xy = torch.where(found[:, None], xy * scale, torch.zeros_like(xy))
-        return {"clip": list(batch["clip"]), "frame": batch["frame"].cpu(), "visibility": found.long().cpu(),
-                "xy": xy.cpu()}
+        return {"clip": clips, "frame": frames.cpu(), "visibility": found.long().cpu(), "xy": xy.cpu()}
+
+    def on_predict_epoch_start(self) -> None:
+        self._ens: dict[int, list[Any]] = {}  # frame -> [map sum, count, src_size] of the current clip
+        self._ens_clip: str | None = None
+
+    def _ensemble_step(self, probs: torch.Tensor, batch: dict[str, Any], last_batch: bool) -> dict[str, Any]:
+        """Temporal ensemble: the map at window position ``p`` of the window ending at frame ``L`` predicts frame
+        ``L - n + 1 + p`` (positions holding a repeat or a gap fill are left out); a frame is final once the
+        window it starts has been seen, and comes out as the peak of its averaged maps."""
+        n = probs.shape[1]
+        done: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+
+        def flush(upto: int | None) -> None:
+            for g in sorted(self._ens):
+                if upto is None or g <= upto:
+                    total, count, src = self._ens.pop(g)
+                    done.append((self._ens_clip, g, total / count, src))
+
+        for b in range(probs.shape[0]):
+            clip, end = batch["clip"][b], int(batch["frame"][b])
+            if clip != self._ens_clip:
+                flush(None)
+                self._ens_clip = clip
+            for pos, g in enumerate(batch["window"][b].tolist()):
+                if g != end - n + 1 + pos:
+                    continue
+                entry = self._ens.setdefault(g, [torch.zeros_like(probs[b, pos]), 0, batch["src_size"][b]])
+                entry[0] += probs[b, pos]
+                entry[1] += 1
+            flush(end - n + 1)
+        if last_batch:
+            flush(None)
+        if not done:
+            none = torch.zeros(0, dtype=torch.long)
+            return {"clip": [], "frame": none, "visibility": none, "xy": torch.zeros(0, 2)}
+        maps = torch.stack([d[2] for d in done])[:, None]
+        xy, found = self.peaks(maps)
+        return self._rows([d[0] for d in done], torch.tensor([d[1] for d in done]), xy, found,
+                          torch.stack([d[3] for d in done]))
+
+    def _heatmap_to_image(self, frames: torch.Tensor) -> torch.Tensor:
+        """Factors ``(2,)`` from heat-map pixels to input-frame pixels."""
+        w, h = self.heatmap_cfg.size
+        return torch.tensor([frames.shape[-1] / w, frames.shape[-2] / h], device=frames.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -50,6 +50,12 @@ CASES = [
     # other families: missing data roots, unreadable sources, impossible sizes
     (TRACKNET, ["--data.data_root", "/missing_clips"], "data_root '/missing_clips' does not exist"),
     (TRACKNET, ["--data.batch_size", "0"], "data (TrackNetDataModule)"),
+    (TRACKNET, ["--data.predict_path", "/missing.mp4"], "predict_path '/missing.mp4' does not exist"),
+    (TRACKNET, ["--data.gap_policy", "drop"], "gap_policy"),
+    (TRACKNET, ["--model.tolerance_space", "image"], "tolerance_space"),
+    (TRACKNET, ["--model.reference_size", "[512, 0]"], "reference_size"),
+    (TRACKNET, ["--model.peak_method", "argmax"], "peak_method"),
+    (TRACKNET, ["--model.temporal_ensemble", "true"], "temporal_ensemble needs output_frames: all"),
     (GPT, ["--data.source", "files", "--data.include", "null", "--data.paths", "[/missing_dir/*.txt]"],
      "/missing_dir/*.txt"),
     (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],

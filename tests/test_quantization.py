@@ -363,12 +363,100 @@ def test_option_validation_errors():
 
 
 @pytest.mark.parametrize(("use_double_quant", "compress_statistics", "expected"), [
-    (True, None, True), (False, None, False), (False, True, True), (True, False, True), (False, False, False),
+    (None, None, True), (True, None, True), (False, None, False), (None, False, False), (None, True, True),
+    (False, True, True), (True, False, True), (False, False, False),
 ])
 def test_compress_statistics_is_an_alias(use_double_quant, compress_statistics, expected):
+    """Neither set: on; one set: its value (use_double_quant: false alone turns it off); both: either true."""
     model = nn.Sequential(nn.Linear(8, 8))
     quantize_model(model, use_double_quant=use_double_quant, compress_statistics=compress_statistics)
     assert model[0].use_double_quant is expected and hasattr(model[0], "weight_absmax_q") is expected
+    assert q.resolve_double_quant(use_double_quant, compress_statistics) is expected
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dtype_casts_never_touch_the_statistics(double_quant):
+    torch.manual_seed(11)
+    layer = Linear4bit.from_linear(nn.Linear(70, 30), "nf4", "float32", use_double_quant=double_quant)
+    before = {n: b.clone() for n, b in layer.named_buffers()}
+    w = layer.dequantize_weight(torch.float32)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double(),
+                 lambda m: m.to("cpu", torch.float16), lambda m: m.float()):
+        cast(layer)
+        for n, b in layer.named_buffers():
+            assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n  # fp32 stats, uint8 codes
+        assert torch.equal(layer.dequantize_weight(torch.float32), w)
+    layer.to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16  # the bias is an ordinary parameter and follows the cast
+    assert {b.dtype for n, b in layer.named_buffers() if n != "weight_packed" and n != "weight_absmax_q"} == {
+        torch.float32}
+
+
+def test_compute_dtype_auto_follows_native_bf16(monkeypatch):
+    nf4 = q.nf4
+    for flags, expected in (({"avx512_bf16", "avx512f"}, torch.bfloat16), ({"amx_bf16"}, torch.bfloat16),
+                            ({"avx512f", "avx2"}, torch.float32), (set(), torch.float32)):
+        monkeypatch.setattr(nf4, "_cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(nf4, "_NATIVE_BF16", {})
+        assert q.auto_compute_dtype("cpu") == expected
+        layer = Linear4bit.from_linear(nn.Linear(16, 4))  # "auto" is the default
+        assert layer.compute_dtype_setting == "auto" and layer.compute_dtype == expected
+        x = torch.randn(2, 16)
+        assert layer(x).dtype == torch.float32
+        ref = (x.to(expected) @ layer.dequantize_weight(expected).t() + layer.bias.to(expected)).float()
+        torch.testing.assert_close(layer(x), ref, rtol=0, atol=0)
+    monkeypatch.setattr(nf4, "_NATIVE_BF16", {})
+    flags = nf4._cpu_flags()  # this machine: the real answer
+    assert q.native_bf16("cpu") == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    with pytest.raises(ValueError, match="'auto'"):
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), compute_dtype="automatic")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_save_dequantized_dequantizes_once_and_gives_identical_gradients(monkeypatch, double_quant):
+    torch.manual_seed(12)
+    lin = nn.Linear(70, 30)
+    grads, calls = {}, {}
+    for save in (False, True):
+        layer = Linear4bit.from_linear(lin, "nf4", "float32", double_quant, save_dequantized=save)
+        count = []
+        real = layer.dequantize_weight
+        monkeypatch.setattr(layer, "dequantize_weight", lambda *a, real=real, count=count: count.append(1) or real(*a))
+        x = torch.randn(4, 70, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        y = layer(x)
+        (y * torch.arange(30.0)).sum().backward()
+        grads[save], calls[save] = (y.detach(), x.grad), len(count)
+        with torch.no_grad():
+            layer(x)  # no backward coming: nothing saved, one dequantization
+        assert len(count) == calls[save] + 1
+    assert calls == {False: 2, True: 1}
+    assert torch.equal(grads[False][0], grads[True][0]) and torch.equal(grads[False][1], grads[True][1])
+
+
+class _FakeParams4bit(nn.Parameter):
+    """Stand-in for ``bitsandbytes.nn.Params4bit``: the attributes the report reads."""
+
+    def __new__(cls, data, blocksize=64, compress_statistics=True, quant_type="nf4"):
+        p = super().__new__(cls, data, requires_grad=False)
+        p.blocksize, p.compress_statistics, p.quant_type = blocksize, compress_statistics, quant_type
+        return p
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_weight_report_for_hf_layers_counts_the_4bit_format(double_quant):
+    """``mode: hf`` layers (bitsandbytes Linear4bit, an nn.Linear subclass): before the move to CUDA the weight
+    is still float, after it a packed uint8 (params/2, 1); both must report the 4-bit format."""
+    torch.manual_seed(13)
+    lin = nn.Linear(300, 70)
+    ours = linear_weight_report(nn.Sequential(Linear4bit.from_linear(lin, use_double_quant=double_quant)))
+    for data in (lin.weight.detach().clone(), torch.zeros(300 * 70 // 2, 1, dtype=torch.uint8)):
+        hf = nn.Linear(300, 70)
+        hf.weight = _FakeParams4bit(data, 64, double_quant)
+        report = linear_weight_report(nn.Sequential(hf, nn.Linear(10, 10)))
+        plain = linear_weight_report(nn.Sequential(nn.Linear(10, 10)))
+        assert report["params"] == ours["params"] + 100
+        assert report["bytes"] == ours["bytes"] + plain["bytes"]
+    assert ours["bits_per_param"] == pytest.approx(4.5 if not double_quant else 4 + 8 / 64 + 32 / (64 * 256), abs=0.02)
 
 
 def test_multihead_attention_linear_left_alone():

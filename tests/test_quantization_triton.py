@@ -65,6 +65,60 @@ def test_triton_kernel_matches_torch_reference_under_interpreter():
     assert sum(c["exact"] for c in result["cases"]) >= 12
 
 
+FUSED_SCRIPT = r"""
+import json
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+from models import quant as q
+from models.quant.triton_dequant import _matmul_4bit_kernel, matmul_4bit_triton
+
+torch.manual_seed(0)
+out = {"interpreted": isinstance(_matmul_4bit_kernel, InterpretedFunction), "cases": []}
+for quant_type in ("nf4", "fp4"):
+    for double_quant in (False, True):
+        for (n_out, n_in), block_size, lead in (((70, 45), 64, (2, 19)), ((33, 96), 32, (5,)), ((128, 64), 64, (40,))):
+            state = q.quantize_4bit(torch.randn(n_out, n_in) * 0.1, quant_type, block_size, double_quant)
+            for dtype in (torch.float32, torch.bfloat16):
+                w = q.dequantize_4bit(state, dtype)
+                a, g = torch.randn(*lead, n_in).to(dtype), torch.randn(*lead, n_out).to(dtype)
+                fwd, bwd = matmul_4bit_triton(a, state, transpose=True), matmul_4bit_triton(g, state, transpose=False)
+                ref_f = a.double() @ w.double().t()  # exact sums of the same (rounded) operands
+                ref_b = g.double() @ w.double()
+                out["cases"].append({
+                    "case": f"{quant_type}-dq{double_quant}-{n_out}x{n_in}-{block_size}-{lead}-{dtype}",
+                    "shapes_ok": fwd.shape == (*lead, n_out) and bwd.shape == (*lead, n_in),
+                    "dtype_ok": fwd.dtype == dtype and bwd.dtype == dtype,
+                    "err_f": ((fwd.double() - ref_f).abs().max() / ref_f.abs().max()).item(),
+                    "err_b": ((bwd.double() - ref_b).abs().max() / ref_b.abs().max()).item(),
+                    "torch_err_f": ((a @ w.t()).double() - ref_f).abs().max().item() / ref_f.abs().max().item(),
+                })
+try:
+    matmul_4bit_triton(torch.randn(3, 44), state)
+    out["shape_error"] = False
+except ValueError:
+    out["shape_error"] = True
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_fused_dequantize_matmul_matches_torch_under_interpreter():
+    """Forward (a @ W^T) and input gradient (g @ W) of the fused kernel against float64 products of the same
+    operands, relative to the largest output: float32 within 1e-6 (fp32 sums in another order), bfloat16 within
+    2^-5 (a few bf16 ulps: output rounding plus the interpreter's own fp32 -> bf16 rounding of W); a wrong code,
+    nibble or block scale gives errors of order 1."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", FUSED_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+    assert result["interpreted"] and result["shape_error"] and len(result["cases"]) == 24
+    for case in result["cases"]:
+        assert case["shapes_ok"] and case["dtype_ok"], case
+        bound = 1e-6 if "float32" in case["case"] else 2**-5
+        assert case["err_f"] < bound and case["err_b"] < bound, case
+        assert case["torch_err_f"] < bound, case  # the torch path meets the same bound
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernel_on_cuda_and_used_by_linear4bit(monkeypatch):
     from models import quant as q
@@ -79,13 +133,16 @@ def test_triton_kernel_on_cuda_and_used_by_linear4bit(monkeypatch):
                 # the GPU may fuse code * scale + offset into one FMA: allow an ulp-level difference
                 torch.testing.assert_close(qt.dequantize_4bit_triton(state, dtype), ref, rtol=1e-5, atol=1e-6)
     calls = []
-    real = qt.dequantize_4bit_triton
-    monkeypatch.setattr(qt, "dequantize_4bit_triton", lambda *a: calls.append(1) or real(*a))
+    real = qt.matmul_4bit_triton
+    monkeypatch.setattr(qt, "matmul_4bit_triton", lambda *a, **k: calls.append(k) or real(*a, **k))
     lin = nn.Linear(256, 128).cuda()
     layer = q.Linear4bit.from_linear(lin, "nf4", torch.bfloat16)
     x = torch.randn(4, 256, device="cuda", requires_grad=True)
     y = layer(x)
     y.sum().backward()
-    assert len(calls) == 2 and y.dtype == torch.float32 and x.grad is not None  # forward + backward
+    # the fused kernel runs twice: forward (a @ W^T) and input gradient (g @ W)
+    assert [c["transpose"] for c in calls] == [True, False] and y.dtype == torch.float32 and x.grad is not None
+    torch.testing.assert_close(x.grad, layer.dequantize_weight(torch.bfloat16).float().sum(0).expand(4, 256),
+                               rtol=2e-2, atol=2e-2)
     expected = x.detach() @ layer.dequantize_weight(torch.float32).t() + lin.bias
     torch.testing.assert_close(y, expected, rtol=2e-2, atol=5e-2)  # bf16 matmul vs fp32

@@ -177,3 +177,102 @@ def test_split_and_root_errors(tmp_path):
     dm = TrackNetDataModule(data_root=str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="Label.csv"):
         dm.setup("fit")
+
+
+def _grey_levels(sample, n):
+    return [round(float(sample["frames"][3 * k].mean()) * 255) for k in range(n)]
+
+
+def test_windows_follow_frame_numbers_not_row_order(tmp_path):
+    clip_dir = tmp_path / "clip"
+    _frames(clip_dir, 5)  # grey level 10 * frame number
+    (clip_dir / "Label.csv").write_text("Frame,Visibility,X,Y\n3,1,4,4\n0,0,0,0\n4,1,5,5\n1,1,2,2\n2,0,0,0\n")
+    clip = read_label_csv(clip_dir / "Label.csv")
+    assert clip.frame_ids == [0, 1, 2, 3, 4] and [p.name for p in clip.frames] == [f"{i:04d}.png" for i in range(5)]
+    assert clip.visible.tolist() == [False, True, False, True, True]
+    np.testing.assert_allclose(clip.xy[3], [4, 4])
+    ds = TrackNetClipDataset([clip], 3, (40, 20), HeatmapConfig((40, 20), 1.0), normalize=False)
+    assert [s["frame"] for s in ds] == [0, 1, 2, 3, 4]
+    assert [_grey_levels(ds[k], 3) for k in range(5)] == [[0, 0, 0], [0, 0, 10], [0, 10, 20], [10, 20, 30],
+                                                          [20, 30, 40]]
+    # v1: file names carry the numbers, so row order does not matter either
+    (clip_dir / "Label.csv").write_text("file name,visibility,x-coordinate,y-coordinate,status\n"
+                                        "0002.png,0,,,0\n0000.png,1,1,1,0\n0001.png,1,2,2,0\n")
+    v1 = read_label_csv(clip_dir / "Label.csv")
+    assert v1.frame_ids == [0, 1, 2] and sorted(v1.available) == [0, 1, 2, 3, 4]
+
+
+def test_gaps_are_filled_or_skipped_and_logged(tmp_path, caplog):
+    clip_dir = tmp_path / "clip"
+    _frames(clip_dir, 7)
+    for n in (2, 5):  # frames 2 and 5 are missing on disk
+        (clip_dir / f"{n:04d}.png").unlink()
+    Image.fromarray(np.full((20, 40, 3), 70, np.uint8)).save(clip_dir / "0007.png")  # unlabelled frame
+    (clip_dir / "Label.csv").write_text("Frame,Visibility,X,Y\n0,0,0,0\n1,0,0,0\n3,0,0,0\n4,1,3,3\n6,0,0,0\n")
+    clip = read_label_csv(clip_dir / "Label.csv")
+    hm = HeatmapConfig((40, 20), 1.0)
+    fill = TrackNetClipDataset([clip], 3, (40, 20), hm, normalize=False, gap_policy="fill")
+    assert [s["frame"] for s in fill] == [0, 1, 3, 4, 6]
+    assert [_grey_levels(s, 3) for s in fill] == [[0, 0, 0], [0, 0, 10], [10, 10, 30], [10, 30, 40], [40, 40, 60]]
+    assert fill.gap_stats == {"missing_frames": 2, "filled_windows": 3, "skipped_windows": 0}
+    skip = TrackNetClipDataset([clip], 3, (40, 20), hm, normalize=False, gap_policy="skip")
+    assert [s["frame"] for s in skip] == [0, 1]
+    assert skip.gap_stats == {"missing_frames": 2, "filled_windows": 0, "skipped_windows": 3}
+    dm = TrackNetDataModule(data_root=str(tmp_path), heatmap={"size": [40, 20], "sigma": 1.0}, val_clips=[],
+                            test_clips=[], gap_policy="skip", batch_size=2)
+    dm.setup("fit")
+    with caplog.at_level("INFO"):
+        assert len(dm.dataset("train")) == 2
+    assert "2 frame numbers missing inside clips; 3 windows skipped (gap_policy: skip)" in caplog.text
+    with pytest.raises(ValueError, match="gap_policy"):
+        TrackNetDataModule(gap_policy="drop")
+
+
+def test_duplicate_frame_numbers_name_both_lines(tmp_path):
+    clip = tmp_path / "clip"
+    _frames(clip, 2, names=["0001.png", "img_1.png"])
+    (clip / "Label.csv").write_text("file name,visibility,x-coordinate,y-coordinate,status\n"
+                                    "0001.png,0,,,0\nimg_1.png,0,,,0\n")
+    with pytest.raises(ValueError, match=r"Label\.csv:3: frame number 1 is labelled twice \(also on line 2\)"):
+        read_label_csv(clip / "Label.csv")
+    (clip / "Label.csv").write_text("Frame,Visibility,X,Y\n1,0,0,0\n\n1.0,1,2,2\n")
+    with pytest.raises(ValueError, match=r"Label\.csv:4: frame '1.0' is labelled twice \(also on line 2\)"):
+        read_label_csv(clip / "Label.csv")
+
+
+def test_utf8_bom_headers_are_accepted(tmp_path):
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    _frames(v2, 2), _frames(v1, 2)
+    (v2 / "Label.csv").write_bytes("\ufeffFrame,Visibility,X,Y\r\n0,1,3,4\r\n1,0,0,0\r\n".encode("utf-8"))
+    (v1 / "Label.csv").write_bytes("\ufefffile name,visibility,x-coordinate,y-coordinate,status\n"
+                                   "0000.png,1,3,4,0\n0001.png,0,,,0\n".encode("utf-8"))
+    for clip in (read_label_csv(v2 / "Label.csv"), read_label_csv(v1 / "Label.csv")):
+        assert clip.frame_ids == [0, 1] and clip.visible.tolist() == [True, False]
+        np.testing.assert_allclose(clip.xy[0], [3, 4])
+
+
+def test_tracknetv3_layout_beside_clip_folders(tmp_path):
+    """``match*/csv/<rally>_ball.csv`` + ``match*/frame/<rally>/<n>.png`` (TrackNetV3), BOM included."""
+    for match, rally in (("match1", "1_01_00"), ("match1", "1_02_03"), ("match2", "2_01_00")):
+        _frames(tmp_path / "train" / match / "frame" / rally, 4, size=(64, 36), names=[f"{i}.png" for i in range(4)])
+        csv_dir = tmp_path / "train" / match / "csv"
+        csv_dir.mkdir(parents=True, exist_ok=True)
+        (csv_dir / f"{rally}_ball.csv").write_bytes(
+            "\ufeffFrame,Visibility,X,Y\n2,1,32,18\n0,0,0,0\n1,1,10,5\n3,0,0,0\n".encode("utf-8"))
+    _frames(tmp_path / "train" / "plain_clip", 2, size=(64, 36))
+    (tmp_path / "train" / "plain_clip" / "Label.csv").write_text("Frame,Visibility,X,Y\n0,0,0,0\n1,1,1,1\n")
+    dm = TrackNetDataModule(data_root=str(tmp_path), heatmap={"size": [32, 18], "sigma": 1.0}, val_clips=[],
+                            test_clips=["train/match2/2_01_00"], batch_size=4)
+    dm.setup("fit")
+    assert [c.name for c in dm.clips["all"]] == ["train/match1/1_01_00", "train/match1/1_02_03",
+                                                "train/match2/2_01_00", "train/plain_clip"]
+    clip = dm.clips["test"][0]
+    assert clip.frame_ids == [0, 1, 2, 3] and clip.src_size == (64, 36)
+    assert clip.frames[0] == tmp_path / "train" / "match2" / "frame" / "2_01_00" / "0.png"
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["xy"][2].tolist() == [16.0, 9.0] and batch["frame"].tolist() == [0, 1, 2, 3]
+    bad = tmp_path / "bad" / "m" / "csv"
+    bad.mkdir(parents=True)
+    (bad / "r_ball.csv").write_text("Frame,Visibility,X,Y\n0,0,0,0\n")
+    with pytest.raises(FileNotFoundError, match="frame folder"):
+        TrackNetDataModule(data_root=str(tmp_path / "bad")).setup("fit")

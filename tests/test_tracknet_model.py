@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from datamodules.tracknet import render_heatmap
-from models.metrics.tracknet import TrackNetMetrics, classify, detect_peaks
-from models.vision.tracknet import HeatmapDecoder, TrackNetViT, heatmap_grid, heatmap_loss
+from models.metrics.tracknet import TrackNetMetrics, centroid_radius, classify, detect_peaks
+from models.vision.tracknet import HeatmapDecoder, TrackNetViT, heatmap_grid, heatmap_loss, prediction_grid
 from models.vision.vit import create_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,12 +66,50 @@ def test_losses_prefer_the_right_map_over_an_empty_one(kind):
 
 
 def test_detect_peaks_subpixel_and_threshold():
-    hm = torch.stack([render_heatmap(7.3, 4.6, True, (20, 10), 1.5), torch.full((1, 10, 20), 0.3)])
-    xy, found = detect_peaks(hm, threshold=0.5)
+    hm = torch.stack([render_heatmap(17.3, 9.6, True, (40, 20), 1.5), torch.full((1, 20, 40), 0.3)])
+    xy, found = detect_peaks(hm, threshold=0.5, radius=centroid_radius(1.5))
     assert found.tolist() == [True, False]
-    assert (xy[0] - torch.tensor([7.3, 4.6])).abs().max() < 0.35
-    corner = render_heatmap(0, 0, True, (20, 10), 1.0)[None]  # peak at the border: the window is padded
-    assert detect_peaks(corner)[0][0].abs().max() < 0.5
+    assert (xy[0] - torch.tensor([17.3, 9.6])).abs().max() < 0.05
+    corner = render_heatmap(0, 0, True, (20, 10), 1.0)[None]  # at the border the window is zero-padded: the
+    assert detect_peaks(corner, radius=3)[0][0].abs().max() < 0.6  # cut-off blob pulls the centroid inward
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 3.0])
+def test_centroid_peak_is_unbiased_on_maps_with_known_centres(sigma):
+    """Rendered Gaussians at sub-pixel centres (a grid of offsets, away from the border): the window of
+    centroid_radius(sigma) finds every centre within 0.05 px; the old 3x3 window was off by > 0.2 px."""
+    offsets = torch.linspace(-0.5, 0.5, 11)
+    centres = [(40 + dx, 20 + dy) for dx in offsets.tolist() for dy in offsets.tolist()]
+    maps = torch.stack([render_heatmap(x, y, True, (96, 48), sigma) for x, y in centres])
+    truth = torch.tensor(centres)
+    xy, found = detect_peaks(maps, 0.5, "centroid", centroid_radius(sigma))
+    assert found.all() and (xy - truth).abs().max() < 0.05
+    old, _ = detect_peaks(maps, 0.5, "centroid", radius=1)
+    assert (old - truth).abs().max() > 0.2
+
+
+def test_component_peak_is_tracknetv3s_bounding_box_centre():
+    hm = torch.zeros(3, 1, 20, 40)
+    hm[0, 0, 5:8, 10:15] = 0.9  # one 5x3 region: centre (12, 6)
+    hm[1, 0, 2, 2] = 0.99  # a one-pixel region with the highest value ...
+    hm[1, 0, 10:14, 20:26] = 0.7  # ... loses to the larger region: centre (22.5, 11.5)
+    xy, found = detect_peaks(hm, 0.5, "component")
+    assert found.tolist() == [True, True, False]
+    assert xy[:2].tolist() == [[12.0, 6.0], [22.5, 11.5]]
+    disk = render_heatmap(17.0, 9.0, True, (40, 20), 2.5, "disk")[None]
+    assert detect_peaks(disk, 0.5, "component")[0][0].tolist() == [17.0, 9.0]
+    with pytest.raises(ValueError, match="peak"):
+        detect_peaks(hm, 0.5, "argmax")
+
+
+def test_tolerance_scale_makes_small_heatmaps_comparable():
+    """One heat-map pixel at 128x72 is 4 px at TrackNetV3's 512x288."""
+    pred, true = torch.tensor([[11.0, 5.0]]), torch.tensor([[10.0, 5.0]])
+    args = (pred, torch.tensor([True]), true, torch.tensor([True]))
+    scale = torch.tensor([[512 / 128, 288 / 72]])
+    assert classify(*args, tolerance=4.0, scale=scale)["tp"].item()
+    assert classify(*args, tolerance=3.9, scale=scale)["fp1"].item()
+    assert classify(*args, tolerance=1.0)["tp"].item()  # unscaled: heat-map pixels
 
 
 def _maps(points, size=(32, 16)):
@@ -117,3 +155,17 @@ def test_heatmap_grid_layout():
     frames = torch.zeros(2, 9, 16, 32)
     grid = heatmap_grid(frames, torch.rand(2, 1, 8, 16), torch.rand(2, 1, 8, 16), (0.5,) * 3, (0.25,) * 3)
     assert grid.shape == (3, 2 * 20, 4 * 36) and 0 <= grid.min() and grid.max() <= 1
+
+
+def test_prediction_grid_draws_marks_where_the_ball_is():
+    frames = torch.zeros(3, 9, 16, 32)  # mean 0, std 1: black frames
+    pred = torch.tensor([[5.0, 4.0], [20.0, 8.0], [0.0, 0.0]])
+    grid = prediction_grid(frames, pred, torch.tensor([True, True, False]), (0.0,) * 3, (1.0,) * 3,
+                           true_xy=torch.tensor([[10.0, 8.0], [0.0, 0.0], [0.0, 0.0]]),
+                           visible=torch.tensor([True, False, False]), ncol=2)
+    assert grid.shape == (3, 2 * 20, 2 * 36)  # 2 rows x 2 columns of 16x32 tiles with 2 px padding
+    tile = grid[:, 2:18, 2:34]
+    assert tile[:, 4, 5].tolist() == [1.0, 0.0, 0.0]  # red cross centre at the prediction
+    assert tile[1].sum() > 0 and tile[1, 8, 10] == 0  # a green ring around the label, hollow
+    assert grid[:, 2:18, 38:70][0, 8, 20] == 1.0  # second tile: cross at (20, 8)
+    assert grid[:, 22:38, 2:34].sum() == 0  # third tile: nothing found, nothing drawn

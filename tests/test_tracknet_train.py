@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from callbacks.tracknet_predictions import TrackNetPredictionWriter
@@ -175,7 +176,7 @@ def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
-    assert "val/frames_pred_true" in events.Tags()["images"]
+    assert {"val/frames_pred_true", "val/predictions"} <= set(events.Tags()["images"])
     assert {"val/f1", "val/precision", "val/recall", "val/accuracy", "val/fp2"} <= set(events.Tags()["scalars"])
     run_cli(["predict", "--config", cfg, *SMALL_DATA, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
           "--trainer.callbacks+=TrackNetPredictionWriter", "--trainer.callbacks.output_dir", "out",
@@ -245,3 +246,150 @@ def test_hf_mode_without_bitsandbytes_fails_at_construction():
         pass
     with pytest.raises(ImportError, match="bitsandbytes"):
         HeatmapTracker(**TINY, lora=LORA, quantization={"enabled": True, "mode": "hf"})
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({}, True), ({"use_double_quant": False}, False), ({"compress_statistics": False}, False),
+    ({"use_double_quant": False, "compress_statistics": True}, True),
+])
+def test_use_double_quant_false_alone_turns_double_quantization_off(settings, expected):
+    quant = pytest.importorskip("models.quant")
+    model = HeatmapTracker(**{**TINY, "decoder": {"channels": [192, 8], "upsample": [8]}}, lora=LORA,
+                           quantization={"enabled": True, **settings})
+    layers = [m for m in model.modules() if isinstance(m, quant.Linear4bit)]
+    assert layers and all(m.use_double_quant is expected for m in layers)
+    assert all(m.compute_dtype_setting == "auto" for m in layers)  # the default
+
+
+def test_v3_512x288_preset_config_smoke_with_tiny_overrides(in_tmp):
+    """The TrackNetV3-comparable preset (reference 512x288, component peaks, disk targets) at CPU size."""
+    (in_tmp / "tiny_v3.yaml").write_text("model:\n  init_args:\n    backbone: {freeze: true, patch_size: 16, "
+                                         "pretrained_file: null}\n")
+    run_cli(["fit", "--config", str(REPO / "configs/tracknet_v3_512x288.yaml"), "--config", "tiny_v3.yaml",
+             *SMALL_DATA, "--model.img_size", "[64, 32]", "--model.heatmap.size", "[64, 32]",
+             "--data.heatmap.size", "[64, 32]", "--data.frame_size", "[64, 32]",
+             "--model.decoder.channels", "[384, 16, 8, 8, 8]", "--trainer.precision", "32",
+             "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
+    run = in_tmp / "runs" / "tiny_v3" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    hp = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert (hp["tolerance_space"], list(hp["reference_size"]), hp["peak_method"]) == ("reference", [512, 288],
+                                                                                      "component")
+
+
+def _write_video(path: Path, levels: list[int], size=(128, 64)) -> None:
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for level in levels:
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), level, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_predict_on_unlabelled_frames_and_a_video(in_tmp):
+    """predict_path: a folder of numbered frames (no Label.csv) and a video file, one CSV each, at source
+    resolution; the first batch is drawn on its frames in TensorBoard."""
+    import numpy as np
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from PIL import Image
+
+    from datamodules.tracknet import read_video
+
+    frames = in_tmp / "input" / "court_a"
+    frames.mkdir(parents=True)
+    for i in (3, 0, 2, 1, 5, 4):
+        Image.fromarray(np.full((64, 128, 3), 20 * i, np.uint8)).save(frames / f"{i}.jpg")
+    levels = [0, 60, 120, 180, 240]
+    _write_video(in_tmp / "input" / "rally.mp4", levels)
+    decoded = read_video(in_tmp / "input" / "rally.mp4", (64, 32))
+    assert decoded.shape == (5, 3, 32, 64)
+    assert (decoded.float().mean((1, 2, 3)) - torch.tensor(levels, dtype=torch.float32)).abs().max() < 8
+    dm = TrackNetDataModule(heatmap=HEATMAP, predict_path=str(in_tmp / "input"), batch_size=4, normalize=False)
+    writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
+    trainer = L.Trainer(logger=TensorBoardLogger(str(in_tmp / "tb"), name="p"), callbacks=[writer],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(HeatmapTracker(**TINY, threshold=0.01), datamodule=dm)
+    assert sorted(p.relative_to(in_tmp / "pred").as_posix() for p in (in_tmp / "pred").rglob("*.csv")) == [
+        "court_a.csv", "rally.csv"]
+    for name, n in (("court_a", 6), ("rally", 5)):
+        rows = list(csv.reader(open(in_tmp / "pred" / f"{name}.csv")))
+        assert rows[0] == ["Frame", "Visibility", "X", "Y"] and [int(r[0]) for r in rows[1:]] == list(range(n))
+        assert all(0 <= float(r[2]) <= 128 and 0 <= float(r[3]) <= 64 for r in rows[1:])
+    ds = dm.dataset("unlabelled")
+    sample = next(s for s in ds if s["clip"] == "court_a" and s["frame"] == 3)  # window 1, 2, 3: grey 20, 40, 60
+    assert [round(float(sample["frames"][3 * k].mean()) * 255) for k in range(3)] == [20, 40, 60]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(in_tmp / "tb" / "p" / "version_0"), size_guidance={"images": 0}).Reload()
+    assert "predict/predictions" in events.Tags()["images"]
+    with pytest.raises(FileNotFoundError, match="predict_path"):
+        TrackNetDataModule(predict_path=str(in_tmp / "missing.mp4"))
+
+
+def test_output_frames_all_trains_on_every_labelled_window_frame(in_tmp):
+    """output_frames: all = one map per input frame (TrackNetV3): targets and masks per window position, the
+    masked loss, and a fit step; a model/data mismatch is named."""
+    dm = _data(output_frames="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    s0, s5 = ds[0], ds[5]  # a clip start (frame 0 repeated) and a full window
+    assert s0["target_mask"].tolist() == [0.0, 0.0, 1.0] and s5["target_mask"].tolist() == [1.0, 1.0, 1.0]
+    assert s5["heatmaps"].shape == (3, 32, 64) and torch.equal(s5["heatmaps"][-1:], s5["heatmap"])
+    assert s5["window"].tolist() == [s5["frame"] - 2, s5["frame"] - 1, s5["frame"]]
+    prev = ds[4]  # the frame before: its own target is position 1 of the next window
+    assert torch.equal(s5["heatmaps"][1], prev["heatmap"][0])
+    model = HeatmapTracker(**TINY, output_frames="all")
+    batch = next(iter(dm.train_dataloader()))
+    logits = model(batch["frames"])
+    assert logits.shape == (8, 3, 32, 64)
+    mask = batch["target_mask"].float()
+    expected = torch.stack([model._loss(logits[i:i + 1, j:j + 1], batch["heatmaps"][i:i + 1, j:j + 1])
+                            for i in range(8) for j in range(3) if mask[i, j] > 0]).mean()
+    torch.testing.assert_close(model._batch_loss(logits, batch), expected)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    with pytest.raises(ValueError, match="output_frames"):
+        L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False).fit(
+            HeatmapTracker(**TINY), datamodule=_data(output_frames="all"))
+    with pytest.raises(ValueError, match="temporal_ensemble needs output_frames: all"):
+        HeatmapTracker(**TINY, temporal_ensemble=True)
+
+
+def test_temporal_ensemble_averages_each_frames_maps_over_its_windows(in_tmp):
+    """predict with temporal_ensemble: each frame's CSV row is the peak of the mean of the maps predicted for it
+    at its own position in every window (computed here by hand), across batch boundaries and clips."""
+    from models.metrics.tracknet import detect_peaks
+
+    torch.manual_seed(0)
+    model = HeatmapTracker(**TINY, output_frames="all", temporal_ensemble=True, threshold=0.05).eval()
+    dm = _data(output_frames="all", predict_split="all", batch_size=5)  # 16 frames per clip: batches straddle
+    writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
+    L.Trainer(logger=False, callbacks=[writer], enable_progress_bar=False, enable_model_summary=False).predict(
+        model, datamodule=dm)
+    ds = dm.dataset("all")
+    sums: dict[tuple[str, int], list] = {}
+    with torch.no_grad():
+        for s in ds:
+            probs = torch.sigmoid(model(s["frames"][None]))[0]
+            for pos, g in enumerate(s["window"].tolist()):
+                if g == s["frame"] - 2 + pos:
+                    entry = sums.setdefault((s["clip"], g), [0, 0, s["src_size"]])
+                    entry[0], entry[1] = entry[0] + probs[pos], entry[1] + 1
+    assert {c for (_, _), (_, c, _) in sums.items()} == {1, 2, 3}  # clip ends get fewer windows
+    for clip in sorted({k[0] for k in sums}):
+        rows = list(csv.reader(open(in_tmp / "pred" / f"{clip}.csv")))[1:]
+        assert [int(r[0]) for r in rows] == list(range(16))
+        for r in rows:
+            total, count, src = sums[(clip, int(r[0]))]
+            xy, found = detect_peaks((total / count)[None, None], 0.05, "centroid", model.peak_radius)
+            assert int(r[1]) == int(found[0])
+            if found[0]:
+                expect = xy[0] * src / torch.tensor([64.0, 32.0])
+                assert abs(float(r[2]) - float(expect[0])) < 0.02 and abs(float(r[3]) - float(expect[1])) < 0.02

@@ -4,6 +4,7 @@ conversion and reports (:mod:`.convert`) and the Triton dequantize kernel beside
 
 from models.quant.convert import (
     dequantize_model,
+    hf_4bit_storage_bytes,
     linear_weight_report,
     quantize_model,
     quantized_storage_bytes,
@@ -14,12 +15,14 @@ from models.quant.nf4 import (
     FP4_TABLE,
     NF4_TABLE,
     QuantState,
+    auto_compute_dtype,
     code_table,
     dequantize_4bit,
     dequantize_absmax,
     dequantize_packed,
     dynamic_map_8bit,
     encode_4bit,
+    native_bf16,
     pack_4bit,
     quantize_4bit,
     quantize_absmax,
@@ -29,7 +32,8 @@ from models.quant.nf4 import (
 )
 
 __all__ = [
-    "DOUBLE_QUANT_BLOCK_SIZE", "FP4_TABLE", "NF4_TABLE", "Linear4bit", "QuantState", "code_table", "dequantize_4bit",
+    "DOUBLE_QUANT_BLOCK_SIZE", "FP4_TABLE", "auto_compute_dtype", "hf_4bit_storage_bytes", "native_bf16",
+    "NF4_TABLE", "Linear4bit", "QuantState", "code_table", "dequantize_4bit",
     "dequantize_absmax", "dequantize_model", "dequantize_packed", "dynamic_map_8bit", "encode_4bit",
     "linear_weight_report", "pack_4bit", "quantize_4bit", "quantize_absmax", "quantize_model",
     "quantized_storage_bytes", "resolve_compute_dtype", "resolve_double_quant", "unpack_4bit",

@@ -12,10 +12,12 @@ from models.adapters.lora import LoRALinear
 from models.module_swap import find_modules, matches, replace_modules
 from models.quant.linear4bit import Linear4bit
 from models.quant.nf4 import (
+    DOUBLE_QUANT_BLOCK_SIZE,
     QuantMode,
     QuantType,
     _check_block_size,
     _check_quant_type,
+    auto_compute_dtype,
     resolve_compute_dtype,
     resolve_double_quant,
 )
@@ -60,26 +62,32 @@ def _hf_linear4bit(
 def quantize_model(
     model: nn.Module,
     quant_type: QuantType = "nf4",
-    compute_dtype: str | torch.dtype = torch.bfloat16,
+    compute_dtype: str | torch.dtype = "auto",
     skip_modules: Sequence[str] | None = (),
-    use_double_quant: bool = True,
+    use_double_quant: bool | None = None,
     mode: QuantMode = "manual",
     block_size: int = 64,
     compress_statistics: bool | None = None,
+    save_dequantized: bool = False,
 ) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` in place by a 4-bit layer; returns the replaced names.
 
     Args:
         quant_type: ``"nf4"`` or ``"fp4"``.
-        compute_dtype: dtype of the dequantized weight and the matmul (string or torch dtype).
+        compute_dtype: dtype of the dequantized weight and the matmul (string or torch dtype); ``"auto"`` =
+            bfloat16 where the device computes it natively, else float32 (decided when the layer runs; for
+            ``mode="hf"``, decided for CUDA now).
         skip_modules: names, name suffixes or regexes (matched like LoRA ``target_modules``) kept in full
             precision. The ``base`` of a LoRA layer is matched under the LoRA layer's name. Nothing is
             skipped by default, the output head included: list it (``"head"``) to keep it full precision.
-        use_double_quant: quantize the absmax statistics too (~4.127 instead of 4.5 bits per parameter).
+        use_double_quant: quantize the absmax statistics too (~4.127 instead of 4.5 bits per parameter);
+            ``None`` = not set (see ``compress_statistics``).
         mode: ``"manual"`` (this module, any device) or ``"hf"`` (``bitsandbytes.nn.Linear4bit``, which
             quantizes when the model moves to the GPU).
-        compress_statistics: bitsandbytes' name for ``use_double_quant``; double quantization is on when
-            either is true (``None``: not given).
+        compress_statistics: bitsandbytes' name for ``use_double_quant``. Neither set: double quantization
+            on; one set: its value; both set: on when either is true (:func:`models.quant.nf4.resolve_double_quant`).
+        save_dequantized: keep each weight's dense forward copy for the backward (one dequantization per
+            step instead of two, more memory during the step); ``manual`` mode only.
 
     LoRA adapters are not ``nn.Linear`` and stay full precision: call ``inject_lora`` first, then this.
 
@@ -93,6 +101,9 @@ def quantize_model(
     double_quant = resolve_double_quant(use_double_quant, compress_statistics)
     if mode not in ("manual", "hf"):
         raise ValueError(f"quantization `mode` must be 'manual' or 'hf', got {mode!r}")
+    if mode == "hf" and save_dequantized:
+        raise ValueError("quantization `save_dequantized` is a `mode: manual` option (bitsandbytes always "
+                         "dequantizes again in the backward)")
     skip_modules = [skip_modules] if isinstance(skip_modules, str) else list(skip_modules or [])
     if mode == "hf":
         try:
@@ -117,8 +128,9 @@ def quantize_model(
 
     def build(_: str, linear: nn.Module) -> nn.Module:
         if mode == "hf":
-            return _hf_linear4bit(linear, quant_type, dtype, double_quant, block_size)
-        return Linear4bit.from_linear(linear, quant_type, dtype, double_quant, block_size)
+            hf_dtype = auto_compute_dtype("cuda") if dtype == "auto" else dtype
+            return _hf_linear4bit(linear, quant_type, hf_dtype, double_quant, block_size)
+        return Linear4bit.from_linear(linear, quant_type, dtype, double_quant, block_size, save_dequantized)
 
     return replace_modules(model, chosen, build)
 
@@ -144,8 +156,35 @@ def quantized_storage_bytes(model: nn.Module) -> int:
     return sum(m.storage_bytes() for m in model.modules() if isinstance(m, Linear4bit))
 
 
+def _is_hf_4bit(m: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` (recognised by its ``Params4bit`` weight, so bitsandbytes need not be
+    imported): an ``nn.Linear`` whose weight carries ``quant_type``, ``blocksize`` and ``compress_statistics``."""
+    w = getattr(m, "weight", None)
+    return isinstance(m, nn.Linear) and all(hasattr(w, a) for a in ("quant_type", "blocksize", "compress_statistics"))
+
+
+def hf_4bit_storage_bytes(m: nn.Module) -> int:
+    """Bytes of a bitsandbytes ``Linear4bit`` weight in its 4-bit storage format, counted like
+    :meth:`Linear4bit.storage_bytes` (codes + per-layer statistics; the shared code tables are not counted).
+
+    bitsandbytes quantizes when the layer moves to the GPU; before that the weight is still float, and after
+    it ``weight`` is the packed ``uint8`` tensor (``numel = params / 2``), so neither can be read off the
+    tensor. The format is the same as ``mode: manual``'s: ``ceil(n / blocksize)`` blocks of ``blocksize``
+    4-bit codes, one fp32 absmax per block, or with ``compress_statistics`` one uint8 per block plus an fp32
+    scale per 256 blocks and an fp32 offset.
+    """
+    n = m.in_features * m.out_features
+    blocksize = int(m.weight.blocksize)
+    n_blocks = max(1, -(-n // blocksize))
+    codes = n_blocks * blocksize // 2
+    if m.weight.compress_statistics:
+        return codes + n_blocks + 4 * -(-n_blocks // DOUBLE_QUANT_BLOCK_SIZE) + 4
+    return codes + 4 * n_blocks
+
+
 def linear_weight_report(model: nn.Module) -> dict[str, float]:
-    """Storage of all linear weights (``nn.Linear`` at their dtype, :class:`Linear4bit` packed).
+    """Storage of all linear weights (``nn.Linear`` at their dtype, :class:`Linear4bit` and bitsandbytes'
+    ``Linear4bit`` in their 4-bit format, before or after bitsandbytes has quantized on the GPU).
 
     Returns ``params``, ``bytes``, ``bytes_per_param``, ``bits_per_param`` and ``ratio_vs_fp32``.
     """
@@ -154,6 +193,9 @@ def linear_weight_report(model: nn.Module) -> dict[str, float]:
         if isinstance(m, Linear4bit):
             params += m.in_features * m.out_features
             stored += m.storage_bytes()
+        elif _is_hf_4bit(m):
+            params += m.in_features * m.out_features
+            stored += hf_4bit_storage_bytes(m)
         elif isinstance(m, nn.Linear):
             params += m.weight.numel()
             stored += m.weight.numel() * m.weight.element_size()

@@ -45,7 +45,7 @@ class HeatmapDecoder(nn.Module):
     A 1x1 projection from the backbone width to ``channels[0]`` is inserted when they differ.
     """
 
-    def __init__(self, in_dim: int, channels: Sequence[int], upsample: Sequence[int]) -> None:
+    def __init__(self, in_dim: int, channels: Sequence[int], upsample: Sequence[int], out_maps: int = 1) -> None:
         super().__init__()
         if len(channels) < 1 or any(c < 1 for c in channels):
             raise ValueError(f"decoder.channels must be a non-empty list of positive widths, got {list(channels)}")
@@ -66,7 +66,7 @@ class HeatmapDecoder(nn.Module):
                 nn.ReLU(inplace=True),
             ))
         self.stages = nn.Sequential(*stages)
-        self.logit = nn.Conv2d(channels[-1], 1, 1)
+        self.logit = nn.Conv2d(channels[-1], out_maps, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logit(self.stages(self.proj(x)))
@@ -81,12 +81,13 @@ class TrackNetViT(nn.Module):
         pretrained_file / patch_size: see :func:`models.vision.vit.create_vit`.
         decoder_channels / decoder_upsample: :class:`HeatmapDecoder` stages.
         heatmap_size: output ``(W, H)`` (TrackNet order, like :class:`HeatmapConfig`).
+        out_maps: logit maps per sample: 1 (the last frame) or ``num_frames`` (one per input frame).
     """
 
     def __init__(self, backbone: str, img_size: tuple[int, int], num_frames: int = 3,
                  pretrained_file: str | None = None, patch_size: int | None = None,
                  decoder_channels: Sequence[int] = (384, 256, 128, 64), decoder_upsample: Sequence[int] = (2, 2, 2),
-                 heatmap_size: tuple[int, int] = (256, 144)) -> None:
+                 heatmap_size: tuple[int, int] = (256, 144), out_maps: int = 1) -> None:
         super().__init__()
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -99,7 +100,7 @@ class TrackNetViT(nn.Module):
             raise ValueError(f"input size (H, W) = {self.img_size} is not a multiple of the patch size "
                              f"{tuple(self.backbone.patch_embed.patch_size)}")
         self.grid = grid
-        self.decoder = HeatmapDecoder(embed_dim(self.backbone), decoder_channels, decoder_upsample)
+        self.decoder = HeatmapDecoder(embed_dim(self.backbone), decoder_channels, decoder_upsample, out_maps)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Patch-token feature grid ``(B, C, gh, gw)``."""
@@ -119,7 +120,7 @@ class TrackNetViT(nn.Module):
 
 
 def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, kind: Literal["bce", "focal"] = "bce",
-                 pos_weight: float = 100.0, gamma: float = 2.0) -> torch.Tensor:
+                 pos_weight: float = 100.0, gamma: float = 2.0, reduction: str = "mean") -> torch.Tensor:
     """Per-pixel loss on logit maps against soft targets in [0, 1] (mean over pixels).
 
     ``bce``: binary cross-entropy with the positive term weighted by ``pos_weight`` (the ball covers a few
@@ -128,12 +129,12 @@ def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, kind: Literal["bce"
     """
     if kind == "bce":
         pw = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw)
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw, reduction=reduction)
     if kind == "focal":
         p = torch.sigmoid(logits)
         log_p, log_1p = F.logsigmoid(logits), F.logsigmoid(-logits)
         loss = -((1 - p) ** gamma * target * log_p + p**gamma * (1 - target) * log_1p)
-        return loss.mean()
+        return loss.mean() if reduction == "mean" else loss
     raise ValueError(f"loss must be 'bce' or 'focal', got {kind!r}")
 
 
@@ -154,3 +155,47 @@ def heatmap_grid(frames: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
     pad = 2
     tiles = F.pad(tiles, (pad, pad, pad, pad), value=1.0)
     return tiles.permute(2, 0, 3, 1, 4).reshape(3, n * (h + 2 * pad), 4 * (w + 2 * pad))
+
+
+def draw_marks(images: torch.Tensor, xy: torch.Tensor, show: torch.Tensor, color: Sequence[float],
+               shape: Literal["cross", "ring"] = "cross", radius: int = 4) -> torch.Tensor:
+    """Copy of ``images`` ``(n, 3, h, w)`` in [0, 1] with a ``cross`` or ``ring`` of ``color`` at pixel ``xy``
+    (``(n, 2)``, x then y) wherever ``show`` is true."""
+    out = images.clone()
+    n, _, h, w = out.shape
+    yy = torch.arange(h, dtype=torch.float32)[:, None]
+    xx = torch.arange(w, dtype=torch.float32)[None, :]
+    col = torch.tensor(color, dtype=out.dtype).view(3, 1, 1)
+    for i in range(n):
+        if not bool(show[i]):
+            continue
+        x, y = float(xy[i, 0]), float(xy[i, 1])
+        dx, dy = (xx - round(x)).abs(), (yy - round(y)).abs()
+        if shape == "cross":
+            mask = ((dx <= radius) & (dy < 1)) | ((dy <= radius) & (dx < 1))
+        else:
+            d = ((xx - x) ** 2 + (yy - y) ** 2).sqrt()
+            mask = (d >= radius - 0.75) & (d <= radius + 0.75)
+        out[i] = torch.where(mask[None], col, out[i])
+    return out
+
+
+@torch.no_grad()
+def prediction_grid(frames: torch.Tensor, pred_xy: torch.Tensor, found: torch.Tensor, mean: Sequence[float],
+                    std: Sequence[float], true_xy: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+                    ncol: int = 4) -> torch.Tensor:
+    """Image grid ``(3, H', W')`` of the labelled (last) frames with the predicted ball drawn as a red cross and,
+    when given, the true ball as a green ring. ``pred_xy``/``true_xy`` are in the frames' pixels."""
+    last = frames[:, -3:].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    images = last.clamp(0, 1)
+    if true_xy is not None and visible is not None:
+        images = draw_marks(images, true_xy.cpu(), visible.cpu(), (0.0, 1.0, 0.0), "ring")
+    images = draw_marks(images, pred_xy.cpu(), found.cpu(), (1.0, 0.0, 0.0), "cross")
+    n, _, h, w = images.shape
+    ncol = max(1, min(ncol, n))
+    nrow = -(-n // ncol)
+    pad = 2
+    tiles = torch.ones(nrow * ncol, 3, h, w)
+    tiles[:n] = images
+    tiles = F.pad(tiles, (pad, pad, pad, pad), value=1.0).view(nrow, ncol, 3, h + 2 * pad, w + 2 * pad)
+    return tiles.permute(2, 0, 3, 1, 4).reshape(3, nrow * (h + 2 * pad), ncol * (w + 2 * pad))
