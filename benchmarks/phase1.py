@@ -7,14 +7,28 @@ sequence lengths, then the ratio table. Peak memory is ``torch.cuda.max_memory_a
 process's peak RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) on the CPU, with glibc's
 dynamic mmap threshold pinned so freed tensors go back to the OS between measurements.
 
+``lm``: the Phase 1 language model (BK mixer + AR-SSM blocks, TT embedding as the tied head) against the
+project's GPT (``models/lm/gpt.py``) with the same number of parameters (Phase 1's MLP width is solved for it),
+trained the same number of steps on the same stdlib byte windows with the same optimizer settings (AdamW,
+lr 2e-3, warm-up 20 steps: ``configs/gpt_pretrain.yaml``'s GPT recipe, not tuned for Phase 1). Reported on the
+*test* split, with the do-nothing baselines (uniform bytes, the training unigram); training and inference
+tokens/s of both. The guide's claim is a validation loss within 5 % of the transformer's.
+
+``conversion``: perplexity before/after ``convert_to_phase1`` (a trained MLP-only Phase 1 baseline at TT ranks
+64/32/16; the trained GPT of ``lm`` converted, attention dropped, then fine-tuned a few steps).
+``htt`` and ``lns``: the component benchmarks (``benchmarks/phase1_tt.py``, ``benchmarks/lns.py``).
+``memory``: the memory model's presets and its estimate against measured training-step peaks.
+
     OMP_NUM_THREADS=2 python benchmarks/phase1.py --section mixer --quick
     python benchmarks/phase1.py --section mixer --device cuda
+    OMP_NUM_THREADS=1 python benchmarks/phase1.py --section lm --section conversion --quick
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import statistics
 import sys
 import time
@@ -167,7 +181,204 @@ def bench_mixer(args: argparse.Namespace) -> None:
         )
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {"mixer": bench_mixer}
+# ------------------------------------------------------------------------------------- language models
+def _lm_data(args: argparse.Namespace):
+    from datamodules.text import TextDataModule
+
+    dm = TextDataModule(include=["*.py"], seq_len=args.lm_seq, batch_size=args.lm_batch,
+                        max_windows=args.lm_windows)
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+def _train(model: nn.Module, dm, steps: int, lr: float = 2e-3, warmup: int = 20, aux: bool = False) -> float:
+    """AdamW steps on the training windows (reshuffled each pass); returns seconds of training."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+    model.train()
+    done, start = 0, time.perf_counter()
+    torch.manual_seed(0)
+    while done < steps:
+        for batch in dm.train_dataloader():
+            logits = model(batch["input_ids"])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+            if aux:
+                loss = loss + model.aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+            if done == steps:
+                break
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _eval_loss(model: nn.Module, loader) -> tuple[float, float]:
+    """(mean loss in nats per byte, tokens/s of the forward)."""
+    model.eval()
+    total, n, seconds = 0.0, 0, 0.0
+    for batch in loader:
+        start = time.perf_counter()
+        logits = model(batch["input_ids"])
+        seconds += time.perf_counter() - start
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="sum"))
+        n += batch["labels"].numel()
+    model.train()
+    return total / n, n / seconds
+
+
+def _matched_phase1(gpt_params: int, **kw):
+    """A Phase1Config whose parameter count is closest to ``gpt_params`` (MLP width solved for it)."""
+    from models.lm.phase1 import Phase1Config
+    from models.lm.phase1.presets import count_parameters
+
+    best = None
+    for m in range(16, 16 * kw["d_model"], 16):
+        c = Phase1Config(intermediate_size=m, **kw)
+        gap = abs(count_parameters(c) - gpt_params)
+        if best is None or gap < best[0]:
+            best = (gap, c)
+    return best[1]
+
+
+_LM_CACHE: dict[str, object] = {}
+
+
+def bench_lm(args: argparse.Namespace) -> None:
+    from models.lm.gpt import GPT, Config
+    from models.lm.phase1 import create_phase1_model
+    from models.lm.phase1.diagnostics import htt_compression_ratio
+
+    dm = _lm_data(args)
+    torch.manual_seed(0)
+    gpt = GPT(Config(n_layer=4, n_head=4, n_embd=128, block_size=args.lm_seq))
+    n_gpt = sum(p.numel() for p in gpt.parameters())
+    cfg = _matched_phase1(n_gpt, d_model=128, n_layers=4, n_seq=args.lm_seq, ar_ssm_max_rank=16,
+                          bk_chunk_size=args.lm_seq, use_gradient_checkpointing=False)
+    torch.manual_seed(0)
+    phase1 = create_phase1_model(cfg)
+    n_p1 = phase1.num_parameters()
+    print(f"stdlib *.py windows: {len(dm.load_split('train'))} train / {len(dm.load_split('test'))} test x "
+          f"{args.lm_seq} bytes, batch {args.lm_batch}, {args.lm_steps} steps, threads {torch.get_num_threads()}")
+    print(f"GPT: 4 layers, d 128, 4 heads, {n_gpt:,} params | Phase 1: 4 layers, d 128, MLP {cfg.mlp_size}, AR-SSM "
+          f"rank {cfg.ar_ssm_max_rank}, TT rank {cfg.htt_rank} (embedding compressed "
+          f"{htt_compression_ratio(phase1):.1f}x), {n_p1:,} params")
+    counts = torch.zeros(256)
+    for batch in dm.train_dataloader():
+        counts += torch.bincount(batch["labels"].flatten(), minlength=256)
+    probs = (counts + 1) / (counts + 1).sum()
+    test = dm.test_dataloader()
+    unigram = sum(float(-probs.log()[b["labels"].flatten()].sum()) for b in test) / sum(
+        b["labels"].numel() for b in test)
+    rows = {"uniform": (math.log(256), float("nan"), float("nan")), "unigram (train)": (unigram, float("nan"),
+                                                                                        float("nan"))}
+    for name, model, aux in (("GPT", gpt, False), ("Phase 1", phase1, True)):
+        seconds = _train(model, dm, args.lm_steps, aux=aux)
+        loss, infer_tps = _eval_loss(model, test)
+        rows[name] = (loss, args.lm_steps * args.lm_batch * args.lm_seq / seconds, infer_tps)
+        print(f"  {name}: test loss {loss:.4f} nats/byte, train {rows[name][1]:.0f} tok/s, "
+              f"inference {infer_tps:.0f} tok/s", flush=True)
+    _LM_CACHE["gpt"], _LM_CACHE["dm"] = gpt, dm
+    print("\n| model | params | test loss (nats/byte) | test ppl | vs GPT | train tok/s | inference tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    g = rows["GPT"][0]
+    for name, (loss, tps, itps) in rows.items():
+        params = {"GPT": f"{n_gpt:,}", "Phase 1": f"{n_p1:,}"}.get(name, "0")
+        print(f"| {name} | {params} | {loss:.4f} | {math.exp(loss):.2f} | {loss / g:.3f} | "
+              f"{'-' if math.isnan(tps) else f'{tps:.0f}'} | {'-' if math.isnan(itps) else f'{itps:.0f}'} |")
+    ratio = rows["Phase 1"][0] / g
+    print(f"target: Phase 1 test loss within 5 % of the GPT's: {ratio:.3f} -> {'met' if ratio <= 1.05 else 'NOT met'}")
+
+
+def bench_conversion(args: argparse.Namespace) -> None:
+    from models.lm.gpt import GPT, Config
+    from models.lm.phase1 import Phase1Config, convert_to_phase1, create_phase1_model
+
+    dm = _LM_CACHE.get("dm") or _lm_data(args)
+    test = dm.test_dataloader()
+    small = dict(ar_ssm_max_rank=16, bk_chunk_size=args.lm_seq, use_gradient_checkpointing=False)
+    torch.manual_seed(0)
+    base = create_phase1_model(Phase1Config(d_model=128, n_layers=4, n_seq=args.lm_seq, bk_enabled=False,
+                                            ar_ssm_enabled=False, htt_enabled=False, **small))
+    _train(base, dm, args.lm_steps)
+    before = _eval_loss(base, test)[0]
+    print("| source | conversion | embedding rel. error | test ppl before | test ppl after |")
+    print("|---|---|---|---|---|")
+    for rank in (64, 32, 16):
+        conv = convert_to_phase1(base, Phase1Config(htt_rank=rank, **small))
+        after = _eval_loss(conv, test)[0]
+        err = conv.conversion_report.approximated["embed"]
+        print(f"| MLP-only Phase 1 baseline | + BK + AR-SSM, TT rank {rank} | {err:.3f} | {math.exp(before):.2f} | "
+              f"{math.exp(after):.2f} |", flush=True)
+    gpt = _LM_CACHE.get("gpt")
+    if gpt is None:
+        torch.manual_seed(0)
+        gpt = GPT(Config(n_layer=4, n_head=4, n_embd=128, block_size=args.lm_seq))
+        _train(gpt, dm, args.lm_steps)
+    before = _eval_loss(gpt, test)[0]
+    conv = convert_to_phase1(gpt, Phase1Config(htt_enabled=False, **small))
+    after = _eval_loss(conv, test)[0]
+    print(f"| GPT (attention dropped) | + BK + AR-SSM, dense embedding | - | {math.exp(before):.2f} | "
+          f"{math.exp(after):.2f} |")
+    tune = max(args.lm_steps // 4, 1)
+    _train(conv, dm, tune, aux=True)
+    tuned = _eval_loss(conv, test)[0]
+    print(f"| same, fine-tuned {tune} steps | | - | {math.exp(before):.2f} | {math.exp(tuned):.2f} |")
+
+
+def bench_htt(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import phase1_tt
+
+    phase1_tt._print(phase1_tt.bench_tt(quick=args.quick))
+
+
+def bench_lns(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import lns
+
+    lns._print(lns.bench_lns(quick=args.quick))
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    import json
+    import os
+    import subprocess
+
+    from models.lm.phase1 import estimate_memory, get_preset_config
+
+    print("| preset | d_model | layers | seq x batch | params | estimate GB (weights / grads / Adam / act. / head) |")
+    print("|---|---|---|---|---|---|")
+    for name in ("8gb", "10gb", "24gb"):
+        c = get_preset_config(name)
+        e = estimate_memory(c)
+        parts = " / ".join(f"{e[k] / 2**30:.2f}" for k in ("weights", "gradients", "optimizer", "activations", "head"))
+        print(f"| {name} | {c.d_model} | {c.n_layers} | {c.n_seq} x {c.batch_size} | {e['parameters'] / 1e6:.1f} M "
+              f"| {e['total_gb']:.2f} ({parts}) |")
+    from tests.test_phase1_memory import SCRIPT
+
+    sizes = [dict(d_model=128, n_layers=2, n_seq=512, batch=8),
+             dict(d_model=128, n_layers=4, n_seq=512, batch=8, use_gradient_checkpointing=False),
+             dict(d_model=256, n_layers=2, n_seq=256, batch=8),
+             dict(d_model=192, n_layers=3, n_seq=256, batch=8, mlp_class="LLaMAMLP", use_gradient_checkpointing=False)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(sizes)], env=env, capture_output=True, text=True)
+    pairs = json.loads(res.stdout.strip().splitlines()[-1])
+    print("\n| size (batch 8) | checkpointing | measured peak MiB (CPU RSS) | estimate MiB | measured / estimate |")
+    print("|---|---|---|---|---|")
+    for kw, (peak, est) in zip(sizes, pairs):
+        label = f"d {kw['d_model']}, {kw['n_layers']} layers, seq {kw['n_seq']}" + (
+            f", {kw['mlp_class']}" if "mlp_class" in kw else "")
+        print(f"| {label} | {kw.get('use_gradient_checkpointing', True)} | {peak:.1f} | {est:.1f} | {peak / est:.2f} |")
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "mixer": bench_mixer, "lm": bench_lm, "conversion": bench_conversion, "htt": bench_htt, "lns": bench_lns,
+    "memory": bench_memory,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,7 +393,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--lm-steps", type=int, default=None, help="lm/conversion: steps (quick 150, else 600)")
+    parser.add_argument("--lm-seq", type=int, default=128)
+    parser.add_argument("--lm-batch", type=int, default=16)
+    parser.add_argument("--lm-windows", type=int, default=3000, help="windows per split")
     args = parser.parse_args(argv)
+    if args.lm_steps is None:
+        args.lm_steps = 150 if args.quick else 600
     for section in args.section or sorted(SECTIONS):
         print(f"== {section} ==")
         SECTIONS[section](args)

@@ -383,7 +383,7 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.load_split(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
+            num_workers=self.hparams.num_workers,  # keywords: Lightning re-creates the loader for predict
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -16,6 +16,7 @@ DIGITS = "configs/vit_lora_digits.yaml"
 TRACKNET = "configs/tracknet_lora.yaml"
 GPT = "configs/gpt_pretrain.yaml"
 PHASE2 = "configs/phase2_small.yaml"
+PHASE1 = "configs/phase1_lm.yaml"
 
 class _RunsCode:
     """Unpickling this runs ``exec``: were it ever loaded, the test process would exit with status 99."""
@@ -122,6 +123,11 @@ CASES = [
     (PHASE2, ["--model.config.use_triton", "true"], "config.use_triton: there is no Triton kernel"),
     (PHASE2, ["--model.config.snr_threshold", "0"], "config.snr_threshold must be positive or null"),
     (PHASE2, ["--model.min_lr", "0.1"], "model (Phase2LanguageModel): `lr` must be positive and `min_lr` in [0, lr]"),
+    # Phase 1 LM: unknown nested keys, impossible sizes, unknown presets
+    (PHASE1, ["--model.phase1", '{"ar_ssm": {"max_rnk": 3}}'], "phase1.ar_ssm.max_rnk is not a Phase 1 option"),
+    (PHASE1, ["--model.phase1", '{"preset": "4gb"}'], "phase1.preset must be one of"),
+    (PHASE1, ["--model.config.ar_ssm_min_rank", "40"], "ar_ssm_min_rank"),
+    (PHASE1, ["--model.config.lns_format", "lns3"], "config.lns_format"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),

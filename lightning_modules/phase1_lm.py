@@ -1,0 +1,180 @@
+"""Phase 1 language modelling (BK mixer + AR-SSM blocks, HTT embedding, LNS inference) as a LightningModule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from callbacks.stability import StabilityMonitor
+from datamodules.text import ByteTokenizer
+from models.layers.ar_ssm import curriculum_rank
+from models.lm.phase1.config import Phase1Config
+from models.lm.phase1.diagnostics import check_model_stability, gate_statistics, htt_compression_ratio, phase1_health
+from models.lm.phase1.model import Phase1LM
+from models.lm.phase1.presets import estimate_memory
+from models.lm.phase1.stability import NumericalInstabilityError, VRAMExhaustedError
+
+
+class Phase1LanguageModel(L.LightningModule):
+    """Next-token prediction with :class:`models.lm.phase1.model.Phase1LM` on ``TextDataModule`` batches.
+
+    The loss is cross-entropy plus the AR-SSM gate L1 penalty (``ar_ssm_l1_regularization``). Health signals
+    for ``callbacks.stability.StabilityMonitor``: ``bk_bound_ratio`` (eta max|g|, inf once the bound breaks)
+    and ``bk_transfer_log10_condition``. Without that callback a broken bound raises
+    ``NumericalInstabilityError`` (with it, the callback rolls back and lowers the learning rate). On CUDA a
+    configuration whose memory model exceeds the device even at micro-batch 1 raises ``VRAMExhaustedError``
+    at fit start (``callbacks.oom_recovery.OOMRecovery`` handles ordinary batch-size overruns).
+
+    Args:
+        config: sizes and Phase 1 features (flat form).
+        phase1: the guide's nested form (``enabled``, ``preset``, ``ar_ssm``, ``htt``, ``lns``, ``stability``,
+            ``memory``, ``model``, ``bk``); applied on top of ``config``.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: steps of linear learning-rate warm-up.
+        sample_prompt: after each validation a continuation of this prompt goes to TensorBoard (``samples``).
+        sample_tokens: length of that sample; 0 turns it off.
+        predict_tokens: tokens ``predict`` generates after each input window (greedy, carried state).
+    """
+
+    def __init__(
+        self,
+        config: Phase1Config | None = None,
+        phase1: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        sample_prompt: str = "def ",
+        sample_tokens: int = 120,
+        predict_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        config = config or Phase1Config()
+        if phase1 is not None:
+            config = Phase1Config.from_nested(phase1, base=config)
+        self.save_hyperparameters()
+        if lr <= 0 or warmup_steps < 0 or sample_tokens < 0 or predict_tokens < 0:
+            raise ValueError(f"`lr` must be positive, `warmup_steps`, `sample_tokens` and `predict_tokens` >= 0, "
+                             f"got {lr}, {warmup_steps}, {sample_tokens}, {predict_tokens}")
+        self.config = config
+        self.model = Phase1LM(config)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    # ------------------------------------------------------------------------------------------- fit
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            need = estimate_memory(self.config, batch_size=1)["total_bytes"]
+            if need > total:
+                raise VRAMExhaustedError(
+                    f"the Phase 1 memory model needs {need / 2**30:.1f} GiB at micro-batch 1, the device has "
+                    f"{total / 2**30:.1f} GiB; choose a smaller phase1.preset or sizes")
+        if self.logger is not None:
+            metrics = {"params/total": sum(p.numel() for p in self.parameters()),
+                       "phase1/htt_compression_ratio": htt_compression_ratio(self.model)}
+            self.logger.log_hyperparams(self.hparams, metrics)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        cfg = self.config
+        if cfg.ar_ssm_enabled and cfg.ar_ssm_curriculum_steps:
+            self.model.set_active_rank(curriculum_rank(self.global_step, cfg.ar_ssm_curriculum_steps,
+                                                       cfg.ar_ssm_min_rank, cfg.ar_ssm_max_rank))
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    def _has_stability_monitor(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and any(isinstance(cb, StabilityMonitor) for cb in trainer.callbacks)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ce = self._loss(self.model(batch["input_ids"]), batch["labels"])
+        aux = self.model.aux_loss
+        if self.config.stability_monitoring_enabled and not self._has_stability_monitor():
+            verdict = check_model_stability(self.model)
+            if not verdict["is_stable"]:
+                raise NumericalInstabilityError(
+                    f"step {self.global_step}: {'; '.join(verdict['warnings'])}. Add "
+                    "callbacks.stability.StabilityMonitor to trainer.callbacks to roll back and lower the LR")
+        self.log("train/loss", ce, prog_bar=True)
+        self.log("train/ppl", ce.detach().exp())
+        if self.config.ar_ssm_enabled:
+            self.log("train/gate_l1", aux.detach())
+            trainer = self._trainer
+            every = trainer.log_every_n_steps if trainer is not None else 1
+            if self.global_step % max(every, 1) == 0:
+                for key, value in gate_statistics(self.model).items():
+                    self.log(f"phase1/{key}", value)
+        return ce + aux
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Under DDP each rank updated AR-SSM's running max gate from its own shard; the max over ranks is what
+        one process would have recorded from the whole batch (``lerp(old, .)`` is increasing and ``old`` is
+        the same on every rank), so replicas keep identical buffers and prune the same ranks in eval."""
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for layer in self.model.ar_ssm_layers():
+                torch.distributed.all_reduce(layer.gate_running_max, op=torch.distributed.ReduceOp.MAX)
+
+    def health_signals(self) -> dict[str, torch.Tensor]:
+        """BK bound ratio and transfer-matrix conditioning of the last forward (see ``phase1_health``)."""
+        return phase1_health(self.model) if self.config.stability_monitoring_enabled else {}
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.val_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", loss.exp())
+        if self.config.stability_monitoring_enabled and self.model.bk_mixers():
+            verdict = check_model_stability(self.model)
+            self.log("phase1/bk_bound_ratio", min(verdict["bound_ratio"], 1e6))
+            self.log("phase1/bk_transfer_log10_condition", min(verdict["transfer_log10_condition"], 1e6))
+        for key, value in gate_statistics(self.model).items():
+            self.log(f"phase1/val_{key}", value)
+        self._log_sample()
+
+    def _log_sample(self) -> None:
+        hp, logger = self.hparams, self.logger
+        if self.trainer.sanity_checking or not hp.sample_tokens or self.global_rank != 0:
+            return
+        if not hasattr(getattr(logger, "experiment", None), "add_text"):
+            return
+        tok = ByteTokenizer()
+        prompt = tok.encode(hp.sample_prompt or "\n").unsqueeze(0).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        out = self.model.generate(prompt, hp.sample_tokens, temperature=0.8, top_k=20, generator=g)
+        logger.experiment.add_text("samples", "```\n" + tok.decode(out[0].tolist()) + "\n```", self.global_step)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.test_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log("test/loss", loss)
+        self.log("test/ppl", loss.exp())
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Greedy continuation of each window by ``predict_tokens`` tokens (one recurrent step per token)."""
+        ids = batch["input_ids"]
+        out = self.model.generate(ids, self.hparams.predict_tokens, temperature=0)
+        return {"index": batch.get("index", torch.arange(len(ids))), "generated": out[:, ids.shape[1]:]}
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if not self.hparams.warmup_steps:
+            return opt
+        warmup = self.hparams.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
