@@ -127,8 +127,10 @@ def find_config_key(cfg: Any, class_path: str, prefix: str = "") -> str | None:
 
 #: Hyper-parameters that may differ between a checkpoint and the config without changing results.
 IGNORED_HPARAMS = {"_instantiator", "num_workers"}
-#: ... and, when only evaluating a checkpoint (validate/test/predict), also these.
-IGNORED_EVAL_HPARAMS = {"batch_size", "sample_tokens", "sample_prompt"}
+#: ... and, when only evaluating a checkpoint (validate/test/predict), also these inference-time options.
+IGNORED_EVAL_HPARAMS = {"batch_size", "sample_tokens", "sample_prompt", "predict_tokens", "predict_path",
+                        "predict_split", "temporal_ensemble", "threshold", "tolerance", "tolerance_space",
+                        "reference_size", "peak_method"}
 
 
 def plain(value: Any) -> Any:

@@ -27,7 +27,6 @@ tokens/s of both. The guide's claim is a validation loss within 5 % of the trans
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import statistics
 import sys
@@ -43,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.layers.bk_mixer import BKMixer  # noqa: E402
+from models.utils.memory import measure_peak_memory, pin_malloc  # noqa: E402
 
 MIB = 2**20
 
@@ -68,39 +68,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _pin_malloc() -> bool:
-    """Fix glibc's mmap threshold (M_MMAP_THRESHOLD = -3) so large frees return memory and RSS peaks are per run."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
-def _peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / MIB
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _rss_kib("VmRSS")
-        fn()
-        return (_rss_kib("VmHWM") - base) / 1024
-    except OSError:
-        return float("nan")
-
-
 def _time_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -117,7 +84,7 @@ def _time_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: in
 def bench_mixer(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
-        _pin_malloc()
+        pin_malloc()
     torch.manual_seed(0)
     models = {
         "bk": BKMixer(args.d_model, chunk_size=args.chunk_size).to(device),
@@ -146,7 +113,7 @@ def bench_mixer(args: argparse.Namespace) -> None:
             results[name, n] = {
                 "train_ms": _time_ms(step, device, reps, warmup),
                 "fwd_ms": _time_ms(forward, device, reps, warmup),
-                "peak_mib": _peak_memory_mib(step, device),
+                "peak_mib": measure_peak_memory(step, device),
             }
             model.zero_grad(set_to_none=True)
             x.grad = None

@@ -20,7 +20,6 @@ CUDA (when triton imports), the chunked torch scan on CPU.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import time
@@ -32,39 +31,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from models.layers.ar_ssm import ARSSM  # noqa: E402
+from models.utils.memory import measure_peak_memory, pin_malloc  # noqa: E402
 
 D_MODEL, MAX_RANK, ACTIVE, BATCH, SEQ = 256, 32, 8, 4, 4096
 MB = 2**20
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _fixed_mmap_threshold() -> None:
-    """glibc: serve every allocation >= 128 KiB by mmap and unmap it on free (no dynamic threshold), so RSS
-    follows the live tensors instead of keeping freed heap pages resident."""
-    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-
-
 def _peak_forward_mb(model: ARSSM, x: torch.Tensor) -> float:
     """Extra memory at the peak of one forward (see the module docstring for how)."""
-    if x.is_cuda:
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        model(x)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / MB
-    _fixed_mmap_threshold()
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _status_kb("VmRSS")
-    model(x)
-    return (_status_kb("VmHWM") - before) / 1024
+    pin_malloc(128 * 1024)  # mmap every allocation >= 128 KiB so the RSS follows the live tensors
+    return measure_peak_memory(lambda: model(x), x.device)
 
 
 def _time_forward_ms(model: ARSSM, x: torch.Tensor, repeats: int) -> float:

@@ -33,27 +33,12 @@ from torch import nn  # noqa: E402
 
 from models.adapters.lora import count_parameters, inject_lora  # noqa: E402
 from models.quant import Linear4bit, linear_weight_report, quantize_model  # noqa: E402
+from models.utils.memory import proc_status_kib, reset_peak_rss  # noqa: E402
 from models.vision.vit import create_vit  # noqa: E402
 
 VARIANTS = ("full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-nf4-dq-fp32", "qlora-nf4-dq-bf16",
             "qlora-nf4-dq-saved", "qlora-nf4-dq-fp32-saved")
 MB = 2**20
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _build(args: argparse.Namespace, variant: str) -> nn.Module:
@@ -73,15 +58,15 @@ def _build(args: argparse.Namespace, variant: str) -> nn.Module:
 def worker(args: argparse.Namespace) -> None:
     """One variant: build, one warm-up step, ``--steps`` timed steps; prints a JSON line."""
     torch.set_num_threads(args.threads)
-    rss_import = _status_kb("VmRSS") / 1024
+    rss_import = proc_status_kib("VmRSS") / 1024
     vit = _build(args, args.worker)
-    rss_built = _status_kb("VmRSS") / 1024
-    build_peak = _status_kb("VmHWM") / 1024
+    rss_built = proc_status_kib("VmRSS") / 1024
+    build_peak = proc_status_kib("VmHWM") / 1024
     params = [p for p in vit.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     y = torch.randint(0, 10, (args.batch,))
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     times = []
     for i in range(args.steps + 1):
         t0 = time.perf_counter()
@@ -97,8 +82,8 @@ def worker(args: argparse.Namespace) -> None:
         "linear_weight_mb": linear_weight_report(vit)["bytes"] / MB,
         "rss_import_mb": rss_import,
         "rss_built_mb": rss_built,
-        "peak_rss_mb": max(build_peak, _status_kb("VmHWM") / 1024),
-        "train_peak_rss_mb": _status_kb("VmHWM") / 1024 if reset else float("nan"),
+        "peak_rss_mb": max(build_peak, proc_status_kib("VmHWM") / 1024),
+        "train_peak_rss_mb": proc_status_kib("VmHWM") / 1024 if reset else float("nan"),
         "step_s": statistics.median(times),
         "loss": loss.item(),
     }))

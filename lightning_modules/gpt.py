@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from datamodules.text import ByteTokenizer
+from lightning_modules.text_samples import log_text_sample
 from models.adapters.lora import count_parameters
 from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable, weights_fingerprint
 from models.lm.gpt import GPT, Config, load_pretrained
@@ -179,20 +180,7 @@ class GPTLanguageModel(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", loss.exp())
-        self._log_sample()
-
-    def _log_sample(self) -> None:
-        """A generated continuation of ``sample_prompt`` in TensorBoard, where reading beats a number."""
-        hp, logger = self.hparams, self.logger
-        if self.trainer.sanity_checking or not hp.sample_tokens or self.global_rank != 0:
-            return
-        if not hasattr(getattr(logger, "experiment", None), "add_text"):  # no TensorBoard logger
-            return
-        tok = ByteTokenizer()
-        prompt = tok.encode(hp.sample_prompt or "\n").unsqueeze(0).to(self.device)
-        g = torch.Generator(device=self.device).manual_seed(0)
-        out = self.model.generate(prompt, hp.sample_tokens, temperature=0.8, top_k=20, generator=g)
-        logger.experiment.add_text("samples", "```\n" + tok.decode(out[0].tolist()) + "\n```", self.global_step)
+        log_text_sample(self, self.hparams.sample_prompt, self.hparams.sample_tokens)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.test_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())

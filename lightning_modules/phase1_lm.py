@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from callbacks.stability import StabilityMonitor
-from datamodules.text import ByteTokenizer
+from lightning_modules.text_samples import log_text_sample
 from models.layers.ar_ssm import curriculum_rank
 from models.lm.phase1.config import Phase1Config
 from models.lm.phase1.diagnostics import check_model_stability, gate_statistics, htt_compression_ratio, phase1_health
@@ -142,19 +142,7 @@ class Phase1LanguageModel(L.LightningModule):
             self.log("phase1/bk_transfer_log10_condition", min(verdict["transfer_log10_condition"], 1e6))
         for key, value in gate_statistics(self.model).items():
             self.log(f"phase1/val_{key}", value)
-        self._log_sample()
-
-    def _log_sample(self) -> None:
-        hp, logger = self.hparams, self.logger
-        if self.trainer.sanity_checking or not hp.sample_tokens or self.global_rank != 0:
-            return
-        if not hasattr(getattr(logger, "experiment", None), "add_text"):
-            return
-        tok = ByteTokenizer()
-        prompt = tok.encode(hp.sample_prompt or "\n").unsqueeze(0).to(self.device)
-        g = torch.Generator(device=self.device).manual_seed(0)
-        out = self.model.generate(prompt, hp.sample_tokens, temperature=0.8, top_k=20, generator=g)
-        logger.experiment.add_text("samples", "```\n" + tok.decode(out[0].tolist()) + "\n```", self.global_step)
+        log_text_sample(self, self.hparams.sample_prompt, self.hparams.sample_tokens)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.test_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from datamodules.text import ByteTokenizer
+from lightning_modules.text_samples import log_text_sample
 from models.lm.phase2 import Phase2Config, Phase2LM
 
 
@@ -87,7 +87,7 @@ class Phase2LanguageModel(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/perplexity", loss.exp())
-        self._log_sample()
+        log_text_sample(self, self.hparams.sample_prompt, self.hparams.sample_tokens)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.test_loss.update(self._loss(self.model(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
@@ -97,18 +97,6 @@ class Phase2LanguageModel(L.LightningModule):
         self.test_loss.reset()
         self.log("test/loss", loss)
         self.log("test/perplexity", loss.exp())
-
-    def _log_sample(self) -> None:
-        hp, logger = self.hparams, self.logger
-        if self.trainer.sanity_checking or not hp.sample_tokens or self.global_rank != 0:
-            return
-        if not hasattr(getattr(logger, "experiment", None), "add_text"):  # no TensorBoard logger
-            return
-        tok = ByteTokenizer()
-        prompt = tok.encode(hp.sample_prompt or "\n").unsqueeze(0).to(self.device)
-        g = torch.Generator(device=self.device).manual_seed(0)
-        out = self.model.generate(prompt, hp.sample_tokens, temperature=0.8, top_k=20, generator=g)
-        logger.experiment.add_text("samples", "```\n" + tok.decode(out[0].tolist()) + "\n```", self.global_step)
 
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine from 1 to min_lr / lr."""

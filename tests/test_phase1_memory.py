@@ -56,7 +56,7 @@ SCRIPT = r"""
 import json, sys, torch
 import torch.nn.functional as F
 from models.lm.phase1 import Phase1Config, create_phase1_model, estimate_memory
-from models.lm.phase1.diagnostics import measure_peak_memory, pin_malloc
+from models.utils.memory import measure_peak_memory, pin_malloc
 pin_malloc()
 torch.manual_seed(0)
 out = []

@@ -10,10 +10,9 @@ runs a model over a dataloader and reports everything at once, with the peak mem
 
 from __future__ import annotations
 
-import ctypes
 import math
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +20,7 @@ import torch.nn.functional as F
 from models.layers.tt_embedding import TTEmbedding
 from models.lm.phase1.model import Phase1LM
 from models.lm.phase1.stability import BKStabilityMonitor
-
-MIB = 2**20
+from models.utils.memory import measure_peak_memory
 
 
 def phase1_health(model: Phase1LM) -> dict[str, torch.Tensor]:
@@ -74,49 +72,6 @@ def htt_compression_ratio(model: Phase1LM) -> float:
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def pin_malloc() -> bool:
-    """Fix glibc's mmap threshold (``M_MMAP_THRESHOLD`` = 1 MiB) so large tensors are mmapped and freed memory
-    leaves the process: the RSS then follows the live tensors. Linux/glibc only; False elsewhere."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
-def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
-    """Peak memory (MiB) that ``fn()`` adds above what is allocated when it starts.
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak RSS (``VmHWM``, reset through
-    ``/proc/self/clear_refs``) minus the RSS before; call :func:`pin_malloc` first. Returns nan where neither
-    is available.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / MIB
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kib("VmRSS")
-    except OSError:
-        fn()
-        return float("nan")
-    fn()
-    return (_status_kib("VmHWM") - base) / 1024
-
-
 # ------------------------------------------------------------------------------------------- the sweep
 @torch.no_grad()
 def collect_phase1_diagnostics(
