@@ -44,7 +44,7 @@ def step_times(methods: dict[str, dict], args: argparse.Namespace, rounds: int =
         kw.pop("lr_slow", None)
         model = ContinualViT(backbone_kwargs=BACKBONE, img_size=32, patch_size=8, **kw)
         groups = model.set_trainable(1, train_backbone=full)
-        fast = torch.optim.AdamW(groups["fast"] + groups["backbone"] + groups["descriptors"], lr=1e-3)
+        fast = torch.optim.AdamW(groups["head"] + groups["fast"] + groups["backbone"] + groups["descriptors"], lr=1e-3)
         slow = torch.optim.AdamW(groups["slow"], lr=1e-3) if groups["slow"] else None
         setups[name] = (model, fast, slow, interval)
     times: dict[str, list[float]] = {name: [] for name in methods}

@@ -14,8 +14,12 @@ slow one (Nested LoRA's slow adapters, ``lr_slow``) every ``slow_update_interval
 ``MultiRateStepping``/``TaskBoundaryConsolidation``/``ContinualEvaluation`` callbacks are added from these
 hyper-parameters.
 
-First-task adaptation (``first_task_adaptation: true``, meant for backbones without pretrained weights such
-as the embedded digits default): the whole backbone also trains on the first task, then stays frozen.
+Backbone weights: ``pretrained_file`` (a local timm file), or ``pretrain`` (adaptlab's offline glyph backbone,
+``datamodules.glyph_backbone``: pre-trained on glyph classes disjoint from the glyph sequence, built on first use
+and cached by its settings, then loaded through the same ``pretrained_file`` path), or neither (random init).
+
+First-task adaptation (``first_task_adaptation: true``, meant for backbones without pretrained weights): the
+whole backbone also trains on the first task, then stays frozen.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.continual_eval import ContinualEvaluation
 from callbacks.multi_rate import MultiRateStepping
 from callbacks.protocols import ClassIncrementalData
+from datamodules.glyph_backbone import GlyphPretraining, ensure_glyph_backbone
 from models.vision.continual_vit import ADAPTER_TYPES, AdapterType, ContinualViT
 
 
@@ -45,6 +50,8 @@ class ContinualClassifier(L.LightningModule):
         img_size: input image size (square).
         patch_size: ViT patch size (``None``: the model's own).
         pretrained_file: local backbone weights (never downloaded).
+        pretrain: build (once, cached) and load adaptlab's glyph-pretrained backbone for this architecture;
+            exclusive with ``pretrained_file``.
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth``, ``embed_dim``).
         adapter_type: ``none`` (head only), ``lora``, ``sema`` or ``nested_lora``.
         lora_r: LoRA rank (``adapter_type: lora``).
@@ -55,7 +62,9 @@ class ContinualClassifier(L.LightningModule):
         expansion_layers: blocks where SEMA may add adapters at a new task.
         first_task_adaptation: also train the whole backbone on the first task, then freeze it.
         finetune_backbone: train the whole backbone on every task (the full fine-tuning baseline).
-        lr_fast: learning rate of the head and the adapters (Nested LoRA: the fast adapters).
+        lr_fast: learning rate of the adapters (Nested LoRA: the fast adapters), and of the head unless
+            ``lr_head`` is set.
+        lr_head: learning rate of the classifier head (``None``: ``lr_fast``).
         lr_slow: learning rate of Nested LoRA's slow adapters.
         lr_backbone: first-task adaptation learning rate (``None``: ``lr_fast``).
         lr_descriptor: learning rate of SEMA's descriptors.
@@ -78,6 +87,7 @@ class ContinualClassifier(L.LightningModule):
         img_size: int = 32,
         patch_size: int | None = 8,
         pretrained_file: str | None = None,
+        pretrain: GlyphPretraining | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         adapter_type: AdapterType = "nested_lora",
         first_task_adaptation: bool = False,
@@ -91,6 +101,7 @@ class ContinualClassifier(L.LightningModule):
         expansion_threshold: float = 2.0,
         expansion_batches: int = 8,
         lr_fast: float = 1e-3,
+        lr_head: float | None = None,
         lr_slow: float = 1e-4,
         lr_backbone: float | None = None,
         lr_descriptor: float = 1e-2,
@@ -105,8 +116,8 @@ class ContinualClassifier(L.LightningModule):
         super().__init__()
         if adapter_type not in ADAPTER_TYPES:
             raise ValueError(f"adapter_type must be one of {ADAPTER_TYPES}, got {adapter_type!r}")
-        for key in ("lr_fast", "lr_slow", "lr_descriptor"):
-            if locals()[key] <= 0:
+        for key in ("lr_fast", "lr_slow", "lr_descriptor", "lr_head"):
+            if locals()[key] is not None and locals()[key] <= 0:
                 raise ValueError(f"{key} must be positive, got {locals()[key]}")
         if slow_update_interval < 0:
             raise ValueError(f"slow_update_interval must be >= 0 (0 or 1: every step), got {slow_update_interval}")
@@ -116,8 +127,13 @@ class ContinualClassifier(L.LightningModule):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         if scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+        if pretrain is not None and pretrained_file is not None:
+            raise ValueError("model.pretrain and model.pretrained_file are exclusive: set one of them to null")
         self.save_hyperparameters()
         self.automatic_optimization = False
+        if pretrain is not None:
+            pretrained_file = str(ensure_glyph_backbone(backbone, img_size, patch_size, backbone_kwargs, pretrain))
+        self.backbone_file = pretrained_file
         self.model = ContinualViT(
             backbone, num_classes, img_size, patch_size, pretrained_file, backbone_kwargs, adapter_type,
             lora_r, lora_alpha, lora_target_modules, nested_lora_r, sema_layers, expansion_layers,
@@ -174,7 +190,9 @@ class ContinualClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
-        fast = [{"params": groups["fast"], "lr": hp.lr_fast}]
+        fast = [{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast}]
+        if groups["fast"]:
+            fast.append({"params": groups["fast"], "lr": hp.lr_fast})
         if groups["backbone"]:
             fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
         if groups["descriptors"]:

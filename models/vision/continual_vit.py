@@ -118,9 +118,11 @@ class ContinualViT(nn.Module):
         return [p for n, p in self.backbone.named_parameters() if n in self._backbone_names]
 
     def parameter_groups(self, task: int, train_backbone: bool = False) -> dict[str, list[nn.Parameter]]:
-        """The parameters trained in ``task``: ``fast`` (head + adapters), ``slow`` (Nested LoRA's slow
-        adapters), ``descriptors`` (SEMA's autoencoders) and ``backbone`` (first-task adaptation)."""
-        groups: dict[str, list[nn.Parameter]] = {"fast": list(self.head.parameters()), "slow": [], "descriptors": []}
+        """The parameters trained in ``task``: ``head``, ``fast`` (adapters; Nested LoRA's fast ones), ``slow``
+        (Nested LoRA's slow adapters), ``descriptors`` (SEMA's autoencoders) and ``backbone`` (first-task
+        adaptation or full fine-tuning)."""
+        groups: dict[str, list[nn.Parameter]] = {"head": list(self.head.parameters()), "fast": [], "slow": [],
+                                                 "descriptors": []}
         if self.adapter_type == "lora":
             groups["fast"] += [p for m in self.backbone.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()]
         elif self.adapter_type == "nested_lora":
