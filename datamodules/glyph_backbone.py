@@ -32,7 +32,7 @@ from models.vision.pretrain import accuracy, pretrain_classifier
 from models.vision.vit import create_vit
 
 #: Bumped whenever the recipe changes in a way the settings do not capture.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -94,10 +94,18 @@ def backbone_path(backbone: str, img_size: int, patch_size: int | None, backbone
 def ensure_glyph_backbone(backbone: str, img_size: int, patch_size: int | None,
                           backbone_kwargs: dict[str, Any] | None, cfg: GlyphPretraining,
                           progress: bool = True) -> Path:
-    """The cached backbone file for these settings, built first when it is missing."""
+    """The cached backbone file for these settings, built first when it is missing. The global random state
+    is left as it was, so a run draws the same adapters whether or not it had to build the backbone."""
     path = backbone_path(backbone, img_size, patch_size, backbone_kwargs, cfg)
     if path.is_file():
         return path
+    with torch.random.fork_rng(devices=[]):
+        _build(path, backbone, img_size, patch_size, backbone_kwargs, cfg, progress)
+    return path
+
+
+def _build(path: Path, backbone: str, img_size: int, patch_size: int | None, backbone_kwargs: dict[str, Any] | None,
+           cfg: GlyphPretraining, progress: bool) -> None:
     from safetensors.torch import save_file
 
     settings = backbone_settings(backbone, img_size, patch_size, backbone_kwargs, cfg)
@@ -105,10 +113,8 @@ def ensure_glyph_backbone(backbone: str, img_size: int, patch_size: int | None,
     t0 = time.perf_counter()
     x, y, chars = render_pool("pretrain", cfg.classes, cfg.images_per_class, img_size, cfg.seed, progress)
     held = torch.arange(len(y)) % 10 == 9  # every 10th image of each class is held out
-    g = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=g)))
-        model = create_vit(backbone, img_size, patch_size=patch_size, **(backbone_kwargs or {}))
+    torch.manual_seed(cfg.seed)
+    model = create_vit(backbone, img_size, patch_size=patch_size, **(backbone_kwargs or {}))
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -128,7 +134,6 @@ def ensure_glyph_backbone(backbone: str, img_size: int, patch_size: int | None,
         tmp.write_text(json.dumps(settings, indent=2, ensure_ascii=False))
     print(f"[glyph backbone] done in {settings['build_seconds']} s: {len(chars)} classes, held-out accuracy "
           f"{100 * settings['heldout_acc']:.1f}% (train {100 * settings['train_acc']:.1f}%)", flush=True)
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,3 +118,11 @@ def test_glyph_images_are_not_all_alike():
     diff = np.abs(g[:, None] - g[None]).mean(axis=(3, 4))  # (c, c, fonts)
     alike = (diff < glyphs.DEDUP_THRESHOLD).sum(-1) * 2 >= len(glyphs.FONT_FILES)
     assert not (alike & ~np.eye(len(chars), dtype=bool)).any()
+
+
+def test_building_leaves_the_global_random_state_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ensure_glyph_backbone(cfg=_tiny(tmp_path), progress=False, **TINY_VIT)
+    torch.testing.assert_close(torch.rand(3), expected)
