@@ -67,13 +67,15 @@ class ContinualClassifier(L.LightningModule):
         lr_head: learning rate of the classifier head (``None``: ``lr_fast``).
         lr_slow: learning rate of Nested LoRA's slow adapters.
         lr_backbone: first-task adaptation learning rate (``None``: ``lr_fast``).
-        lr_descriptor: learning rate of SEMA's descriptors.
+        lr_descriptor: learning rate of SEMA's descriptors (SGD in their own phase).
         slow_update_interval: batches per slow update (0 or 1: every batch).
         use_consolidation: Nested LoRA task-boundary consolidation (adds a ``TaskBoundaryConsolidation``
             callback when the trainer has none; one configured explicitly always runs).
         consolidation_alpha: weight of the fast delta folded into slow (unless the callback sets its own).
         expansion_threshold: SEMA's z-score threshold.
-        expansion_batches: batches scored per SEMA expansion check.
+        expansion_batches: batches of the new task scored per SEMA expansion check (``None``: all, as SEMA).
+        expansion_batch_size: batch size of the expansion check (128 in SEMA; |z| is averaged over a batch).
+        descriptor_epochs: epochs of SEMA's descriptor phase after each task (20 in SEMA).
         optimizer: ``adamw`` or ``sgd`` (momentum 0.9, as SEMA).
         weight_decay: weight decay of either optimizer.
         scheduler: ``cosine`` (per task, per optimizer) or ``constant``.
@@ -99,7 +101,9 @@ class ContinualClassifier(L.LightningModule):
         sema_layers: Sequence[int] | None = None,
         expansion_layers: Sequence[int] = (-3, -2, -1),
         expansion_threshold: float = 2.0,
-        expansion_batches: int = 8,
+        expansion_batches: int | None = None,
+        expansion_batch_size: int = 128,
+        descriptor_epochs: int = 20,
         lr_fast: float = 1e-3,
         lr_head: float | None = None,
         lr_slow: float = 1e-4,
@@ -121,8 +125,9 @@ class ContinualClassifier(L.LightningModule):
                 raise ValueError(f"{key} must be positive, got {locals()[key]}")
         if slow_update_interval < 0:
             raise ValueError(f"slow_update_interval must be >= 0 (0 or 1: every step), got {slow_update_interval}")
-        if expansion_batches <= 0:
-            raise ValueError(f"expansion_batches must be positive, got {expansion_batches}")
+        for key in ("expansion_batches", "expansion_batch_size", "descriptor_epochs"):
+            if locals()[key] is not None and locals()[key] <= 0:
+                raise ValueError(f"{key} must be positive, got {locals()[key]}")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         if scheduler not in ("cosine", "constant"):
@@ -195,8 +200,6 @@ class ContinualClassifier(L.LightningModule):
             fast.append({"params": groups["fast"], "lr": hp.lr_fast})
         if groups["backbone"]:
             fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
-        if groups["descriptors"]:
-            fast.append({"params": groups["descriptors"], "lr": hp.lr_descriptor})
         optimizers = [self._optimizer(fast)]
         if groups["slow"]:
             optimizers.append(self._optimizer([{"params": groups["slow"], "lr": hp.lr_slow}]))
@@ -278,13 +281,17 @@ class ContinualClassifier(L.LightningModule):
     def _begin_task(self, task: int) -> None:
         hp, trainer = self.hparams, self.trainer
         if hp.adapter_type == "sema" and task > 0:
-            batches = (x.to(self.device) for k, (x, _) in zip(range(hp.expansion_batches), trainer.train_dataloader))
+            from torch.utils.data import DataLoader
+
+            data = DataLoader(self.dm.task_dataset("train", task), batch_size=hp.expansion_batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(task))
+            batches = [x.to(self.device) for k, (x, _) in zip(range(hp.expansion_batches or len(data)), data)]
             generator = torch.Generator().manual_seed(task)
             decisions = self.model.sema_expand(task, batches, hp.expansion_threshold, generator)
             for layer, (z, expanded) in decisions.items():
                 if expanded:
                     self.expansions.append({"task": task, "layer": layer, "z": z})
-                rank_zero_info(f"[sema] task {task}, layer {layer}: smallest z-score {z:.2f} "
+                rank_zero_info(f"[sema] task {task}, layer {layer}: largest batch |z| (smallest over descriptors) {z:.2f} "
                                f"{'> ' if expanded else '<= '}{hp.expansion_threshold}: "
                                f"{'new adapter added' if expanded else 'no expansion'}")
             self.model.to(self.device)
@@ -315,7 +322,11 @@ class ContinualClassifier(L.LightningModule):
         if self.hparams.adapter_type == "sema":
             dm = self.dm
             loader = dm.loader(dm.task_dataset("train", task))
-            self.model.sema_record((x.to(self.device) for x, _ in loader), task)
+            errors = self.model.sema_fit_descriptors([x.to(self.device) for x, _ in loader], task,
+                                                     self.hparams.descriptor_epochs, self.hparams.lr_descriptor,
+                                                     generator=torch.Generator().manual_seed(task))
+            for logger in self.loggers:
+                logger.log_metrics({f"sema/descriptor_error_layer{i}": e for i, e in errors.items()}, step=task)
         self.finished_task = task
         for cb in self._callbacks_with("on_task_evaluate"):
             cb.on_task_evaluate(self.trainer, self, task)
