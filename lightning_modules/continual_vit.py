@@ -291,7 +291,8 @@ class ContinualClassifier(L.LightningModule):
             for layer, (z, expanded) in decisions.items():
                 if expanded:
                     self.expansions.append({"task": task, "layer": layer, "z": z})
-                rank_zero_info(f"[sema] task {task}, layer {layer}: largest batch |z| (smallest over descriptors) {z:.2f} "
+                rank_zero_info(f"[sema] task {task}, layer {layer}: largest batch |z| (smallest over descriptors) "
+                               f"{z:.2f} "
                                f"{'> ' if expanded else '<= '}{hp.expansion_threshold}: "
                                f"{'new adapter added' if expanded else 'no expansion'}")
             self.model.to(self.device)

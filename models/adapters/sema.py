@@ -110,7 +110,8 @@ class SEMALayer(nn.Module):
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
             self.adapters.append(BottleneckAdapter(self.dim, self.bottleneck).to(device))
-            self.descriptors.append(RepresentationDescriptor(self.dim, self.descriptor_hidden, self.buffer_size).to(device))
+            descriptor = RepresentationDescriptor(self.dim, self.descriptor_hidden, self.buffer_size)
+            self.descriptors.append(descriptor.to(device))
         row = nn.Linear(self.dim, 1).to(device)
         nn.init.zeros_(row.weight)
         nn.init.zeros_(row.bias)
