@@ -59,8 +59,9 @@ class ImageTensorDataset(Dataset):
     """Images kept compactly (uint8 at native size, or ready float tensors) and resized/normalised on access."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        self.images, self.labels, self.image_size = images, labels, image_size
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 augment: bool = False) -> None:
+        self.images, self.labels, self.image_size, self.augment = images, labels, image_size, augment
         self.mean_std = (tuple(mean), tuple(std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -72,13 +73,19 @@ class ImageTensorDataset(Dataset):
         x = self.images[i]
         if x.dtype == torch.uint8:
             x = x.float().div(255.0)
-            if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            if self.augment:  # SEMA-CL's training augmentation: random resized crop (scale 0.05-1), h-flip
+                from torchvision.transforms import v2
+
+                x = v2.RandomResizedCrop(self.image_size, scale=(0.05, 1.0), antialias=True)(x)
+                x = v2.RandomHorizontalFlip()(x)
+            elif x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
                 x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", align_corners=False)[0]
             x = (x - self.mean) / self.std
         return x, self.labels[i]
 
-    def subset(self, index: torch.Tensor) -> "ImageTensorDataset":
-        return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std)
+    def subset(self, index: torch.Tensor, augment: bool | None = None) -> "ImageTensorDataset":
+        return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std,
+                                  augment=self.augment if augment is None else augment)
 
 
 def _unpickle(path: Path) -> dict:
@@ -147,6 +154,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         glyph_classes: classes of the ``glyphs`` sequence (the first ones of the glyph sequence pool).
         glyph_images_per_class: rendered images per ``glyphs`` class (split into train/val/test).
         glyph_seed: seed of the ``glyphs`` rendering.
+        train_augment: SEMA-CL's training augmentation on the training split (random resized crop with
+            scale 0.05-1 to ``image_size``, horizontal flip; for uint8 sources such as ``cifar100``).
     """
 
     def __init__(
@@ -170,6 +179,7 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         glyph_classes: int = 50,
         glyph_images_per_class: int = 100,
         glyph_seed: int = 0,
+        train_augment: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in ("glyphs", "digits", "cifar100", "image_folder"):
@@ -271,7 +281,7 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             train_idx, val_idx = stratified_split(y, (1 - f_val, f_val), hp.split_seed)
             full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
             test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std)
-            return full.subset(train_idx), full.subset(val_idx), test
+            return full.subset(train_idx, hp.train_augment), full.subset(val_idx), test
         if hp.dataset == "glyphs":
             from datamodules.glyphs import render_pool
 
@@ -282,7 +292,7 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             x, y, _ = load_image_folder(Path(hp.root).expanduser())
         full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
         parts = stratified_split(y, fractions, hp.split_seed)
-        return full.subset(parts[0]), full.subset(parts[1]), full.subset(parts[2])
+        return full.subset(parts[0], hp.train_augment), full.subset(parts[1]), full.subset(parts[2])
 
     def _remap(self, labels: torch.Tensor) -> torch.Tensor:
         """Original label -> its position in the class order."""

@@ -99,3 +99,15 @@ def test_cifar100_failed_download_names_the_root(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="download failed") as e:
         dm.prepare_data()
     assert str(tmp_path / "cifar") in str(e.value)
+
+
+def test_train_augment_crops_and_flips_the_training_split_only(tmp_path):
+    root = write_cifar100(tmp_path / "cifar")
+    dm = ClassIncrementalDataModule("cifar100", root=str(root), image_size=12, val_fraction=0.2, train_augment=True,
+                                    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    train, test = dm.task_dataset("train", 0), dm.task_dataset("test", 0)
+    assert train.augment and not test.augment and not dm.task_dataset("val", 0).augment
+    torch.manual_seed(0)
+    a, b = train[0][0], train[0][0]
+    assert a.shape == b.shape == (3, 12, 12) and not torch.equal(a, b)  # a new random crop each access
+    assert torch.equal(test[0][0], test[0][0]) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0  # no normalisation
