@@ -100,7 +100,8 @@ def continual_results(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[
     """Everything ``results.json`` holds: settings, the matrix, its summary metrics, SEMA and step events."""
     hp = pl_module.hparams
     out: dict[str, Any] = {
-        "adapter_type": hp.adapter_type, "backbone": hp.backbone, "tasks_finished": pl_module.finished_task + 1,
+        "adapter_type": hp.adapter_type, "backbone": hp.backbone,
+        "backbone_file": getattr(pl_module, "backbone_file", None), "tasks_finished": pl_module.finished_task + 1,
         "accuracy_matrix": pl_module.R, "acc_seen": pl_module.A, "trainable_params": pl_module.trainable_params,
         "slow_update_interval": pl_module.slow_update_interval,
     }

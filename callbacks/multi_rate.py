@@ -16,7 +16,9 @@ callback still counts as one batch:
 ``trainer.global_step`` counts fast steps, i.e. training batches (Lightning only counts steps taken
 inside ``training_step``, so the callback advances it). Under DDP each backward synchronises gradients
 once, so accumulated slow gradients are sums of synchronised gradients. The counters are part of the
-callback's ``state_dict``, so a resumed run keeps its phase.
+callback's ``state_dict`` and the gradients accumulated in an open slow window are saved in the checkpoint
+(``multi_rate_slow_grads``) and put back before the first batch after a resume, so a resumed run keeps its
+phase and its window: its next slow step applies the same sum as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class MultiRateStepping(Callback):
         self.fast_steps = 0  # batches that stepped the fast optimizer
         self.slow_steps = 0  # updates of the slow optimizer(s)
         self.window = 0  # batches accumulated in the open slow window
+        self._restore_grads: list[list[Any]] | None = None  # slow gradients read from a checkpoint
 
     def interval(self, pl_module: L.LightningModule) -> int:
         value = self.slow_update_interval
@@ -109,6 +112,36 @@ class MultiRateStepping(Callback):
     def on_task_start(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
         """``TaskBoundaryHooks``: a new task starts with an empty slow window (its optimizers are fresh)."""
         self.window = 0
+
+    @staticmethod
+    def _slow_params(pl_module: L.LightningModule) -> list[list[Any]]:
+        optimizers = pl_module.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        return [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers[1:]]
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Save the open window's accumulated slow gradients (None where a parameter has none)."""
+        if self.window > 0 and trainer.optimizers:
+            checkpoint["multi_rate_slow_grads"] = [
+                [None if p.grad is None else p.grad.detach().cpu().clone() for p in params]
+                for params in self._slow_params(pl_module)]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restore_grads = checkpoint.get("multi_rate_slow_grads")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """First batch after a resume: put the saved slow gradients back (the optimizers exist by now)."""
+        if self._restore_grads is None:
+            return
+        saved, self._restore_grads = self._restore_grads, None
+        current = self._slow_params(pl_module)
+        if [len(p) for p in current] != [len(g) for g in saved]:
+            raise RuntimeError("the checkpoint's accumulated slow gradients do not match the slow optimizers' "
+                               f"parameters ({[len(g) for g in saved]} vs {[len(p) for p in current]})")
+        for params, grads in zip(current, saved):
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
 
     def state_dict(self) -> dict[str, int]:
         return {"fast_steps": self.fast_steps, "slow_steps": self.slow_steps, "window": self.window}

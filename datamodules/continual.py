@@ -1,4 +1,7 @@
-"""Class-incremental task sequences (digits, CIFAR-100, image folders) for continual learning.
+"""Class-incremental task sequences (glyphs, digits, CIFAR-100, image folders) for continual learning.
+
+The embedded default, ``glyphs``, renders the first ``glyph_classes`` characters of the glyph *sequence* pool
+(``datamodules.glyphs``): classes no backbone built by ``datamodules.glyph_backbone`` has seen in pre-training.
 
 Classes are permuted with ``class_order_seed`` (the PILOT/SEMA convention: ``np.random.seed(1993)``,
 ``np.random.permutation(n_classes)``) and labels are remapped to their position in that order, so task
@@ -24,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.digits import load_digits_tensors, stratified_split
 
-DatasetName = Literal["digits", "cifar100", "image_folder"]
+DatasetName = Literal["glyphs", "digits", "cifar100", "image_folder"]
 #: Per-channel mean/std used for uint8 sources (ImageNet statistics, what timm ViTs expect).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -56,8 +59,9 @@ class ImageTensorDataset(Dataset):
     """Images kept compactly (uint8 at native size, or ready float tensors) and resized/normalised on access."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        self.images, self.labels, self.image_size = images, labels, image_size
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 augment: bool = False) -> None:
+        self.images, self.labels, self.image_size, self.augment = images, labels, image_size, augment
         self.mean_std = (tuple(mean), tuple(std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -69,13 +73,19 @@ class ImageTensorDataset(Dataset):
         x = self.images[i]
         if x.dtype == torch.uint8:
             x = x.float().div(255.0)
-            if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            if self.augment:  # SEMA-CL's training augmentation: random resized crop (scale 0.05-1), h-flip
+                from torchvision.transforms import v2
+
+                x = v2.RandomResizedCrop(self.image_size, scale=(0.05, 1.0), antialias=True)(x)
+                x = v2.RandomHorizontalFlip()(x)
+            elif x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
                 x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", align_corners=False)[0]
             x = (x - self.mean) / self.std
         return x, self.labels[i]
 
-    def subset(self, index: torch.Tensor) -> "ImageTensorDataset":
-        return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std)
+    def subset(self, index: torch.Tensor, augment: bool | None = None) -> "ImageTensorDataset":
+        return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std,
+                                  augment=self.augment if augment is None else augment)
 
 
 def _unpickle(path: Path) -> dict:
@@ -121,8 +131,10 @@ class ClassIncrementalDataModule(L.LightningDataModule):
     """A class-incremental task sequence; one ``fit`` trains every task in turn.
 
     Args:
-        dataset: ``digits`` (embedded: scikit-learn's digits), ``cifar100`` (torchvision's python layout
-            under ``root``) or ``image_folder`` (``root`` holds one sub-folder per class).
+        dataset: ``glyphs`` (embedded default: characters rendered from matplotlib's fonts, classes disjoint
+            from the pre-training pool of adaptlab's glyph backbone), ``digits`` (embedded: scikit-learn's
+            digits), ``cifar100`` (torchvision's python layout under ``root``) or ``image_folder`` (``root``
+            holds one sub-folder per class).
         root: data folder for ``cifar100``/``image_folder``.
         download: let torchvision download CIFAR-100 into ``root`` when it is missing.
         init_cls: classes in the first task.
@@ -139,15 +151,20 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         mean: per-channel mean of ``cifar100``/``image_folder`` images (ImageNet statistics by default;
             ``[0.5, 0.5, 0.5]`` for timm's augreg/in21k ViTs).
         std: per-channel standard deviation, as ``mean``.
+        glyph_classes: classes of the ``glyphs`` sequence (the first ones of the glyph sequence pool).
+        glyph_images_per_class: rendered images per ``glyphs`` class (split into train/val/test).
+        glyph_seed: seed of the ``glyphs`` rendering.
+        train_augment: SEMA-CL's training augmentation on the training split (random resized crop with
+            scale 0.05-1 to ``image_size``, horizontal flip; for uint8 sources such as ``cifar100``).
     """
 
     def __init__(
         self,
-        dataset: DatasetName = "digits",
+        dataset: DatasetName = "glyphs",
         root: str | None = None,
         download: bool = False,
-        init_cls: int = 2,
-        increment: int = 2,
+        init_cls: int = 5,
+        increment: int = 5,
         class_order_seed: int = 1993,
         shuffle: bool = True,
         epochs_per_task: int = 1,
@@ -159,10 +176,14 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         split_seed: int = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        glyph_classes: int = 50,
+        glyph_images_per_class: int = 100,
+        glyph_seed: int = 0,
+        train_augment: bool = False,
     ) -> None:
         super().__init__()
-        if dataset not in ("digits", "cifar100", "image_folder"):
-            raise ValueError(f"dataset must be 'digits', 'cifar100' or 'image_folder', got {dataset!r}")
+        if dataset not in ("glyphs", "digits", "cifar100", "image_folder"):
+            raise ValueError(f"dataset must be 'glyphs', 'digits', 'cifar100' or 'image_folder', got {dataset!r}")
         for key, value in (("batch_size", batch_size), ("epochs_per_task", epochs_per_task),
                            ("image_size", image_size)):
             if value <= 0:
@@ -173,12 +194,22 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must leave training data")
-        if dataset != "digits":
+        if dataset == "glyphs":
+            from datamodules.glyphs import pool_classes
+
+            if glyph_images_per_class < 3:
+                raise ValueError(f"glyph_images_per_class must be >= 3 (train/val/test), got {glyph_images_per_class}")
+            n_pool = len(pool_classes("sequence"))
+            if not 2 <= glyph_classes <= n_pool:
+                raise ValueError(f"glyph_classes must be in [2, {n_pool}] (the glyph sequence pool), "
+                                 f"got {glyph_classes}")
+        elif dataset != "digits":
             if root is None:
                 raise ValueError(f"dataset={dataset!r} needs `root` (a local folder)")
             self._check_root(dataset, Path(root).expanduser(), download)
         self.save_hyperparameters()
-        self.num_classes = {"digits": 10, "cifar100": 100}.get(dataset) or self._count_folder_classes()
+        self.num_classes = {"glyphs": glyph_classes, "digits": 10, "cifar100": 100}.get(dataset) or \
+            self._count_folder_classes()
         self.task_sizes = task_sizes(self.num_classes, init_cls, increment)
         self.class_order = class_order(self.num_classes, class_order_seed if shuffle else None)
         self._sets: dict[str, ImageTensorDataset] = {}
@@ -251,14 +282,18 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             train_idx, val_idx = stratified_split(y, (1 - f_val, f_val), hp.split_seed)
             full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
             test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std)
-            return full.subset(train_idx), full.subset(val_idx), test
-        if hp.dataset == "digits":
+            return full.subset(train_idx, hp.train_augment), full.subset(val_idx), test
+        if hp.dataset == "glyphs":
+            from datamodules.glyphs import render_pool
+
+            x, y, _ = render_pool("sequence", hp.glyph_classes, hp.glyph_images_per_class, hp.image_size, hp.glyph_seed)
+        elif hp.dataset == "digits":
             x, y = load_digits_tensors(hp.image_size)
         else:
             x, y, _ = load_image_folder(Path(hp.root).expanduser())
         full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
         parts = stratified_split(y, fractions, hp.split_seed)
-        return full.subset(parts[0]), full.subset(parts[1]), full.subset(parts[2])
+        return full.subset(parts[0], hp.train_augment), full.subset(parts[1]), full.subset(parts[2])
 
     def _remap(self, labels: torch.Tensor) -> torch.Tensor:
         """Original label -> its position in the class order."""

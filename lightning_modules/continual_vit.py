@@ -14,8 +14,12 @@ slow one (Nested LoRA's slow adapters, ``lr_slow``) every ``slow_update_interval
 ``MultiRateStepping``/``TaskBoundaryConsolidation``/``ContinualEvaluation`` callbacks are added from these
 hyper-parameters.
 
-First-task adaptation (``first_task_adaptation: true``, meant for backbones without pretrained weights such
-as the embedded digits default): the whole backbone also trains on the first task, then stays frozen.
+Backbone weights: ``pretrained_file`` (a local timm file), or ``pretrain`` (adaptlab's offline glyph backbone,
+``datamodules.glyph_backbone``: pre-trained on glyph classes disjoint from the glyph sequence, built on first use
+and cached by its settings, then loaded through the same ``pretrained_file`` path), or neither (random init).
+
+First-task adaptation (``first_task_adaptation: true``, meant for backbones without pretrained weights): the
+whole backbone also trains on the first task, then stays frozen.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.continual_eval import ContinualEvaluation
 from callbacks.multi_rate import MultiRateStepping
 from callbacks.protocols import ClassIncrementalData
+from datamodules.glyph_backbone import GlyphPretraining, ensure_glyph_backbone
 from models.vision.continual_vit import ADAPTER_TYPES, AdapterType, ContinualViT
 
 
@@ -45,6 +50,8 @@ class ContinualClassifier(L.LightningModule):
         img_size: input image size (square).
         patch_size: ViT patch size (``None``: the model's own).
         pretrained_file: local backbone weights (never downloaded).
+        pretrain: build (once, cached) and load adaptlab's glyph-pretrained backbone for this architecture;
+            exclusive with ``pretrained_file``.
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth``, ``embed_dim``).
         adapter_type: ``none`` (head only), ``lora``, ``sema`` or ``nested_lora``.
         lora_r: LoRA rank (``adapter_type: lora``).
@@ -55,16 +62,20 @@ class ContinualClassifier(L.LightningModule):
         expansion_layers: blocks where SEMA may add adapters at a new task.
         first_task_adaptation: also train the whole backbone on the first task, then freeze it.
         finetune_backbone: train the whole backbone on every task (the full fine-tuning baseline).
-        lr_fast: learning rate of the head and the adapters (Nested LoRA: the fast adapters).
+        lr_fast: learning rate of the adapters (Nested LoRA: the fast adapters), and of the head unless
+            ``lr_head`` is set.
+        lr_head: learning rate of the classifier head (``None``: ``lr_fast``).
         lr_slow: learning rate of Nested LoRA's slow adapters.
         lr_backbone: first-task adaptation learning rate (``None``: ``lr_fast``).
-        lr_descriptor: learning rate of SEMA's descriptors.
+        lr_descriptor: learning rate of SEMA's descriptors (SGD in their own phase).
         slow_update_interval: batches per slow update (0 or 1: every batch).
         use_consolidation: Nested LoRA task-boundary consolidation (adds a ``TaskBoundaryConsolidation``
             callback when the trainer has none; one configured explicitly always runs).
         consolidation_alpha: weight of the fast delta folded into slow (unless the callback sets its own).
         expansion_threshold: SEMA's z-score threshold.
-        expansion_batches: batches scored per SEMA expansion check.
+        expansion_batches: batches of the new task scored per SEMA expansion check (``None``: all, as SEMA).
+        expansion_batch_size: batch size of the expansion check (128 in SEMA; |z| is averaged over a batch).
+        descriptor_epochs: epochs of SEMA's descriptor phase after each task (20 in SEMA).
         optimizer: ``adamw`` or ``sgd`` (momentum 0.9, as SEMA).
         weight_decay: weight decay of either optimizer.
         scheduler: ``cosine`` (per task, per optimizer) or ``constant``.
@@ -78,6 +89,7 @@ class ContinualClassifier(L.LightningModule):
         img_size: int = 32,
         patch_size: int | None = 8,
         pretrained_file: str | None = None,
+        pretrain: GlyphPretraining | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         adapter_type: AdapterType = "nested_lora",
         first_task_adaptation: bool = False,
@@ -89,8 +101,11 @@ class ContinualClassifier(L.LightningModule):
         sema_layers: Sequence[int] | None = None,
         expansion_layers: Sequence[int] = (-3, -2, -1),
         expansion_threshold: float = 2.0,
-        expansion_batches: int = 8,
+        expansion_batches: int | None = None,
+        expansion_batch_size: int = 128,
+        descriptor_epochs: int = 20,
         lr_fast: float = 1e-3,
+        lr_head: float | None = None,
         lr_slow: float = 1e-4,
         lr_backbone: float | None = None,
         lr_descriptor: float = 1e-2,
@@ -105,19 +120,25 @@ class ContinualClassifier(L.LightningModule):
         super().__init__()
         if adapter_type not in ADAPTER_TYPES:
             raise ValueError(f"adapter_type must be one of {ADAPTER_TYPES}, got {adapter_type!r}")
-        for key in ("lr_fast", "lr_slow", "lr_descriptor"):
-            if locals()[key] <= 0:
+        for key in ("lr_fast", "lr_slow", "lr_descriptor", "lr_head"):
+            if locals()[key] is not None and locals()[key] <= 0:
                 raise ValueError(f"{key} must be positive, got {locals()[key]}")
         if slow_update_interval < 0:
             raise ValueError(f"slow_update_interval must be >= 0 (0 or 1: every step), got {slow_update_interval}")
-        if expansion_batches <= 0:
-            raise ValueError(f"expansion_batches must be positive, got {expansion_batches}")
+        for key in ("expansion_batches", "expansion_batch_size", "descriptor_epochs"):
+            if locals()[key] is not None and locals()[key] <= 0:
+                raise ValueError(f"{key} must be positive, got {locals()[key]}")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         if scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
+        if pretrain is not None and pretrained_file is not None:
+            raise ValueError("model.pretrain and model.pretrained_file are exclusive: set one of them to null")
         self.save_hyperparameters()
         self.automatic_optimization = False
+        if pretrain is not None:
+            pretrained_file = str(ensure_glyph_backbone(backbone, img_size, patch_size, backbone_kwargs, pretrain))
+        self.backbone_file = pretrained_file
         self.model = ContinualViT(
             backbone, num_classes, img_size, patch_size, pretrained_file, backbone_kwargs, adapter_type,
             lora_r, lora_alpha, lora_target_modules, nested_lora_r, sema_layers, expansion_layers,
@@ -174,11 +195,11 @@ class ContinualClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
-        fast = [{"params": groups["fast"], "lr": hp.lr_fast}]
+        fast = [{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast}]
+        if groups["fast"]:
+            fast.append({"params": groups["fast"], "lr": hp.lr_fast})
         if groups["backbone"]:
             fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
-        if groups["descriptors"]:
-            fast.append({"params": groups["descriptors"], "lr": hp.lr_descriptor})
         optimizers = [self._optimizer(fast)]
         if groups["slow"]:
             optimizers.append(self._optimizer([{"params": groups["slow"], "lr": hp.lr_slow}]))
@@ -260,13 +281,18 @@ class ContinualClassifier(L.LightningModule):
     def _begin_task(self, task: int) -> None:
         hp, trainer = self.hparams, self.trainer
         if hp.adapter_type == "sema" and task > 0:
-            batches = (x.to(self.device) for k, (x, _) in zip(range(hp.expansion_batches), trainer.train_dataloader))
+            from torch.utils.data import DataLoader
+
+            data = DataLoader(self.dm.task_dataset("train", task), batch_size=hp.expansion_batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(task))
+            batches = [x.to(self.device) for k, (x, _) in zip(range(hp.expansion_batches or len(data)), data)]
             generator = torch.Generator().manual_seed(task)
             decisions = self.model.sema_expand(task, batches, hp.expansion_threshold, generator)
             for layer, (z, expanded) in decisions.items():
                 if expanded:
                     self.expansions.append({"task": task, "layer": layer, "z": z})
-                rank_zero_info(f"[sema] task {task}, layer {layer}: smallest z-score {z:.2f} "
+                rank_zero_info(f"[sema] task {task}, layer {layer}: largest batch |z| (smallest over descriptors) "
+                               f"{z:.2f} "
                                f"{'> ' if expanded else '<= '}{hp.expansion_threshold}: "
                                f"{'new adapter added' if expanded else 'no expansion'}")
             self.model.to(self.device)
@@ -297,7 +323,11 @@ class ContinualClassifier(L.LightningModule):
         if self.hparams.adapter_type == "sema":
             dm = self.dm
             loader = dm.loader(dm.task_dataset("train", task))
-            self.model.sema_record((x.to(self.device) for x, _ in loader), task)
+            errors = self.model.sema_fit_descriptors([x.to(self.device) for x, _ in loader], task,
+                                                     self.hparams.descriptor_epochs, self.hparams.lr_descriptor,
+                                                     generator=torch.Generator().manual_seed(task))
+            for logger in self.loggers:
+                logger.log_metrics({f"sema/descriptor_error_layer{i}": e for i, e in errors.items()}, step=task)
         self.finished_task = task
         for cb in self._callbacks_with("on_task_evaluate"):
             cb.on_task_evaluate(self.trainer, self, task)

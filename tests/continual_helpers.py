@@ -13,7 +13,13 @@ from tests.cli_helpers import REPO, run_cli  # noqa: F401  (re-exported for the 
 #: A 1-block, 32-wide ViT on 16x16 inputs (4 patches): fast enough for whole task sequences in tests.
 TINY_MODEL = ["--model.img_size", "16", "--model.patch_size", "8",
               "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2, global_pool: avg}"]
-TINY_DATA = ["--data.image_size", "16", "--data.epochs_per_task", "1", "--data.batch_size", "16"]
+#: Tiny glyph data (10 classes in 5 tasks of 2, 40 images each) and a tiny glyph pre-training (4 classes, 2 steps)
+#: for the glyph configs; the backbone cache lands in the test's working directory.
+TINY_DATA = ["--data.image_size", "16", "--data.epochs_per_task", "1", "--data.batch_size", "16",
+             "--data.glyph_classes", "10", "--data.glyph_images_per_class", "40", "--data.init_cls", "2",
+             "--data.increment", "2", "--model.num_classes", "10",
+             "--model.pretrain.classes", "4", "--model.pretrain.images_per_class", "4", "--model.pretrain.steps", "2",
+             "--model.pretrain.batch_size", "8"]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"]
 

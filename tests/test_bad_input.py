@@ -17,6 +17,11 @@ TRACKNET = "configs/tracknet_lora.yaml"
 GPT = "configs/gpt_pretrain.yaml"
 PHASE2 = "configs/phase2_small.yaml"
 PHASE1 = "configs/phase1_lm.yaml"
+NESTED = "configs/sema_nested.yaml"
+#: a tiny glyph pre-training, so cases that fail after the model is built (data errors) stay fast
+TINY_PRETRAIN = ["--model.pretrain.classes", "2", "--model.pretrain.images_per_class", "2",
+                 "--model.pretrain.steps", "1",
+                 "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2, global_pool: avg}"]
 
 class _RunsCode:
     """Unpickling this runs ``exec``: were it ever loaded, the test process would exit with status 99."""
@@ -133,6 +138,11 @@ CASES = [
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),
     (DIGITS, ["--trainer.callbacks+=OOMRecovery", "--trainer.callbacks.max_retries", "0"],
      "(OOMRecovery): max_retries must be >= 1"),
+    # continual learning: the glyph backbone and the glyph sequence
+    (NESTED, ["--model.pretrained_file", "garbage.safetensors"],
+     "model.pretrain and model.pretrained_file are exclusive"),
+    (NESTED, ["--model.pretrain.steps", "0"], "pretrain.steps must be positive"),
+    (NESTED, [*TINY_PRETRAIN, "--data.glyph_classes", "1000"], "glyph_classes must be in [2,"),
 ]
 
 

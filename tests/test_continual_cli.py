@@ -140,3 +140,20 @@ def test_sema_resume_rebuilds_expanded_adapters(in_tmp):
     assert cli.model.model.sema_layout() == {0: [0, 1, 2, 3, 4]}
     assert [(e["task"], e["layer"]) for e in cli.model.expansions] == [(1, 0), (2, 0), (3, 0), (4, 0)]
     assert len(cli.model.R) == 5
+
+
+def test_last_checkpoint_holds_the_final_consolidated_model_and_full_matrix(in_tmp):
+    """Tasks finish on their last batch, before the epoch's checkpoint: ``last.ckpt`` of a finished run has the
+    whole accuracy matrix, every consolidation event and the weights after the last consolidation (fast B = 0)."""
+    cli = run_cli(["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET])
+    ckpt = torch.load(in_tmp / "runs/sema_nested/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["continual"]["R"] == cli.model.R and len(ckpt["continual"]["R"]) == 5
+    assert ckpt["continual"]["finished_task"] == 4
+    (cons,) = [v for k, v in ckpt["callbacks"].items() if "TaskBoundaryConsolidation" in k]
+    assert [e["task"] for e in cons["events"]] == [0, 1, 2, 3, 4]
+    final = cli.model.state_dict()
+    fast_b = [k for k in final if k.endswith("adapters.fast.lora_B")]
+    assert fast_b and all(ckpt["state_dict"][k].abs().sum() == 0 for k in fast_b)
+    assert any(ckpt["state_dict"][k.replace("fast", "slow")].abs().sum() > 0 for k in fast_b)
+    for k, v in final.items():
+        torch.testing.assert_close(ckpt["state_dict"][k], v, msg=k)

@@ -23,7 +23,7 @@ def test_task_sizes(n, init, inc, expected):
 
 
 def test_digits_tasks_remap_labels_and_split_by_task():
-    dm = ClassIncrementalDataModule(init_cls=2, increment=2, image_size=16)
+    dm = ClassIncrementalDataModule("digits", init_cls=2, increment=2, image_size=16)
     assert dm.num_tasks == 5 and dm.num_classes == 10
     order = class_order(10, 1993)
     from sklearn.datasets import load_digits
@@ -43,7 +43,7 @@ def test_digits_tasks_remap_labels_and_split_by_task():
 
 
 def test_natural_order_without_shuffle():
-    dm = ClassIncrementalDataModule(shuffle=False, image_size=8)
+    dm = ClassIncrementalDataModule("digits", shuffle=False, image_size=8)
     assert np.array_equal(dm.class_order, np.arange(10))
 
 
@@ -78,7 +78,9 @@ def test_image_folder(tmp_path):
     assert len(dm.task_dataset("test", 1, cumulative=True)) == 4
 
 
-@pytest.mark.parametrize("kwargs,key", [({"dataset": "mnist"}, "dataset"), ({"init_cls": 11}, "init_cls"),
+@pytest.mark.parametrize("kwargs,key", [({"dataset": "mnist"}, "dataset"), ({"init_cls": 51}, "init_cls"),
+                                        ({"glyph_classes": 1000}, "glyph_classes"),
+                                        ({"glyph_images_per_class": 2}, "glyph_images_per_class"),
                                         ({"increment": 0}, "increment"), ({"batch_size": 0}, "batch_size"),
                                         ({"dataset": "image_folder"}, "root")])
 def test_bad_arguments_are_named(kwargs, key):
@@ -97,3 +99,15 @@ def test_cifar100_failed_download_names_the_root(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="download failed") as e:
         dm.prepare_data()
     assert str(tmp_path / "cifar") in str(e.value)
+
+
+def test_train_augment_crops_and_flips_the_training_split_only(tmp_path):
+    root = write_cifar100(tmp_path / "cifar")
+    dm = ClassIncrementalDataModule("cifar100", root=str(root), image_size=12, val_fraction=0.2, train_augment=True,
+                                    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    train, test = dm.task_dataset("train", 0), dm.task_dataset("test", 0)
+    assert train.augment and not test.augment and not dm.task_dataset("val", 0).augment
+    torch.manual_seed(0)
+    a, b = train[0][0], train[0][0]
+    assert a.shape == b.shape == (3, 12, 12) and not torch.equal(a, b)  # a new random crop each access
+    assert torch.equal(test[0][0], test[0][0]) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0  # no normalisation

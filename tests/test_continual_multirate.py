@@ -86,3 +86,28 @@ def test_bad_options_and_automatic_optimization(tmp_path):
                         enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="manual optimization"):
         trainer.fit(auto, DataLoader(TensorDataset(torch.ones(2)), batch_size=1))
+
+
+def test_resume_keeps_the_gradients_of_an_open_slow_window(tmp_path):
+    """Interval 3, 4 batches per epoch: the first epoch leaves batch 4 in an open window. Resumed from the
+    checkpoint, epoch 2 closes that window after its second batch with the sum 4 + 1 + 2, as one run does."""
+    data = DataLoader(TensorDataset(torch.arange(1.0, 11.0)), batch_size=1, shuffle=False)
+    kw = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_train_batches=4,
+              default_root_dir=tmp_path)
+
+    def fit(max_epochs, ckpt_path=None, save=None):
+        cb = MultiRateStepping(slow_update_interval=3)
+        module = TwoRate()
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=[cb], enable_checkpointing=False, **kw)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        if save:
+            trainer.save_checkpoint(save)
+        return module, cb
+
+    straight, cb_straight = fit(2)
+    first, _ = fit(1, save=tmp_path / "mid.ckpt")
+    assert float(first.w_slow) == -6.0 and float(first.w_slow.grad) == 4.0  # window open with batch 4
+    assert torch.load(tmp_path / "mid.ckpt", weights_only=False)["multi_rate_slow_grads"] == [[torch.tensor(4.0)]]
+    resumed, cb_resumed = fit(2, ckpt_path=tmp_path / "mid.ckpt")
+    assert float(straight.w_slow) == float(resumed.w_slow) == -(6 + 4 + 1 + 2)
+    assert cb_resumed.slow_steps == cb_straight.slow_steps == 2 and cb_resumed.window == cb_straight.window == 2

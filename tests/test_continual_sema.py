@@ -1,4 +1,5 @@
-"""SEMA: mixture forward, descriptor statistics, expansion on a shifted task and not on a repeated one."""
+"""SEMA: residual-stream mixture, linear descriptors and their statistics, the per-sample |z| expansion rule,
+router rows frozen per adapter, expansion on a shifted task and not on a repeated one."""
 
 import torch
 
@@ -24,12 +25,38 @@ def test_layer_mixes_adapters_with_router_weights():
         torch.nn.init.normal_(a.up.weight)
     layer.add_adapter(task=1)
     torch.nn.init.normal_(layer.adapters[1].up.weight)
-    torch.nn.init.normal_(layer.router.weight)
+    for row in layer.router:
+        torch.nn.init.normal_(row.weight)
     h = torch.randn(3, 5, 8)
-    w = layer.router(h.mean(1)).softmax(-1)
+    logits = torch.cat([h.mean(1) @ row.weight.t() + row.bias for row in layer.router], -1)
+    w = logits.softmax(-1)
     ref = w[:, 0, None, None] * layer.adapters[0](h) + w[:, 1, None, None] * layer.adapters[1](h)
     torch.testing.assert_close(layer(h), ref)
-    assert layer.created_task == [0, 1] and layer.router.out_features == 2
+    assert layer.created_task == [0, 1] and len(layer.router) == 2
+
+
+def test_adapters_read_the_residual_stream_beside_the_mlp():
+    model = _model()
+    block = model.backbone.blocks[1]
+    layer = model.sema[1]
+    torch.nn.init.normal_(layer.adapters[0].up.weight)
+    x = torch.randn(2, 5, 32)
+    attn_out = x + block.attn(block.norm1(x))
+    ref = attn_out + block.mlp.mlp(block.mlp.norm(attn_out)) + layer.adapters[0](attn_out)
+    model.eval()
+    torch.testing.assert_close(block(x), ref)
+
+
+def test_descriptor_is_linear_on_token_averaged_features():
+    d = RepresentationDescriptor(6, hidden=3)
+    f = torch.randn(4, 6)
+    W = d.decoder.weight @ d.encoder.weight
+    b = d.decoder.weight @ d.encoder.bias + d.decoder.bias
+    torch.testing.assert_close(d.sample_errors(f), (f @ W.t() + b - f).square().mean(-1))
+    d.record(torch.tensor([1.0, 3.0]))
+    errors = d.sample_errors(f)
+    mean, std = 2.0, torch.tensor([1.0, 3.0]).std().item()
+    assert abs(d.zscore(f) - float(((errors - mean).abs() / std).mean())) < 1e-5
 
 
 def test_descriptor_ring_buffer_statistics():
@@ -42,25 +69,20 @@ def test_descriptor_ring_buffer_statistics():
 
 
 def test_expansion_rule():
-    assert expansion_decisions([[3.0, 2.5], [2.8, 4.0]], 2.0) == (True, 2.65)
-    assert expansion_decisions([[3.0, 0.5], [2.8, 4.0]], 2.0)[0] is False  # one descriptor fits batch 0 well
+    # per batch, the smallest z over the descriptors; expand when any batch's exceeds the threshold
+    assert expansion_decisions([[3.0, 2.5], [2.8, 4.0]], 2.0) == (True, 2.8)
+    assert expansion_decisions([[3.0, 0.5], [2.8, 4.0]], 2.0) == (True, 2.8)  # batch 1 is unusual for both
+    assert expansion_decisions([[3.0, 0.5], [1.0, 4.0]], 2.0) == (False, 1.0)  # each batch fits one descriptor
 
 
 def test_expands_on_out_of_distribution_task_not_on_a_repeated_one():
     model = _model()
     x, _ = load_digits_tensors(16)
     seen = x[:192]
-    groups = model.set_trainable(0)
-    opt = torch.optim.Adam(groups["descriptors"], lr=1e-2)
-    model.train()
-    for _ in range(8):  # train the task-0 descriptors on the seen data
-        for xb in _batches(seen):
-            model(xb)
-            loss = model.auxiliary_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.sema_record(_batches(seen), task=0)
+    model.set_trainable(0)
+    errors = model.sema_fit_descriptors(_batches(seen), task=0, epochs=30, lr=1e-2,
+                                        generator=torch.Generator().manual_seed(0))
+    assert set(errors) == {0, 1, 2} and all(int(d.count) == 192 for d in model.sema[2].descriptors)
     assert model.sema_layout() == {0: [0], 1: [0], 2: [0]}
 
     repeated = model.sema_expand(1, _batches(x[:192]), threshold=2.0)
@@ -77,8 +99,10 @@ def test_expands_on_out_of_distribution_task_not_on_a_repeated_one():
     assert all(id(p) in trainable for p in new.parameters())
     assert not any(id(p) in trainable for p in old.parameters())
     assert not any(id(p) in trainable for p in model.sema[2].descriptors[0].parameters())
-    assert all(id(p) in trainable for p in model.sema[2].router.parameters())
+    assert all(id(p) in trainable for p in model.sema[2].router[1].parameters())  # only the new router row
+    assert not any(id(p) in trainable for p in model.sema[2].router[0].parameters())
     assert groups["descriptors"] and not model.sema[0].adapters[0].down.weight.requires_grad
+    assert not any(id(p) in {id(q) for q in groups["head"] + groups["fast"]} for p in groups["descriptors"])
 
     # a fresh model rebuilds the layout before loading the state dict (checkpoint resume)
     fresh = _model()

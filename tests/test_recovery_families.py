@@ -30,6 +30,7 @@ class OOMAboveBatch(L.Callback):
 def _run(tmp, *extra):
     app = run_cli(["fit", "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
                    "--model.slow_update_interval", "3", "--trainer.limit_train_batches", "4",
+                   "--data.glyph_images_per_class", "60",  # 4 full batches of 16 per task
                    "--trainer.logger.init_args.save_dir", str(tmp), *extra])
     cbs = {type(cb).__name__: cb for cb in app.trainer.callbacks}
     weights = {n: p.detach().clone() for n, p in app.model.named_parameters() if p.requires_grad}

@@ -1,19 +1,26 @@
-"""SEMA: self-expanding mixture of adapters (Wang et al., CVPR 2025), pure PyTorch.
+"""SEMA: self-expanding mixture of adapters (Wang et al., CVPR 2025), pure PyTorch, following the public
+SEMA-CL code.
 
-Each adapted ViT block gets a :class:`SEMALayer` parallel to its MLP: a list of bottleneck adapters
-(``d -> 16 -> d`` with ReLU), one representation descriptor per adapter (an autoencoder ``d -> 128 -> d``
-trained with MSE on the adapter's input, keeping a buffer of its last ~500 per-sample reconstruction
-errors for a running mean/std), and a router (softmax over the adapters from token-averaged features).
+Each adapted ViT block gets a :class:`SEMALayer` that reads the residual stream after attention (the input of
+``norm2``) and adds its output to the residual in parallel with the MLP: ``x + mlp(norm2(x)) + sema(x)``. A
+layer holds bottleneck adapters (``d -> 16 -> d`` with ReLU), one representation descriptor per adapter (a
+*linear* autoencoder ``d -> 128 -> d`` on the token-averaged features, with a buffer of its last ~500
+per-sample reconstruction errors for a running mean/std) and a router with one row per adapter (softmax over
+the rows applied to the token-averaged features).
 
-Expansion: on a new task's batches, each descriptor of a layer scores
-``z = (batch-mean reconstruction error - mean) / std``; when the smallest z of the layer (the best-fitting
-descriptor still finds the data unusual) exceeds ``threshold``, a new adapter + descriptor is added there
-and trained while the old ones stay frozen. The adapter input is the MLP input (``norm2`` output), which
-the descriptors and the router read too. Two simplifications of the public SEMA code, for one-pass
-Lightning training: detection scores every expandable layer in one pass of the unexpanded model (a new
-adapter's up-projection starts at zero, so it does not change deeper features) instead of re-detecting after
-each expansion, and descriptors train jointly with the adapters (their loss is added, on detached inputs)
-instead of in a separate phase; their error buffers are filled after the task with the trained descriptors.
+Expansion (``ContinualViT.sema_expand``): on a new task's batches each existing descriptor of a layer scores
+every sample, ``|z| = |error - mean| / std``, averaged over the batch; the layer expands when, for *any*
+batch, that average exceeds ``threshold`` against *every* descriptor of the layer (the data is unusual for
+all of them). At most one adapter is added per layer per task. The new adapter, its router row and the head
+train on the task; old adapters, descriptors and router rows stay frozen. After the adapters' training the new
+descriptors train in their own phase (``ContinualViT.sema_fit_descriptors``) on the frozen model's features,
+and their error buffers are filled.
+
+One simplification remains, for one-pass Lightning training: the expandable layers are tested one after
+another (shallow to deep) with the new adapters of shallower layers already added but not yet trained
+(their up-projection starts at zero, so they do not change deeper features); the public code trains the new
+adapter of a layer before testing the next one. This is equivalent to testing every layer on the
+unexpanded model.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ class BottleneckAdapter(nn.Module):
 
 
 class RepresentationDescriptor(nn.Module):
-    """Autoencoder ``d -> hidden -> d`` plus a ring buffer of recent per-sample reconstruction errors."""
+    """Linear autoencoder ``d -> hidden -> d`` on token-averaged features plus a ring buffer of recent
+    per-sample reconstruction errors."""
 
     def __init__(self, dim: int, hidden: int = 128, buffer_size: int = 500) -> None:
         super().__init__()
@@ -48,10 +56,9 @@ class RepresentationDescriptor(nn.Module):
         self.register_buffer("errors", torch.zeros(buffer_size))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
-    def sample_errors(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample MSE over tokens and features of ``x`` (B, N, d) -> (B,)."""
-        recon = self.decoder(F.relu(self.encoder(x)))
-        return (recon - x).square().flatten(1).mean(1)
+    def sample_errors(self, f: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE of token-averaged features ``f`` (B, d) -> (B,)."""
+        return (self.decoder(self.encoder(f)) - f).square().mean(-1)
 
     @torch.no_grad()
     def record(self, errors: torch.Tensor) -> None:
@@ -70,13 +77,14 @@ class RepresentationDescriptor(nn.Module):
         return float(e.mean()), max(float(e.std()), 1e-6 * max(float(e.mean()), 1e-12))
 
     @torch.no_grad()
-    def zscore(self, x: torch.Tensor) -> float:
+    def zscore(self, f: torch.Tensor) -> float:
+        """Batch mean of the per-sample absolute z-scores of token-averaged features ``f`` (B, d)."""
         mean, std = self.stats()
-        return (float(self.sample_errors(x).mean()) - mean) / std
+        return float(((self.sample_errors(f) - mean).abs() / std).mean())
 
 
 class SEMALayer(nn.Module):
-    """A mixture of adapters with descriptors and a router for one block (parallel to its MLP)."""
+    """Adapters, descriptors and per-adapter router rows for one block (reads and writes the residual stream)."""
 
     def __init__(self, dim: int, bottleneck: int = 16, descriptor_hidden: int = 128, buffer_size: int = 500) -> None:
         super().__init__()
@@ -84,8 +92,7 @@ class SEMALayer(nn.Module):
         self.descriptor_hidden, self.buffer_size = descriptor_hidden, buffer_size
         self.adapters = nn.ModuleList()
         self.descriptors = nn.ModuleList()
-        self.router: nn.Linear | None = None
-        self.descriptor_loss: torch.Tensor | None = None  # set by forward() while training descriptors
+        self.router = nn.ModuleList()  # one Linear(dim, 1) row per adapter: old rows can be frozen alone
         self.collect_z: list[list[float]] | None = None  # set to [] to collect z-scores per batch
         self.created_task: list[int] = []  # task in which each adapter was added (it trains only then)
         self.add_adapter(task=0)
@@ -95,7 +102,7 @@ class SEMALayer(nn.Module):
         return len(self.adapters)
 
     def add_adapter(self, task: int, generator: torch.Generator | None = None) -> None:
-        """Append an adapter + descriptor created in ``task``; widen the router (old rows kept, new row zero)."""
+        """Append an adapter + descriptor + router row (zero) created in ``task``."""
         self.created_task.append(task)
         ref = next(self.parameters(), None)
         device = ref.device if ref is not None else None
@@ -103,66 +110,61 @@ class SEMALayer(nn.Module):
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
             self.adapters.append(BottleneckAdapter(self.dim, self.bottleneck).to(device))
-            self.descriptors.append(
-                RepresentationDescriptor(self.dim, self.descriptor_hidden, self.buffer_size).to(device)
-            )
-        n = self.num_adapters
-        if n > 1:
-            router = nn.Linear(self.dim, n).to(device)
-            nn.init.zeros_(router.weight)
-            nn.init.zeros_(router.bias)
-            if self.router is not None:
-                with torch.no_grad():
-                    router.weight[: n - 1] = self.router.weight
-                    router.bias[: n - 1] = self.router.bias
-            self.router = router
+            descriptor = RepresentationDescriptor(self.dim, self.descriptor_hidden, self.buffer_size)
+            self.descriptors.append(descriptor.to(device))
+        row = nn.Linear(self.dim, 1).to(device)
+        nn.init.zeros_(row.weight)
+        nn.init.zeros_(row.bias)
+        self.router.append(row)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        outs = torch.stack([a(h) for a in self.adapters], dim=-1)  # (B, N, d, n)
-        if self.router is None:
-            mixed = outs[..., 0]
-        else:
-            weights = self.router(h.mean(dim=1)).softmax(dim=-1)  # (B, n)
-            mixed = torch.einsum("bndk,bk->bnd", outs, weights)
-        trainable = [d for d in self.descriptors if d.encoder.weight.requires_grad]
-        self.descriptor_loss = None
-        if self.training and trainable:
-            self.descriptor_loss = sum(d.sample_errors(h.detach()).mean() for d in trainable)
+    def router_weights(self, f: torch.Tensor) -> torch.Tensor:
+        """Softmax over the router rows of token-averaged features ``f`` (B, d) -> (B, n_adapters)."""
+        return torch.cat([row(f) for row in self.router], dim=-1).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = x.mean(dim=1)
         if self.collect_z is not None:
-            self.collect_z.append([d.zscore(h) for d in self.descriptors])
-        return mixed
+            self.collect_z.append([d.zscore(f) for d in self.descriptors])
+        if self.num_adapters == 1:
+            return self.adapters[0](x)
+        outs = torch.stack([a(x) for a in self.adapters], dim=-1)  # (B, N, d, n)
+        return torch.einsum("bndk,bk->bnd", outs, self.router_weights(f))
 
 
 class MLPWithSEMA(nn.Module):
-    """A block's MLP plus a SEMA layer reading the same input: ``mlp(h) + sema(h)``."""
+    """Takes a block's ``norm2`` and ``mlp`` (the block's ``norm2`` becomes an identity): on the residual stream
+    ``x`` it returns ``mlp(norm2(x)) + sema(x)``, so the block computes ``x + mlp(norm2(x)) + sema(x)``
+    (times the block's ``ls2`` layer scale, the identity in ViTs without one)."""
 
-    def __init__(self, mlp: nn.Module, sema: SEMALayer) -> None:
+    def __init__(self, norm: nn.Module, mlp: nn.Module, sema: SEMALayer) -> None:
         super().__init__()
-        self.mlp, self.sema = mlp, sema
+        self.norm, self.mlp, self.sema = norm, mlp, sema
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp(h) + self.sema(h)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(x)) + self.sema(x)
 
 
 def inject_sema(blocks: nn.ModuleList, layers: Sequence[int], dim: int, bottleneck: int = 16,
                 descriptor_hidden: int = 128, buffer_size: int = 500) -> dict[int, SEMALayer]:
-    """Wrap ``blocks[i].mlp`` for each ``i`` in ``layers``; returns the SEMA layers by block index."""
+    """Put a SEMA layer beside ``blocks[i].mlp`` for each ``i`` in ``layers``; returns them by block index."""
     out = {}
     for i in layers:
         if not -len(blocks) <= i < len(blocks):
             raise ValueError(f"SEMA layer index {i} out of range for a backbone with {len(blocks)} blocks")
         i = i % len(blocks)
         block = blocks[i]
-        if not hasattr(block, "mlp"):
-            raise TypeError(f"block {i} ({type(block).__name__}) has no `mlp` to put SEMA adapters beside")
+        if not (hasattr(block, "mlp") and hasattr(block, "norm2")):
+            raise TypeError(f"block {i} ({type(block).__name__}) has no `mlp`/`norm2` to put SEMA adapters beside")
         out[i] = SEMALayer(dim, bottleneck, descriptor_hidden, buffer_size)
-        block.mlp = MLPWithSEMA(block.mlp, out[i])
+        block.mlp = MLPWithSEMA(block.norm2, block.mlp, out[i])
+        block.norm2 = nn.Identity()
     return out
 
 
 def expansion_decisions(z_per_batch: list[list[float]], threshold: float) -> tuple[bool, float]:
-    """(expand?, mean over batches of the smallest z): expand when that mean exceeds ``threshold``."""
+    """(expand?, score): per batch the smallest descriptor z (batch mean of |z|); expand when any batch's
+    exceeds ``threshold``; the score is the largest of them over the batches."""
     if not z_per_batch:
         return False, float("nan")
-    z_min = sum(min(z) for z in z_per_batch) / len(z_per_batch)
-    return (z_min > threshold and math.isfinite(z_min)), z_min
+    score = max(min(z) for z in z_per_batch)
+    return (score > threshold and math.isfinite(score)), score

@@ -12,6 +12,7 @@ checkpoints simple).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
@@ -109,18 +110,19 @@ class ContinualViT(nn.Module):
         return logits
 
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """Sum of the SEMA descriptors' reconstruction losses of the last training forward (None if none)."""
-        losses = [layer.descriptor_loss for layer in self.sema.values() if layer.descriptor_loss is not None]
-        return torch.stack(losses).sum() if losses else None
+        """An extra training loss of the adapters (None: SEMA's descriptors train in their own phase)."""
+        return None
 
     # ------------------------------------------------------------------ trainability per task
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.backbone.named_parameters() if n in self._backbone_names]
 
     def parameter_groups(self, task: int, train_backbone: bool = False) -> dict[str, list[nn.Parameter]]:
-        """The parameters trained in ``task``: ``fast`` (head + adapters), ``slow`` (Nested LoRA's slow
-        adapters), ``descriptors`` (SEMA's autoencoders) and ``backbone`` (first-task adaptation)."""
-        groups: dict[str, list[nn.Parameter]] = {"fast": list(self.head.parameters()), "slow": [], "descriptors": []}
+        """The parameters trained in ``task``: ``head``, ``fast`` (adapters; Nested LoRA's fast ones; SEMA's new
+        adapters and their router rows), ``slow`` (Nested LoRA's slow adapters), ``descriptors`` (SEMA's new
+        autoencoders, trained in their own phase by :meth:`sema_fit_descriptors`) and ``backbone``."""
+        groups: dict[str, list[nn.Parameter]] = {"head": list(self.head.parameters()), "fast": [], "slow": [],
+                                                 "descriptors": []}
         if self.adapter_type == "lora":
             groups["fast"] += [p for m in self.backbone.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()]
         elif self.adapter_type == "nested_lora":
@@ -131,9 +133,9 @@ class ContinualViT(nn.Module):
                 new = [k for k, t in enumerate(layer.created_task) if t == task]
                 for k in new:
                     groups["fast"] += list(layer.adapters[k].parameters())
+                    if layer.num_adapters > 1:  # a lone adapter's softmax weight is 1: its row gets no gradient
+                        groups["fast"] += list(layer.router[k].parameters())
                     groups["descriptors"] += list(layer.descriptors[k].parameters())
-                if new and layer.router is not None:
-                    groups["fast"] += list(layer.router.parameters())
         groups["backbone"] = self.backbone_parameters() if train_backbone else []
         return groups
 
@@ -148,58 +150,90 @@ class ContinualViT(nn.Module):
 
     # ------------------------------------------------------------------ SEMA expansion
     @torch.no_grad()
-    def sema_zscores(self, batches: Iterable[torch.Tensor]) -> dict[int, list[list[float]]]:
-        """Per expandable layer, per batch, every descriptor's z-score of the batch-mean error."""
-        layers = {i: self.sema[i] for i in self.expansion_layers}
+    def sema_zscores(self, batches: Iterable[torch.Tensor], layers: Sequence[int] | None = None
+                     ) -> dict[int, list[list[float]]]:
+        """Per layer (default: the expandable ones), per batch, every descriptor's batch mean of |z|."""
+        chosen = {i: self.sema[i] for i in (self.expansion_layers if layers is None else layers)}
         was_training = self.training
         self.eval()
         try:
-            for layer in layers.values():
+            for layer in chosen.values():
                 layer.collect_z = []
             for x in batches:
                 self.backbone(x)
-            return {i: layer.collect_z for i, layer in layers.items()}
+            return {i: layer.collect_z for i, layer in chosen.items()}
         finally:
-            for layer in layers.values():
+            for layer in chosen.values():
                 layer.collect_z = None
             self.train(was_training)
 
     def sema_expand(self, task: int, batches: Iterable[torch.Tensor], threshold: float,
                     generator: torch.Generator | None = None) -> dict[int, tuple[float, bool]]:
-        """Score the new task's batches and add an adapter where the smallest mean z exceeds ``threshold``;
-        returns ``{layer: (z, expanded)}`` for every expandable layer."""
+        """Test the expandable layers one after another (shallow to deep) on the new task's batches and add
+        at most one adapter per layer where the rule fires; returns ``{layer: (score, expanded)}``."""
+        batches = list(batches)
         out = {}
-        for i, z in self.sema_zscores(batches).items():
-            expand, z_min = expansion_decisions(z, threshold)
+        for i in self.expansion_layers:
+            expand, score = expansion_decisions(self.sema_zscores(batches, [i])[i], threshold)
             if expand:
                 self.sema[i].add_adapter(task, generator)
-            out[i] = (z_min, expand)
+            out[i] = (score, expand)
         return out
 
-    @torch.no_grad()
-    def sema_record(self, batches: Iterable[torch.Tensor], task: int) -> None:
-        """Fill the buffers of the descriptors trained in ``task`` with their errors on ``batches``."""
-        captured: dict[int, list[torch.Tensor]] = {}
-        hooks = []
-        for i, layer in self.sema.items():
-            if task in layer.created_task:
-                captured[i] = []
-                hooks.append(layer.register_forward_pre_hook(lambda m, args, i=i: captured[i].append(args[0])))
+    def sema_features(self, batches: Iterable[torch.Tensor], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Token-averaged inputs of the SEMA layers ``layers`` (what descriptors and routers read), (N, d) each."""
+        captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        hooks = [self.sema[i].register_forward_pre_hook(lambda m, args, i=i: captured[i].append(args[0].mean(1)))
+                 for i in layers]
         was_training = self.training
         self.eval()
         try:
-            for x in batches:
-                self.backbone(x)
+            with torch.no_grad():
+                for x in batches:
+                    self.backbone(x)
         finally:
             for h in hooks:
                 h.remove()
             self.train(was_training)
-        for i, inputs in captured.items():
-            layer = self.sema[i]
-            for k, t in enumerate(layer.created_task):
-                if t == task:
-                    for h in inputs:
-                        layer.descriptors[k].record(layer.descriptors[k].sample_errors(h))
+        return {i: torch.cat(v) for i, v in captured.items()}
+
+    def sema_fit_descriptors(self, batches: Iterable[torch.Tensor], task: int, epochs: int = 20, lr: float = 1e-2,
+                             batch_size: int = 32, generator: torch.Generator | None = None) -> dict[int, float]:
+        """SEMA's descriptor phase: train the descriptors created in ``task`` (linear autoencoders) on the frozen
+        model's token-averaged features of ``batches`` (SGD, momentum 0.9, cosine), then fill their error
+        buffers; returns the final mean reconstruction error per layer."""
+        new = {i: [k for k, t in enumerate(layer.created_task) if t == task] for i, layer in self.sema.items()}
+        new = {i: ks for i, ks in new.items() if ks}
+        if not new:
+            return {}
+        feats = self.sema_features(batches, list(new))
+        out = {}
+        for i, ks in new.items():
+            f = feats[i]
+            for k in ks:
+                d = self.sema[i].descriptors[k]
+                params = list(d.parameters())
+                for p in params:
+                    p.requires_grad_(True)
+                opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+                steps = epochs * math.ceil(len(f) / batch_size)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+                with torch.enable_grad():
+                    for _ in range(epochs):
+                        order = torch.randperm(len(f), generator=generator)
+                        for j in range(0, len(f), batch_size):
+                            loss = d.sample_errors(f[order[j : j + batch_size]]).mean()
+                            opt.zero_grad(set_to_none=True)
+                            loss.backward()
+                            opt.step()
+                            sched.step()
+                for p in params:
+                    p.requires_grad_(False)
+                with torch.no_grad():
+                    errors = d.sample_errors(f)
+                d.record(errors)
+                out[i] = float(errors.mean())
+        return out
 
     def sema_layout(self) -> dict[int, list[int]]:
         """Creation task of every adapter per SEMA layer (what a checkpoint needs to rebuild the structure)."""
