@@ -43,9 +43,10 @@ def test_phase1_lm_config_fits_logs_health_and_predicts_with_the_state(in_tmp):
     assert out["generated"].shape == (8, pred.model.hparams.predict_tokens)
 
 
-@pytest.mark.parametrize("name", ["8gb", "10gb", "24gb"])
-def test_preset_configs_size_from_the_memory_model_and_run_tiny(in_tmp, name):
-    path = REPO / f"configs/phase1_{name}.yaml"
+@pytest.mark.parametrize("file", ["phase1_8gb.yaml", "phase1_10gb.yaml", "phase1_24gb.yaml"])
+def test_preset_configs_size_from_the_memory_model_and_run_tiny(in_tmp, file):
+    name = file.removeprefix("phase1_").removesuffix(".yaml")
+    path = REPO / "configs" / file
     text = yaml.safe_load(path.read_text())
     nested = text["model"]["init_args"]["phase1"]
     config = Phase1Config.from_nested(nested)

@@ -1,6 +1,6 @@
 """Loading checkpoints without running code from them.
 
-``torch.load(..., weights_only=False)`` unpickles arbitrary objects, so a crafted file runs code the moment it
+A full (non-weights-only) ``torch.load`` unpickles arbitrary objects, so a crafted file runs code the moment it
 is loaded. :func:`safe_load` always uses ``weights_only=True``; the only extra classes it lets through are
 *dataclasses defined in adaptlab's own packages* (e.g. :class:`models.lm.gpt.Config` kept in a checkpoint's
 hyper-parameters): unpickling a dataclass only creates the instance and fills its ``__dict__``, it calls no
