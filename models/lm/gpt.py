@@ -27,6 +27,7 @@ from models.adapters.lora import inject_lora, mark_only_lora_as_trainable
 from models.adapters.skip2lora import Skip2LoRA
 from models.layers.create import create_mlp, create_norm
 from models.layers.rotary import apply_rope, rope_cache
+from models.lm.sampling import sample_next_token
 from models.utils.checkpoint import CheckpointError, safe_load
 
 #: Fields that define the weights' shapes; a checkpoint must agree on them.
@@ -265,15 +266,7 @@ class GPT(nn.Module):
         """Append ``max_new_tokens`` sampled tokens to ``idx (B, T)`` (``temperature=0``: greedy). No KV cache:
         each step re-reads the last ``block_size`` tokens, which is fine for short samples."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            nxt = sample_next_token(self(idx[:, -self.config.block_size:])[:, -1], temperature, top_k, generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
 

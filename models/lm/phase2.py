@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from models.layers.bk_mixer import BKMixer, resolvent_diagonal
 from models.layers.create import create_mlp, create_norm
 from models.layers.fast_weights import DissipativeHebbianMemory, FastWeightState
+from models.lm.sampling import generate_with_state
 
 #: Size presets (issue 11): d_model, layers, heads x head_dim; the training sequence length is a data key.
 PRESETS: dict[str, dict[str, int]] = {
@@ -234,22 +235,7 @@ class Phase2LM(nn.Module):
                  generator: torch.Generator | None = None) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx (B, T)`` (``temperature=0``: greedy). The prompt runs
         once; every new token is one step on the carried state (O(1) per token, no re-reading)."""
-        logits, state = self(idx, return_state=True)
-        out = [idx]
-        for i in range(max_new_tokens):
-            last = logits[:, -1].float()
-            if temperature == 0:
-                nxt = last.argmax(-1, keepdim=True)
-            else:
-                last = last / temperature
-                if top_k is not None:
-                    kth = last.topk(min(top_k, last.size(-1))).values[:, -1:]
-                    last = last.masked_fill(last < kth, float("-inf"))
-                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator)
-            out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits, state = self(nxt, state, return_state=True)
-        return torch.cat(out, dim=1)
+        return generate_with_state(self, idx, max_new_tokens, temperature, top_k, generator)
 
     def diagnostics(self) -> dict[str, Tensor]:
         """Memory diagnostics of the last forward over all blocks, detached 0-dim tensors (no host sync):

@@ -32,6 +32,7 @@ from models.layers.bk_mixer import BKMixer
 from models.layers.create import create_mlp, create_norm
 from models.layers.tt_embedding import TTEmbedding
 from models.lm.phase1.config import Phase1Config
+from models.lm.sampling import generate_with_state
 
 
 class BlockState(NamedTuple):
@@ -183,22 +184,7 @@ class Phase1LM(nn.Module):
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx (B, T)`` (``temperature=0``: greedy). The prompt is
         read once; each new token costs one recurrent step with the carried state (no re-reading)."""
-        logits, state = self(idx, return_state=True)
-        out = [idx]
-        for i in range(max_new_tokens):
-            last = logits[:, -1].float()
-            if temperature == 0:
-                nxt = last.argmax(-1, keepdim=True)
-            else:
-                last = last / temperature
-                if top_k is not None:
-                    kth = last.topk(min(top_k, last.size(-1))).values[:, -1:]
-                    last = last.masked_fill(last < kth, float("-inf"))
-                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator)
-            out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits, state = self(nxt, state=state, return_state=True)
-        return torch.cat(out, dim=1)
+        return generate_with_state(self, idx, max_new_tokens, temperature, top_k, generator)
 
     # -------------------------------------------------------------------------------------- conveniences
     def bk_mixers(self) -> list[BKMixer]:
