@@ -33,7 +33,7 @@ from torch import nn  # noqa: E402
 
 from models.adapters.lora import count_parameters, inject_lora  # noqa: E402
 from models.quant import Linear4bit, linear_weight_report, quantize_model  # noqa: E402
-from models.utils.memory import proc_status_kib, reset_peak_rss  # noqa: E402
+from models.utils.memory import cpu_model, proc_status_kib, reset_peak_rss  # noqa: E402
 from models.vision.vit import create_vit  # noqa: E402
 
 VARIANTS = ("full", "lora", "qlora-nf4", "qlora-nf4-dq", "qlora-nf4-dq-fp32", "qlora-nf4-dq-bf16",
@@ -118,17 +118,6 @@ def _rel_error(ref: dict[str, torch.Tensor], approx: dict[str, torch.Tensor]) ->
     """||W - W_approx|| / ||W|| over all linear weights together."""
     num = sum(((ref[n] - approx[n]) ** 2).sum().item() for n in ref)
     return (num / sum((w**2).sum().item() for w in ref.values())) ** 0.5
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``unknown`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def training_table(args: argparse.Namespace) -> list[str]:

@@ -28,18 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from models.utils.memory import cpu_model  # noqa: E402
+
 VARIANTS = ("full", "lora", "qlora_nf4", "qlora_nf4_dq")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``unknown`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def auto_note() -> str:

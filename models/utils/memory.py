@@ -1,4 +1,4 @@
-"""Process and device memory measurement shared by diagnostics and benchmarks.
+"""Process and device memory measurement (and the CPU model) shared by diagnostics and benchmarks.
 
 On the CPU the peak is the process's peak RSS (``VmHWM`` from ``/proc/self/status``, reset through
 ``/proc/self/clear_refs``); :func:`pin_malloc` first makes glibc return large frees to the OS so the RSS follows
@@ -59,3 +59,14 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu
     base = proc_status_kib("VmRSS")
     fn()
     return (proc_status_kib("VmHWM") - base) / 1024
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``unknown`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
