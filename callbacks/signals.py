@@ -6,11 +6,28 @@ Lightning notices SIGTERM and stops at the end of the current training batch by 
 mid-epoch checkpoints are taken, so ``--ckpt_path last`` resumes exactly; then the process exits with status
 143 (128 + SIGTERM), so a scheduler sees an interrupted job, not a finished one. A SIGTERM during validation
 saves at the exception instead (resumable; Lightning reruns that validation).
+
+Several processes (DDP): Lightning 2.6.6 does not coordinate SIGTERM safely. Its signal handler forwards the
+signal to the processes it launched and then calls ``torch.distributed.broadcast`` inside the handler, i.e. at
+whatever point of the step the signal lands; each step begins with a broadcast of rank 0's flag only, and the
+check that stops the loop at the batch end reads the local flag. So a SIGTERM that only rank 1 receives, or
+one that arrives after a step's first broadcast, puts the ranks' collectives out of step: the save (itself a
+collective: barriers and broadcasts) or the next gradient all-reduce hangs until the process-group timeout
+(30 minutes by default) instead of saving (``tests/test_sigterm_ddp.py`` and ``tests/ddp_sigterm_script.py``
+reproduce it). With more than one process this callback therefore replaces Lightning's SIGTERM handler, from
+the sanity check or the start of training on, with one that only notes the signal; at every training batch end
+the ranks agree on "has any rank received SIGTERM" (one one-element all-reduce per batch), and when one has,
+every rank sets Lightning's flag at that same batch end: all save the same ``last.ckpt`` together there and
+all exit with 143, whichever ranks (the launching rank 0 alone, rank 1 alone, all of them, at different points
+of a step) got the signal. A SIGTERM during validation is then acted on at the next training batch end; one
+after the last training batch lets the run finish normally (status 0, nothing is lost).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -24,12 +41,14 @@ class SigtermCheckpoint(L.Callback):
     """Save a resumable checkpoint when the process receives SIGTERM, then exit with status 143.
 
     The checkpoint is ``ModelCheckpoint``'s ``last.ckpt`` when it keeps one (``save_last``), otherwise
-    ``<log_dir>/checkpoints/sigterm.ckpt``.
+    ``<log_dir>/checkpoints/sigterm.ckpt``. Under DDP all ranks stop and save at the same training batch end
+    when any of them receives SIGTERM (see the module docstring).
     """
 
     def __init__(self) -> None:
         self.saved_path: str | None = None
         self._saved_step: int | None = None
+        self._received = False  # this process got SIGTERM (multi-process runs only; not yet acted on)
 
     def _save(self, trainer: L.Trainer) -> None:
         cb = trainer.checkpoint_callback
@@ -42,7 +61,27 @@ class SigtermCheckpoint(L.Callback):
             trainer.save_checkpoint(path)
         self.saved_path, self._saved_step = path, trainer.global_step
 
+    # -- several processes: note the signal in the handler, agree on it at batch ends -----------------------------
+
+    def _note_sigterm(self, signum, frame) -> None:
+        self._received = True  # no collective, no I/O: a signal handler runs at an arbitrary point of the step
+
+    def _take_over_sigterm(self, trainer: L.Trainer) -> None:
+        # Lightning registers its handler just before the sanity check and restores the original one at teardown.
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_sigterm(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_sigterm(trainer)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self._received, all=False):
+            # Every rank reaches this line at the same batch: all set Lightning's flag here, so all save below and
+            # Lightning raises SIGTERMException on all of them at the end of this batch.
+            trainer._signal_connector.received_sigterm = True
         if trainer.received_sigterm and self._saved_step != trainer.global_step:
             self._save(trainer)
 
