@@ -33,12 +33,14 @@ class Model(Regressor):
     def __init__(self, plan) -> None:
         super().__init__()
         self.plan = plan
+        self.batches: list[tuple] = []  # (global_step, epoch, batch_idx, sample ids) of each batch this run
 
     def _maybe_sigterm(self, where: str) -> None:
         if self.plan.get((self.global_rank, self.trainer.global_step)) == where:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def on_train_batch_start(self, batch, batch_idx):
+        self.batches.append((self.trainer.global_step, self.current_epoch, batch_idx, batch[2].tolist()))
         self._maybe_sigterm("start")
 
     def training_step(self, batch, batch_idx):
@@ -79,7 +81,7 @@ def main(out: Path, plan: dict) -> None:
         record["exit"] = repr(e)
         raise
     finally:
-        record.update(start_step=getattr(model, "start_step", None), step=trainer.global_step,
+        record.update(start_step=getattr(model, "start_step", None), step=trainer.global_step, batches=model.batches,
                       weights={n: p.detach().clone() for n, p in model.named_parameters()})
         if trainer.global_rank == 0:
             record["children"] = []

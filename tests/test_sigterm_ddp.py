@@ -10,6 +10,10 @@ One chain of three runs of ``tests/ddp_sigterm_script.py`` (6 batches per rank a
 2. resumed from step 3, only rank 0 (the launcher of rank 1) gets it, at the start of batch 5, the last batch of
    epoch 0: all stop at step 6;
 3. resumed from step 6, only rank 1 gets it, inside ``training_step`` of batch 7: all stop at step 8.
+
+Resumed runs continue the step, epoch and batch counters exactly; the data position does not (the script's plain
+``DataLoader`` starts the epoch's data again, Lightning warns); exact mid-epoch resumption is
+``tests/test_resume.py``'s subject (single process, resumable loaders).
 """
 
 import os
@@ -24,6 +28,7 @@ import torch
 from tests.cli_helpers import REPO
 
 SCRIPT = Path(__file__).with_name("ddp_sigterm_script.py")
+BATCHES_PER_EPOCH = 6
 
 
 def run_until_sigterm(out: Path, *plan: str, timeout: int = 300) -> tuple[int, str, list[dict]]:
@@ -61,6 +66,9 @@ def assert_stopped_together(out: Path, result: tuple[int, str, list[dict]], star
     assert ranks[0]["children"] == [143]  # rank 1's process exit status, as its launcher (rank 0) saw it
     assert [r["start_step"] for r in ranks] == [start, start]  # resumed where the previous run saved
     assert [r["step"] for r in ranks] == [stop, stop]
+    # the batches each rank trained in this run, as (global_step, epoch, batch_idx): 6 per epoch, none past `stop`
+    expected = [(s, s // BATCHES_PER_EPOCH, s % BATCHES_PER_EPOCH) for s in range(start, stop)]
+    assert [[b[:3] for b in r["batches"]] for r in ranks] == [expected, expected]
     assert f"error: stopped by SIGTERM: saved '{out / 'ckpt' / 'last.ckpt'}' at step {stop}" in stderr
     assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["last.ckpt"]
     ckpt = torch.load(out / "ckpt" / "last.ckpt", weights_only=False)  # written by this test
