@@ -13,14 +13,20 @@ whatever point of the step the signal lands; each step begins with a broadcast o
 check that stops the loop at the batch end reads the local flag. So a SIGTERM that only rank 1 receives, or
 one that arrives after a step's first broadcast, puts the ranks' collectives out of step: the save (itself a
 collective: barriers and broadcasts) or the next gradient all-reduce hangs until the process-group timeout
-(30 minutes by default) instead of saving (``tests/test_sigterm_ddp.py`` and ``tests/ddp_sigterm_script.py``
-reproduce it). With more than one process this callback therefore replaces Lightning's SIGTERM handler, from
-the sanity check or the start of training on, with one that only notes the signal; at every training batch end
-the ranks agree on "has any rank received SIGTERM" (one one-element all-reduce per batch), and when one has,
-every rank sets Lightning's flag at that same batch end: all save the same ``last.ckpt`` together there and
-all exit with 143, whichever ranks (the launching rank 0 alone, rank 1 alone, all of them, at different points
-of a step) got the signal. A SIGTERM during validation is then acted on at the next training batch end; one
-after the last training batch lets the run finish normally (status 0, nothing is lost).
+(30 minutes by default). Measured with ``tests/ddp_sigterm_script.py`` (2 ranks, gloo): without this callback,
+SIGTERM to rank 1 alone hangs, and SIGTERM to rank 0 after its optimizer step ends both ranks with status 0 and
+no checkpoint; with the single-process version of this callback, both of these hang, and so does the first run
+of ``tests/test_sigterm_ddp.py``.
+
+With more than one process this callback therefore replaces Lightning's SIGTERM handler, from the sanity check
+or the start of training on, with one that only notes the signal; at every training batch end the ranks agree
+on "has any rank received SIGTERM" (one one-element all-reduce per batch), and when one has, every rank sets
+Lightning's flag at that same batch end: all save the same ``last.ckpt`` together there and all exit with 143,
+whichever ranks (the launching rank 0 alone, rank 1 alone, all of them, at different points of a step) got the
+signal. A SIGTERM during validation is then acted on at the next training batch end; one after the last
+training batch lets the run finish normally (status 0, nothing is lost). One that arrives in the short stretch
+between Lightning installing its handler and the sanity check (or, without one, the start of training) still
+meets Lightning's handler.
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ class SigtermCheckpoint(L.Callback):
         if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._note_sigterm)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._received = False  # a callback reused for a second fit starts afresh
+
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._take_over_sigterm(trainer)
 
@@ -78,9 +87,10 @@ class SigtermCheckpoint(L.Callback):
         self._take_over_sigterm(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(self._received, all=False):
-            # Every rank reaches this line at the same batch: all set Lightning's flag here, so all save below and
-            # Lightning raises SIGTERMException on all of them at the end of this batch.
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
+                self._received or trainer.received_sigterm, all=False):  # (Lightning's own flag: a SIGTERM before
+            # the take-over.) Every rank reaches this line at the same batch: all set Lightning's flag here, so all
+            # save below and Lightning raises SIGTERMException on all of them at the end of this batch.
             trainer._signal_connector.received_sigterm = True
         if trainer.received_sigterm and self._saved_step != trainer.global_step:
             self._save(trainer)
