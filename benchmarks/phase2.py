@@ -1,11 +1,13 @@
 """Phase 2 language-model benchmarks, one section per component (``--section NAME``).
 
-scan: the dissipative Hebbian fast-weight memory (models/layers/fast_weights.py). Forward time of the
-sequential reference vs the chunked form at ``--ref-len`` tokens (target: chunked >= 10x faster), then time vs
-sequence length next to causal softmax attention (``F.scaled_dot_product_attention(is_causal=True)``) with the
-same batch, heads and head size. "chunked+rule" is the chunked form with the layer's boundary rule (SNR filter
-at every chunk, resonant-mode damping). Variants run interleaved, one call each per round, after one warm-up
-call; tables show the median. Runs on CUDA when available (``--device``). Prints markdown tables.
+scan: the dissipative Hebbian fast-weight memory (models/layers/fast_weights.py). Forward and
+forward+backward time of the sequential reference vs the chunked form at ``--ref-len`` tokens (target:
+chunked >= 10x faster), then time vs sequence length next to causal softmax attention
+(``F.scaled_dot_product_attention(is_causal=True)``) with the same batch, heads and head size.
+"chunked+rule" is the chunked form with the layer's boundary rule (the SNR filter at every chunk, and
+resonant-mode damping when ``--resonance-damping`` > 0; the configs' default is 0). Variants run
+interleaved, one call each per round, after one warm-up call; tables show the median. Runs on CUDA when
+available (``--device``). Prints markdown tables.
 
     python benchmarks/phase2.py --section scan            # CPU, 1 thread: about 2-3 minutes
     python benchmarks/phase2.py --section scan --quick    # lengths 1024-4096, fewer rounds
@@ -81,7 +83,8 @@ def _inputs(args: argparse.Namespace, n: int, device: torch.device, grad: bool =
 
 
 def _rule(args: argparse.Namespace, device: torch.device) -> MemoryBoundaryRule:
-    return MemoryBoundaryRule(fixed_orthonormal_basis(args.head_dim, 0).to(device), 2.0, resonance_damping=0.1)
+    return MemoryBoundaryRule(fixed_orthonormal_basis(args.head_dim, 0).to(device), 2.0,
+                              resonance_damping=args.resonance_damping)
 
 
 def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -134,15 +137,31 @@ def scan_section(args: argparse.Namespace, device: torch.device) -> list[str]:
             "chunked+rule": lambda: hebbian_scan_chunked(q, k, v, ld, 1.0, chunk_size=c, boundary=_rule(args, device)),
         }, args.rounds, device)
 
+    leaves = _inputs(args, args.ref_len, device, grad=True)
+    qg, kg, vg, ldg = leaves
+    tb = time_interleaved({
+        "seq": _fwd_bwd(lambda: hebbian_scan_sequential(qg, kg, vg, ldg, 1.0)[0], leaves),
+        "chunked": _fwd_bwd(lambda: hebbian_scan_chunked(qg, kg, vg, ldg, 1.0, chunk_size=c)[0], leaves),
+        "seq+rule": _fwd_bwd(lambda: hebbian_scan_sequential(qg, kg, vg, ldg, 1.0, boundary=_rule(args, device),
+                                                             period=c)[0], leaves),
+        "chunked+rule": _fwd_bwd(lambda: hebbian_scan_chunked(qg, kg, vg, ldg, 1.0, chunk_size=c,
+                                                              boundary=_rule(args, device))[0], leaves),
+    }, args.rounds, device)
+
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    lines += [f"Forward at {args.ref_len} tokens (target: chunked >= 10x faster than sequential):", "",
-              "| memory | sequential ms | chunked ms | speedup | rel. difference |", "|---|---|---|---|---|",
-              (f"| plain | {t['seq']:.1f} | {t['chunked']:.1f} | {t['seq'] / t['chunked']:.1f}x | "
-               f"{rel(out_plain, ref_plain):.1e} |"),
-              (f"| with boundary rule | {t['seq+rule']:.1f} | {t['chunked+rule']:.1f} | "
-               f"{t['seq+rule'] / t['chunked+rule']:.1f}x | {rel(out_rule, ref_rule):.1e} |"), ""]
+    def row(label: str, key: str, diff: float) -> str:
+        seq, chk = f"seq{key}", f"chunked{key}"
+        return (f"| {label} | {t[seq]:.1f} | {t[chk]:.1f} | {t[seq] / t[chk]:.1f}x | {tb[seq]:.1f} | {tb[chk]:.1f} | "
+                f"{tb[seq] / tb[chk]:.1f}x | {diff:.1e} |")
+
+    lines += [(f"At {args.ref_len} tokens (target: chunked >= 10x faster than sequential); forward = inference "
+               "prefill, forward+backward = a training step's share:"), "",
+              ("| memory | sequential fwd ms | chunked fwd ms | fwd speedup | sequential fwd+bwd ms "
+               "| chunked fwd+bwd ms | fwd+bwd speedup | rel. difference |"), "|---|---|---|---|---|---|---|---|",
+              row("plain", "", rel(out_plain, ref_plain)),
+              row("with boundary rule", "+rule", rel(out_rule, ref_rule)), ""]
     lines += ["Time vs length (ms); SDPA = causal softmax attention, same batch / heads / head size:", "",
               ("| tokens | sequential fwd | chunked fwd | chunked+rule fwd | SDPA fwd | chunked / SDPA fwd "
                "| chunked fwd+bwd | chunked+rule fwd+bwd | SDPA fwd+bwd | chunked / SDPA fwd+bwd |"),
@@ -359,6 +378,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--ref-len", type=int, default=4096)
+    parser.add_argument("--resonance-damping", type=float, default=0.0,
+                        help="scan: damping of the boundary rule (0 = the Phase 2 configs' default: SNR filter only)")
     parser.add_argument("--seq-max", type=int, default=4096, help="longest length timed with the sequential loop")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 3, quick 2)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None)

@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
 
 from datamodules.text import ByteTokenizer
+from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
 from lightning_modules.text_samples import log_text_sample
 from models.adapters.lora import count_parameters
 from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable, weights_fingerprint
@@ -21,7 +21,7 @@ from models.lm.gpt import GPT, Config, load_pretrained
 PRETRAIN_COMMAND = "python -m cli fit --config configs/gpt_pretrain.yaml"
 
 
-class GPTLanguageModel(L.LightningModule):
+class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
     """Next-token prediction with :class:`models.lm.gpt.GPT` on batches from :class:`TextDataModule`.
 
     Without adapters in ``config`` every weight trains (pre-training); with ``lora_*`` flags or
@@ -83,7 +83,7 @@ class GPTLanguageModel(L.LightningModule):
             self.model.lm_head.requires_grad_(True)
         if skip_cache:
             check_cacheable(self.model.backbone_modules())
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.init_evaluation()
         self.cache: SkipCache | None = None
         self._epoch_start = self._epoch_time = 0.0
 
@@ -162,34 +162,14 @@ class GPTLanguageModel(L.LightningModule):
             self.cache.close()
             self.cache = None
 
-    @staticmethod
-    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self._train_logits(batch), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
+        loss = next_token_loss(self._train_logits(batch), batch["labels"])
+        self.log_train_loss(loss)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
-
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp())
+        self.log_evaluation("val")
         log_text_sample(self, self.hparams.sample_prompt, self.hparams.sample_tokens)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
-
-    def on_test_epoch_end(self) -> None:
-        loss = self.test_loss.compute()
-        self.test_loss.reset()
-        self.log("test/loss", loss)
-        self.log("test/ppl", loss.exp())
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-window mean next-token loss (nats per byte) of the given text: ``{"index", "loss", "tokens"}``."""

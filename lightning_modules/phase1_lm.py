@@ -6,10 +6,9 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics import MeanMetric
 
 from callbacks.stability import StabilityMonitor
+from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
 from lightning_modules.text_samples import log_text_sample
 from models.layers.ar_ssm import curriculum_rank
 from models.lm.phase1.config import Phase1Config
@@ -19,7 +18,7 @@ from models.lm.phase1.presets import estimate_memory
 from models.lm.phase1.stability import NumericalInstabilityError, VRAMExhaustedError
 
 
-class Phase1LanguageModel(L.LightningModule):
+class Phase1LanguageModel(NextTokenEvaluation, L.LightningModule):
     """Next-token prediction with :class:`models.lm.phase1.model.Phase1LM` on ``TextDataModule`` batches.
 
     The loss is cross-entropy plus the AR-SSM gate L1 penalty (``ar_ssm_l1_regularization``). Health signals
@@ -62,7 +61,7 @@ class Phase1LanguageModel(L.LightningModule):
                              f"got {lr}, {warmup_steps}, {sample_tokens}, {predict_tokens}")
         self.config = config
         self.model = Phase1LM(config)
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.init_evaluation()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -87,16 +86,12 @@ class Phase1LanguageModel(L.LightningModule):
             self.model.set_active_rank(curriculum_rank(self.global_step, cfg.ar_ssm_curriculum_steps,
                                                        cfg.ar_ssm_min_rank, cfg.ar_ssm_max_rank))
 
-    @staticmethod
-    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
     def _has_stability_monitor(self) -> bool:
         trainer = self._trainer
         return trainer is not None and any(isinstance(cb, StabilityMonitor) for cb in trainer.callbacks)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        ce = self._loss(self.model(batch["input_ids"]), batch["labels"])
+        ce = next_token_loss(self.model(batch["input_ids"]), batch["labels"])
         aux = self.model.aux_loss
         if self.config.stability_monitoring_enabled and not self._has_stability_monitor():
             verdict = check_model_stability(self.model)
@@ -104,8 +99,7 @@ class Phase1LanguageModel(L.LightningModule):
                 raise NumericalInstabilityError(
                     f"step {self.global_step}: {'; '.join(verdict['warnings'])}. Add "
                     "callbacks.stability.StabilityMonitor to trainer.callbacks to roll back and lower the LR")
-        self.log("train/loss", ce, prog_bar=True)
-        self.log("train/ppl", ce.detach().exp())
+        self.log_train_loss(ce)
         if self.config.ar_ssm_enabled:
             self.log("train/gate_l1", aux.detach())
             trainer = self._trainer
@@ -128,14 +122,8 @@ class Phase1LanguageModel(L.LightningModule):
         return phase1_health(self.model) if self.config.stability_monitoring_enabled else {}
 
     # ------------------------------------------------------------------------------------ evaluation
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
-
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp())
+        self.log_evaluation("val")
         if self.config.stability_monitoring_enabled and self.model.bk_mixers():
             verdict = check_model_stability(self.model)
             self.log("phase1/bk_bound_ratio", min(verdict["bound_ratio"], 1e6))
@@ -143,15 +131,6 @@ class Phase1LanguageModel(L.LightningModule):
         for key, value in gate_statistics(self.model).items():
             self.log(f"phase1/val_{key}", value)
         log_text_sample(self, self.hparams.sample_prompt, self.hparams.sample_tokens)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_loss.update(self._loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
-
-    def on_test_epoch_end(self) -> None:
-        loss = self.test_loss.compute()
-        self.test_loss.reset()
-        self.log("test/loss", loss)
-        self.log("test/ppl", loss.exp())
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Greedy continuation of each window by ``predict_tokens`` tokens (one recurrent step per token)."""

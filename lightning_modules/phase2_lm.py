@@ -12,14 +12,13 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics import MeanMetric
 
+from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
 from lightning_modules.text_samples import log_text_sample
 from models.lm.phase2 import Phase2Config, Phase2LM
 
 
-class Phase2LanguageModel(L.LightningModule):
+class Phase2LanguageModel(NextTokenEvaluation, L.LightningModule):
     """Next-byte prediction with the Phase 2 model on batches from :class:`datamodules.text.TextDataModule`.
 
     Logs ``train/loss`` and ``train/perplexity`` per step, ``val/loss`` and ``val/perplexity`` per validation;
@@ -56,7 +55,7 @@ class Phase2LanguageModel(L.LightningModule):
             raise ValueError(f"`weight_decay`, `warmup_steps` and `sample_tokens` must be >= 0, got {weight_decay}, "
                              f"{warmup_steps}, {sample_tokens}")
         self.model = Phase2LM(config)
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.init_evaluation()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -69,34 +68,14 @@ class Phase2LanguageModel(L.LightningModule):
         """Gamma range and memory energy against its Lyapunov bound (see :meth:`Phase2LM.health_signals`)."""
         return self.model.health_signals()
 
-    @staticmethod
-    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(self.model(batch["input_ids"]), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/perplexity", loss.detach().exp())
+        loss = next_token_loss(self.model(batch["input_ids"]), batch["labels"])
+        self.log_train_loss(loss)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_loss.update(self._loss(self.model(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
-
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/perplexity", loss.exp())
+        self.log_evaluation("val")
         log_text_sample(self, self.hparams.sample_prompt, self.hparams.sample_tokens)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_loss.update(self._loss(self.model(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
-
-    def on_test_epoch_end(self) -> None:
-        loss = self.test_loss.compute()
-        self.test_loss.reset()
-        self.log("test/loss", loss)
-        self.log("test/perplexity", loss.exp())
 
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine from 1 to min_lr / lr."""

@@ -39,7 +39,7 @@ def test_pretrain_then_skip2lora_with_cache_then_lora(in_tmp):
     events = EventAccumulator(str(in_tmp / "runs" / "skip2lora_gpt" / "version_0"))
     events.Reload()
     assert "samples/text_summary" in events.Tags()["tensors"]  # generated text to read in TensorBoard
-    assert {"train/loss", "val/loss", "val/ppl", "time/train_epoch_s", "skip_cache/hit_rate"} <= set(
+    assert {"train/loss", "val/loss", "val/perplexity", "time/train_epoch_s", "skip_cache/hit_rate"} <= set(
         events.Tags()["scalars"]
     )
 

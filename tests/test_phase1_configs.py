@@ -33,7 +33,7 @@ def test_phase1_lm_config_fits_logs_health_and_predicts_with_the_state(in_tmp):
     assert cfg.bk_enabled and cfg.ar_ssm_enabled and cfg.htt_enabled and cfg.ar_ssm_max_rank == 16
     assert not cfg.use_gradient_checkpointing  # from the nested `memory` group
     tags = _scalars(in_tmp / "runs" / "phase1_lm" / "version_0")
-    assert {"train/loss", "val/loss", "val/ppl", "health/bk_bound_ratio", "health/bk_transfer_log10_condition",
+    assert {"train/loss", "val/loss", "val/perplexity", "health/bk_bound_ratio", "health/bk_transfer_log10_condition",
             "phase1/ar_ssm_effective_rank", "phase1/bk_bound_ratio", "train/gate_l1"} <= tags
     assert float(run.trainer.callback_metrics["phase1/bk_bound_ratio"]) <= 1.0 + 1e-3
     ckpt = in_tmp / "runs" / "phase1_lm" / "version_0" / "checkpoints" / "last.ckpt"
