@@ -104,8 +104,9 @@ def read_label_csv(path: str | Path, frame_dir: str | Path | None = None) -> Cli
             ``<match>/frame/<rally>``).
 
     Rows come back sorted by frame number. Raises:
-        ValueError: not UTF-8 or not CSV, unknown header, or a bad row (non-numeric or missing values, visible coordinates
-            outside the image, a frame number or file labelled twice); the message names the file and line.
+        ValueError: not UTF-8 or binary (NUL bytes), unknown header, or a bad row (non-numeric or missing values,
+            visible coordinates outside the image, a frame number or file labelled twice); the message names the file
+            (and line).
         FileNotFoundError: a row names a frame image that does not exist (file and line named).
     """
     path = Path(path)
@@ -117,8 +118,8 @@ def read_label_csv(path: str | Path, frame_dir: str | Path | None = None) -> Cli
             raise csv.Error("it contains NUL bytes: a binary file?")
         rows = list(csv.reader(io.StringIO(text, newline="")))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: label file is not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                         "save it as UTF-8") from None
+        raise ValueError(f"{path}: label file is not valid UTF-8 (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}); save it as UTF-8") from None
     except csv.Error as e:
         raise ValueError(f"{path}: not a readable CSV label file ({e})") from None
     if not rows:

@@ -175,9 +175,10 @@ class HeatmapTracker(L.LightningModule):
         self.heatmap_cfg, self.lora_cfg, self.quant_cfg = heatmap, lora, quantization
         size = tuple(img_size) if img_size is not None else tuple(heatmap.size)
         if backbone.patch_size is not None and (size[0] % backbone.patch_size or size[1] % backbone.patch_size):
+            patch = backbone.patch_size
             raise ValueError(f"model.img_size {list(size)} ([W, H]; default: heatmap.size) is not a multiple of "
-                             f"model.backbone.patch_size ({backbone.patch_size}): the last {size[0] % backbone.patch_size}"
-                             f" columns and {size[1] % backbone.patch_size} rows would be silently dropped")
+                             f"model.backbone.patch_size ({patch}): the last {size[0] % patch} columns and "
+                             f"{size[1] % patch} rows would be silently dropped")
         self.model = TrackNetViT(pretrained_model_name, (size[1], size[0]), num_frames, backbone.pretrained_file,
                                  backbone.patch_size, decoder.channels, decoder.upsample, tuple(heatmap.size),
                                  num_frames if output_frames == "all" else 1)

@@ -194,7 +194,8 @@ CASES = [
     (TRACKNET, ["--data.synthetic.num_clips", "2"], "2 clips cannot be split with val_fraction=0.2"),
     (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_corrupt"], "b/1.png' is corrupt or truncated"),
     (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_truncated"], "b/0.jpg' is corrupt or truncated"),
-    (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_empty"], "class folder 'cl_empty/b' (under data.root) has no"),
+    (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_empty"],
+     "class folder 'cl_empty/b' (under data.root) has no images"),
     (NESTED, [*TINY_PRETRAIN, "--data.dataset", "cifar100", "--data.root", "cifar_truncated"],
      "train is truncated or not a CIFAR-100 python file"),
     # model and data sizes that do not fit (LightningModule check_data, or the model's own arguments)
