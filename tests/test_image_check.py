@@ -108,3 +108,12 @@ def test_continual_preflight_reads_image_folders_once_and_renders_no_glyphs(tmp_
     assert len(dm.task_dataset("train", 1)) > 0
     monkeypatch.setattr(glyphs, "render_pool", lambda *a, **k: pytest.fail("preflight rendered the glyphs"))
     ClassIncrementalDataModule("glyphs", glyph_classes=10, init_cls=5).preflight("fit")
+
+
+def test_tracknet_predict_path_frames_are_checked(tmp_path):
+    _clip(tmp_path / "video_frames")
+    data = (tmp_path / "video_frames" / "2.png").read_bytes()
+    (tmp_path / "video_frames" / "2.png").write_bytes(data[:-40])
+    dm = TrackNetDataModule(predict_path=str(tmp_path / "video_frames"), heatmap={"size": [32, 16], "sigma": 1.0})
+    with pytest.raises(OSError, match="video_frames/2.png' is corrupt or truncated"):
+        dm.preflight("predict")
