@@ -146,6 +146,12 @@ class ContinualClassifier(L.LightningModule):
             backbone, num_classes, img_size, patch_size, pretrained_file, backbone_kwargs, adapter_type,
             lora_r, lora_alpha, lora_target_modules, nested_lora_r, sema_layers, expansion_layers,
         )
+        own = getattr(getattr(self.model.backbone, "patch_embed", None), "patch_size", None)
+        own = own[0] if isinstance(own, (tuple, list)) else own
+        if patch_size is None and isinstance(own, int) and img_size % own:
+            raise ValueError(f"model.img_size ({img_size}) is not a multiple of {backbone}'s patch size ({own}; "
+                             f"model.patch_size: null): the last {img_size % own} pixel rows and columns would be "
+                             "silently dropped")
         self.slow_update_interval = slow_update_interval
         self.consolidation_alpha = consolidation_alpha
         # Sequence state (checkpointed): task being trained, last finished task, matrix, events.

@@ -214,6 +214,9 @@ CASES = [
     (NESTED, [*TINY_PRETRAIN, "--data.image_size", "16"], "data.image_size (16) differs from model.img_size (32)"),
     (NESTED, [*TINY_PRETRAIN, "--model.img_size", "30", "--data.image_size", "30"],
      "model.img_size (30) is not a multiple of model.patch_size (8)"),
+    (NESTED, ["--model.pretrain", "null", "--model.patch_size", "null", "--model.img_size", "40",
+              "--data.image_size", "40", "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"],
+     "model.img_size (40) is not a multiple of vit_tiny_patch16_224's patch size (16"),
 ]
 
 
