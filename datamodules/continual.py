@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.digits import load_digits_tensors, stratified_split
+from datamodules.image_check import decode_rgb
 
 DatasetName = Literal["glyphs", "digits", "cifar100", "image_folder"]
 #: Per-channel mean/std used for uint8 sources (ImageNet statistics, what timm ViTs expect).
@@ -89,31 +90,41 @@ class ImageTensorDataset(Dataset):
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
+        raise ValueError(f"{path} is truncated or not a CIFAR-100 python file ({type(e).__name__}: {e})") from None
 
 
 def load_cifar100(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Read torchvision's CIFAR-100 python layout (``root/cifar-100-python/{train,test}``) as uint8 images."""
-    entry = _unpickle(root / CIFAR100_DIR / ("train" if train else "test"))
-    images = torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-    return images, torch.tensor(entry["fine_labels"], dtype=torch.long)
+    path = root / CIFAR100_DIR / ("train" if train else "test")
+    entry = _unpickle(path)
+    try:
+        images = torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+        labels = torch.tensor(entry["fine_labels"], dtype=torch.long)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a CIFAR-100 python file (needs 'data' (N, 3072) and 'fine_labels'; "
+                         f"{type(e).__name__}: {e})") from None
+    if len(images) != len(labels):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} fine_labels")
+    return images, labels
 
 
 def load_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """A folder of class sub-folders (sorted names = label order); every image is read as RGB."""
-    from PIL import Image
-
+    """A folder of class sub-folders (sorted names = label order); every image is decoded fully as RGB (a corrupt
+    or truncated file, or a class folder without images, raises naming it)."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     images, labels = [], []
     sizes: set[tuple[int, int]] = set()
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise ValueError(f"image_folder class folder {root / name} has no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"image_folder class folder {str(root / name)!r} (under data.root) has no images "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
         for p in files:
-            with Image.open(p) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = decode_rgb(p)
             sizes.add(arr.shape[:2])
             images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
             labels.append(label)
@@ -302,6 +313,23 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         position = torch.empty(self.num_classes, dtype=torch.long)
         position[torch.from_numpy(self.class_order).long()] = torch.arange(self.num_classes)
         return position[labels]
+
+    def preflight(self, stage: str) -> None:
+        """Read the data now (``callbacks.protocols.DataPreflight``), before any run folder exists; ``setup`` reuses it.
+
+        ``image_folder``: every class folder must hold images and every image is decoded fully (what ``setup`` does
+        anyway, it keeps them all in memory): a corrupt or truncated image, or an empty class folder, is named.
+        ``cifar100``: both pickles are read (a truncated or foreign file is named), unless they are still to be
+        downloaded (``download: true``; ``prepare_data`` does that, once per node). The embedded ``glyphs`` and
+        ``digits`` are rendered by adaptlab itself and left to ``setup`` (preflight costs nothing for them).
+        """
+        hp = self.hparams
+        if hp.dataset == "cifar100":
+            root = Path(hp.root).expanduser() / CIFAR100_DIR
+            if not all((root / f).is_file() for f in ("train", "test")):
+                return
+        if hp.dataset in ("image_folder", "cifar100"):
+            self.setup(stage)
 
     def setup(self, stage: str | None = None) -> None:
         if not self._sets:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.image_check import check_image
 from datamodules.tracknet_synthetic import GeneratorSpec, generate
 from models.vision.tracknet import HeatmapConfig
 
@@ -102,14 +104,24 @@ def read_label_csv(path: str | Path, frame_dir: str | Path | None = None) -> Cli
             ``<match>/frame/<rally>``).
 
     Rows come back sorted by frame number. Raises:
-        ValueError: unknown header, or a bad row (non-numeric or missing values, visible coordinates
-            outside the image, a frame number or file labelled twice); the message names the file and line.
+        ValueError: not UTF-8 or binary (NUL bytes), unknown header, or a bad row (non-numeric or missing values,
+            visible coordinates outside the image, a frame number or file labelled twice); the message names the file
+            (and line).
         FileNotFoundError: a row names a frame image that does not exist (file and line named).
     """
     path = Path(path)
     clip_dir = Path(frame_dir) if frame_dir is not None else path.parent
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            text = fh.read()
+        if "\x00" in text:
+            raise csv.Error("it contains NUL bytes: a binary file?")
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: label file is not valid UTF-8 (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable CSV label file ({e})") from None
     if not rows:
         raise ValueError(f"{path}: empty label file")
     header = [h.strip().lstrip("\ufeff").lower() for h in rows[0]]
@@ -489,6 +501,9 @@ class TrackNetDataModule(L.LightningDataModule):
         for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= frac < 1:
                 raise ValueError(f"{key} must be in [0, 1), got {frac}")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(f"val_fraction ({val_fraction}) + test_fraction ({test_fraction}) must be < 1 "
+                             "(train needs clips)")
         heatmap = HeatmapConfig(**heatmap) if isinstance(heatmap, dict) else heatmap
         heatmap.validate()
         synthetic = GeneratorSpec(**synthetic) if isinstance(synthetic, dict) else synthetic
@@ -528,13 +543,47 @@ class TrackNetDataModule(L.LightningDataModule):
             clip.name = (match.relative_to(self.root) / rally).as_posix() if match != self.root else rally
             clips.append(clip)
         if not clips:
-            raise FileNotFoundError(f"no clip folders with {self.hparams.label_file!r} and no TrackNetV3 "
-                                    f"'<match>/csv/<rally>_ball.csv' files under {self.root}")
+            where = f"data_root {str(self.root)!r}" if self.hparams.data_root is not None else str(self.root)
+            raise FileNotFoundError(f"{where} holds no clip folders with label_file {self.hparams.label_file!r} and no "
+                                    "TrackNetV3 '<match>/csv/<rally>_ball.csv' files")
         names = [c.name for c in clips]
         if len(set(names)) != len(names):
             raise ValueError(f"two clips under {self.root} have the same name: "
                              f"{sorted({n for n in names if names.count(n) > 1})}")
         return sorted(clips, key=lambda c: c.name)
+
+    def preflight(self, stage: str) -> None:
+        """Check the input before any run folder exists (``callbacks.protocols.DataPreflight``).
+
+        With ``data_root`` (or ``predict_path`` for ``predict``): every label CSV is parsed (a non-UTF-8, binary or
+        malformed file, a missing frame, names the file), the clips are split (``setup`` reuses all of it), and
+        every frame image of the stage's clips is checked by :func:`datamodules.image_check.check_image` (a
+        corrupt or truncated image names the file; PNG chunk CRCs and the JPEG end marker, no full decode).
+        Videos are decoded once here (to count their frames) as ``setup`` would. The generated default
+        (``data_root: null``) comes from adaptlab's generator: only the split of ``synthetic.num_clips`` clips is
+        checked and nothing is generated here.
+        """
+        hp = self.hparams
+        if stage == "predict" and hp.predict_path is not None:
+            self.setup(stage)
+            clips = self.clips["unlabelled"]
+        elif hp.data_root is None:
+            if hp.val_clips is None and hp.test_clips is None:
+                split = dict(zip(("train", "val", "test"), split_clips(
+                    [f"clip_{i:04d}" for i in range(self.synthetic.num_clips)], hp.val_fraction, hp.test_fraction,
+                    hp.split_seed)))
+                if stage == "predict" and hp.predict_split != "all" and not split[hp.predict_split]:
+                    raise ValueError(f"predict_split={hp.predict_split!r} has no clips (set test_fraction or "
+                                     "predict_split)")
+            return
+        else:
+            self.setup(stage)
+            splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, (hp.predict_split,))
+            clips = [c for s in splits for c in self.clips[s]]
+        for clip in clips:
+            if clip.video is None:
+                for path in clip.available.values():
+                    check_image(path)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

@@ -134,6 +134,9 @@ class ContinualClassifier(L.LightningModule):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
         if pretrain is not None and pretrained_file is not None:
             raise ValueError("model.pretrain and model.pretrained_file are exclusive: set one of them to null")
+        if patch_size is not None and img_size % patch_size:
+            raise ValueError(f"model.img_size ({img_size}) is not a multiple of model.patch_size ({patch_size}): the "
+                             f"last {img_size % patch_size} pixel rows and columns would be silently dropped")
         self.save_hyperparameters()
         self.automatic_optimization = False
         if pretrain is not None:
@@ -143,6 +146,12 @@ class ContinualClassifier(L.LightningModule):
             backbone, num_classes, img_size, patch_size, pretrained_file, backbone_kwargs, adapter_type,
             lora_r, lora_alpha, lora_target_modules, nested_lora_r, sema_layers, expansion_layers,
         )
+        own = getattr(getattr(self.model.backbone, "patch_embed", None), "patch_size", None)
+        own = own[0] if isinstance(own, (tuple, list)) else own
+        if patch_size is None and isinstance(own, int) and img_size % own:
+            raise ValueError(f"model.img_size ({img_size}) is not a multiple of {backbone}'s patch size ({own}; "
+                             f"model.patch_size: null): the last {img_size % own} pixel rows and columns would be "
+                             "silently dropped")
         self.slow_update_interval = slow_update_interval
         self.consolidation_alpha = consolidation_alpha
         # Sequence state (checkpointed): task being trained, last finished task, matrix, events.
@@ -227,12 +236,26 @@ class ContinualClassifier(L.LightningModule):
             out.append(ContinualEvaluation())
         return out
 
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Image size and class count must fit the data (``callbacks.protocols.DataCompatibility``; ``cli.py`` calls
+        it before any run folder exists, :meth:`setup` again for Python callers)."""
+        hp, dhp = self.hparams, getattr(datamodule, "hparams", {})
+        size = dhp.get("image_size") if hasattr(dhp, "get") else None
+        if size is not None and size != hp.img_size:
+            raise ValueError(f"data.image_size ({size}) differs from model.img_size ({hp.img_size}); set both to the "
+                             "same value")
+        classes = getattr(datamodule, "num_classes", None)
+        if classes is not None and classes != hp.num_classes:
+            source = {"glyphs": "data.glyph_classes", "image_folder": "class folders under data.root"}.get(
+                dhp.get("dataset") if hasattr(dhp, "get") else None, "its dataset")
+            raise ValueError(f"the data has {classes} classes ({source}) but model.num_classes is {hp.num_classes} "
+                             "(one head row per class of the sequence); set them equal")
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
         dm, trainer = self.dm, self.trainer
-        if dm.num_classes != self.hparams.num_classes:
-            raise ValueError(f"model.num_classes={self.hparams.num_classes} but the data has {dm.num_classes} classes")
+        self.check_data(dm)
         if self.hparams.adapter_type == "sema" and trainer.world_size > 1:
             raise ValueError("adapter_type: sema adds modules during training, which DDP cannot synchronise; "
                              "run it on one device (trainer.devices: 1)")

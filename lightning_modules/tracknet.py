@@ -174,6 +174,11 @@ class HeatmapTracker(L.LightningModule):
         self.save_hyperparameters()
         self.heatmap_cfg, self.lora_cfg, self.quant_cfg = heatmap, lora, quantization
         size = tuple(img_size) if img_size is not None else tuple(heatmap.size)
+        if backbone.patch_size is not None and (size[0] % backbone.patch_size or size[1] % backbone.patch_size):
+            patch = backbone.patch_size
+            raise ValueError(f"model.img_size {list(size)} ([W, H]; default: heatmap.size) is not a multiple of "
+                             f"model.backbone.patch_size ({patch}): the last {size[0] % patch} columns and "
+                             f"{size[1] % patch} rows would be silently dropped")
         self.model = TrackNetViT(pretrained_model_name, (size[1], size[0]), num_frames, backbone.pretrained_file,
                                  backbone.patch_size, decoder.channels, decoder.upsample, tuple(heatmap.size),
                                  num_frames if output_frames == "all" else 1)
@@ -208,24 +213,39 @@ class HeatmapTracker(L.LightningModule):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model(frames)
 
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """The DataModule's samples must fit the model (``callbacks.protocols.DataCompatibility``; ``cli.py`` calls
+        it before any run folder exists, :meth:`setup` again for Python callers): stacked frames
+        (``data.num_frames`` = ``model.num_frames``), target maps (``data.heatmap`` = ``model.heatmap``: the model's
+        output size, sigma, mode), maps per sample (``output_frames``) and input size (``data.frame_size`` =
+        ``model.img_size``, both ``heatmap.size`` by default). Any DataModule without ``heatmap`` is not checked."""
+        dm = datamodule
+        if not hasattr(dm, "heatmap"):
+            return
+        hp, dhp = self.hparams, dm.hparams
+        if dhp.get("num_frames") is not None and dhp.num_frames != hp.num_frames:
+            raise ValueError(f"data.num_frames ({dhp.num_frames}) differs from model.num_frames ({hp.num_frames}): "
+                             f"the model takes {3 * hp.num_frames} input channels ({hp.num_frames} stacked RGB frames)")
+        mine = (list(self.heatmap_cfg.size), float(self.heatmap_cfg.sigma), self.heatmap_cfg.mode)
+        theirs = (list(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode)
+        if mine[0] != theirs[0]:
+            raise ValueError(f"data.heatmap.size {theirs[0]} differs from model.heatmap.size {mine[0]} (the model's "
+                             "output maps, [W, H])")
+        if mine != theirs:
+            raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode)")
+        if dhp.get("output_frames", "last") != hp.output_frames:
+            raise ValueError(f"data.output_frames={dhp.get('output_frames', 'last')!r} differs from "
+                             f"model.output_frames={hp.output_frames!r}")
+        size = list(hp.img_size) if hp.img_size is not None else list(self.heatmap_cfg.size)
+        if list(dm.frame_size) != size:
+            raise ValueError(f"data.frame_size {list(dm.frame_size)} differs from model.img_size {size} ([W, H]; "
+                             "both default to heatmap.size)")
+
     def setup(self, stage: str) -> None:
         """Fail before training when the DataModule disagrees with the model's heat map or input."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "heatmap"):
-            return
-        hp = self.hparams
-        mine = (tuple(self.heatmap_cfg.size), float(self.heatmap_cfg.sigma), self.heatmap_cfg.mode)
-        theirs = (tuple(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode)
-        if mine != theirs:
-            raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode)")
-        if dm.hparams.get("output_frames", "last") != hp.output_frames:
-            raise ValueError(f"data.output_frames={dm.hparams.get('output_frames', 'last')!r} differs from "
-                             f"model.output_frames={hp.output_frames!r}")
-        if dm.hparams.num_frames != hp.num_frames:
-            raise ValueError(f"data.num_frames={dm.hparams.num_frames} differs from model.num_frames={hp.num_frames}")
-        size = tuple(hp.img_size) if hp.img_size is not None else tuple(self.heatmap_cfg.size)
-        if tuple(dm.frame_size) != size:
-            raise ValueError(f"data.frame_size {tuple(dm.frame_size)} differs from model.img_size {size} ([W, H])")
+        if dm is not None:
+            self.check_data(dm)
 
     def on_fit_start(self) -> None:
         if self.logger is not None:

@@ -5,10 +5,13 @@ Paths in args may use the files made by ``FILES`` (relative to the test's workin
 """
 
 import io
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.cli_helpers import REPO, run_cli
 
@@ -22,6 +25,44 @@ NESTED = "configs/sema_nested.yaml"
 TINY_PRETRAIN = ["--model.pretrain.classes", "2", "--model.pretrain.images_per_class", "2",
                  "--model.pretrain.steps", "1",
                  "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2, global_pool: avg}"]
+
+def _image_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 16), seed: int = 0) -> bytes:
+    """A small noisy RGB image encoded as ``fmt`` (noise: the encoded data is long enough to cut in half)."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _clip(folder: str, frames: dict[str, bytes], label: bytes | None = None) -> dict[str, bytes]:
+    """A TrackNet v2-style clip folder: ``Label.csv`` (ball invisible in every frame) beside its frames."""
+    label = label if label is not None else b"Frame,Visibility,X,Y\n" + b"".join(
+        b"%d,0,,\n" % int(Path(n).stem) for n in frames)
+    return {f"{folder}/Label.csv": label, **{f"{folder}/{n}": b for n, b in frames.items()}}
+
+
+_PNG, _JPG = _image_bytes(), _image_bytes("JPEG")
+#: files of the TrackNet and continual bad-data cases (one damaged file or folder each)
+IMAGE_FILES = {
+    **_clip("tn_corrupt/clip", {"0.png": _PNG, "1.png": _PNG, "2.png": b"\x89PNG\r\n\x1a\n garbage"}),
+    **_clip("tn_truncated/clip", {"0.png": _PNG, "1.png": _PNG[: len(_PNG) // 2], "2.png": _PNG}),
+    **_clip("tn_latin1/clip", {"0.png": _PNG}, "Frame,Visibility,X,Y\n0,0,,\n# r\xe9sum\xe9\n".encode("latin-1")),
+    **_clip("tn_binary/clip", {"0.png": _PNG}, b"Frame,Visibility,X,Y\n0,0,,\n\x00\x01\x02\n"),
+    "cl_corrupt/a/0.png": _PNG, "cl_corrupt/a/1.png": _PNG, "cl_corrupt/b/0.png": _PNG,
+    "cl_corrupt/b/1.png": b"not an image at all",
+    "cl_truncated/a/0.jpg": _JPG, "cl_truncated/a/1.jpg": _JPG, "cl_truncated/b/0.jpg": _JPG[:-200],
+    "cl_truncated/b/1.jpg": _JPG,
+    "cl_good/a/0.png": _PNG, "cl_good/a/1.png": _JPG, "cl_good/b/0.png": _PNG, "cl_good/b/1.png": _PNG,
+    "cl_empty/a/0.png": _PNG, "cl_empty/a/1.png": _PNG, "cl_empty/b/notes.txt": b"no images here",
+    "cifar_truncated/cifar-100-python/train": pickle.dumps({"data": [0] * 3072, "fine_labels": [0]})[:20],
+    "cifar_truncated/cifar-100-python/test": pickle.dumps({"data": [0] * 3072, "fine_labels": [0]})[:20],
+}
+#: an image-folder sequence of two classes in two tasks (continual bad-data cases)
+FOLDER = ["--data.dataset", "image_folder", "--data.init_cls", "1", "--data.increment", "1",
+          "--data.val_fraction", "0", "--data.test_fraction", "0", "--model.num_classes", "2"]
+#: one TrackNet clip folder used whole for training
+ONE_CLIP = ["--data.val_fraction", "0", "--data.test_fraction", "0"]
+
 
 class _RunsCode:
     """Unpickling this runs ``exec``: were it ever loaded, the test process would exit with status 99."""
@@ -49,6 +90,7 @@ FILES = {
     "text/latin1.txt": "caf\xe9 ".encode("latin-1") * 200,
     "text/binary.txt": b"text" * 100 + b"\x00\x01\x02" + b"text" * 100,
     "text/good.txt": "hello world " * 200,
+    **IMAGE_FILES,
 }
 
 CASES = [
@@ -143,6 +185,38 @@ CASES = [
      "model.pretrain and model.pretrained_file are exclusive"),
     (NESTED, ["--model.pretrain.steps", "0"], "pretrain.steps must be positive"),
     (NESTED, [*TINY_PRETRAIN, "--data.glyph_classes", "1000"], "glyph_classes must be in [2,"),
+    # image data that cannot be read names the file or folder (DataModule preflight)
+    (TRACKNET, ["--data.data_root", "tn_corrupt", *ONE_CLIP], "clip/2.png' is corrupt or truncated"),
+    (TRACKNET, ["--data.data_root", "tn_truncated", *ONE_CLIP], "clip/1.png' is corrupt or truncated"),
+    (TRACKNET, ["--data.data_root", "tn_latin1", *ONE_CLIP], "clip/Label.csv: label file is not valid UTF-8"),
+    (TRACKNET, ["--data.data_root", "tn_binary", *ONE_CLIP], "clip/Label.csv: not a readable CSV label file"),
+    (TRACKNET, ["--data.data_root", "a_directory"], "data_root 'a_directory' holds no clip folders"),
+    (TRACKNET, ["--data.val_fraction", "0.5", "--data.test_fraction", "0.5"], "+ test_fraction (0.5) must be < 1"),
+    (TRACKNET, ["--data.synthetic.num_clips", "2"], "2 clips cannot be split with val_fraction=0.2"),
+    (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_corrupt"], "b/1.png' is corrupt or truncated"),
+    (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_truncated"], "b/0.jpg' is corrupt or truncated"),
+    (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_empty"],
+     "class folder 'cl_empty/b' (under data.root) has no images"),
+    (NESTED, [*TINY_PRETRAIN, "--data.dataset", "cifar100", "--data.root", "cifar_truncated"],
+     "train is truncated or not a CIFAR-100 python file"),
+    # model and data sizes that do not fit (LightningModule check_data, or the model's own arguments)
+    (TRACKNET, ["--data.num_frames", "5"], "data.num_frames (5) differs from model.num_frames (3)"),
+    (TRACKNET, ["--data.heatmap", "{size: [64, 36], sigma: 2.0}"],
+     "data.heatmap.size [64, 36] differs from model.heatmap.size [128, 72]"),
+    (TRACKNET, ["--data.frame_size", "[64, 32]"], "data.frame_size [64, 32] differs from model.img_size [128, 72]"),
+    (TRACKNET, ["--model.img_size", "[132, 72]", "--data.frame_size", "[132, 72]"],
+     "model.img_size [132, 72] ([W, H]; default: heatmap.size) is not a multiple of model.backbone.patch_size (8)"),
+    (NESTED, [*TINY_PRETRAIN, "--data.glyph_classes", "10"],
+     "the data has 10 classes (data.glyph_classes) but model.num_classes is 50"),
+    (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_good", "--model.num_classes", "3"],
+     "the data has 2 classes (class folders under data.root) but model.num_classes is 3"),
+    (NESTED, [*TINY_PRETRAIN, "--data.init_cls", "60"], "init_cls must be in [1, 50]"),
+    (NESTED, [*TINY_PRETRAIN, "--data.image_size", "16"], "data.image_size (16) differs from model.img_size (32)"),
+    (NESTED, [*TINY_PRETRAIN, "--model.img_size", "30", "--data.image_size", "30"],
+     "model.img_size (30) is not a multiple of model.patch_size (8)"),
+    (NESTED, ["--model.pretrain", "null", "--model.patch_size", "null", "--model.img_size", "40",
+              "--data.image_size", "40", "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"],
+     "model.img_size (40) is not a multiple of vit_tiny_patch16_224's patch size (16"),
 ]
 
 

@@ -73,9 +73,11 @@ def test_config_errors_before_any_work(tmp_path):
 
 def test_datamodule_mismatch_is_named(in_tmp):
     trainer = L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match=r"data.heatmap .* differs from model.heatmap"):
-        trainer.fit(HeatmapTracker(**TINY), datamodule=_data(heatmap={"size": [64, 32], "sigma": 3.0}))
-    with pytest.raises(ValueError, match="data.num_frames=2 differs"):
+    with pytest.raises(ValueError, match=r"data.heatmap.size \[32, 16\] differs from model.heatmap.size \[64, 32\]"):
+        trainer.fit(HeatmapTracker(**TINY), datamodule=_data(heatmap={"size": [32, 16], "sigma": 1.5}))
+    with pytest.raises(ValueError, match=r"data.heatmap .* differs from model.heatmap .* \(size, sigma, mode\)"):
+        trainer.fit(HeatmapTracker(**TINY), datamodule=_data(heatmap={**HEATMAP, "sigma": 3.0}))
+    with pytest.raises(ValueError, match=r"data.num_frames \(2\) differs from model.num_frames \(3\)"):
         trainer.fit(HeatmapTracker(**TINY), datamodule=_data(num_frames=2))
 
 
