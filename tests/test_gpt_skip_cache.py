@@ -86,6 +86,24 @@ def test_low_precision_storage_error_is_bounded_and_measured(dtype, tmp_path):
     assert abs(loss(cache.get(torch.arange(4))) - loss(exact)) < 50 * RELATIVE_ROUNDING_ERROR[dtype]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_filling_epoch_returns_exactly_what_later_epochs_read(dtype):
+    """The all-miss batch (epoch 1) skips the copy into a new batch tensor: its rows must still be the stored
+    (rounded) values, so epoch 1 trains on the same features as epochs 2+, and carry no autograd graph."""
+    feats = {k: v.requires_grad_() for k, v in _features(6, scale=10.0).items()}
+    cache = SkipCache(6, SHAPES, dtype=dtype)
+    batches = [torch.tensor([4, 1, 5]), torch.tensor([0, 2, 3])]
+    first = [cache.lookup(keys, lambda pos, keys=keys: {k: v[keys][pos] * 1.0 for k, v in feats.items()})
+             for keys in batches]
+    for keys, out in zip(batches, first):
+        again = cache.lookup(keys, lambda pos: pytest.fail("a filled row was recomputed"))
+        for name in SHAPES:
+            assert out[name].dtype == torch.float32 and not out[name].requires_grad
+            assert torch.equal(out[name], again[name])
+    if dtype == "float32":
+        assert torch.equal(first[0]["skip"], feats["skip"][batches[0]].detach())
+
+
 def test_float16_overflow_is_refused():
     cache = SkipCache(2, SHAPES, dtype="float16")
     feats = _features(2)

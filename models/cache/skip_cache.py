@@ -268,6 +268,8 @@ class SkipCache:
         with torch.no_grad():
             computed = compute(miss_pos.to(device))
         self.put(keys[miss_pos], computed)
+        if n_hit == 0:  # the whole batch was just computed (epoch 1): no copy into a new batch tensor
+            return {name: computed[name].detach().to(TORCH_DTYPES[self.dtype]).float() for name in self.shapes}
         out = {}
         for name, shape in self.shapes.items():
             value = computed[name].detach()
