@@ -285,8 +285,6 @@ def _chunked_with_boundary(
     padded = torch.cat([calls, calls.new_zeros(calls.shape[0], len(starts) * chunk - n)], 1)
     inner = padded.view(calls.shape[0], len(starts), chunk)[:, :, 1:]
     entry_any, inner_any = torch.stack([calls[:, starts].any(0), inner.any((0, 2))]).tolist()  # one host sync
-    if reset is None and not any(inner_any):
-        return _chunked_aligned(q, k, v, log_decay, eta, state, pos, chunk, boundary, calls, entry_any)
     outs = []
     pieces = zip(*(x.split(chunk, 2) for x in (q, k, v, log_decay, eta)))  # split: linear-time backward
     for c, (s, (qc, kc, vc, ldc, etac)) in enumerate(zip(starts, pieces)):
@@ -326,48 +324,6 @@ def _chunked_with_boundary(
         outs.append(o)
         state = _chunk_exit(state, post, keff, vc, b, bp, seg, reset[:, s:e] if reset is not None else None)
     return torch.cat(outs, 2), state
-
-
-def _chunked_aligned(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, eta: Tensor, state: FastWeightState, pos: Tensor, chunk: int,
-    boundary: Boundary, calls: Tensor, entry_any: list[bool],
-) -> tuple[Tensor, FastWeightState]:
-    """The common training case of :func:`_chunked_with_boundary`: no resets, boundaries only at chunk starts.
-
-    Gamma and eta multipliers are then constant inside a chunk, so the effective cumulative log-decay is
-    ``gamma_scale * cumsum(log_decay)``. Only the state recursion (and the rule at each chunk start) runs in the
-    chunk loop; the intra-chunk attention and the entry-state term of every chunk are computed afterwards in a
-    few batched matmuls from the multipliers and entry states the loop recorded.
-    """
-    batch, heads, n, dk = q.shape
-    dv = v.shape[-1]
-    chunks = -(-n // chunk)
-    pad = chunks * chunk - n
-    if pad:  # zero writes and zero log-decay: outputs of real tokens and the final state are unchanged
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        log_decay, eta = F.pad(log_decay, (0, pad)), F.pad(eta, (0, pad))
-    qc, vc = q.reshape(batch, heads, chunks, chunk, dk), v.reshape(batch, heads, chunks, chunk, dv)
-    kc = (k * eta[..., None]).reshape(batch, heads, chunks, chunk, dk)
-    b0 = log_decay.reshape(batch, heads, chunks, chunk).cumsum(-1)
-    entries, gammas, etas = [], [], []
-    for c, (kc_c, vc_c, b0_c) in enumerate(zip(kc.unbind(2), vc.unbind(2), b0.unbind(2))):
-        if entry_any[c]:
-            s = c * chunk
-            state = _apply_boundary(boundary, state._replace(position=pos[:, s]), calls[:, s])
-        entries.append(state.memory)
-        gammas.append(state.gamma_scale)
-        etas.append(state.eta_scale)
-        b = b0_c * state.gamma_scale[..., None]
-        b_last = b[..., -1:]
-        write = (kc_c * ((b_last - b).exp() * state.eta_scale[..., None])[..., None]).mT @ vc_c
-        state = state._replace(memory=torch.addcmul(write, b_last.exp()[..., None], state.memory),
-                               anchor_log_decay=state.anchor_log_decay + b_last[..., 0])
-    b = b0 * torch.stack(gammas, 2)[..., None]
-    keff = kc * torch.stack(etas, 2)[..., None, None]
-    o = _intra(qc, keff, vc, b, None)
-    o = torch.baddbmm(o.reshape(-1, chunk, dv), (qc * b.exp()[..., None]).reshape(-1, chunk, dk),
-                      torch.stack(entries, 2).reshape(-1, dk, dv))
-    return o.reshape(batch, heads, chunks * chunk, dv)[:, :, :n], state
 
 
 def _chunk_exit(state: FastWeightState, post: FastWeightState | None, k: Tensor, v: Tensor, b: Tensor,
