@@ -110,8 +110,13 @@ def _boundary_calls(pos: Tensor, reset: Tensor | None, period: int) -> Tensor:
     return calls if reset is None else calls & ~reset
 
 
-def _apply_boundary(boundary: Boundary, state: FastWeightState, active: Tensor) -> FastWeightState:
+def _apply_boundary(boundary: Boundary, state: FastWeightState, active: Tensor,
+                    all_active: bool = False) -> FastWeightState:
+    """Run the rule; rows not in ``active`` keep their state. ``all_active`` (known on the host) skips the masking."""
     memory, gamma_scale, eta_scale = boundary(state, active)
+    if all_active:
+        return FastWeightState(memory, state.position, gamma_scale, eta_scale, memory.detach(),
+                               torch.zeros_like(state.anchor_log_decay))
     a2, a4 = active[:, None], active[:, None, None, None]
     return FastWeightState(
         torch.where(a4, memory, state.memory), state.position, torch.where(a2, gamma_scale, state.gamma_scale),
@@ -284,14 +289,15 @@ def _chunked_with_boundary(
     starts = list(range(0, n, chunk))
     padded = torch.cat([calls, calls.new_zeros(calls.shape[0], len(starts) * chunk - n)], 1)
     inner = padded.view(calls.shape[0], len(starts), chunk)[:, :, 1:]
-    entry_any, inner_any = torch.stack([calls[:, starts].any(0), inner.any((0, 2))]).tolist()  # one host sync
+    entry = calls[:, starts]
+    entry_any, entry_all, inner_any = torch.stack([entry.any(0), entry.all(0), inner.any((0, 2))]).tolist()  # 1 sync
     outs = []
     pieces = zip(*(x.split(chunk, 2) for x in (q, k, v, log_decay, eta)))  # split: linear-time backward
     for c, (s, (qc, kc, vc, ldc, etac)) in enumerate(zip(starts, pieces)):
         e = min(s + chunk, n)
         idx = torch.arange(e - s, device=q.device)
         if entry_any[c]:
-            state = _apply_boundary(boundary, state._replace(position=pos[:, s]), calls[:, s])
+            state = _apply_boundary(boundary, state._replace(position=pos[:, s]), calls[:, s], entry_all[c])
         seg = None if reset is None else reset[:, s:e].cumsum(-1) * 2
         gm, em = state.gamma_scale[..., None], state.eta_scale[..., None]
         if seg is not None:
