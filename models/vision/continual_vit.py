@@ -13,7 +13,7 @@ checkpoints simple).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -130,14 +130,21 @@ class ContinualViT(nn.Module):
             groups["slow"] = adapter_parameters(self.backbone, SLOW)
         elif self.adapter_type == "sema":
             for layer in self.sema.values():
-                new = [k for k, t in enumerate(layer.created_task) if t == task]
-                for k in new:
+                for k in self.sema_open_adapters(layer, task):
                     groups["fast"] += list(layer.adapters[k].parameters())
                     if layer.num_adapters > 1:  # a lone adapter's softmax weight is 1: its row gets no gradient
                         groups["fast"] += list(layer.router[k].parameters())
                     groups["descriptors"] += list(layer.descriptors[k].parameters())
         groups["backbone"] = self.backbone_parameters() if train_backbone else []
         return groups
+
+    @staticmethod
+    def sema_open_adapters(layer: SEMALayer, task: int) -> list[int]:
+        """Indices of ``layer``'s adapters created in ``task`` whose descriptor is not fitted yet: they train
+        in ``task``. SEMA's descriptor phase closes an adapter: from then on it, its router row and its
+        descriptor stay frozen (in the layer-by-layer order a shallow adapter closes before deeper layers are
+        tested; in the joint order every new adapter closes at the task end)."""
+        return [k for k, t in enumerate(layer.created_task) if t == task and int(layer.descriptors[k].count) == 0]
 
     def set_trainable(self, task: int, train_backbone: bool = False) -> dict[str, list[nn.Parameter]]:
         """Freeze everything, then unfreeze what ``task`` trains; returns :meth:`parameter_groups`."""
@@ -168,15 +175,28 @@ class ContinualViT(nn.Module):
             self.train(was_training)
 
     def sema_expand(self, task: int, batches: Iterable[torch.Tensor], threshold: float,
-                    generator: torch.Generator | None = None) -> dict[int, tuple[float, bool]]:
+                    generator: torch.Generator | None = None,
+                    train_new: Callable[[int], None] | None = None) -> dict[int, tuple[float, bool]]:
         """Test the expandable layers one after another (shallow to deep) on the new task's batches and add
-        at most one adapter per layer where the rule fires; returns ``{layer: (score, expanded)}``."""
+        at most one adapter per layer where the rule fires; returns ``{layer: (score, expanded)}``.
+
+        ``train_new`` (SEMA-CL's layer-by-layer order): when a layer expands and a deeper expandable layer
+        remains to be tested, ``train_new(layer)`` is called first; it must train that layer's new adapter
+        (and fit its descriptor, which closes it), so the deeper layers are tested on features that pass
+        through the trained adapter. The last expansion is left open for the task's regular training.
+        Without it (joint order) every layer is tested before any new adapter trains; new adapters start as
+        no-ops (zero up-projection), so that equals testing every layer on the unexpanded model."""
         batches = list(batches)
-        out = {}
+        out: dict[int, tuple[float, bool]] = {}
+        pending: int | None = None
         for i in self.expansion_layers:
+            if pending is not None and train_new is not None:
+                train_new(pending)
+                pending = None
             expand, score = expansion_decisions(self.sema_zscores(batches, [i])[i], threshold)
             if expand:
                 self.sema[i].add_adapter(task, generator)
+                pending = i
             out[i] = (score, expand)
         return out
 
@@ -199,10 +219,11 @@ class ContinualViT(nn.Module):
 
     def sema_fit_descriptors(self, batches: Iterable[torch.Tensor], task: int, epochs: int = 20, lr: float = 1e-2,
                              batch_size: int = 32, generator: torch.Generator | None = None) -> dict[int, float]:
-        """SEMA's descriptor phase: train the descriptors created in ``task`` (linear autoencoders) on the frozen
-        model's token-averaged features of ``batches`` (SGD, momentum 0.9, cosine), then fill their error
-        buffers; returns the final mean reconstruction error per layer."""
-        new = {i: [k for k, t in enumerate(layer.created_task) if t == task] for i, layer in self.sema.items()}
+        """SEMA's descriptor phase: train the descriptors created in ``task`` and not fitted yet (linear
+        autoencoders) on the frozen model's token-averaged features of ``batches`` (SGD, momentum 0.9, cosine),
+        then fill their error buffers (which closes their adapters, see :meth:`sema_open_adapters`); returns
+        the final mean reconstruction error per layer."""
+        new = {i: self.sema_open_adapters(layer, task) for i, layer in self.sema.items()}
         new = {i: ks for i, ks in new.items() if ks}
         if not new:
             return {}
