@@ -202,9 +202,7 @@ class ContinualClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        # set_trainable, not parameter_groups: on resume this runs after the state dict (SEMA descriptor counts,
-        # which close adapters) is loaded, so requires_grad follows the restored state
-        groups = self.model.set_trainable(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
+        groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
         fast = [{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast}]
         if groups["fast"]:
             fast.append({"params": groups["fast"], "lr": hp.lr_fast})
@@ -332,7 +330,7 @@ class ContinualClassifier(L.LightningModule):
         """SEMA-CL's layer-by-layer order, called by ``sema_expand`` between two layers' tests: train the new
         adapter of ``layer`` (with its router row and the head, as the task's regular epochs would: same
         optimizer, learning rates, per-task cosine schedule, masking and ``epochs_per_task``), then fit its
-        descriptor, which closes it (frozen for the rest of the sequence)."""
+        descriptor; ``sema_expand`` then closes it (frozen for the rest of the sequence)."""
         hp, dm = self.hparams, self.dm
         groups = self.model.set_trainable(task)
         opt = self._optimizer([{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast},
@@ -401,5 +399,6 @@ class ContinualClassifier(L.LightningModule):
         self.seen_classes, self.trainable_params = state["seen_classes"], dict(state["trainable_params"])
         self.R, self.A, self.expansions = [list(r) for r in state["R"]], list(state["A"]), list(state["expansions"])
         self.sema_trained_between = list(state.get("sema_trained_between", []))
+        self.model.sema_closed = {(int(e["layer"]), int(e["task"])) for e in self.sema_trained_between}
         self.model.restore_sema_layout(state["sema_layout"])
         self.model.set_trainable(max(self.task, 0), self._trains_backbone(max(self.task, 0)))

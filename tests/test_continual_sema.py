@@ -162,8 +162,7 @@ def test_layerwise_order_trains_a_layer_before_testing_the_next():
 
     def train_new(layer: int) -> None:
         events.append(("train", layer))
-        new = model.sema_open_adapters(model.sema[layer], 1)
-        assert new == [1]
+        assert model.sema_open_adapters(layer, 1) == [1]  # still open while it trains
         with torch.no_grad():  # stands in for training: a deterministic non-zero up-projection
             g = torch.Generator().manual_seed(layer)
             up = model.sema[layer].adapters[1].up
@@ -180,14 +179,15 @@ def test_layerwise_order_trains_a_layer_before_testing_the_next():
     assert layerwise[1][0] == joint_out[1][0]  # the same model up to layer 1's test
     assert abs(layerwise[2][0] - joint_out[2][0]) > 1e-3  # layer 2 saw the trained layer-1 adapter
     # layer 1's new adapter is closed (frozen from now on); layer 2's is open and trains in the task's epochs
-    assert model.sema_open_adapters(model.sema[1], 1) == [] and model.sema_open_adapters(model.sema[2], 1) == [1]
+    assert model.sema_closed == {(1, 1)} and joint.sema_closed == set()
+    assert model.sema_open_adapters(1, 1) == [] and model.sema_open_adapters(2, 1) == [1]
     groups = model.set_trainable(1)
     trainable = {id(p) for p in groups["fast"]}
     assert not any(id(p) in trainable for p in model.sema[1].adapters[1].parameters())
     assert all(id(p) in trainable for p in model.sema[2].adapters[1].parameters())
     assert not any(p.requires_grad for p in model.sema[1].adapters[1].parameters())
     # joint: both new adapters open, and the descriptor phase at the task end fits both
-    assert joint.sema_open_adapters(joint.sema[1], 1) == [1] and joint.sema_open_adapters(joint.sema[2], 1) == [1]
+    assert joint.sema_open_adapters(1, 1) == [1] and joint.sema_open_adapters(2, 1) == [1]
     assert set(joint.sema_fit_descriptors(shifted, task=1, epochs=1)) == {1, 2}
     assert set(model.sema_fit_descriptors(shifted, task=1, epochs=1)) == {2}  # layer 1's was fitted already
 
