@@ -4,8 +4,9 @@ offline glyph-pretrained, frozen backbone, over several seeds.
 Every run starts from ``configs/sema_nested.yaml`` (the main job: same backbone file, data, epochs and
 learning rates) and changes only what the method needs, so the ``nested_lora`` row is the main job itself
 (seed 0 = ``python -m cli fit --config configs/sema_nested.yaml``). Methods: frozen backbone + head only,
-full fine-tuning, LoRA (rank 2r), Nested LoRA (r + r), SEMA, and Nested LoRA ablations (no consolidation,
-slow step every batch, discard instead of accumulate, slow step only at task ends). Per run: average
+full fine-tuning, LoRA (rank 2r), Nested LoRA (r + r), SEMA (joint and layer-by-layer expansion order), and
+Nested LoRA ablations (no consolidation, slow step every batch, discard instead of accumulate, slow step only at
+task ends). Per run: average
 incremental accuracy, last accuracy, forgetting, BWT (class-incremental, over all seen classes) and the
 final model's within-task accuracy (each task's test set scored over its own classes only), trainable
 parameters and wall time. Results are appended to a JSON-lines file as they finish (``--out``), so an
@@ -47,9 +48,9 @@ METHODS: dict[str, tuple[dict, str]] = {
     "lora": ({"adapter_type": "lora", "lora_r": 8}, "accumulate"),
     "nested_lora": ({}, "accumulate"),
     "sema": ({"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_threshold": 2.0,
-              "lr_descriptor": 0.01, "expansion_order": "layerwise"}, "accumulate"),
-    "sema_joint": ({"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_threshold": 2.0,
-                    "lr_descriptor": 0.01, "expansion_order": "joint"}, "accumulate"),
+              "lr_descriptor": 0.01, "expansion_order": "joint"}, "accumulate"),
+    "sema_layerwise": ({"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_threshold": 2.0,
+                        "lr_descriptor": 0.01, "expansion_order": "layerwise"}, "accumulate"),
     "nested_no_consolidation": ({"use_consolidation": False}, "accumulate"),
     "nested_interval_1": ({"slow_update_interval": 1}, "accumulate"),
     "nested_discard": ({}, "discard"),
@@ -57,8 +58,8 @@ METHODS: dict[str, tuple[dict, str]] = {
 }
 LABELS = {
     "none": "frozen backbone + head only", "full": "full fine-tuning (backbone lr 1e-4)", "lora": "LoRA (rank 8)",
-    "nested_lora": "Nested LoRA (4 + 4), main job", "sema": "SEMA (threshold 2, layer by layer)",
-    "sema_joint": "SEMA, joint order (one-pass simplification)",
+    "nested_lora": "Nested LoRA (4 + 4), main job", "sema": "SEMA (threshold 2, joint order: default)",
+    "sema_layerwise": "SEMA, layer by layer (SEMA-CL order)",
     "nested_no_consolidation": "Nested LoRA, no consolidation", "nested_interval_1": "Nested LoRA, slow interval 1",
     "nested_discard": "Nested LoRA, discard (interval 3)",
     "nested_task_end": "Nested LoRA, slow step at task ends only",

@@ -73,10 +73,11 @@ class ContinualClassifier(L.LightningModule):
             callback when the trainer has none; one configured explicitly always runs).
         consolidation_alpha: weight of the fast delta folded into slow (unless the callback sets its own).
         expansion_threshold: SEMA's z-score threshold.
-        expansion_order: ``layerwise`` (SEMA-CL: when a layer expands at a task start and a deeper expandable layer
-            remains, its new adapter, router row and the head train for ``epochs_per_task`` epochs and its
-            descriptor is fitted before the next layer is tested; costs those extra epochs per such expansion)
-            or ``joint`` (every layer is tested on the unexpanded model, all new adapters train together).
+        expansion_order: ``joint`` (every layer is tested on the unexpanded model, all new adapters train
+            together) or ``layerwise`` (SEMA-CL: when a layer expands at a task start and a deeper expandable
+            layer remains, its new adapter, router row and the head train for ``epochs_per_task`` epochs and its
+            descriptor is fitted before the next layer is tested; costs those extra epochs per such expansion).
+            ``joint`` is the default because it measured better on the glyph sequence (benchmarks/RESULTS.md).
         expansion_batches: batches of the new task scored per SEMA expansion check (``None``: all, as SEMA).
         expansion_batch_size: batch size of the expansion check (128 in SEMA; |z| is averaged over a batch).
         descriptor_epochs: epochs of SEMA's descriptor phase after each task (20 in SEMA).
@@ -105,7 +106,7 @@ class ContinualClassifier(L.LightningModule):
         sema_layers: Sequence[int] | None = None,
         expansion_layers: Sequence[int] = (-3, -2, -1),
         expansion_threshold: float = 2.0,
-        expansion_order: Literal["layerwise", "joint"] = "layerwise",
+        expansion_order: Literal["joint", "layerwise"] = "joint",
         expansion_batches: int | None = None,
         expansion_batch_size: int = 128,
         descriptor_epochs: int = 20,
@@ -136,7 +137,7 @@ class ContinualClassifier(L.LightningModule):
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         if expansion_order not in ("layerwise", "joint"):
-            raise ValueError(f"expansion_order must be 'layerwise' or 'joint', got {expansion_order!r}")
+            raise ValueError(f"expansion_order must be 'joint' or 'layerwise', got {expansion_order!r}")
         if scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
         if pretrain is not None and pretrained_file is not None:

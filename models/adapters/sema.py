@@ -16,7 +16,8 @@ train on the task; old adapters, descriptors and router rows stay frozen. After 
 descriptors train in their own phase (``ContinualViT.sema_fit_descriptors``) on the frozen model's features,
 and their error buffers are filled.
 
-Order of the expansion checks (``ContinualClassifier(expansion_order=...)``): ``layerwise`` is SEMA-CL's: the
+Order of the expansion checks (``ContinualClassifier(expansion_order=...)``, default ``joint``, which measured
+better on the glyph sequence, see benchmarks/RESULTS.md): ``layerwise`` is SEMA-CL's: the
 expandable layers are tested shallow to deep, and when a layer expands and a deeper one remains to be tested,
 its new adapter (with its router row and the head) trains for the task's epochs and its descriptor is fitted
 before the next layer is tested, so deeper decisions see features that pass through the trained adapter; the
