@@ -357,9 +357,10 @@ class ContinualClassifier(L.LightningModule):
         batches = [x.to(self.device) for x, _ in dm.loader(dm.task_dataset("train", task))]
         errors = self.model.sema_fit_descriptors(batches, task, hp.descriptor_epochs, hp.lr_descriptor,
                                                  generator=torch.Generator().manual_seed(1000 * task + layer))
-        self.sema_trained_between.append({"task": task, "layer": layer, "steps": steps, "loss": float(loss)})
+        last_loss = float(loss.detach())
+        self.sema_trained_between.append({"task": task, "layer": layer, "steps": steps, "loss": last_loss})
         rank_zero_info(f"[sema] task {task}, layer {layer}: new adapter trained {steps} steps (last loss "
-                       f"{float(loss):.3f}) and its descriptor fitted (error {errors.get(layer, float('nan')):.4f}) "
+                       f"{last_loss:.3f}) and its descriptor fitted (error {errors.get(layer, float('nan')):.4f}) "
                        "before the next layer is tested")
 
     def _finish_task(self, task: int) -> None:
