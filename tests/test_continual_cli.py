@@ -148,11 +148,20 @@ def test_sema_expansion_order_in_a_whole_sequence(in_tmp, order):
     shallow layer's new adapter trains (full task loader, ``epochs_per_task``) and its descriptor is fitted
     before the deep layer is tested, so only the deep adapter is left to train in the task's epochs; jointly,
     both train then."""
-    run_cli(["fit", "--config", str(REPO / "configs/sema_adapter.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
-             "--model.backbone_kwargs", "{depth: 2, embed_dim: 32, num_heads: 2, global_pool: avg}",
-             "--model.expansion_layers", "[0, 1]", "--model.expansion_threshold", "-1000",
-             "--model.descriptor_epochs", "2", "--model.expansion_order", order])
-    res = _results(in_tmp, "sema_adapter")
+    args = ["fit", "--config", str(REPO / "configs/sema_adapter.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
+            "--model.backbone_kwargs", "{depth: 2, embed_dim: 32, num_heads: 2, global_pool: avg}",
+            "--model.expansion_layers", "[0, 1]", "--model.expansion_threshold", "-1000",
+            "--model.descriptor_epochs", "2", "--model.expansion_order", order]
+    if order == "layerwise":  # stop after task 2 and resume: the closed adapters come back from the checkpoint
+        run_cli(args + ["--trainer.max_epochs", "3"])
+        ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
+        cli = run_cli(args + ["--ckpt_path", str(ckpt)])
+        assert cli.model.model.sema_closed == {(0, t) for t in range(1, 5)}
+        folder = in_tmp / "runs/sema_adapter/version_1"  # the resumed run's
+    else:
+        run_cli(args)
+        folder = in_tmp / "runs/sema_adapter/version_0"
+    res = json.loads((folder / "results.json").read_text())
     assert res["expansion_order"] == order and res["sema_layout"] == {"0": [0, 1, 2, 3, 4], "1": [0, 1, 2, 3, 4]}
     adapter = 2 * 32 * 16 + 16 + 32 + 33  # down + up + the new router row
     if order == "layerwise":
@@ -161,7 +170,7 @@ def test_sema_expansion_order_in_a_whole_sequence(in_tmp, order):
         assert res["trainable_params"]["fast"] == adapter  # the deep layer's adapter only
     else:
         assert res["sema_trained_between"] == [] and res["trainable_params"]["fast"] == 2 * adapter
-    ckpt = torch.load(in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(folder / "checkpoints/last.ckpt", weights_only=False)
     for layer in (0, 1):  # every adapter trained (non-zero up-projection) and closed (descriptor fitted)
         for k in range(5):
             assert ckpt["state_dict"][f"model.backbone.blocks.{layer}.mlp.sema.adapters.{k}.up.weight"].abs().sum() > 0
