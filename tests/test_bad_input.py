@@ -144,6 +144,7 @@ CASES = [
     (NESTED, ["--model.pretrain.steps", "0"], "pretrain.steps must be positive"),
     (NESTED, [*TINY_PRETRAIN, "--data.glyph_classes", "1000"], "glyph_classes must be in [2,"),
     (NESTED, ["--model.expansion_order", "sideways"], "expansion_order"),
+    (NESTED, ["--trainer.callbacks+=ContinualEvaluation", "--trainer.callbacks.split", "train"], "split"),
 ]
 
 
