@@ -1,9 +1,9 @@
 """Continual-learning evaluation: the accuracy matrix, its metrics, the matrix image and ``results.json``.
 
 After every task (``on_task_evaluate``, called by the continual LightningModule once the task's
-``on_task_end`` hooks ran) the model is scored on each seen task's test set and on all seen classes, over
-the logits of the seen classes; each rank scores a shard and torchmetrics sums the counts. The row is
-appended to the module's sequence record (``R``, ``A``, checkpointed with the module), the continual
+``on_task_end`` hooks ran) the model is scored on each seen task's test set (or validation set: ``split``) and
+on all seen classes, over the logits of the seen classes; each rank scores a shard and torchmetrics sums the
+counts. The row is appended to the module's sequence record (``R``, ``A``, checkpointed with the module), the continual
 metrics go to every logger under ``cl/``, the matrix to TensorBoard as an image (``cl/accuracy_matrix``) and
 everything to ``results.json`` beside the logs (written atomically by rank 0).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -36,13 +36,18 @@ class ContinualEvaluation(Callback):
 
     Args:
         results_file: file name of the results, written in the logger's ``log_dir``.
+        split: the split whose task sets are scored: ``test`` (reported numbers) or ``val`` (choosing
+            hyper-parameters without looking at the test split, ``benchmarks/continual.py --select``).
     """
 
-    def __init__(self, results_file: str = "results.json") -> None:
+    def __init__(self, results_file: str = "results.json", split: Literal["test", "val"] = "test") -> None:
+        if split not in ("test", "val"):
+            raise ValueError(f"split must be 'test' or 'val', got {split!r}")
         self.results_file = results_file
+        self.split = split
 
     def on_task_evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
-        row, acc_all = evaluate_seen(trainer, pl_module, task)
+        row, acc_all = evaluate_seen(trainer, pl_module, task, self.split)
         pl_module.R.append(row)
         pl_module.A.append(acc_all)
         metrics = {"cl/acc_seen": acc_all, **{f"cl/acc_task_{i}": a for i, a in enumerate(row)},
@@ -63,8 +68,9 @@ class ContinualEvaluation(Callback):
 
 
 @torch.no_grad()
-def evaluate_seen(trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> tuple[list[float], float]:
-    """Accuracy on each seen task's test set and on all seen classes, over the logits of the seen classes."""
+def evaluate_seen(trainer: L.Trainer, pl_module: L.LightningModule, task: int,
+                  split: Literal["test", "val"] = "test") -> tuple[list[float], float]:
+    """Accuracy on each seen task's ``split`` set and on all seen classes, over the logits of the seen classes."""
     dm = trainer.datamodule
     if not isinstance(dm, ClassIncrementalData):
         raise TypeError(f"continual evaluation needs a class-incremental DataModule; {type(dm).__name__} lacks "
@@ -77,7 +83,7 @@ def evaluate_seen(trainer: L.Trainer, pl_module: L.LightningModule, task: int) -
     overall = MulticlassAccuracy(n_seen, average="micro").to(device)
     loaders = []
     for i in range(task + 1):
-        ds = dm.task_dataset("test", i)
+        ds = dm.task_dataset(split, i)
         loaders.append(dm.loader(Subset(ds, range(rank, len(ds), world))))
     show = trainer.is_global_zero and trainer.progress_bar_callback is not None
     bar = tqdm(total=sum(len(dl) for dl in loaders), desc=f"accuracy matrix row {task}", disable=not show,
@@ -110,6 +116,8 @@ def continual_results(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[
     if hp.adapter_type == "sema":
         out["expansions"] = pl_module.expansions
         out["sema_layout"] = {str(k): v for k, v in pl_module.model.sema_layout().items()}
+        out["expansion_order"] = hp.get("expansion_order", "joint")
+        out["sema_trained_between"] = getattr(pl_module, "sema_trained_between", [])
     for cb in trainer.callbacks:
         if isinstance(cb, TaskBoundaryConsolidation):
             out["consolidations"] = cb.events

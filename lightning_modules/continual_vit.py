@@ -73,6 +73,11 @@ class ContinualClassifier(L.LightningModule):
             callback when the trainer has none; one configured explicitly always runs).
         consolidation_alpha: weight of the fast delta folded into slow (unless the callback sets its own).
         expansion_threshold: SEMA's z-score threshold.
+        expansion_order: ``joint`` (every layer is tested on the unexpanded model, all new adapters train
+            together) or ``layerwise`` (SEMA-CL: when a layer expands at a task start and a deeper expandable
+            layer remains, its new adapter, router row and the head train for ``epochs_per_task`` epochs and its
+            descriptor is fitted before the next layer is tested; costs those extra epochs per such expansion).
+            ``joint`` is the default because it measured better on the glyph sequence (benchmarks/RESULTS.md).
         expansion_batches: batches of the new task scored per SEMA expansion check (``None``: all, as SEMA).
         expansion_batch_size: batch size of the expansion check (128 in SEMA; |z| is averaged over a batch).
         descriptor_epochs: epochs of SEMA's descriptor phase after each task (20 in SEMA).
@@ -101,6 +106,7 @@ class ContinualClassifier(L.LightningModule):
         sema_layers: Sequence[int] | None = None,
         expansion_layers: Sequence[int] = (-3, -2, -1),
         expansion_threshold: float = 2.0,
+        expansion_order: Literal["joint", "layerwise"] = "joint",
         expansion_batches: int | None = None,
         expansion_batch_size: int = 128,
         descriptor_epochs: int = 20,
@@ -130,6 +136,8 @@ class ContinualClassifier(L.LightningModule):
                 raise ValueError(f"{key} must be positive, got {locals()[key]}")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        if expansion_order not in ("layerwise", "joint"):
+            raise ValueError(f"expansion_order must be 'joint' or 'layerwise', got {expansion_order!r}")
         if scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
         if pretrain is not None and pretrained_file is not None:
@@ -160,6 +168,7 @@ class ContinualClassifier(L.LightningModule):
         self.R: list[list[float]] = []
         self.A: list[float] = []
         self.expansions: list[dict[str, float]] = []
+        self.sema_trained_between: list[dict[str, float]] = []  # layer-by-layer order: adapters trained mid-check
 
     @property
     def dm(self) -> ClassIncrementalData:
@@ -310,7 +319,9 @@ class ContinualClassifier(L.LightningModule):
                               generator=torch.Generator().manual_seed(task))
             batches = [x.to(self.device) for k, (x, _) in zip(range(hp.expansion_batches or len(data)), data)]
             generator = torch.Generator().manual_seed(task)
-            decisions = self.model.sema_expand(task, batches, hp.expansion_threshold, generator)
+            train_new = (lambda layer: self._sema_train_new_adapter(task, layer)) if hp.expansion_order == "layerwise" \
+                else None
+            decisions = self.model.sema_expand(task, batches, hp.expansion_threshold, generator, train_new)
             for layer, (z, expanded) in decisions.items():
                 if expanded:
                     self.expansions.append({"task": task, "layer": layer, "z": z})
@@ -339,6 +350,42 @@ class ContinualClassifier(L.LightningModule):
         rank_zero_info(f"[continual] task {task}: classes {self.dm.task_offset(task)}.."
                        f"{self.dm.classes_seen(task) - 1}, trainable parameters {int(counts['params/trainable'])}")
 
+    def _sema_train_new_adapter(self, task: int, layer: int) -> None:
+        """SEMA-CL's layer-by-layer order, called by ``sema_expand`` between two layers' tests: train the new
+        adapter of ``layer`` (with its router row and the head, as the task's regular epochs would: same
+        optimizer, learning rates, per-task cosine schedule, masking and ``epochs_per_task``), then fit its
+        descriptor; ``sema_expand`` then closes it (frozen for the rest of the sequence)."""
+        hp, dm = self.hparams, self.dm
+        groups = self.model.set_trainable(task)
+        opt = self._optimizer([{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast},
+                               {"params": groups["fast"], "lr": hp.lr_fast}])
+        loader = dm.loader(dm.task_dataset("train", task), shuffle=True)
+        steps = dm.epochs_per_task * len(loader)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR
+        sched = cosine(opt, T_max=max(1, steps)) if hp.scheduler == "cosine" else None
+        n_seen, n_old = dm.classes_seen(task), dm.task_offset(task) if hp.mask_old_logits else 0
+        was_training = self.model.training
+        self.model.train()
+        loss = torch.zeros(())
+        with torch.enable_grad():
+            for _ in range(dm.epochs_per_task):
+                for x, y in loader:
+                    loss = F.cross_entropy(self.model(x.to(self.device), n_seen, n_old), y.to(self.device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+        self.model.train(was_training)
+        batches = [x.to(self.device) for x, _ in dm.loader(dm.task_dataset("train", task))]
+        errors = self.model.sema_fit_descriptors(batches, task, hp.descriptor_epochs, hp.lr_descriptor,
+                                                 generator=torch.Generator().manual_seed(1000 * task + layer))
+        last_loss = float(loss.detach())
+        self.sema_trained_between.append({"task": task, "layer": layer, "steps": steps, "loss": last_loss})
+        rank_zero_info(f"[sema] task {task}, layer {layer}: new adapter trained {steps} steps (last loss "
+                       f"{last_loss:.3f}) and its descriptor fitted (error {errors.get(layer, float('nan')):.4f}) "
+                       "before the next layer is tested")
+
     def _finish_task(self, task: int) -> None:
         """Task-boundary work (``on_task_end`` hooks, SEMA statistics), then measurement (``on_task_evaluate``)."""
         for cb in self._callbacks_with("on_task_end"):
@@ -365,7 +412,7 @@ class ContinualClassifier(L.LightningModule):
         checkpoint["continual"] = {
             "task": self.task, "finished_task": self.finished_task, "task_steps": self.task_steps,
             "seen_classes": self.seen_classes, "trainable_params": self.trainable_params,
-            "R": self.R, "A": self.A, "expansions": self.expansions,
+            "R": self.R, "A": self.A, "expansions": self.expansions, "sema_trained_between": self.sema_trained_between,
             "sema_layout": {str(k): v for k, v in self.model.sema_layout().items()},
         }
 
@@ -376,5 +423,7 @@ class ContinualClassifier(L.LightningModule):
         self.task, self.finished_task, self.task_steps = state["task"], state["finished_task"], state["task_steps"]
         self.seen_classes, self.trainable_params = state["seen_classes"], dict(state["trainable_params"])
         self.R, self.A, self.expansions = [list(r) for r in state["R"]], list(state["A"]), list(state["expansions"])
+        self.sema_trained_between = list(state.get("sema_trained_between", []))
+        self.model.sema_closed = {(int(e["layer"]), int(e["task"])) for e in self.sema_trained_between}
         self.model.restore_sema_layout(state["sema_layout"])
         self.model.set_trainable(max(self.task, 0), self._trains_backbone(max(self.task, 0)))

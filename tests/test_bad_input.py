@@ -217,6 +217,8 @@ CASES = [
     (NESTED, ["--model.pretrain", "null", "--model.patch_size", "null", "--model.img_size", "40",
               "--data.image_size", "40", "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"],
      "model.img_size (40) is not a multiple of vit_tiny_patch16_224's patch size (16"),
+    (NESTED, ["--model.expansion_order", "sideways"], "expansion_order"),
+    (NESTED, ["--trainer.callbacks+=ContinualEvaluation", "--trainer.callbacks.split", "train"], "split"),
 ]
 
 

@@ -142,6 +142,41 @@ def test_sema_resume_rebuilds_expanded_adapters(in_tmp):
     assert len(cli.model.R) == 5
 
 
+@pytest.mark.parametrize("order", ["layerwise", "joint"])
+def test_sema_expansion_order_in_a_whole_sequence(in_tmp, order):
+    """A threshold below every z-score expands both expandable layers at each new task. Layer by layer, the
+    shallow layer's new adapter trains (full task loader, ``epochs_per_task``) and its descriptor is fitted
+    before the deep layer is tested, so only the deep adapter is left to train in the task's epochs; jointly,
+    both train then."""
+    args = ["fit", "--config", str(REPO / "configs/sema_adapter.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
+            "--model.backbone_kwargs", "{depth: 2, embed_dim: 32, num_heads: 2, global_pool: avg}",
+            "--model.expansion_layers", "[0, 1]", "--model.expansion_threshold", "-1000",
+            "--model.descriptor_epochs", "2", "--model.expansion_order", order]
+    if order == "layerwise":  # stop after task 2 and resume: the closed adapters come back from the checkpoint
+        run_cli(args + ["--trainer.max_epochs", "3"])
+        ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
+        cli = run_cli(args + ["--ckpt_path", str(ckpt)])
+        assert cli.model.model.sema_closed == {(0, t) for t in range(1, 5)}
+        folder = in_tmp / "runs/sema_adapter/version_1"  # the resumed run's
+    else:
+        run_cli(args)
+        folder = in_tmp / "runs/sema_adapter/version_0"
+    res = json.loads((folder / "results.json").read_text())
+    assert res["expansion_order"] == order and res["sema_layout"] == {"0": [0, 1, 2, 3, 4], "1": [0, 1, 2, 3, 4]}
+    adapter = 2 * 32 * 16 + 16 + 32 + 33  # down + up + the new router row
+    if order == "layerwise":
+        assert [(e["task"], e["layer"], e["steps"]) for e in res["sema_trained_between"]] == [
+            (t, 0, 4) for t in range(1, 5)]  # 56 training images in batches of 16, 1 epoch
+        assert res["trainable_params"]["fast"] == adapter  # the deep layer's adapter only
+    else:
+        assert res["sema_trained_between"] == [] and res["trainable_params"]["fast"] == 2 * adapter
+    ckpt = torch.load(folder / "checkpoints/last.ckpt", weights_only=False)
+    for layer in (0, 1):  # every adapter trained (non-zero up-projection) and closed (descriptor fitted)
+        for k in range(5):
+            assert ckpt["state_dict"][f"model.backbone.blocks.{layer}.mlp.sema.adapters.{k}.up.weight"].abs().sum() > 0
+            assert ckpt["state_dict"][f"model.backbone.blocks.{layer}.mlp.sema.descriptors.{k}.count"] > 0
+
+
 def test_last_checkpoint_holds_the_final_consolidated_model_and_full_matrix(in_tmp):
     """Tasks finish on their last batch, before the epoch's checkpoint: ``last.ckpt`` of a finished run has the
     whole accuracy matrix, every consolidation event and the weights after the last consolidation (fast B = 0)."""

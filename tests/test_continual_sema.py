@@ -121,3 +121,106 @@ def test_bad_layer_indices_are_named():
     with pytest.raises(ValueError, match="expansion_layers"):  # no SEMA layer to expand there
         ContinualViT(adapter_type="sema", img_size=16, patch_size=8,
                      backbone_kwargs=dict(depth=2, embed_dim=16, num_heads=2), sema_layers=(0,), expansion_layers=(1,))
+
+
+_FITTED: list = []
+
+
+def _gen() -> torch.Generator:
+    """New adapters' initialisation from a fixed generator (not the global random state)."""
+    return torch.Generator().manual_seed(5)
+
+
+def _fitted_model_and_shifted_batches() -> tuple[ContinualViT, list[torch.Tensor]]:
+    """A model whose task-0 descriptors are fitted (built once, copied per call) and a shifted task's batches."""
+    import copy
+
+    x, _ = load_digits_tensors(16)
+    if not _FITTED:
+        model = _model()
+        model.set_trainable(0)
+        model.sema_fit_descriptors(_batches(x[:128]), task=0, epochs=10, lr=1e-2,
+                                   generator=torch.Generator().manual_seed(0))
+        _FITTED.append(model)
+    return copy.deepcopy(_FITTED[0]), _batches(-3.0 * x[192:320] + 1.5)
+
+
+def test_layerwise_order_trains_a_layer_before_testing_the_next():
+    """SEMA-CL's order: layer 1 expands, its new adapter trains and its descriptor is fitted (closing it), and
+    only then is layer 2 tested, on features that pass through the trained adapter; the last expansion stays
+    open for the task's regular training. The joint order tests layer 2 on the unexpanded model."""
+    import copy
+
+    model, shifted = _fitted_model_and_shifted_batches()
+    joint = copy.deepcopy(model)
+    events: list[tuple[str, int]] = []
+    zscores = model.sema_zscores
+
+    def spy_zscores(batches, layers=None):
+        events.append(("test", *layers))
+        return zscores(batches, layers)
+
+    def train_new(layer: int) -> None:
+        events.append(("train", layer))
+        assert model.sema_open_adapters(layer, 1) == [1]  # still open while it trains
+        with torch.no_grad():  # stands in for training: a deterministic non-zero up-projection
+            g = torch.Generator().manual_seed(layer)
+            up = model.sema[layer].adapters[1].up
+            up.weight.copy_(0.1 * torch.randn(up.weight.shape, generator=g))
+        model.sema_fit_descriptors(shifted, task=1, epochs=2, lr=1e-2, generator=torch.Generator().manual_seed(1))
+
+    model.sema_zscores = spy_zscores
+    layerwise = model.sema_expand(1, shifted, threshold=2.0, generator=_gen(), train_new=train_new)
+    del model.sema_zscores
+    joint_out = joint.sema_expand(1, shifted, threshold=2.0, generator=_gen())
+
+    assert events == [("test", 1), ("train", 1), ("test", 2)]  # trained between the two tests, last one left open
+    assert all(e for _, e in layerwise.values()) and all(e for _, e in joint_out.values())
+    assert layerwise[1][0] == joint_out[1][0]  # the same model up to layer 1's test
+    assert abs(layerwise[2][0] - joint_out[2][0]) > 1e-3  # layer 2 saw the trained layer-1 adapter
+    # layer 1's new adapter is closed (frozen from now on); layer 2's is open and trains in the task's epochs
+    assert model.sema_closed == {(1, 1)} and joint.sema_closed == set()
+    assert model.sema_open_adapters(1, 1) == [] and model.sema_open_adapters(2, 1) == [1]
+    groups = model.set_trainable(1)
+    trainable = {id(p) for p in groups["fast"]}
+    assert not any(id(p) in trainable for p in model.sema[1].adapters[1].parameters())
+    assert all(id(p) in trainable for p in model.sema[2].adapters[1].parameters())
+    assert not any(p.requires_grad for p in model.sema[1].adapters[1].parameters())
+    # joint: both new adapters open, and the descriptor phase at the task end fits both
+    assert joint.sema_open_adapters(1, 1) == [1] and joint.sema_open_adapters(2, 1) == [1]
+    assert set(joint.sema_fit_descriptors(shifted, task=1, epochs=1)) == {1, 2}
+    assert set(model.sema_fit_descriptors(shifted, task=1, epochs=1)) == {2}  # layer 1's was fitted already
+
+
+def _stand_in_training(model: ContinualViT, shifted: list[torch.Tensor]):
+    """A ``train_new`` for ``sema_expand``: a deterministic non-zero up-projection instead of training, then the
+    descriptor phase (which closes the adapter)."""
+
+    def train_new(layer: int) -> None:
+        with torch.no_grad():
+            up = model.sema[layer].adapters[1].up
+            up.weight.copy_(0.05 * torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(layer)))
+        model.sema_fit_descriptors(shifted, task=1, epochs=2, lr=1e-2, generator=torch.Generator().manual_seed(1))
+
+    return train_new
+
+
+def test_layerwise_order_changes_the_deeper_decision():
+    """With a threshold between the two orders' layer-2 scores (and below layer 1's), the order alone decides
+    whether layer 2 expands."""
+    import copy
+
+    model, shifted = _fitted_model_and_shifted_batches()
+    probes = copy.deepcopy(model), copy.deepcopy(model)
+    z_joint = probes[0].sema_expand(1, shifted, threshold=-1.0, generator=_gen())
+    z_layer = probes[1].sema_expand(1, shifted, threshold=-1.0, generator=_gen(),
+                                    train_new=_stand_in_training(probes[1], shifted))
+    assert z_joint[1][0] == z_layer[1][0]
+    threshold = (z_joint[2][0] + z_layer[2][0]) / 2
+    assert threshold < z_joint[1][0]
+    joint = copy.deepcopy(model)
+    j = joint.sema_expand(1, shifted, threshold=threshold, generator=_gen())
+    lw = model.sema_expand(1, shifted, threshold=threshold, generator=_gen(),
+                           train_new=_stand_in_training(model, shifted))
+    assert j[1][1] and lw[1][1]  # layer 1 expands in both orders
+    assert j[2][1] != lw[2][1]  # layer 2's decision depends on the order

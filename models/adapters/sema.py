@@ -16,11 +16,17 @@ train on the task; old adapters, descriptors and router rows stay frozen. After 
 descriptors train in their own phase (``ContinualViT.sema_fit_descriptors``) on the frozen model's features,
 and their error buffers are filled.
 
-One simplification remains, for one-pass Lightning training: the expandable layers are tested one after
-another (shallow to deep) with the new adapters of shallower layers already added but not yet trained
-(their up-projection starts at zero, so they do not change deeper features); the public code trains the new
-adapter of a layer before testing the next one. This is equivalent to testing every layer on the
-unexpanded model.
+Order of the expansion checks (``ContinualClassifier(expansion_order=...)``, default ``joint``, which measured
+better on the glyph sequence, see benchmarks/RESULTS.md): ``layerwise`` is SEMA-CL's: the
+expandable layers are tested shallow to deep, and when a layer expands and a deeper one remains to be tested,
+its new adapter (with its router row and the head) trains for the task's epochs and its descriptor is fitted
+before the next layer is tested, so deeper decisions see features that pass through the trained adapter; the
+last expansion trains in the task's regular epochs (the published code instead stops after the last
+expansion's training, so when the deepest expansion is not in the last expandable layer our task also runs
+its regular epochs, on the head alone). ``joint`` is a one-pass simplification: every layer is tested before
+any new adapter trains (new adapters start as no-ops, so this equals testing every layer on the unexpanded
+model) and all new adapters train together; it costs no extra epochs. Within one check, SEMA-CL adds the
+adapter at the first (batch, layer) that fires; we test a layer on all batches before moving deeper.
 """
 
 from __future__ import annotations

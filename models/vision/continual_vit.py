@@ -13,7 +13,7 @@ checkpoints simple).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -91,6 +91,7 @@ class ContinualViT(nn.Module):
             if missing:
                 raise ValueError(f"expansion_layers {missing} have no SEMA layer (sema_layers={sema_layers})")
             self.sema = inject_sema(blocks, layers, dim, sema_bottleneck, sema_descriptor_hidden, sema_buffer_size)
+        self.sema_closed: set[tuple[int, int]] = set()  # (layer, task): adapters trained before the task's epochs
         self._backbone_names = {n for n, _ in self.backbone.named_parameters() if not self._is_adapter(n)}
         self.head = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.head.bias)  # as SEMA: Kaiming-uniform rows, zero bias
@@ -129,15 +130,23 @@ class ContinualViT(nn.Module):
             groups["fast"] += adapter_parameters(self.backbone, FAST)
             groups["slow"] = adapter_parameters(self.backbone, SLOW)
         elif self.adapter_type == "sema":
-            for layer in self.sema.values():
-                new = [k for k, t in enumerate(layer.created_task) if t == task]
-                for k in new:
+            for i, layer in self.sema.items():
+                for k in self.sema_open_adapters(i, task):
                     groups["fast"] += list(layer.adapters[k].parameters())
                     if layer.num_adapters > 1:  # a lone adapter's softmax weight is 1: its row gets no gradient
                         groups["fast"] += list(layer.router[k].parameters())
                     groups["descriptors"] += list(layer.descriptors[k].parameters())
         groups["backbone"] = self.backbone_parameters() if train_backbone else []
         return groups
+
+    def sema_open_adapters(self, layer: int, task: int) -> list[int]:
+        """Indices of the adapters of SEMA layer ``layer`` that train in ``task``: those created in ``task``,
+        unless closed early. In the layer-by-layer order a shallow layer's new adapter trains (and its descriptor
+        is fitted) while the deeper layers are still to be tested; :meth:`sema_expand` then closes it (listed in
+        ``sema_closed`` as ``(layer, task)``): from then on it, its router row and its descriptor stay frozen."""
+        if (layer, task) in self.sema_closed:
+            return []
+        return [k for k, t in enumerate(self.sema[layer].created_task) if t == task]
 
     def set_trainable(self, task: int, train_backbone: bool = False) -> dict[str, list[nn.Parameter]]:
         """Freeze everything, then unfreeze what ``task`` trains; returns :meth:`parameter_groups`."""
@@ -168,15 +177,30 @@ class ContinualViT(nn.Module):
             self.train(was_training)
 
     def sema_expand(self, task: int, batches: Iterable[torch.Tensor], threshold: float,
-                    generator: torch.Generator | None = None) -> dict[int, tuple[float, bool]]:
+                    generator: torch.Generator | None = None,
+                    train_new: Callable[[int], None] | None = None) -> dict[int, tuple[float, bool]]:
         """Test the expandable layers one after another (shallow to deep) on the new task's batches and add
-        at most one adapter per layer where the rule fires; returns ``{layer: (score, expanded)}``."""
+        at most one adapter per layer where the rule fires; returns ``{layer: (score, expanded)}``.
+
+        ``train_new`` (SEMA-CL's layer-by-layer order): when a layer expands and a deeper expandable layer
+        remains to be tested, ``train_new(layer)`` is called first; it must train that layer's new adapter
+        and fit its descriptor; the adapter is then closed (``sema_closed``), so the deeper layers are tested on
+        features that pass through the trained adapter. The last expansion is left open for the task's regular
+        training.
+        Without it (joint order) every layer is tested before any new adapter trains; new adapters start as
+        no-ops (zero up-projection), so that equals testing every layer on the unexpanded model."""
         batches = list(batches)
-        out = {}
+        out: dict[int, tuple[float, bool]] = {}
+        pending: int | None = None
         for i in self.expansion_layers:
+            if pending is not None and train_new is not None:
+                train_new(pending)
+                self.sema_closed.add((pending, task))
+                pending = None
             expand, score = expansion_decisions(self.sema_zscores(batches, [i])[i], threshold)
             if expand:
                 self.sema[i].add_adapter(task, generator)
+                pending = i
             out[i] = (score, expand)
         return out
 
@@ -199,10 +223,11 @@ class ContinualViT(nn.Module):
 
     def sema_fit_descriptors(self, batches: Iterable[torch.Tensor], task: int, epochs: int = 20, lr: float = 1e-2,
                              batch_size: int = 32, generator: torch.Generator | None = None) -> dict[int, float]:
-        """SEMA's descriptor phase: train the descriptors created in ``task`` (linear autoencoders) on the frozen
-        model's token-averaged features of ``batches`` (SGD, momentum 0.9, cosine), then fill their error
-        buffers; returns the final mean reconstruction error per layer."""
-        new = {i: [k for k, t in enumerate(layer.created_task) if t == task] for i, layer in self.sema.items()}
+        """SEMA's descriptor phase: train the descriptors created in ``task`` and not fitted yet (linear
+        autoencoders) on the frozen model's token-averaged features of ``batches`` (SGD, momentum 0.9, cosine),
+        then fill their error buffers; returns the final mean reconstruction error per layer."""
+        new = {i: [k for k, t in enumerate(layer.created_task) if t == task and int(layer.descriptors[k].count) == 0]
+               for i, layer in self.sema.items()}
         new = {i: ks for i, ks in new.items() if ks}
         if not new:
             return {}
