@@ -78,7 +78,12 @@ class SigtermCheckpoint(L.Callback):
             signal.signal(signal.SIGTERM, self._note_sigterm)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._received = False  # a callback reused for a second fit starts afresh
+        self.saved_path, self._saved_step, self._received = None, None, False  # a reused callback starts afresh
+        if trainer.world_size > 1 and not hasattr(getattr(trainer, "_signal_connector", None), "received_sigterm"):
+            # checked now, not when a signal arrives: the flag below is Lightning 2.4-2.6's (private) attribute
+            raise RuntimeError("SigtermCheckpoint needs trainer._signal_connector.received_sigterm (Lightning "
+                               f"2.4-2.6); this Lightning {L.__version__} has none: remove the callback or pin "
+                               "lightning")
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._take_over_sigterm(trainer)

@@ -155,10 +155,11 @@ class ContinualClassifier(L.LightningModule):
             lora_r, lora_alpha, lora_target_modules, nested_lora_r, sema_layers, expansion_layers,
         )
         own = getattr(getattr(self.model.backbone, "patch_embed", None), "patch_size", None)
-        own = own[0] if isinstance(own, (tuple, list)) else own
-        if patch_size is None and isinstance(own, int) and img_size % own:
-            raise ValueError(f"model.img_size ({img_size}) is not a multiple of {backbone}'s patch size ({own}; "
-                             f"model.patch_size: null): the last {img_size % own} pixel rows and columns would be "
+        sides = own if isinstance(own, (tuple, list)) else (own,)
+        bad = [side for side in sides if isinstance(side, int) and img_size % side]
+        if patch_size is None and bad:
+            raise ValueError(f"model.img_size ({img_size}) is not a multiple of {backbone}'s patch size ({bad[0]}; "
+                             f"model.patch_size: null): the last {img_size % bad[0]} pixel rows or columns would be "
                              "silently dropped")
         self.slow_update_interval = slow_update_interval
         self.consolidation_alpha = consolidation_alpha
@@ -213,12 +214,7 @@ class ContinualClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
-        fast = [{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast}]
-        if groups["fast"]:
-            fast.append({"params": groups["fast"], "lr": hp.lr_fast})
-        if groups["backbone"]:
-            fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
-        optimizers = [self._optimizer(fast)]
+        optimizers = [self._optimizer(self._fast_groups(groups))]
         if groups["slow"]:
             optimizers.append(self._optimizer([{"params": groups["slow"], "lr": hp.lr_slow}]))
         if hp.scheduler == "constant":
@@ -227,6 +223,16 @@ class ContinualClassifier(L.LightningModule):
         steps = [self.task_steps] + [math.ceil(self.task_steps / interval)] * (len(optimizers) - 1)
         schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(1, s)) for o, s in zip(optimizers, steps)]
         return optimizers, schedulers
+
+    def _fast_groups(self, groups: dict[str, list[torch.nn.Parameter]]) -> list[dict]:
+        """The fast optimizer's parameter groups: head, fast adapters and (when trained) the backbone."""
+        hp = self.hparams
+        fast = [{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast}]
+        if groups["fast"]:
+            fast.append({"params": groups["fast"], "lr": hp.lr_fast})
+        if groups["backbone"]:
+            fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
+        return fast
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         if self.hparams.optimizer == "sgd":
@@ -353,12 +359,12 @@ class ContinualClassifier(L.LightningModule):
     def _sema_train_new_adapter(self, task: int, layer: int) -> None:
         """SEMA-CL's layer-by-layer order, called by ``sema_expand`` between two layers' tests: train the new
         adapter of ``layer`` (with its router row and the head, as the task's regular epochs would: same
-        optimizer, learning rates, per-task cosine schedule, masking and ``epochs_per_task``), then fit its
-        descriptor; ``sema_expand`` then closes it (frozen for the rest of the sequence)."""
+        optimizer and parameter groups, learning rates, per-task cosine schedule, masking, precision and
+        ``epochs_per_task``), then fit its descriptor; ``sema_expand`` then closes it (frozen for the rest of
+        the sequence)."""
         hp, dm = self.hparams, self.dm
-        groups = self.model.set_trainable(task)
-        opt = self._optimizer([{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast},
-                               {"params": groups["fast"], "lr": hp.lr_fast}])
+        groups = self.model.set_trainable(task, self._trains_backbone(task))
+        opt = self._optimizer(self._fast_groups(groups))
         loader = dm.loader(dm.task_dataset("train", task), shuffle=True)
         steps = dm.epochs_per_task * len(loader)
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR
@@ -367,7 +373,7 @@ class ContinualClassifier(L.LightningModule):
         was_training = self.model.training
         self.model.train()
         loss = torch.zeros(())
-        with torch.enable_grad():
+        with torch.enable_grad(), self.trainer.precision_plugin.forward_context():
             for _ in range(dm.epochs_per_task):
                 for x, y in loader:
                     loss = F.cross_entropy(self.model(x.to(self.device), n_seen, n_old), y.to(self.device))

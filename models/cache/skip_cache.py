@@ -275,9 +275,8 @@ class SkipCache:
             value = computed[name].detach()
             full = torch.empty((len(keys), *shape), dtype=torch.float32, device=value.device)
             full[miss_pos.to(value.device)] = value.to(TORCH_DTYPES[self.dtype]).float()
-            if n_hit:
-                hit_pos = hit.nonzero().flatten()
-                full[hit_pos.to(value.device)] = self.data[name][keys[hit_pos]].to(value.device, torch.float32)
+            hit_pos = hit.nonzero().flatten()
+            full[hit_pos.to(value.device)] = self.data[name][keys[hit_pos]].to(value.device, torch.float32)
             out[name] = full
         return out
 
