@@ -32,14 +32,13 @@ class NextTokenEvaluation:
     def _update(self, metric: MeanMetric, batch: dict[str, torch.Tensor]) -> None:
         metric.update(next_token_loss(self(batch["input_ids"]), batch["labels"]), batch["labels"].numel())
 
-    def log_evaluation(self, stage: str) -> torch.Tensor:
-        """Log and reset the split's token-weighted mean loss; returns it."""
+    def log_evaluation(self, stage: str) -> None:
+        """Log and reset the split's token-weighted mean loss."""
         metric = self.val_loss if stage == "val" else self.test_loss
         loss = metric.compute()
         metric.reset()
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
         self.log(f"{stage}/perplexity", loss.exp())
-        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._update(self.val_loss, batch)
