@@ -114,9 +114,9 @@ def _tracknet_args(dry: bool, quantized: bool) -> dict[str, Any]:
     cfg = yaml.safe_load((REPO / "configs" / "tracknet_dinov3_qlora.yaml").read_text())["model"]["init_args"]
     cfg["backbone"] = {**cfg["backbone"], "pretrained_file": None}
     cfg["quantization"] = {**cfg["quantization"], "enabled": quantized}
-    if dry:
-        cfg.update(img_size=[64, 32], heatmap={"size": [32, 16], "sigma": 2.0},
-                   decoder={"channels": [384, 32, 16], "upsample": [2, 2]})
+    if dry:  # a ViT-Ti backbone at 64x32: the same code, CPU-sized
+        cfg.update(pretrained_model_name="vit_tiny_patch16_224", img_size=[64, 32],
+                   heatmap={"size": [32, 16], "sigma": 2.0}, decoder={"channels": [192, 32, 16], "upsample": [2, 2]})
     return cfg
 
 

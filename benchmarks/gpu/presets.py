@@ -34,7 +34,7 @@ import torch  # noqa: E402
 GIB = 2**30
 #: steps timed after the warm-up steps (the first steps compile kernels and grow the allocator's pools)
 WARMUP_STEPS = 2
-GPU_STEPS = 6
+GPU_STEPS = 5
 DINOV3_WEIGHTS = "weights/vit_small_patch16_dinov3.safetensors"
 
 #: overrides every GPU preset run gets: a few steps, no validation and no checkpoint files
