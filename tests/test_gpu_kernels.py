@@ -104,7 +104,8 @@ def test_ar_ssm_scan_kernel_forward_backward_equal_reference(dtype):
     for n, rank, with_h0 in ((1, 5, True), (BLOCK_T + 1, 40, False), (3 * BLOCK_T + 5, 40, True), (1000, 64, True)):
         x = torch.randn(2, n, rank, device=CUDA, generator=g).to(dtype)
         decay = (torch.rand(rank, device=CUDA, generator=g) * 0.98 + 0.01).to(dtype)
-        decay[0] = 1.0  # a plain cumulative sum
+        if dtype != torch.float16:  # a plain cumulative sum (its decay gradient overflows fp16's range)
+            decay[0] = 1.0
         h0 = torch.randn(2, rank, device=CUDA, generator=g).to(dtype) if with_h0 else None
         w = torch.randn(2, n, rank, device=CUDA, generator=g, dtype=torch.float64)
         grads = []

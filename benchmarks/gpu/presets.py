@@ -126,12 +126,18 @@ class StepProbe(L.Callback):
 
 
 def _weights_note(name: str, args: list[str]) -> tuple[list[str], str]:
-    """TrackNet presets: random init when the DINOv3 weights file is absent (an override YAML, as a user would)."""
-    if not name.startswith("tracknet") or (REPO / DINOV3_WEIGHTS).is_file():
+    """TrackNet presets: the DINOv3 weights file of the checkout (absolute: runs start in a scratch folder), or
+    random init when it is absent (an override YAML, as a user would write one)."""
+    if not name.startswith("tracknet"):
         return args, ""
+    weights = REPO / DINOV3_WEIGHTS
+    found = weights.is_file()
     override = Path(tempfile.mkdtemp(prefix="adaptlab-gpu-")) / f"{name}.yaml"
-    override.write_text("model:\n  init_args:\n    backbone: {freeze: true, patch_size: 16, pretrained_file: null}\n")
-    return [*args, "--config", str(override)], f"{DINOV3_WEIGHTS} absent: random init"
+    value = json.dumps(str(weights)) if found else "null"
+    backbone = f"{{freeze: true, patch_size: 16, pretrained_file: {value}}}"
+    override.write_text(f"model:\n  init_args:\n    backbone: {backbone}\n")
+    return [*args, "--config", str(override)], (f"weights {DINOV3_WEIGHTS}" if found else
+                                                f"{DINOV3_WEIGHTS} absent: random init")
 
 
 def run_preset(name: str, dry_run: bool) -> dict[str, Any]:
