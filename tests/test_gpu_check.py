@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,3 +94,26 @@ def test_install_takes_only_missing_packages_from_the_wheel_folder(tmp_path):
     res = subprocess.run([sys.executable, "-c", "import adaptlab_fake_pkg; print(adaptlab_fake_pkg.VALUE)"],
                          env={**os.environ, "PYTHONPATH": check.env["PYTHONPATH"]}, capture_output=True, text=True)
     assert res.stdout.strip() == "42"  # every later step sees the installed package
+
+
+def test_a_hanging_step_is_killed_at_its_limit_and_later_steps_get_the_rest(tmp_path):
+    from check import Check
+
+    (tmp_path / "out").mkdir()
+    check = Check(tmp_path / "out", dry_run=True, started=time.time(), deadline_s=3.0 + 6.0)
+    hang = check.run("hang", ["bash", "-c", "sleep 60 & sleep 60"], limit=3.0)  # a child process too
+    assert hang["status"] == "timeout" and hang["seconds"] < 20
+    late = check.run("late", [sys.executable, "-c", "print('never')"], limit=60.0)
+    assert late["status"] == "skipped" or late["timeout_s"] <= 6.0  # capped by what is left of the whole check
+    assert "===== hang: timeout" in (tmp_path / "out" / "check.log").read_text()
+
+
+def test_out_of_time_skips_steps_and_still_writes_the_summary(tmp_path):
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu" / "check.sh"), "--dry-run", "--deadline", "1",
+                          str(tmp_path / "out")], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["verdict"] == "dry run failed"
+    assert all(s["status"] == "skipped" for s in summary["steps"] if s["name"] != "install")
+    assert {s["name"] for s in summary["steps"]} >= {"env", "gpu_tests", "bench", "main_job"}
