@@ -159,7 +159,7 @@ def run_preset(name: str, dry_run: bool) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     timed = probe.times[WARMUP_STEPS:] or probe.times
     step_s = statistics.median(timed) if timed else float("nan")
-    device = run.model.device
+    device = run.trainer.strategy.root_device  # Lightning's teardown has moved the model back to the CPU
     out: dict[str, Any] = {
         "preset": name, "device": str(device), "steps": len(probe.times), "timed_steps": len(timed),
         "step_s": step_s, "steps_per_s": 1.0 / step_s if timed else None, "wall_s": wall,
