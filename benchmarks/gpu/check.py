@@ -161,7 +161,8 @@ class Check:
             "    d.update(device=p.name, capability=f'{p.major}.{p.minor}', memory_gib=p.total_memory / 2**30,\n"
             "             multiprocessors=p.multi_processor_count, bf16=torch.cuda.is_bf16_supported())\n"
             "else:\n"
-            "    d['device'] = 'cpu: ' + platform.processor()\n"
+            "    from models.utils.memory import cpu_model\n"
+            "    d['device'] = 'cpu: ' + cpu_model()\n"
             f"open({str(out)!r}, 'w').write(json.dumps(d))\n"
         )
         self.run("env", [sys.executable, "-c", code], self.limit("env"))
