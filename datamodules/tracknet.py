@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image_check import check_image
 from datamodules.tracknet_synthetic import GeneratorSpec, generate
+from models.metrics.tracknet import v3_truncate
 from models.vision.tracknet import HeatmapConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -201,7 +202,7 @@ def read_label_csv(path: str | Path, frame_dir: str | Path | None = None) -> Cli
     available.update({e[0]: e[2] for e in entries})
     return ClipLabels(
         clip_dir.name, [e[2] for e in entries], np.asarray([e[3] for e in entries], bool),
-        np.asarray([(e[4], e[5]) for e in entries], np.float32).reshape(-1, 2), size, [e[0] for e in entries],
+        np.asarray([(e[4], e[5]) for e in entries], np.float64).reshape(-1, 2), size, [e[0] for e in entries],
         dict(sorted(available.items())),
     )
 
@@ -392,6 +393,17 @@ class TrackNetClipDataset(Dataset):
             self._cache[path] = t
         return t
 
+    def _target(self, clip: ClipLabels, row: int) -> torch.Tensor:
+        """Target map of a labelled row: centred on the rescaled label (``heatmap.centre: exact``) or on
+        TrackNetV3's truncated one (``v3``: nothing drawn when it truncates to ``(0, 0)``, as V3)."""
+        (sw, sh), (hw, hh), hm = clip.src_size, self.heatmap.size, self.heatmap
+        visible = bool(clip.visible[row])
+        x, y = float(clip.xy[row, 0]), float(clip.xy[row, 1])
+        if hm.centre == "v3":
+            cx, cy = v3_truncate(x, y, (sw, sh), (hw, hh))
+            return render_heatmap(cx, cy, visible and (cx, cy) != (0, 0), (hw, hh), hm.sigma, hm.mode)
+        return render_heatmap(x * hw / sw, y * hh / sh, visible, (hw, hh), hm.sigma, hm.mode)
+
     def __getitem__(self, k: int) -> dict[str, Any]:
         c, i, window = self.index[k]
         clip = self.clips[c]
@@ -404,8 +416,9 @@ class TrackNetClipDataset(Dataset):
         visible = bool(clip.visible[i])
         sample = {
             "frames": frames.flatten(0, 1),  # (num_frames*3, H, W)
-            "heatmap": render_heatmap(x, y, visible, (hw, hh), self.heatmap.sigma, self.heatmap.mode),
+            "heatmap": self._target(clip, i),
             "xy": torch.tensor([x, y] if visible else [0.0, 0.0]),
+            "xy_v3": torch.tensor(v3_truncate(*clip.xy[i].tolist(), (sw, sh), (hw, hh)) if visible else (0, 0)),
             "visible": torch.tensor(visible),
             "src_size": torch.tensor([sw, sh]),
             "clip": clip.name,
@@ -420,8 +433,7 @@ class TrackNetClipDataset(Dataset):
                 real = row is not None and clip.labelled and g == fid - len(window) + 1 + pos
                 mask.append(float(real))
                 if real and clip.visible[row]:
-                    gx, gy = float(clip.xy[row, 0]) * hw / sw, float(clip.xy[row, 1]) * hh / sh
-                    maps.append(render_heatmap(gx, gy, True, (hw, hh), self.heatmap.sigma, self.heatmap.mode)[0])
+                    maps.append(self._target(clip, row)[0])
                 else:
                     maps.append(torch.zeros(hh, hw))
             sample["heatmaps"], sample["target_mask"] = torch.stack(maps), torch.tensor(mask)

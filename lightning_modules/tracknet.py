@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.tracknet import MEAN, STD
 from models.adapters.lora import count_parameters, inject_lora, load_lora, save_lora
-from models.metrics.tracknet import TrackNetMetrics, centroid_radius, detect_peaks
+from models.metrics.tracknet import PEAK_METHODS, TrackNetMetrics, centroid_radius, detect_peaks, v3_label_centres
 from models.utils.atomic import atomic_path
 from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss, prediction_grid
 from models.vision.vit import freeze
@@ -104,8 +104,11 @@ class HeatmapTracker(L.LightningModule):
         tolerance_space: where distances are measured: ``reference`` = at ``reference_size`` (TrackNetV3: 4 px at
             512x288, comparable across heat-map sizes), ``source`` = each clip's source pixels, ``heatmap``.
         reference_size: ``[W, H]`` of ``tolerance_space: reference``.
-        peak_method: ``centroid`` (weighted centroid over a window of ``3 sigma``, unbiased) or ``component``
-            (TrackNetV3: bounding-box centre of the largest region above ``threshold``).
+        peak_method: ``centroid`` (weighted centroid over a window of ``3 sigma``, unbiased, adaptlab's default),
+            ``component`` (bounding-box centre of the largest region above ``threshold``, half-pixel) or ``v3``
+            (TrackNetV3's ``predict_location``/``evaluate`` to the pixel: that centre and the label both truncated
+            to whole pixels, the label's box taken from V3's disk of radius ``heatmap.sigma`` (2.5 for Gaussian
+            maps); exact at V3's 512x288 heat map).
         output_frames: ``last`` = one heat map per window (its last frame); ``all`` = one per input frame, as
             TrackNetV3 (trained on every labelled frame of the window; metrics use the last map; must equal
             ``data.output_frames``).
@@ -138,7 +141,7 @@ class HeatmapTracker(L.LightningModule):
         tolerance: float = 4.0,
         tolerance_space: Literal["reference", "source", "heatmap"] = "reference",
         reference_size: tuple[int, int] = (512, 288),
-        peak_method: Literal["centroid", "component"] = "centroid",
+        peak_method: Literal["centroid", "component", "v3"] = "centroid",
         output_frames: Literal["last", "all"] = "last",
         temporal_ensemble: bool = False,
         lr: float = 1e-3,
@@ -155,6 +158,8 @@ class HeatmapTracker(L.LightningModule):
             raise ValueError(f"tolerance_space must be 'reference', 'source' or 'heatmap', got {tolerance_space!r}")
         if output_frames not in ("last", "all"):
             raise ValueError(f"output_frames must be 'last' or 'all', got {output_frames!r}")
+        if peak_method not in PEAK_METHODS:
+            raise ValueError(f"peak_method must be one of {PEAK_METHODS}, got {peak_method!r}")
         if temporal_ensemble and output_frames != "all":
             raise ValueError("temporal_ensemble needs output_frames: all (one map per input frame)")
         if len(reference_size) != 2 or min(reference_size) < 1:
@@ -226,13 +231,14 @@ class HeatmapTracker(L.LightningModule):
         if dhp.get("num_frames") is not None and dhp.num_frames != hp.num_frames:
             raise ValueError(f"data.num_frames ({dhp.num_frames}) differs from model.num_frames ({hp.num_frames}): "
                              f"the model takes {3 * hp.num_frames} input channels ({hp.num_frames} stacked RGB frames)")
-        mine = (list(self.heatmap_cfg.size), float(self.heatmap_cfg.sigma), self.heatmap_cfg.mode)
-        theirs = (list(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode)
+        mine = (list(self.heatmap_cfg.size), float(self.heatmap_cfg.sigma), self.heatmap_cfg.mode,
+                self.heatmap_cfg.centre)
+        theirs = (list(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode, dm.heatmap.centre)
         if mine[0] != theirs[0]:
             raise ValueError(f"data.heatmap.size {theirs[0]} differs from model.heatmap.size {mine[0]} (the model's "
                              "output maps, [W, H])")
         if mine != theirs:
-            raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode)")
+            raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode, centre)")
         if dhp.get("output_frames", "last") != hp.output_frames:
             raise ValueError(f"data.output_frames={dhp.get('output_frames', 'last')!r} differs from "
                              f"model.output_frames={hp.output_frames!r}")
@@ -287,7 +293,13 @@ class HeatmapTracker(L.LightningModule):
     def _eval_step(self, batch: dict[str, Any], metrics: TrackNetMetrics, prefix: str) -> torch.Tensor:
         logits = self(batch["frames"])
         probs = torch.sigmoid(logits[:, -1:].float())  # the labelled (last) frame's map
-        metrics.update(probs, batch["xy"], batch["visible"], self.distance_scale(batch["src_size"]))
+        true_xy, visible = batch["xy"], batch["visible"]
+        if self.hparams.peak_method == "v3":  # V3's ground truth: the box centre of its disk at the truncated label
+            hm = self.heatmap_cfg
+            true_xy, visible = v3_label_centres(batch["xy_v3"], visible, tuple(hm.size),
+                                                hm.sigma if hm.mode == "disk" else 2.5)
+            true_xy, visible = true_xy.to(probs.device), visible.to(probs.device)
+        metrics.update(probs, true_xy, visible, self.distance_scale(batch["src_size"]))
         self.log(f"{prefix}/loss", self._batch_loss(logits, batch), prog_bar=True, sync_dist=True,
                  batch_size=batch["frames"].shape[0])
         return probs

@@ -276,3 +276,22 @@ def test_tracknetv3_layout_beside_clip_folders(tmp_path):
     (bad / "r_ball.csv").write_text("Frame,Visibility,X,Y\n0,0,0,0\n")
     with pytest.raises(FileNotFoundError, match="frame folder"):
         TrackNetDataModule(data_root=str(tmp_path / "bad")).setup("fit")
+
+
+def test_v3_disk_targets_centre_on_the_truncated_label(tmp_path):
+    """heatmap.centre: v3 draws V3's disk around int(x / (W_src / W)); exact draws it around the float label;
+    xy_v3 carries the truncated label for peak_method: v3."""
+    from datamodules.tracknet import ClipLabels
+
+    frame = tmp_path / "0.png"
+    Image.new("RGB", (40, 20)).save(frame)
+    clip = ClipLabels("c", [frame, frame], np.array([True, True]), np.array([[13.9, 7.9], [0.7, 0.9]]), (40, 20),
+                      [0, 1], {0: frame, 1: frame})
+    size = (40, 20)
+    v3 = TrackNetClipDataset([clip], 1, size, HeatmapConfig(size, 2.5, "disk", "v3"))
+    exact = TrackNetClipDataset([clip], 1, size, HeatmapConfig(size, 2.5, "disk"))
+    assert v3[0]["xy_v3"].tolist() == [13, 7]
+    assert torch.equal(v3[0]["heatmap"], render_heatmap(13, 7, True, size, 2.5, "disk"))
+    assert not torch.equal(exact[0]["heatmap"], v3[0]["heatmap"])
+    assert torch.equal(exact[0]["heatmap"], render_heatmap(13.9, 7.9, True, size, 2.5, "disk"))
+    assert v3[1]["heatmap"].sum() == 0 and v3[1]["visible"]  # truncates to (0, 0): V3 draws no ball

@@ -169,3 +169,16 @@ def test_prediction_grid_draws_marks_where_the_ball_is():
     assert tile[1].sum() > 0 and tile[1, 8, 10] == 0  # a green ring around the label, hollow
     assert grid[:, 2:18, 38:70][0, 8, 20] == 1.0  # second tile: cross at (20, 8)
     assert grid[:, 22:38, 2:34].sum() == 0  # third tile: nothing found, nothing drawn
+
+
+def test_centroid_ignores_background_and_a_second_blob():
+    """A constant background and a neighbouring blob pulled the plain window centroid by ~0.1 and ~1 px; the
+    median subtraction and the descending region keep it near the true centre (margins measured: 0.02 / 0.26)."""
+    g = torch.Generator().manual_seed(0)
+    centres = (torch.rand(50, 2, generator=g) - 0.5) + torch.tensor([40.0, 30.0])
+    clean = torch.stack([render_heatmap(x, y, True, (96, 64), 2.0) for x, y in centres.tolist()])
+    second = torch.stack([render_heatmap(x + 7, y + 1, True, (96, 64), 2.0) for x, y in centres.tolist()])
+    r = centroid_radius(2.0)
+    for maps, bound in ((clean + 0.05, 0.05), (torch.maximum(clean, 0.6 * second), 0.4)):
+        xy, found = detect_peaks(maps, 0.5, "centroid", r)
+        assert found.all() and (xy - centres).norm(dim=1).max() < bound

@@ -270,7 +270,7 @@ def test_use_double_quant_false_alone_turns_double_quantization_off(settings, ex
 
 
 def test_v3_512x288_preset_config_smoke_with_tiny_overrides(in_tmp):
-    """The TrackNetV3-comparable preset (reference 512x288, component peaks, disk targets) at CPU size."""
+    """The TrackNetV3-comparable preset (reference 512x288, V3's evaluation rule, V3-centred disks) at CPU size."""
     (in_tmp / "tiny_v3.yaml").write_text("model:\n  init_args:\n    backbone: {freeze: true, patch_size: 16, "
                                          "pretrained_file: null}\n")
     run_cli(["fit", "--config", str(REPO / "configs/tracknet_v3_512x288.yaml"), "--config", "tiny_v3.yaml",
@@ -282,8 +282,8 @@ def test_v3_512x288_preset_config_smoke_with_tiny_overrides(in_tmp):
     run = in_tmp / "runs" / "tiny_v3" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     hp = yaml.safe_load((run / "hparams.yaml").read_text())
-    assert (hp["tolerance_space"], list(hp["reference_size"]), hp["peak_method"]) == ("reference", [512, 288],
-                                                                                      "component")
+    assert (hp["tolerance_space"], list(hp["reference_size"]), hp["peak_method"]) == ("reference", [512, 288], "v3")
+    assert hp["heatmap"]["centre"] == "v3"
 
 
 def _write_video(path: Path, levels: list[int], size=(128, 64)) -> None:

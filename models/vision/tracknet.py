@@ -24,11 +24,14 @@ from models.vision.vit import create_vit, embed_dim
 @dataclass
 class HeatmapConfig:
     """Heat-map target: ``size = [W, H]`` (TrackNet order), ``sigma`` in heat-map pixels
-    (Gaussian std, or disk radius for ``mode: disk`` as in TrackNetV2/V3)."""
+    (Gaussian std, or disk radius for ``mode: disk`` as in TrackNetV2/V3). ``centre``: ``exact`` = the label
+    rescaled to the heat map as a float; ``v3`` = as TrackNetV3 draws its targets, the label truncated to whole
+    heat-map pixels (``int(x / (W_src / W))``), and no target for a label truncated to ``(0, 0)``."""
 
     size: tuple[int, int] = (256, 144)
     sigma: float = 2.0
     mode: Literal["gaussian", "disk"] = "gaussian"
+    centre: Literal["exact", "v3"] = "exact"
 
     def validate(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -37,6 +40,8 @@ class HeatmapConfig:
             raise ValueError(f"heatmap.sigma must be > 0, got {self.sigma}")
         if self.mode not in ("gaussian", "disk"):
             raise ValueError(f"heatmap.mode must be 'gaussian' or 'disk', got {self.mode!r}")
+        if self.centre not in ("exact", "v3"):
+            raise ValueError(f"heatmap.centre must be 'exact' or 'v3', got {self.centre!r}")
 
 
 class HeatmapDecoder(nn.Module):
