@@ -4,7 +4,13 @@ Layouts (searched recursively under ``data_root``):
 
 - clip folders: every folder holding ``label_file`` (default ``Label.csv``) is a clip, its frames beside it;
 - TrackNetV3: ``<match>/csv/<rally>_ball.csv`` with the frames in ``<match>/frame/<rally>/<n>.png`` (clip
-  name ``<match>/<rally>``).
+  name ``<match>/<rally>``); for clips under a ``test/`` folder ``<match>/corrected_csv/<rally>_ball.csv`` is
+  preferred when present (V3 evaluates on its corrected test labels).
+
+Splits (``split``): with ``auto`` (default), a data root holding ``train/`` and ``val/`` and/or ``test/`` folders
+(TrackNetV3's ``data/{train,val,test}/match*``) is split by those folders; otherwise clips are split at random by
+clip (``val_fraction``/``test_fraction``, ``split_seed``). ``val_clips``/``test_clips`` (names or glob patterns
+such as ``"test/*"`` or ``"*/match3/*"``) override both.
 
 Both TrackNet column styles are read (a UTF-8 byte-order mark before the header is accepted):
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import fnmatch
 import hashlib
 import io
 import json
@@ -321,6 +328,29 @@ def render_heatmap(x: float, y: float, visible: bool, size: tuple[int, int], sig
     return torch.exp(-d2 / (2 * sigma**2))[None]
 
 
+def folder_split(names: list[str]) -> tuple[list[str], list[str], list[str]] | None:
+    """TrackNetV3's split: clips named ``train/...``, ``val/...``, ``test/...`` go to that split (others train),
+    when there are ``train/`` clips and ``val/`` or ``test/`` ones; else ``None``."""
+    top = {n: n.split("/", 1)[0] if "/" in n else "" for n in names}
+    if "train" not in top.values() or not {"val", "test"} & set(top.values()):
+        return None
+    val = sorted(n for n in names if top[n] == "val")
+    test = sorted(n for n in names if top[n] == "test")
+    return sorted(set(names) - set(val) - set(test)), val, test
+
+
+def match_clips(names: list[str], patterns: list[str], key: str) -> list[str]:
+    """Clip names matching any of ``patterns`` (exact names or ``fnmatch`` globs; ``*`` also crosses ``/``);
+    a pattern that matches nothing is an error naming ``key``."""
+    out: set[str] = set()
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"{key}: {pattern!r} matches no clip; clips: {sorted(names)[:20]}")
+        out.update(hits)
+    return sorted(out)
+
+
 def split_clips(
     names: list[str], val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[list[str], list[str], list[str]]:
@@ -461,9 +491,13 @@ class TrackNetDataModule(L.LightningDataModule):
         frame_size: input frame size ``[W, H]``; ``None`` = ``heatmap.size``.
         val_fraction: share of clips in the validation split.
         test_fraction: share of clips in the test split.
-        val_clips: validation clips by name (instead of ``val_fraction``; the rest train).
-        test_clips: test clips by name (instead of ``test_fraction``).
+        val_clips: validation clips by name or glob pattern (``"val/*"``; instead of ``val_fraction``/the folder
+            split; the rest train).
+        test_clips: test clips by name or glob pattern (instead of ``test_fraction``/the folder split).
         split_seed: seed of the split by clip.
+        split: ``auto`` = by the data root's ``train/``, ``val/``, ``test/`` folders when it has ``train/`` and one of
+            the others, else ``random``; ``folders`` = by those folders (an error if missing); ``random`` = by
+            ``val_fraction``/``test_fraction``. ``val_clips``/``test_clips`` take precedence.
         predict_split: clips used by ``predict``.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
@@ -488,6 +522,7 @@ class TrackNetDataModule(L.LightningDataModule):
         val_clips: list[str] | None = None,
         test_clips: list[str] | None = None,
         split_seed: int = 0,
+        split: Literal["auto", "folders", "random"] = "auto",
         predict_split: Literal["train", "val", "test", "all"] = "test",
         batch_size: int = 8,
         num_workers: int = 0,
@@ -510,6 +545,8 @@ class TrackNetDataModule(L.LightningDataModule):
                                     "frames)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if split not in ("auto", "folders", "random"):
+            raise ValueError(f"split must be 'auto', 'folders' or 'random', got {split!r}")
         for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= frac < 1:
                 raise ValueError(f"{key} must be in [0, 1), got {frac}")
@@ -547,10 +584,14 @@ class TrackNetDataModule(L.LightningDataModule):
             clip = read_label_csv(f)
             clip.name = f.parent.relative_to(self.root).as_posix() if f.parent != self.root else f.parent.name
             clips.append(clip)
+        rallies: dict[tuple[Path, str], dict[str, Path]] = {}
         for f in sorted(self.root.rglob("*_ball.csv")):
-            if f.parent.name != "csv" or f.name == self.hparams.label_file:
+            if f.parent.name not in ("csv", "corrected_csv") or f.name == self.hparams.label_file:
                 continue
-            match, rally = f.parent.parent, f.name[: -len("_ball.csv")]
+            rallies.setdefault((f.parent.parent, f.name[: -len("_ball.csv")]), {})[f.parent.name] = f
+        for (match, rally), files in sorted(rallies.items()):
+            in_test = "test" in match.relative_to(self.root).parts
+            f = files["corrected_csv"] if "corrected_csv" in files and (in_test or "csv" not in files) else files["csv"]
             clip = read_label_csv(f, match / "frame" / rally)
             clip.name = (match.relative_to(self.root) / rally).as_posix() if match != self.root else rally
             clips.append(clip)
@@ -606,12 +647,21 @@ class TrackNetDataModule(L.LightningDataModule):
         if {"train", "val", "test", "all"} <= set(self.clips):
             return
         clips = {c.name: c for c in self.discover()}
+        folders = folder_split(list(clips))
+        if hp.split == "folders" and folders is None:
+            raise ValueError(f"split: folders, but data_root {str(self.root)!r} has no train/ folder with val/ or "
+                             "test/ beside it")
         if hp.val_clips is not None or hp.test_clips is not None:
-            val, test = list(hp.val_clips or []), list(hp.test_clips or [])
-            unknown = [n for n in val + test if n not in clips]
-            if unknown:
-                raise ValueError(f"val_clips/test_clips name unknown clips {unknown}; clips: {sorted(clips)[:20]}")
+            val = match_clips(list(clips), hp.val_clips or [], "val_clips")
+            test = match_clips(list(clips), hp.test_clips or [], "test_clips")
+            both = sorted(set(val) & set(test))
+            if both:
+                raise ValueError(f"val_clips and test_clips both select {both[:10]}")
             train = sorted(set(clips) - set(val) - set(test))
+        elif folders is not None and hp.split != "random":
+            train, val, test = folders
+            rank_zero_info(f"TrackNet data: split by the train/ val/ test/ folders of {self.root} ({len(train)} / "
+                           f"{len(val)} / {len(test)} clips; val_fraction/test_fraction unused)")
         else:
             train, val, test = split_clips(list(clips), hp.val_fraction, hp.test_fraction, hp.split_seed)
         self.clips.update({"train": [clips[n] for n in train], "val": [clips[n] for n in val],

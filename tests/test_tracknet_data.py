@@ -295,3 +295,54 @@ def test_v3_disk_targets_centre_on_the_truncated_label(tmp_path):
     assert not torch.equal(exact[0]["heatmap"], v3[0]["heatmap"])
     assert torch.equal(exact[0]["heatmap"], render_heatmap(13.9, 7.9, True, size, 2.5, "disk"))
     assert v3[1]["heatmap"].sum() == 0 and v3[1]["visible"]  # truncates to (0, 0): V3 draws no ball
+
+
+def _v3_tree(root, layout):
+    """TrackNetV3's data layout: ``<split>/<match>/frame/<rally>/<n>.png`` + ``csv/<rally>_ball.csv``."""
+    for split, match, rally in layout:
+        _frames(root / split / match / "frame" / rally, 3, size=(64, 36), names=[f"{i}.png" for i in range(3)])
+        (root / split / match / "csv").mkdir(parents=True, exist_ok=True)
+        (root / split / match / "csv" / f"{rally}_ball.csv").write_text("Frame,Visibility,X,Y\n0,1,10,5\n1,0,0,0\n"
+                                                                         "2,0,0,0\n")
+
+
+def test_v3_folder_split_corrected_test_labels_and_glob_patterns(tmp_path):
+    layout = [("train", "match1", "1_01_00"), ("train", "match2", "2_01_00"), ("val", "match1", "1_02_00"),
+              ("test", "match3", "3_01_00"), ("test", "match3", "3_02_00")]
+    _v3_tree(tmp_path, layout)
+    corrected = tmp_path / "test" / "match3" / "corrected_csv"
+    corrected.mkdir()
+    (corrected / "3_01_00_ball.csv").write_text("Frame,Visibility,X,Y\n0,1,20,30\n1,1,2,3\n2,0,0,0\n")
+    # a corrected file outside test/ is not V3's: csv/ stays the label there
+    (tmp_path / "train" / "match1" / "corrected_csv").mkdir()
+    (tmp_path / "train" / "match1" / "corrected_csv" / "1_01_00_ball.csv").write_text("Frame,Visibility,X,Y\n"
+                                                                                       "0,0,0,0\n")
+    kw = dict(data_root=str(tmp_path), heatmap={"size": [32, 18], "sigma": 1.0}, batch_size=2)
+    dm = TrackNetDataModule(**kw)
+    dm.setup("fit")
+    names = {s: [c.name for c in dm.clips[s]] for s in ("train", "val", "test")}
+    assert names == {"train": ["train/match1/1_01_00", "train/match2/2_01_00"], "val": ["val/match1/1_02_00"],
+                     "test": ["test/match3/3_01_00", "test/match3/3_02_00"]}
+    fixed = dm.clips["test"][0]
+    assert fixed.visible.tolist() == [True, True, False] and fixed.xy[0].tolist() == [20.0, 30.0]
+    assert dm.clips["train"][0].visible.tolist() == [True, False, False]
+    # glob patterns override the folders; the rest trains
+    dm = TrackNetDataModule(**kw, val_clips=["test/*"], test_clips=["*/match1/*"])
+    dm.setup("fit")
+    assert [c.name for c in dm.clips["val"]] == ["test/match3/3_01_00", "test/match3/3_02_00"]
+    assert [c.name for c in dm.clips["test"]] == ["train/match1/1_01_00", "val/match1/1_02_00"]
+    assert [c.name for c in dm.clips["train"]] == ["train/match2/2_01_00"]
+    # split: random ignores the folders
+    dm = TrackNetDataModule(**kw, split="random", val_fraction=0.2, test_fraction=0.2)
+    dm.setup("fit")
+    assert len(dm.clips["val"]) == 1 and len(dm.clips["test"]) == 1
+    with pytest.raises(ValueError, match="test_clips: 'nope/\\*' matches no clip"):
+        TrackNetDataModule(**kw, test_clips=["nope/*"]).setup("fit")
+    flat = tmp_path / "flat"
+    _v3_tree(flat, [("", "match1", "1_01_00"), ("", "match1", "1_02_00"), ("", "match1", "1_03_00")])
+    with pytest.raises(ValueError, match="split: folders"):
+        TrackNetDataModule(data_root=str(flat), split="folders").setup("fit")
+    dm = TrackNetDataModule(data_root=str(flat), heatmap={"size": [32, 18], "sigma": 1.0}, val_fraction=0.34,
+                            test_fraction=0.0)
+    dm.setup("fit")  # no folders: random split by clip
+    assert len(dm.clips["val"]) == 1 and len(dm.clips["train"]) == 2
