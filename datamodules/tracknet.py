@@ -45,16 +45,17 @@ import hashlib
 import io
 import json
 import re
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.image_check import check_image
 from datamodules.tracknet_synthetic import GeneratorSpec, generate
@@ -285,29 +286,37 @@ def _av():
 
 
 def video_info(path: Path) -> tuple[int, tuple[int, int]]:
-    """(number of frames, (width, height)) of a video, by decoding it once (frame counts in headers lie)."""
+    """(number of frames, (width, height)) of a video without decoding it: its non-empty video packets are
+    counted (headers' frame counts are often missing or wrong); the size comes from the codec parameters."""
     av = _av()
-    n, size = 0, None
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            size = size or (frame.width, frame.height)
-            n += 1
-    if not n:
-        raise ValueError(f"video {str(path)!r} has no decodable frames")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"video {str(path)!r} has no video stream")
+            stream = container.streams.video[0]
+            size = (stream.codec_context.width, stream.codec_context.height)
+            n = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except av.error.FFmpegError as err:
+        raise ValueError(f"video {str(path)!r} cannot be read: {err}") from None
+    if not n or min(size) < 1:
+        raise ValueError(f"video {str(path)!r} has no frames")
     return n, size
 
 
-def read_video(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """All frames of a video as ``uint8 (n, 3, H, W)`` resized to ``size = (W, H)`` (PyAV decoding)."""
+def iter_video(path: Path, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+    """The frames of a video in order, each decoded once, as ``uint8 (3, H, W)`` resized to ``size = (W, H)``."""
     av = _av()
-    frames = []
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
             im = frame.to_image()  # PIL RGB
             if im.size != tuple(size):
                 im = im.resize(tuple(size), Image.BILINEAR)
-            frames.append(torch.from_numpy(np.asarray(im, np.uint8).copy()).permute(2, 0, 1))
-    return torch.stack(frames)
+            yield torch.from_numpy(np.asarray(im, np.uint8).copy()).permute(2, 0, 1)
+
+
+def read_video(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """All frames of a (short) video as ``uint8 (n, 3, H, W)``; predict streams instead (:class:`TrackNetStream`)."""
+    return torch.stack(list(iter_video(path, size)))
 
 
 def render_heatmap(x: float, y: float, visible: bool, size: tuple[int, int], sigma: float,
@@ -349,6 +358,51 @@ def match_clips(names: list[str], patterns: list[str], key: str) -> list[str]:
             raise ValueError(f"{key}: {pattern!r} matches no clip; clips: {sorted(names)[:20]}")
         out.update(hits)
     return sorted(out)
+
+
+class TrackNetStream(IterableDataset):
+    """The samples of :class:`TrackNetClipDataset` in order, with every video streamed: its frames are decoded
+    once each, in order, and only the last ``num_frames`` are kept (memory does not grow with the video's length).
+    Frame folders are read as by the map-style dataset. Every sample carries ``clip_end`` (the last of its clip).
+    Iterated by one process: with DataLoader workers, worker 0 yields everything and the others nothing."""
+
+    def __init__(self, base: TrackNetClipDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None and info.id > 0:
+            return
+        k = 0
+        for c, clip in enumerate(self.base.clips):
+            if clip.video is None:
+                while k < len(self.base.index) and self.base.index[k][0] == c:
+                    yield self.base[k]
+                    k += 1
+                continue
+            k += sum(1 for entry in self.base.index if entry[0] == c)
+            yield from self._video(c, clip)
+
+    def _video(self, c: int, clip: ClipLabels) -> Iterator[dict[str, Any]]:
+        n = self.base.num_frames
+        recent: deque[torch.Tensor] = deque(maxlen=n)
+        pending = None
+        for i, frame in enumerate(iter_video(clip.video, self.base.frame_size)):
+            if pending is not None:
+                yield {**pending, "clip_end": False}
+            if i >= len(clip.frame_ids):  # more frames than packets counted: grow the clip's tables
+                clip.frame_ids.append(i)
+                clip.available[i] = i
+                clip.visible = np.append(clip.visible, False)
+                clip.xy = np.vstack([clip.xy, np.zeros((1, 2))])
+            recent.extend([frame] * (n if not recent else 1))
+            window = [max(0, g) for g in range(i - n + 1, i + 1)]
+            pending = self.base.sample(c, i, window, list(recent))
+        if pending is not None:
+            yield {**pending, "clip_end": True}
 
 
 def split_clips(
@@ -399,7 +453,8 @@ class TrackNetClipDataset(Dataset):
                 self.gap_stats["filled_windows"] += int(gapped)
                 self.index.append((c, i, window))
         self._cache: dict[Any, torch.Tensor] | None = {} if cache_frames else None
-        self._videos: dict[Path, torch.Tensor] = {}
+        self._clip_end = {k for k in range(len(self.index)) if k + 1 == len(self.index)
+                          or self.index[k + 1][0] != self.index[k][0]}
         self._mean = torch.tensor(MEAN).view(3, 1, 1)
         self._std = torch.tensor(STD).view(3, 1, 1)
 
@@ -407,10 +462,8 @@ class TrackNetClipDataset(Dataset):
         return len(self.index)
 
     def _load(self, clip: ClipLabels, source: Any) -> torch.Tensor:
-        if clip.video is not None:  # decoded once, resized, kept as uint8
-            if clip.video not in self._videos:
-                self._videos[clip.video] = read_video(clip.video, self.frame_size)
-            return self._videos[clip.video][source]
+        if clip.video is not None:
+            raise TypeError(f"{clip.video}: videos are read in order by TrackNetStream, not by index")
         path = source
         if self._cache is not None and path in self._cache:
             return self._cache[path]
@@ -437,7 +490,13 @@ class TrackNetClipDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         c, i, window = self.index[k]
         clip = self.clips[c]
-        frames = torch.stack([self._load(clip, clip.available[g]) for g in window]).float() / 255.0
+        frames = [self._load(clip, clip.available[g]) for g in window]
+        return {**self.sample(c, i, window, frames), "clip_end": k in self._clip_end}
+
+    def sample(self, c: int, i: int, window: list[int], frames: list[torch.Tensor]) -> dict[str, Any]:
+        """The sample of row ``i`` of clip ``c`` from its window's frame numbers and ``uint8`` frames."""
+        clip = self.clips[c]
+        frames = torch.stack(frames).float() / 255.0
         if self.normalize:
             frames = (frames - self._mean) / self._std
         sw, sh = clip.src_size
@@ -481,7 +540,8 @@ class TrackNetDataModule(L.LightningDataModule):
         gap_policy: a frame number missing inside a clip: ``fill`` = the nearest earlier frame takes its place
             in the windows, ``skip`` = windows containing it are dropped (counts are logged).
         predict_path: unlabelled input for ``predict`` instead of ``predict_split``: a video file (PyAV), a
-            folder of numbered frames, or a folder of several (one output CSV per clip).
+            folder of numbered frames, or a folder of several (one output CSV per clip). Read in order by one
+            loader process (at most one worker); videos are streamed (:class:`TrackNetStream`).
         output_frames: ``last`` = one target map per sample (its last frame); ``all`` = one per window frame
             (``heatmaps``, ``target_mask``), for models that predict every frame (TrackNetV3 style; must equal
             the model's ``output_frames``).
@@ -612,7 +672,7 @@ class TrackNetDataModule(L.LightningDataModule):
         malformed file, a missing frame, names the file), the clips are split (``setup`` reuses all of it), and
         every frame image of the stage's clips is checked by :func:`datamodules.image_check.check_image` (a
         corrupt or truncated image names the file; PNG chunk CRCs and the JPEG end marker, no full decode).
-        Videos are decoded once here (to count their frames) as ``setup`` would. The generated default
+        Videos are not decoded here: their packets are counted (``video_info``). The generated default
         (``data_root: null``) comes from adaptlab's generator: only the split of ``synthetic.num_clips`` clips is
         checked and nothing is generated here.
         """
@@ -669,9 +729,9 @@ class TrackNetDataModule(L.LightningDataModule):
         if not self.clips[hp.predict_split] and stage == "predict":
             raise ValueError(f"predict_split={hp.predict_split!r} has no clips (set test_fraction or predict_split)")
 
-    def dataset(self, split: str) -> TrackNetClipDataset:
-        """The samples of one split (``train``, ``val``, ``test``, ``all`` or ``unlabelled``); logs one line when
-        its clips have gaps in their frame numbers."""
+    def dataset(self, split: str) -> TrackNetClipDataset | TrackNetStream:
+        """The samples of one split (``train``, ``val``, ``test``, ``all``, or ``unlabelled``: a
+        :class:`TrackNetStream`); logs one line when its clips have gaps in their frame numbers."""
         hp = self.hparams
         ds = TrackNetClipDataset(self.clips[split], hp.num_frames, self.frame_size, self.heatmap, hp.normalize,
                                  hp.cache_frames, hp.gap_policy, hp.output_frames)
@@ -681,12 +741,16 @@ class TrackNetDataModule(L.LightningDataModule):
                     else f"{g['skipped_windows']} windows skipped")
             rank_zero_info(f"TrackNet data ({split}): {g['missing_frames']} frame numbers missing inside clips; "
                            f"{done} (gap_policy: {hp.gap_policy})")
-        return ds
+        return TrackNetStream(ds) if split == "unlabelled" else ds
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
-        return DataLoader(self.dataset(split), batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0)
+        dataset = self.dataset(split)
+        workers = hp.num_workers
+        if isinstance(dataset, TrackNetStream):  # read in order by one process (bounded memory, one decode/frame)
+            workers = min(workers, 1)
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=workers,
+                          persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -76,6 +76,13 @@ class QuantizationConfig:
     save_dequantized: bool = False
 
 
+def ensemble_weights(n: int) -> torch.Tensor:
+    """TrackNetV3's position weights of the temporal ensemble for ``n`` windows: ``1, 2, ..`` rising from both
+    ends to the middle (``n = 3``: ``1, 2, 1``; ``n = 8``: ``1, 2, 3, 4, 4, 3, 2, 1``), normalised to sum 1."""
+    w = torch.tensor([min(i, n - 1 - i) + 1 for i in range(n)], dtype=torch.float32)
+    return w / w.sum()
+
+
 def _as(cls: type, value: Any) -> Any:
     """Accept the dataclass itself or a plain dict (``load_from_checkpoint``, Python callers)."""
     return cls(**value) if isinstance(value, dict) else value
@@ -112,9 +119,11 @@ class HeatmapTracker(L.LightningModule):
         output_frames: ``last`` = one heat map per window (its last frame); ``all`` = one per input frame, as
             TrackNetV3 (trained on every labelled frame of the window; metrics use the last map; must equal
             ``data.output_frames``).
-        temporal_ensemble: with ``output_frames: all``, ``predict`` averages each frame's maps from every window
-            that holds it at its own position (up to ``num_frames``), as TrackNetV3's temporal ensemble; needs an
-            ordered, single-device predict loader (the default).
+        temporal_ensemble: with ``output_frames: all``, ``predict`` combines each frame's maps from every window
+            that holds it at its own position (up to ``num_frames``), as TrackNetV3's temporal ensemble: ``average``
+            (or ``true``) = their mean; ``weight`` = V3's position weights (``1, 2, .., 2, 1`` normalised: the
+            window's middle counts most) where all ``num_frames`` windows exist, the mean elsewhere (clip ends), as
+            V3; ``false`` = off. Needs an ordered, single-device predict loader (the default).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
@@ -143,7 +152,7 @@ class HeatmapTracker(L.LightningModule):
         reference_size: tuple[int, int] = (512, 288),
         peak_method: Literal["centroid", "component", "v3"] = "centroid",
         output_frames: Literal["last", "all"] = "last",
-        temporal_ensemble: bool = False,
+        temporal_ensemble: bool | Literal["average", "weight"] = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         adapter_path: str | None = None,
@@ -160,6 +169,8 @@ class HeatmapTracker(L.LightningModule):
             raise ValueError(f"output_frames must be 'last' or 'all', got {output_frames!r}")
         if peak_method not in PEAK_METHODS:
             raise ValueError(f"peak_method must be one of {PEAK_METHODS}, got {peak_method!r}")
+        if temporal_ensemble not in (False, True, "average", "weight"):
+            raise ValueError(f"temporal_ensemble must be false, true, 'average' or 'weight', got {temporal_ensemble!r}")
         if temporal_ensemble and output_frames != "all":
             raise ValueError("temporal_ensemble needs output_frames: all (one map per input frame)")
         if len(reference_size) != 2 or min(reference_size) < 1:
@@ -349,32 +360,36 @@ class HeatmapTracker(L.LightningModule):
             self.logger.experiment.add_image("predict/predictions", grid, self.global_step)
         if self.hparams.temporal_ensemble:
             last = batch_idx == int(self.trainer.num_predict_batches[dataloader_idx]) - 1
-            return self._ensemble_step(all_probs, batch, last)
+            return self._ensemble_step(all_probs, batch, last and "clip_end" not in batch)
         return self._rows(list(batch["clip"]), batch["frame"], xy, found, batch["src_size"])
 
     def _rows(self, clips: list[str], frames: torch.Tensor, xy: torch.Tensor, found: torch.Tensor,
               src_size: torch.Tensor) -> dict[str, Any]:
-        w, h = self.heatmap_cfg.size
-        scale = src_size.to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
-        xy = torch.where(found[:, None], xy * scale, torch.zeros_like(xy))
+        w, h = self.heatmap_cfg.size  # float64, as TrackNetV3 scales its whole-pixel centres (int(cx * W_src / W))
+        scale = src_size.double().cpu() / torch.tensor([w, h], dtype=torch.float64)
+        xy = xy.double().cpu()
+        xy = torch.where(found.cpu()[:, None], xy * scale, torch.zeros_like(xy))
         return {"clip": clips, "frame": frames.cpu(), "visibility": found.long().cpu(), "xy": xy.cpu()}
 
     def on_predict_epoch_start(self) -> None:
-        self._ens: dict[int, list[Any]] = {}  # frame -> [map sum, count, src_size] of the current clip
+        self._ens: dict[int, list[Any]] = {}  # frame -> [map sum, count, src_size, weighted sum] of the clip
         self._ens_clip: str | None = None
 
     def _ensemble_step(self, probs: torch.Tensor, batch: dict[str, Any], last_batch: bool) -> dict[str, Any]:
         """Temporal ensemble: the map at window position ``p`` of the window ending at frame ``L`` predicts frame
         ``L - n + 1 + p`` (positions holding a repeat or a gap fill are left out); a frame is final once the
-        window it starts has been seen, and comes out as the peak of its averaged maps."""
+        window it starts has been seen (or its clip ends: ``clip_end``), and comes out as the peak of its averaged
+        maps (``weight``: V3's position weights when all ``n`` windows hold it)."""
         n = probs.shape[1]
+        weights = ensemble_weights(n).to(probs)
+        weighted = self.hparams.temporal_ensemble == "weight"
         done: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
 
         def flush(upto: int | None) -> None:
             for g in sorted(self._ens):
                 if upto is None or g <= upto:
-                    total, count, src = self._ens.pop(g)
-                    done.append((self._ens_clip, g, total / count, src))
+                    total, count, src, wsum = self._ens.pop(g)
+                    done.append((self._ens_clip, g, wsum if weighted and count == n else total / count, src))
 
         for b in range(probs.shape[0]):
             clip, end = batch["clip"][b], int(batch["frame"][b])
@@ -384,10 +399,12 @@ class HeatmapTracker(L.LightningModule):
             for pos, g in enumerate(batch["window"][b].tolist()):
                 if g != end - n + 1 + pos:
                     continue
-                entry = self._ens.setdefault(g, [torch.zeros_like(probs[b, pos]), 0, batch["src_size"][b]])
+                entry = self._ens.setdefault(g, [torch.zeros_like(probs[b, pos]), 0, batch["src_size"][b],
+                                                 torch.zeros_like(probs[b, pos])])
                 entry[0] += probs[b, pos]
                 entry[1] += 1
-            flush(end - n + 1)
+                entry[3] += weights[pos] * probs[b, pos]
+            flush(None if "clip_end" in batch and bool(batch["clip_end"][b]) else end - n + 1)
         if last_batch:
             flush(None)
         if not done:

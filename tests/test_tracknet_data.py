@@ -1,6 +1,8 @@
 """TrackNet data: both CSV styles, bad rows, heat-map targets, frame stacking, generator, split by clip."""
 
 import hashlib
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,3 +348,79 @@ def test_v3_folder_split_corrected_test_labels_and_glob_patterns(tmp_path):
                             test_fraction=0.0)
     dm.setup("fit")  # no folders: random split by clip
     assert len(dm.clips["val"]) == 1 and len(dm.clips["train"]) == 2
+
+
+_STREAM_SCRIPT = r"""
+import resource, sys
+import numpy as np
+import av
+from datamodules.tracknet import TrackNetDataModule
+
+def write(path, n):
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 320, 176, "yuv420p"
+        base = np.indices((176, 320)).sum(0)
+        for i in range(n):
+            img = np.repeat(((base + 3 * i) % 256).astype(np.uint8)[:, :, None], 3, 2)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+
+for n in (60, 480):
+    write(f"{sys.argv[1]}/v{n}.mp4", n)
+for n in (60, 480):  # the short video first: ru_maxrss is a high-water mark
+    path = f"{sys.argv[1]}/v{n}.mp4"
+    dm = TrackNetDataModule(heatmap={"size": [320, 176], "sigma": 2.0}, predict_path=path, batch_size=4)
+    dm.preflight("predict")
+    dm.setup("predict")
+    frames = [f for batch in dm.predict_dataloader() for f in batch["frame"].tolist()]
+    assert frames == list(range(n)), frames[:10]
+    print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def test_video_predict_streams_with_memory_independent_of_length(tmp_path):
+    """Peak memory of reading a whole video for predict does not grow with its length: after a 60-frame video,
+    a 480-frame one at 320x176 would raise the peak by 71 MB if decoded up front (as before); streamed, < 16 MB."""
+    pytest.importorskip("av")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = dict(line.split() for line in out.stdout.strip().splitlines()[-2:])
+    assert float(peak["480"]) - float(peak["60"]) < 16, peak
+
+
+def test_video_frames_are_decoded_once_in_order_and_counted_without_decoding(tmp_path, monkeypatch):
+    av = pytest.importorskip("av")
+    import datamodules.tracknet as tn
+
+    path = tmp_path / "v.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        for level in range(0, 250, 25):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 64, 3), level, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    calls = []
+    real = tn.iter_video
+
+    def counting(p, size):
+        calls.append(p)
+        yield from real(p, size)
+
+    monkeypatch.setattr(tn, "iter_video", counting)
+    assert tn.video_info(path) == (10, (64, 32)) and not calls  # counted from packets, nothing decoded
+    dm = TrackNetDataModule(heatmap={"size": [64, 32], "sigma": 1.0}, predict_path=str(path), batch_size=3,
+                            num_workers=0, normalize=False)
+    dm.preflight("predict")
+    dm.setup("predict")
+    samples = [s for s in dm.dataset("unlabelled")]
+    assert calls == [path]  # one decode of the video, frame by frame
+    assert [s["frame"] for s in samples] == list(range(10)) and [s["clip_end"] for s in samples] == [False] * 9 + [True]
+    assert samples[0]["window"].tolist() == [0, 0, 0] and samples[5]["window"].tolist() == [3, 4, 5]
+    levels = [round(float(samples[5]["frames"][3 * k].mean()) * 255) for k in range(3)]
+    assert all(abs(a - b) < 8 for a, b in zip(levels, [75, 100, 125]))

@@ -319,7 +319,8 @@ def test_predict_on_unlabelled_frames_and_a_video(in_tmp):
     assert (decoded.float().mean((1, 2, 3)) - torch.tensor(levels, dtype=torch.float32)).abs().max() < 8
     dm = TrackNetDataModule(heatmap=HEATMAP, predict_path=str(in_tmp / "input"), batch_size=4, normalize=False)
     writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
-    trainer = L.Trainer(logger=TensorBoardLogger(str(in_tmp / "tb"), name="p"), callbacks=[writer],
+    v3_writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred_v3"), csv_format="v3")
+    trainer = L.Trainer(logger=TensorBoardLogger(str(in_tmp / "tb"), name="p"), callbacks=[writer, v3_writer],
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.predict(HeatmapTracker(**TINY, threshold=0.01), datamodule=dm)
     assert sorted(p.relative_to(in_tmp / "pred").as_posix() for p in (in_tmp / "pred").rglob("*.csv")) == [
@@ -328,6 +329,13 @@ def test_predict_on_unlabelled_frames_and_a_video(in_tmp):
         rows = list(csv.reader(open(in_tmp / "pred" / f"{name}.csv")))
         assert rows[0] == ["Frame", "Visibility", "X", "Y"] and [int(r[0]) for r in rows[1:]] == list(range(n))
         assert all(0 <= float(r[2]) <= 128 and 0 <= float(r[3]) <= 64 for r in rows[1:])
+    for name in ("court_a", "rally"):  # TrackNetV3's predict format: <video>_ball.csv, whole pixels
+        ours = list(csv.reader(open(in_tmp / "pred" / f"{name}.csv")))[1:]
+        v3 = list(csv.reader(open(in_tmp / "pred_v3" / f"{name}_ball.csv")))
+        assert v3[0] == ["Frame", "Visibility", "X", "Y"] and len(v3) == len(ours) + 1
+        for a, b in zip(ours, v3[1:]):
+            x, y = (int(float(a[2])), int(float(a[3]))) if a[1] == "1" else (0, 0)
+            assert b == [a[0], str(int((x, y) != (0, 0))), str(x), str(y)]
     ds = dm.dataset("unlabelled")
     sample = next(s for s in ds if s["clip"] == "court_a" and s["frame"] == 3)  # window 1, 2, 3: grey 20, 40, 60
     assert [round(float(sample["frames"][3 * k].mean()) * 255) for k in range(3)] == [20, 40, 60]
@@ -370,13 +378,15 @@ def test_output_frames_all_trains_on_every_labelled_window_frame(in_tmp):
         HeatmapTracker(**TINY, temporal_ensemble=True)
 
 
-def test_temporal_ensemble_averages_each_frames_maps_over_its_windows(in_tmp):
+@pytest.mark.parametrize("mode", [True, "weight"])
+def test_temporal_ensemble_averages_each_frames_maps_over_its_windows(in_tmp, mode):
     """predict with temporal_ensemble: each frame's CSV row is the peak of the mean of the maps predicted for it
-    at its own position in every window (computed here by hand), across batch boundaries and clips."""
+    at its own position in every window (computed here by hand), across batch boundaries and clips; ``weight``:
+    TrackNetV3's position weights 1, 2, 1 (/ 4) where all three windows hold the frame, the mean at clip ends."""
     from models.metrics.tracknet import detect_peaks
 
     torch.manual_seed(0)
-    model = HeatmapTracker(**TINY, output_frames="all", temporal_ensemble=True, threshold=0.05).eval()
+    model = HeatmapTracker(**TINY, output_frames="all", temporal_ensemble=mode, threshold=0.05).eval()
     dm = _data(output_frames="all", predict_split="all", batch_size=5)  # 16 frames per clip: batches straddle
     writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
     L.Trainer(logger=False, callbacks=[writer], enable_progress_bar=False, enable_model_summary=False).predict(
@@ -388,15 +398,17 @@ def test_temporal_ensemble_averages_each_frames_maps_over_its_windows(in_tmp):
             probs = torch.sigmoid(model(s["frames"][None]))[0]
             for pos, g in enumerate(s["window"].tolist()):
                 if g == s["frame"] - 2 + pos:
-                    entry = sums.setdefault((s["clip"], g), [0, 0, s["src_size"]])
+                    entry = sums.setdefault((s["clip"], g), [0, 0, s["src_size"], 0])
                     entry[0], entry[1] = entry[0] + probs[pos], entry[1] + 1
-    assert {c for (_, _), (_, c, _) in sums.items()} == {1, 2, 3}  # clip ends get fewer windows
+                    entry[3] = entry[3] + (2 if pos == 1 else 1) / 4 * probs[pos]
+    assert {c for (_, _), (_, c, _, _) in sums.items()} == {1, 2, 3}  # clip ends get fewer windows
     for clip in sorted({k[0] for k in sums}):
         rows = list(csv.reader(open(in_tmp / "pred" / f"{clip}.csv")))[1:]
         assert [int(r[0]) for r in rows] == list(range(16))
         for r in rows:
-            total, count, src = sums[(clip, int(r[0]))]
-            xy, found = detect_peaks((total / count)[None, None], 0.05, "centroid", model.peak_radius)
+            total, count, src, weighted = sums[(clip, int(r[0]))]
+            mean = weighted if mode == "weight" and count == 3 else total / count
+            xy, found = detect_peaks(mean[None, None], 0.05, "centroid", model.peak_radius)
             assert int(r[1]) == int(found[0])
             if found[0]:
                 expect = xy[0] * src / torch.tensor([64.0, 32.0])
