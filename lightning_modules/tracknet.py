@@ -47,7 +47,9 @@ class DecoderConfig:
 class LoRAConfig:
     """LoRA on the backbone. ``target_modules: null`` = every attention and MLP linear of the ViT;
     ``task_type`` is recorded (hparams and adapter metadata) for PEFT-style bookkeeping. When enabled, only
-    the adapters (and the biases ``bias`` selects) train in the backbone, whatever ``backbone.freeze`` says."""
+    the adapters (and the biases ``bias`` selects) train in the backbone, whatever ``backbone.freeze`` says.
+    ``r`` is an alias of ``lora_r`` (the key of the original TrackNet config); when both are given, ``lora_r``
+    must be its default (16) or equal ``r``."""
 
     enabled: bool = False
     lora_r: int = 16
@@ -56,6 +58,13 @@ class LoRAConfig:
     target_modules: str | list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     task_type: str = "FEATURE_EXTRACTION"
+    r: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.r is not None:
+            if self.lora_r not in (16, self.r):  # 16: lora_r's default, i.e. not set
+                raise ValueError(f"lora.r ({self.r}) and lora.lora_r ({self.lora_r}) disagree: give one of them")
+            self.lora_r, self.r = self.r, None
 
 
 @dataclass

@@ -182,3 +182,46 @@ def test_centroid_ignores_background_and_a_second_blob():
     for maps, bound in ((clean + 0.05, 0.05), (torch.maximum(clean, 0.6 * second), 0.4)):
         xy, found = detect_peaks(maps, 0.5, "centroid", r)
         assert found.all() and (xy - centres).norm(dim=1).max() < bound
+
+
+SEED_MODEL_KEYS = """\
+model_name: vit_heatmap
+pretrained_model_name: vit_small_patch16_dinov3   # any timm ViT; weights from a local file when given
+backbone: {freeze: true, patch_size: 16, pretrained_file: null}
+decoder: {channels: [384, 256, 128, 64], upsample: [2, 2, 2]}
+heatmap: {size: [256, 144], sigma: 2.0}
+lora: {enabled: false, r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: null, bias: none, task_type: FEATURE_EXTRACTION}
+quantization: {enabled: false, quant_type: nf4, compute_dtype: bfloat16, skip_modules: [], mode: manual, compress_statistics: true, use_double_quant: true}
+"""  # noqa: E501  (the original TrackNet issue's model block, verbatim)
+
+
+def _from_yaml(block: str):
+    from jsonargparse import ArgumentParser
+
+    from lightning_modules.tracknet import HeatmapTracker
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(HeatmapTracker, "model")
+    cfg = parser.parse_string("model:\n" + "".join(f"  {line}\n" for line in block.splitlines()))
+    return parser.instantiate_classes(cfg).model
+
+
+def test_original_config_block_loads_with_r_as_lora_r():
+    model = _from_yaml(SEED_MODEL_KEYS)
+    assert model.lora_cfg.lora_r == 16 and not model.lora_cfg.enabled
+    model = _from_yaml(SEED_MODEL_KEYS.replace("enabled: false, r: 16", "enabled: true, r: 4"))
+    assert model.lora_cfg.lora_r == 4
+    ranks = {m.lora_A.shape[0] for m in model.modules() if hasattr(m, "lora_A")} or {
+        p.shape[0] for n, p in model.named_parameters() if n.endswith("lora_A")}
+    assert ranks == {4}
+    with pytest.raises(Exception, match="lora.r \\(4\\) and lora.lora_r \\(8\\) disagree"):
+        _from_yaml(SEED_MODEL_KEYS.replace("enabled: false, r: 16", "enabled: true, r: 4, lora_r: 8"))
+
+
+def test_unknown_backbone_names_get_useful_suggestions():
+    from models.vision.vit import create_vit
+
+    with pytest.raises(ValueError, match="Hugging Face repository id.*vit_small_patch16_dinov3"):
+        create_vit("facebook/dinov3-vits16-pretrain-lvd1689m")
+    with pytest.raises(ValueError, match="did you mean: vit_small_patch16_224"):
+        create_vit("vit_smal_patch16_224")
