@@ -20,7 +20,7 @@ from datamodules.tracknet import MEAN, STD
 from models.adapters.lora import count_parameters, inject_lora, load_lora, save_lora
 from models.metrics.tracknet import PEAK_METHODS, TrackNetMetrics, centroid_radius, detect_peaks, v3_label_centres
 from models.utils.atomic import atomic_path
-from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss, prediction_grid
+from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_figure, heatmap_loss, prediction_figure
 from models.vision.vit import freeze
 
 
@@ -83,6 +83,11 @@ class QuantizationConfig:
     compress_statistics: bool | None = None
     use_double_quant: bool | None = None
     save_dequantized: bool = False
+
+
+def _labels(batch: dict[str, Any], n: int) -> list[str]:
+    """``<clip> frame <n>`` captions of the first ``n`` samples of a batch."""
+    return [f"{c} frame {int(f)}" for c, f in zip(list(batch["clip"])[:n], batch["frame"][:n].tolist())]
 
 
 def ensemble_weights(n: int) -> torch.Tensor:
@@ -329,7 +334,7 @@ class HeatmapTracker(L.LightningModule):
         n = self.hparams.num_log_images
         if batch_idx == 0 and n > 0:
             self._val_images = (batch["frames"][:n], probs[:n], batch["heatmap"][:n], batch["xy"][:n],
-                                batch["visible"][:n])
+                                batch["visible"][:n], _labels(batch, n))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
@@ -344,14 +349,14 @@ class HeatmapTracker(L.LightningModule):
         self._log_metrics(self.val_metrics, "val")
         log_images = isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking
         if self._val_images is not None and log_images and self.trainer.is_global_zero:
-            frames, probs, target, true_xy, visible = self._val_images
-            grid = heatmap_grid(frames, probs, target, mean=MEAN, std=STD)
-            self.logger.experiment.add_image("val/frames_pred_true", grid, self.global_step)
+            frames, probs, target, true_xy, visible, labels = self._val_images
             xy, found = self.peaks(probs)
             to_img = self._heatmap_to_image(frames)
-            self.logger.experiment.add_image(
-                "val/predictions", prediction_grid(frames, xy * to_img, found, MEAN, STD, true_xy * to_img, visible),
-                self.global_step)
+            pred_img, true_img = xy * to_img, true_xy.to(to_img) * to_img
+            self.logger.experiment.add_figure("val/frames_pred_true", heatmap_figure(
+                frames, probs, target, MEAN, STD, pred_img, found, true_img, visible, labels), self.global_step)
+            self.logger.experiment.add_figure("val/predictions", prediction_figure(
+                frames, pred_img, found, MEAN, STD, true_img, visible, labels), self.global_step)
         self._val_images = None
 
     def on_test_epoch_end(self) -> None:
@@ -365,8 +370,9 @@ class HeatmapTracker(L.LightningModule):
         n = self.hparams.num_log_images
         if batch_idx == 0 and n > 0 and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             frames = batch["frames"][:n]
-            grid = prediction_grid(frames, xy[:n] * self._heatmap_to_image(frames), found[:n], MEAN, STD)
-            self.logger.experiment.add_image("predict/predictions", grid, self.global_step)
+            fig = prediction_figure(frames, xy[:n] * self._heatmap_to_image(frames), found[:n], MEAN, STD,
+                                    labels=_labels(batch, n))
+            self.logger.experiment.add_figure("predict/predictions", fig, self.global_step)
         if self.hparams.temporal_ensemble:
             last = batch_idx == int(self.trainer.num_predict_batches[dataloader_idx]) - 1
             return self._ensemble_step(all_probs, batch, last and "clip_end" not in batch)
