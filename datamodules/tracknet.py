@@ -33,7 +33,8 @@ all-zero map. Train/val/test are split by clip, never by frame. Without ``data_r
 (:mod:`datamodules.tracknet_synthetic`) writes the default clips under ``synthetic_dir`` first.
 
 Inference on unlabelled input (``predict_path``): a video file, a folder of numbered frames, or a folder of
-several of those; every frame gets a sample (see :func:`scan_unlabelled`).
+several of those; every frame gets a sample (see :func:`scan_unlabelled`), read in order by
+:class:`TrackNetStream` (videos decoded frame by frame, once each, keeping only a window of frames).
 """
 
 from __future__ import annotations

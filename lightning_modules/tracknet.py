@@ -320,6 +320,9 @@ class HeatmapTracker(L.LightningModule):
         probs = torch.sigmoid(logits[:, -1:].float())  # the labelled (last) frame's map
         true_xy, visible = batch["xy"], batch["visible"]
         if self.hparams.peak_method == "v3":  # V3's ground truth: the box centre of its disk at the truncated label
+            if "xy_v3" not in batch:
+                raise ValueError("peak_method: v3 needs batches with 'xy_v3' (the truncated label, as "
+                                 "TrackNetDataModule gives)")
             hm = self.heatmap_cfg
             true_xy, visible = v3_label_centres(batch["xy_v3"], visible, tuple(hm.size),
                                                 hm.sigma if hm.mode == "disk" else 2.5)
