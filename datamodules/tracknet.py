@@ -651,7 +651,7 @@ class TrackNetDataModule(L.LightningDataModule):
                 continue
             rallies.setdefault((f.parent.parent, f.name[: -len("_ball.csv")]), {})[f.parent.name] = f
         for (match, rally), files in sorted(rallies.items()):
-            in_test = "test" in match.relative_to(self.root).parts
+            in_test = "test" in (self.root.name, *match.relative_to(self.root).parts)  # under a test/ folder
             f = files["corrected_csv"] if "corrected_csv" in files and (in_test or "csv" not in files) else files["csv"]
             clip = read_label_csv(f, match / "frame" / rally)
             clip.name = (match.relative_to(self.root) / rally).as_posix() if match != self.root else rally

@@ -327,6 +327,9 @@ def test_v3_folder_split_corrected_test_labels_and_glob_patterns(tmp_path):
                      "test": ["test/match3/3_01_00", "test/match3/3_02_00"]}
     fixed = dm.clips["test"][0]
     assert fixed.visible.tolist() == [True, True, False] and fixed.xy[0].tolist() == [20.0, 30.0]
+    only_test = TrackNetDataModule(**{**kw, "data_root": str(tmp_path / "test")}, val_fraction=0.0, test_fraction=0.0)
+    only_test.setup("fit")  # data_root pointing at V3's test/ folder itself: corrected labels too
+    assert only_test.clips["all"][0].xy[0].tolist() == [20.0, 30.0]
     assert dm.clips["train"][0].visible.tolist() == [True, False, False]
     # glob patterns override the folders; the rest trains
     dm = TrackNetDataModule(**kw, val_clips=["test/*"], test_clips=["*/match1/*"])
