@@ -12,6 +12,12 @@ Prints a markdown table with ratios to full fine-tuning.
     python benchmarks/tracknet.py                      # CPU defaults: timm test_vit, patch 4 (~5 minutes)
     python benchmarks/tracknet.py --model vit_tiny_patch16_224 --width 192 --patch-size 8 --pretrain-steps 350
     python benchmarks/tracknet.py --model vit_small_patch16_224 --steps 200 --device cuda
+
+``--interleaved`` times training steps only, side by side in one process: LoRA, QLoRA-nf4 + double quantization
+(``compute_dtype: auto``) and the same in float32, random-init weights, the variants' turns interleaved (order
+rotated every round) so that load from other jobs hits all of them alike; medians and per-round ratios:
+
+    python benchmarks/tracknet.py --interleaved --model vit_small_patch16_224 --width 384 --patch-size 8
 """
 
 from __future__ import annotations
@@ -174,6 +180,60 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     }
 
 
+def interleaved(args: argparse.Namespace) -> None:
+    """Step times of LoRA vs QLoRA side by side in this process (see the module docstring)."""
+    import os
+    import statistics
+
+    import torch
+
+    from datamodules.tracknet import render_heatmap
+    from lightning_modules.tracknet import HeatmapTracker
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    configs = {"lora": variant_config("lora", args),
+               f"qlora_nf4_dq ({args.compute_dtype})": variant_config("qlora_nf4_dq", args),
+               "qlora_nf4_dq (float32)": variant_config("qlora_nf4_dq", argparse.Namespace(
+                   **{**vars(args), "compute_dtype": "float32"}))}
+    models = {name: HeatmapTracker(**cfg).to(args.device).train() for name, cfg in configs.items()}
+    opts = {name: m.configure_optimizers() for name, m in models.items()}
+    frames = torch.randn(args.batch_size, 9, 72, 128, device=args.device)
+    xy = torch.rand(args.batch_size, 2) * torch.tensor([128.0, 72.0])
+    target = torch.stack([render_heatmap(float(x), float(y), True, (128, 72), args.sigma) for x, y in xy])
+    target = target.to(args.device)
+
+    def step(name: str) -> float:
+        model, opt = models[name], opts[name]
+        t0 = time.perf_counter()
+        model._loss(model(frames), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    names = list(models)
+    for name in names:  # warm-up
+        step(name), step(name)
+    times: dict[str, list[list[float]]] = {n: [] for n in names}
+    load = [os.getloadavg()[0]]
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append([step(name) for _ in range(args.steps_per_turn)])
+        load.append(os.getloadavg()[0])
+    print(f"\n{args.model} patch {args.patch_size}, 128x72 input, batch {args.batch_size}, LoRA r={args.rank}, "
+          f"{args.threads} thread(s), device {args.device} ({cpu_model()}), torch {torch.__version__}, "
+          f"{auto_note()}; {args.repeats} rounds x {args.steps_per_turn} steps per variant, interleaved; "
+          f"load average {min(load):.1f}-{max(load):.1f}\n")
+    lora = statistics.median(t for turn in times["lora"] for t in turn)
+    print("| variant | median step (ms) | x LoRA (medians) | x LoRA per round (min-max) |\n|---|---:|---:|---:|")
+    for name in names:
+        med = statistics.median(t for turn in times[name] for t in turn)
+        rounds = [statistics.median(a) / statistics.median(b) for a, b in zip(times[name], times["lora"])]
+        print(f"| {name} | {1000 * med:.0f} | {med / lora:.2f} | {min(rounds):.2f}-{max(rounds):.2f} |")
+
+
 def markdown(rows: list[dict]) -> str:
     ref = next((r for r in rows if r["variant"] == "full"), rows[0])
     lora = next((r for r in rows if r["variant"] == "lora"), ref)
@@ -220,8 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=0, help="print val metrics every N steps (0 = only at the end)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--data-dir", default=None, help="generated clips (default: a temp folder)")
+    p.add_argument("--interleaved", action="store_true", help="only time LoRA vs QLoRA steps, interleaved")
+    p.add_argument("--repeats", type=int, default=7, help="--interleaved: rounds")
+    p.add_argument("--steps-per-turn", type=int, default=3, help="--interleaved: timed steps per variant per round")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.interleaved:
+        interleaved(args)
+        return
     if args.child:
         print("RESULT " + json.dumps(run_one(args.child, args)))
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
@@ -16,17 +16,23 @@ from models.utils.atomic import atomic_path
 
 
 class TrackNetPredictionWriter(BasePredictionWriter):
-    """Collects ``predict_step`` outputs (``clip``, ``frame``, ``visibility``, ``xy``) and writes
-    ``<output_dir>/<clip>.csv`` with ``Frame,Visibility,X,Y`` (source-resolution pixels; 0,0 when no ball).
+    """Collects ``predict_step`` outputs (``clip``, ``frame``, ``visibility``, ``xy``) and writes one
+    ``Frame,Visibility,X,Y`` CSV per clip (source-resolution pixels; 0,0 when no ball).
 
     Args:
         output_dir: target folder; ``None`` = ``<trainer.log_dir>/predictions``. Under DDP the ranks'
             rows are gathered and rank 0 writes. Each file is written to a temp name and renamed.
+        csv_format: ``adaptlab`` = ``<clip>.csv`` with X/Y to 2 decimals; ``v3`` = TrackNetV3's ``predict.py``
+            files: ``<clip>_ball.csv`` with whole-pixel X/Y (truncated, as V3's ``int(cx * scaler)``; with
+            ``peak_method: v3`` the numbers are V3's) and Visibility 0 where X, Y = 0, 0.
     """
 
-    def __init__(self, output_dir: str | None = None) -> None:
+    def __init__(self, output_dir: str | None = None, csv_format: Literal["adaptlab", "v3"] = "adaptlab") -> None:
         super().__init__(write_interval="epoch")
+        if csv_format not in ("adaptlab", "v3"):
+            raise ValueError(f"csv_format must be 'adaptlab' or 'v3', got {csv_format!r}")
         self.output_dir = output_dir
+        self.csv_format = csv_format
         self.written: list[Path] = []
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
@@ -54,12 +60,17 @@ class TrackNetPredictionWriter(BasePredictionWriter):
         out_dir = self.resolve_dir(trainer)
         self.written = []
         for clip, frames in sorted(per_clip.items()):
-            path = out_dir / f"{clip}.csv"
+            v3 = self.csv_format == "v3"
+            path = out_dir / (f"{clip}_ball.csv" if v3 else f"{clip}.csv")
             with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
                 writer = csv.writer(fh)
                 writer.writerow(["Frame", "Visibility", "X", "Y"])
                 for frame in sorted(frames):
                     vis, x, y = frames[frame]
-                    writer.writerow([frame, vis, f"{x:.2f}", f"{y:.2f}"])
+                    if v3:
+                        x, y = (int(x), int(y)) if vis else (0, 0)
+                        writer.writerow([frame, int((x, y) != (0, 0)), x, y])
+                    else:
+                        writer.writerow([frame, vis, f"{x:.2f}", f"{y:.2f}"])
             self.written.append(path)
         rank_zero_info(f"TrackNetPredictionWriter: wrote {len(self.written)} label CSVs to {out_dir}")

@@ -4,7 +4,13 @@ Layouts (searched recursively under ``data_root``):
 
 - clip folders: every folder holding ``label_file`` (default ``Label.csv``) is a clip, its frames beside it;
 - TrackNetV3: ``<match>/csv/<rally>_ball.csv`` with the frames in ``<match>/frame/<rally>/<n>.png`` (clip
-  name ``<match>/<rally>``).
+  name ``<match>/<rally>``); for clips under a ``test/`` folder ``<match>/corrected_csv/<rally>_ball.csv`` is
+  preferred when present (V3 evaluates on its corrected test labels).
+
+Splits (``split``): with ``auto`` (default), a data root holding ``train/`` and ``val/`` and/or ``test/`` folders
+(TrackNetV3's ``data/{train,val,test}/match*``) is split by those folders; otherwise clips are split at random by
+clip (``val_fraction``/``test_fraction``, ``split_seed``). ``val_clips``/``test_clips`` (names or glob patterns
+such as ``"test/*"`` or ``"*/match3/*"``) override both.
 
 Both TrackNet column styles are read (a UTF-8 byte-order mark before the header is accepted):
 
@@ -27,30 +33,34 @@ all-zero map. Train/val/test are split by clip, never by frame. Without ``data_r
 (:mod:`datamodules.tracknet_synthetic`) writes the default clips under ``synthetic_dir`` first.
 
 Inference on unlabelled input (``predict_path``): a video file, a folder of numbered frames, or a folder of
-several of those; every frame gets a sample (see :func:`scan_unlabelled`).
+several of those; every frame gets a sample (see :func:`scan_unlabelled`), read in order by
+:class:`TrackNetStream` (videos decoded frame by frame, once each, keeping only a window of frames).
 """
 
 from __future__ import annotations
 
 import bisect
 import csv
+import fnmatch
 import hashlib
 import io
 import json
 import re
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.image_check import check_image
 from datamodules.tracknet_synthetic import GeneratorSpec, generate
+from models.metrics.tracknet import v3_truncate
 from models.vision.tracknet import HeatmapConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -201,7 +211,7 @@ def read_label_csv(path: str | Path, frame_dir: str | Path | None = None) -> Cli
     available.update({e[0]: e[2] for e in entries})
     return ClipLabels(
         clip_dir.name, [e[2] for e in entries], np.asarray([e[3] for e in entries], bool),
-        np.asarray([(e[4], e[5]) for e in entries], np.float32).reshape(-1, 2), size, [e[0] for e in entries],
+        np.asarray([(e[4], e[5]) for e in entries], np.float64).reshape(-1, 2), size, [e[0] for e in entries],
         dict(sorted(available.items())),
     )
 
@@ -277,29 +287,37 @@ def _av():
 
 
 def video_info(path: Path) -> tuple[int, tuple[int, int]]:
-    """(number of frames, (width, height)) of a video, by decoding it once (frame counts in headers lie)."""
+    """(number of frames, (width, height)) of a video without decoding it: its non-empty video packets are
+    counted (headers' frame counts are often missing or wrong); the size comes from the codec parameters."""
     av = _av()
-    n, size = 0, None
-    with av.open(str(path)) as container:
-        for frame in container.decode(video=0):
-            size = size or (frame.width, frame.height)
-            n += 1
-    if not n:
-        raise ValueError(f"video {str(path)!r} has no decodable frames")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"video {str(path)!r} has no video stream")
+            stream = container.streams.video[0]
+            size = (stream.codec_context.width, stream.codec_context.height)
+            n = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except av.error.FFmpegError as err:
+        raise ValueError(f"video {str(path)!r} cannot be read: {err}") from None
+    if not n or min(size) < 1:
+        raise ValueError(f"video {str(path)!r} has no frames")
     return n, size
 
 
-def read_video(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """All frames of a video as ``uint8 (n, 3, H, W)`` resized to ``size = (W, H)`` (PyAV decoding)."""
+def iter_video(path: Path, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+    """The frames of a video in order, each decoded once, as ``uint8 (3, H, W)`` resized to ``size = (W, H)``."""
     av = _av()
-    frames = []
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
             im = frame.to_image()  # PIL RGB
             if im.size != tuple(size):
                 im = im.resize(tuple(size), Image.BILINEAR)
-            frames.append(torch.from_numpy(np.asarray(im, np.uint8).copy()).permute(2, 0, 1))
-    return torch.stack(frames)
+            yield torch.from_numpy(np.asarray(im, np.uint8).copy()).permute(2, 0, 1)
+
+
+def read_video(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """All frames of a (short) video as ``uint8 (n, 3, H, W)``; predict streams instead (:class:`TrackNetStream`)."""
+    return torch.stack(list(iter_video(path, size)))
 
 
 def render_heatmap(x: float, y: float, visible: bool, size: tuple[int, int], sigma: float,
@@ -318,6 +336,74 @@ def render_heatmap(x: float, y: float, visible: bool, size: tuple[int, int], sig
     if mode == "disk":
         return (d2 <= sigma**2).float()[None]
     return torch.exp(-d2 / (2 * sigma**2))[None]
+
+
+def folder_split(names: list[str]) -> tuple[list[str], list[str], list[str]] | None:
+    """TrackNetV3's split: clips named ``train/...``, ``val/...``, ``test/...`` go to that split (others train),
+    when there are ``train/`` clips and ``val/`` or ``test/`` ones; else ``None``."""
+    top = {n: n.split("/", 1)[0] if "/" in n else "" for n in names}
+    if "train" not in top.values() or not {"val", "test"} & set(top.values()):
+        return None
+    val = sorted(n for n in names if top[n] == "val")
+    test = sorted(n for n in names if top[n] == "test")
+    return sorted(set(names) - set(val) - set(test)), val, test
+
+
+def match_clips(names: list[str], patterns: list[str], key: str) -> list[str]:
+    """Clip names matching any of ``patterns`` (exact names or ``fnmatch`` globs; ``*`` also crosses ``/``);
+    a pattern that matches nothing is an error naming ``key``."""
+    out: set[str] = set()
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"{key}: {pattern!r} matches no clip; clips: {sorted(names)[:20]}")
+        out.update(hits)
+    return sorted(out)
+
+
+class TrackNetStream(IterableDataset):
+    """The samples of :class:`TrackNetClipDataset` in order, with every video streamed: its frames are decoded
+    once each, in order, and only the last ``num_frames`` are kept (memory does not grow with the video's length).
+    Frame folders are read as by the map-style dataset. Every sample carries ``clip_end`` (the last of its clip).
+    Iterated by one process: with DataLoader workers, worker 0 yields everything and the others nothing."""
+
+    def __init__(self, base: TrackNetClipDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None and info.id > 0:
+            return
+        k = 0
+        for c, clip in enumerate(self.base.clips):
+            if clip.video is None:
+                while k < len(self.base.index) and self.base.index[k][0] == c:
+                    yield self.base[k]
+                    k += 1
+                continue
+            k += sum(1 for entry in self.base.index if entry[0] == c)
+            yield from self._video(c, clip)
+
+    def _video(self, c: int, clip: ClipLabels) -> Iterator[dict[str, Any]]:
+        n = self.base.num_frames
+        recent: deque[torch.Tensor] = deque(maxlen=n)
+        pending = None
+        for i, frame in enumerate(iter_video(clip.video, self.base.frame_size)):
+            if pending is not None:
+                yield {**pending, "clip_end": False}
+            if i >= len(clip.frame_ids):  # more frames than packets counted: grow the clip's tables
+                clip.frame_ids.append(i)
+                clip.available[i] = i
+                clip.visible = np.append(clip.visible, False)
+                clip.xy = np.vstack([clip.xy, np.zeros((1, 2))])
+            recent.extend([frame] * (n if not recent else 1))
+            window = [max(0, g) for g in range(i - n + 1, i + 1)]
+            pending = self.base.sample(c, i, window, list(recent))
+        if pending is not None:
+            yield {**pending, "clip_end": True}
 
 
 def split_clips(
@@ -368,7 +454,8 @@ class TrackNetClipDataset(Dataset):
                 self.gap_stats["filled_windows"] += int(gapped)
                 self.index.append((c, i, window))
         self._cache: dict[Any, torch.Tensor] | None = {} if cache_frames else None
-        self._videos: dict[Path, torch.Tensor] = {}
+        self._clip_end = {k for k in range(len(self.index)) if k + 1 == len(self.index)
+                          or self.index[k + 1][0] != self.index[k][0]}
         self._mean = torch.tensor(MEAN).view(3, 1, 1)
         self._std = torch.tensor(STD).view(3, 1, 1)
 
@@ -376,10 +463,8 @@ class TrackNetClipDataset(Dataset):
         return len(self.index)
 
     def _load(self, clip: ClipLabels, source: Any) -> torch.Tensor:
-        if clip.video is not None:  # decoded once, resized, kept as uint8
-            if clip.video not in self._videos:
-                self._videos[clip.video] = read_video(clip.video, self.frame_size)
-            return self._videos[clip.video][source]
+        if clip.video is not None:
+            raise TypeError(f"{clip.video}: videos are read in order by TrackNetStream, not by index")
         path = source
         if self._cache is not None and path in self._cache:
             return self._cache[path]
@@ -392,10 +477,27 @@ class TrackNetClipDataset(Dataset):
             self._cache[path] = t
         return t
 
+    def _target(self, clip: ClipLabels, row: int) -> torch.Tensor:
+        """Target map of a labelled row: centred on the rescaled label (``heatmap.centre: exact``) or on
+        TrackNetV3's truncated one (``v3``: nothing drawn when it truncates to ``(0, 0)``, as V3)."""
+        (sw, sh), (hw, hh), hm = clip.src_size, self.heatmap.size, self.heatmap
+        visible = bool(clip.visible[row])
+        x, y = float(clip.xy[row, 0]), float(clip.xy[row, 1])
+        if hm.centre == "v3":
+            cx, cy = v3_truncate(x, y, (sw, sh), (hw, hh))
+            return render_heatmap(cx, cy, visible and (cx, cy) != (0, 0), (hw, hh), hm.sigma, hm.mode)
+        return render_heatmap(x * hw / sw, y * hh / sh, visible, (hw, hh), hm.sigma, hm.mode)
+
     def __getitem__(self, k: int) -> dict[str, Any]:
         c, i, window = self.index[k]
         clip = self.clips[c]
-        frames = torch.stack([self._load(clip, clip.available[g]) for g in window]).float() / 255.0
+        frames = [self._load(clip, clip.available[g]) for g in window]
+        return {**self.sample(c, i, window, frames), "clip_end": k in self._clip_end}
+
+    def sample(self, c: int, i: int, window: list[int], frames: list[torch.Tensor]) -> dict[str, Any]:
+        """The sample of row ``i`` of clip ``c`` from its window's frame numbers and ``uint8`` frames."""
+        clip = self.clips[c]
+        frames = torch.stack(frames).float() / 255.0
         if self.normalize:
             frames = (frames - self._mean) / self._std
         sw, sh = clip.src_size
@@ -404,8 +506,9 @@ class TrackNetClipDataset(Dataset):
         visible = bool(clip.visible[i])
         sample = {
             "frames": frames.flatten(0, 1),  # (num_frames*3, H, W)
-            "heatmap": render_heatmap(x, y, visible, (hw, hh), self.heatmap.sigma, self.heatmap.mode),
+            "heatmap": self._target(clip, i),
             "xy": torch.tensor([x, y] if visible else [0.0, 0.0]),
+            "xy_v3": torch.tensor(v3_truncate(*clip.xy[i].tolist(), (sw, sh), (hw, hh)) if visible else (0, 0)),
             "visible": torch.tensor(visible),
             "src_size": torch.tensor([sw, sh]),
             "clip": clip.name,
@@ -420,8 +523,7 @@ class TrackNetClipDataset(Dataset):
                 real = row is not None and clip.labelled and g == fid - len(window) + 1 + pos
                 mask.append(float(real))
                 if real and clip.visible[row]:
-                    gx, gy = float(clip.xy[row, 0]) * hw / sw, float(clip.xy[row, 1]) * hh / sh
-                    maps.append(render_heatmap(gx, gy, True, (hw, hh), self.heatmap.sigma, self.heatmap.mode)[0])
+                    maps.append(self._target(clip, row)[0])
                 else:
                     maps.append(torch.zeros(hh, hw))
             sample["heatmaps"], sample["target_mask"] = torch.stack(maps), torch.tensor(mask)
@@ -439,7 +541,8 @@ class TrackNetDataModule(L.LightningDataModule):
         gap_policy: a frame number missing inside a clip: ``fill`` = the nearest earlier frame takes its place
             in the windows, ``skip`` = windows containing it are dropped (counts are logged).
         predict_path: unlabelled input for ``predict`` instead of ``predict_split``: a video file (PyAV), a
-            folder of numbered frames, or a folder of several (one output CSV per clip).
+            folder of numbered frames, or a folder of several (one output CSV per clip). Read in order by one
+            loader process (at most one worker); videos are streamed (:class:`TrackNetStream`).
         output_frames: ``last`` = one target map per sample (its last frame); ``all`` = one per window frame
             (``heatmaps``, ``target_mask``), for models that predict every frame (TrackNetV3 style; must equal
             the model's ``output_frames``).
@@ -449,9 +552,13 @@ class TrackNetDataModule(L.LightningDataModule):
         frame_size: input frame size ``[W, H]``; ``None`` = ``heatmap.size``.
         val_fraction: share of clips in the validation split.
         test_fraction: share of clips in the test split.
-        val_clips: validation clips by name (instead of ``val_fraction``; the rest train).
-        test_clips: test clips by name (instead of ``test_fraction``).
+        val_clips: validation clips by name or glob pattern (``"val/*"``; instead of ``val_fraction``/the folder
+            split; the rest train).
+        test_clips: test clips by name or glob pattern (instead of ``test_fraction``/the folder split).
         split_seed: seed of the split by clip.
+        split: ``auto`` = by the data root's ``train/``, ``val/``, ``test/`` folders when it has ``train/`` and one of
+            the others, else ``random``; ``folders`` = by those folders (an error if missing); ``random`` = by
+            ``val_fraction``/``test_fraction``. ``val_clips``/``test_clips`` take precedence.
         predict_split: clips used by ``predict``.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
@@ -476,6 +583,7 @@ class TrackNetDataModule(L.LightningDataModule):
         val_clips: list[str] | None = None,
         test_clips: list[str] | None = None,
         split_seed: int = 0,
+        split: Literal["auto", "folders", "random"] = "auto",
         predict_split: Literal["train", "val", "test", "all"] = "test",
         batch_size: int = 8,
         num_workers: int = 0,
@@ -498,6 +606,8 @@ class TrackNetDataModule(L.LightningDataModule):
                                     "frames)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if split not in ("auto", "folders", "random"):
+            raise ValueError(f"split must be 'auto', 'folders' or 'random', got {split!r}")
         for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= frac < 1:
                 raise ValueError(f"{key} must be in [0, 1), got {frac}")
@@ -535,10 +645,14 @@ class TrackNetDataModule(L.LightningDataModule):
             clip = read_label_csv(f)
             clip.name = f.parent.relative_to(self.root).as_posix() if f.parent != self.root else f.parent.name
             clips.append(clip)
+        rallies: dict[tuple[Path, str], dict[str, Path]] = {}
         for f in sorted(self.root.rglob("*_ball.csv")):
-            if f.parent.name != "csv" or f.name == self.hparams.label_file:
+            if f.parent.name not in ("csv", "corrected_csv") or f.name == self.hparams.label_file:
                 continue
-            match, rally = f.parent.parent, f.name[: -len("_ball.csv")]
+            rallies.setdefault((f.parent.parent, f.name[: -len("_ball.csv")]), {})[f.parent.name] = f
+        for (match, rally), files in sorted(rallies.items()):
+            in_test = "test" in (self.root.name, *match.relative_to(self.root).parts)  # under a test/ folder
+            f = files["corrected_csv"] if "corrected_csv" in files and (in_test or "csv" not in files) else files["csv"]
             clip = read_label_csv(f, match / "frame" / rally)
             clip.name = (match.relative_to(self.root) / rally).as_posix() if match != self.root else rally
             clips.append(clip)
@@ -559,7 +673,7 @@ class TrackNetDataModule(L.LightningDataModule):
         malformed file, a missing frame, names the file), the clips are split (``setup`` reuses all of it), and
         every frame image of the stage's clips is checked by :func:`datamodules.image_check.check_image` (a
         corrupt or truncated image names the file; PNG chunk CRCs and the JPEG end marker, no full decode).
-        Videos are decoded once here (to count their frames) as ``setup`` would. The generated default
+        Videos are not decoded here: their packets are counted (``video_info``). The generated default
         (``data_root: null``) comes from adaptlab's generator: only the split of ``synthetic.num_clips`` clips is
         checked and nothing is generated here.
         """
@@ -594,12 +708,21 @@ class TrackNetDataModule(L.LightningDataModule):
         if {"train", "val", "test", "all"} <= set(self.clips):
             return
         clips = {c.name: c for c in self.discover()}
+        folders = folder_split(list(clips))
+        if hp.split == "folders" and folders is None:
+            raise ValueError(f"split: folders, but data_root {str(self.root)!r} has no train/ folder with val/ or "
+                             "test/ beside it")
         if hp.val_clips is not None or hp.test_clips is not None:
-            val, test = list(hp.val_clips or []), list(hp.test_clips or [])
-            unknown = [n for n in val + test if n not in clips]
-            if unknown:
-                raise ValueError(f"val_clips/test_clips name unknown clips {unknown}; clips: {sorted(clips)[:20]}")
+            val = match_clips(list(clips), hp.val_clips or [], "val_clips")
+            test = match_clips(list(clips), hp.test_clips or [], "test_clips")
+            both = sorted(set(val) & set(test))
+            if both:
+                raise ValueError(f"val_clips and test_clips both select {both[:10]}")
             train = sorted(set(clips) - set(val) - set(test))
+        elif folders is not None and hp.split != "random":
+            train, val, test = folders
+            rank_zero_info(f"TrackNet data: split by the train/ val/ test/ folders of {self.root} ({len(train)} / "
+                           f"{len(val)} / {len(test)} clips; val_fraction/test_fraction unused)")
         else:
             train, val, test = split_clips(list(clips), hp.val_fraction, hp.test_fraction, hp.split_seed)
         self.clips.update({"train": [clips[n] for n in train], "val": [clips[n] for n in val],
@@ -607,9 +730,9 @@ class TrackNetDataModule(L.LightningDataModule):
         if not self.clips[hp.predict_split] and stage == "predict":
             raise ValueError(f"predict_split={hp.predict_split!r} has no clips (set test_fraction or predict_split)")
 
-    def dataset(self, split: str) -> TrackNetClipDataset:
-        """The samples of one split (``train``, ``val``, ``test``, ``all`` or ``unlabelled``); logs one line when
-        its clips have gaps in their frame numbers."""
+    def dataset(self, split: str) -> TrackNetClipDataset | TrackNetStream:
+        """The samples of one split (``train``, ``val``, ``test``, ``all``, or ``unlabelled``: a
+        :class:`TrackNetStream`); logs one line when its clips have gaps in their frame numbers."""
         hp = self.hparams
         ds = TrackNetClipDataset(self.clips[split], hp.num_frames, self.frame_size, self.heatmap, hp.normalize,
                                  hp.cache_frames, hp.gap_policy, hp.output_frames)
@@ -619,12 +742,16 @@ class TrackNetDataModule(L.LightningDataModule):
                     else f"{g['skipped_windows']} windows skipped")
             rank_zero_info(f"TrackNet data ({split}): {g['missing_frames']} frame numbers missing inside clips; "
                            f"{done} (gap_policy: {hp.gap_policy})")
-        return ds
+        return TrackNetStream(ds) if split == "unlabelled" else ds
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
-        return DataLoader(self.dataset(split), batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0)
+        dataset = self.dataset(split)
+        workers = hp.num_workers
+        if isinstance(dataset, TrackNetStream):  # read in order by one process (bounded memory, one decode/frame)
+            workers = min(workers, 1)
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=workers,
+                          persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -18,9 +18,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.tracknet import MEAN, STD
 from models.adapters.lora import count_parameters, inject_lora, load_lora, save_lora
-from models.metrics.tracknet import TrackNetMetrics, centroid_radius, detect_peaks
+from models.metrics.tracknet import PEAK_METHODS, TrackNetMetrics, centroid_radius, detect_peaks, v3_label_centres
 from models.utils.atomic import atomic_path
-from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_grid, heatmap_loss, prediction_grid
+from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_figure, heatmap_loss, prediction_figure
 from models.vision.vit import freeze
 
 
@@ -47,7 +47,9 @@ class DecoderConfig:
 class LoRAConfig:
     """LoRA on the backbone. ``target_modules: null`` = every attention and MLP linear of the ViT;
     ``task_type`` is recorded (hparams and adapter metadata) for PEFT-style bookkeeping. When enabled, only
-    the adapters (and the biases ``bias`` selects) train in the backbone, whatever ``backbone.freeze`` says."""
+    the adapters (and the biases ``bias`` selects) train in the backbone, whatever ``backbone.freeze`` says.
+    ``r`` is an alias of ``lora_r`` (the key of the original TrackNet config); when both are given, ``lora_r``
+    must be its default (16) or equal ``r``."""
 
     enabled: bool = False
     lora_r: int = 16
@@ -56,6 +58,13 @@ class LoRAConfig:
     target_modules: str | list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     task_type: str = "FEATURE_EXTRACTION"
+    r: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.r is not None:
+            if self.lora_r not in (16, self.r):  # 16: lora_r's default, i.e. not set
+                raise ValueError(f"lora.r ({self.r}) and lora.lora_r ({self.lora_r}) disagree: give one of them")
+            self.lora_r, self.r = self.r, None
 
 
 @dataclass
@@ -74,6 +83,18 @@ class QuantizationConfig:
     compress_statistics: bool | None = None
     use_double_quant: bool | None = None
     save_dequantized: bool = False
+
+
+def _labels(batch: dict[str, Any], n: int) -> list[str]:
+    """``<clip> frame <n>`` captions of the first ``n`` samples of a batch."""
+    return [f"{c} frame {int(f)}" for c, f in zip(list(batch["clip"])[:n], batch["frame"][:n].tolist())]
+
+
+def ensemble_weights(n: int) -> torch.Tensor:
+    """TrackNetV3's position weights of the temporal ensemble for ``n`` windows: ``1, 2, ..`` rising from both
+    ends to the middle (``n = 3``: ``1, 2, 1``; ``n = 8``: ``1, 2, 3, 4, 4, 3, 2, 1``), normalised to sum 1."""
+    w = torch.tensor([min(i, n - 1 - i) + 1 for i in range(n)], dtype=torch.float32)
+    return w / w.sum()
 
 
 def _as(cls: type, value: Any) -> Any:
@@ -104,14 +125,19 @@ class HeatmapTracker(L.LightningModule):
         tolerance_space: where distances are measured: ``reference`` = at ``reference_size`` (TrackNetV3: 4 px at
             512x288, comparable across heat-map sizes), ``source`` = each clip's source pixels, ``heatmap``.
         reference_size: ``[W, H]`` of ``tolerance_space: reference``.
-        peak_method: ``centroid`` (weighted centroid over a window of ``3 sigma``, unbiased) or ``component``
-            (TrackNetV3: bounding-box centre of the largest region above ``threshold``).
+        peak_method: ``centroid`` (weighted centroid over a window of ``3 sigma``, unbiased, adaptlab's default),
+            ``component`` (bounding-box centre of the largest region above ``threshold``, half-pixel) or ``v3``
+            (TrackNetV3's ``predict_location``/``evaluate`` to the pixel: that centre and the label both truncated
+            to whole pixels, the label's box taken from V3's disk of radius ``heatmap.sigma`` (2.5 for Gaussian
+            maps); exact at V3's 512x288 heat map).
         output_frames: ``last`` = one heat map per window (its last frame); ``all`` = one per input frame, as
             TrackNetV3 (trained on every labelled frame of the window; metrics use the last map; must equal
             ``data.output_frames``).
-        temporal_ensemble: with ``output_frames: all``, ``predict`` averages each frame's maps from every window
-            that holds it at its own position (up to ``num_frames``), as TrackNetV3's temporal ensemble; needs an
-            ordered, single-device predict loader (the default).
+        temporal_ensemble: with ``output_frames: all``, ``predict`` combines each frame's maps from every window
+            that holds it at its own position (up to ``num_frames``), as TrackNetV3's temporal ensemble: ``average``
+            (or ``true``) = their mean; ``weight`` = V3's position weights (``1, 2, .., 2, 1`` normalised: the
+            window's middle counts most) where all ``num_frames`` windows exist, the mean elsewhere (clip ends), as
+            V3; ``false`` = off. Needs an ordered, single-device predict loader (the default).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         adapter_path: folder written by :meth:`save_adapter` to load onto the freshly built model.
@@ -138,9 +164,9 @@ class HeatmapTracker(L.LightningModule):
         tolerance: float = 4.0,
         tolerance_space: Literal["reference", "source", "heatmap"] = "reference",
         reference_size: tuple[int, int] = (512, 288),
-        peak_method: Literal["centroid", "component"] = "centroid",
+        peak_method: Literal["centroid", "component", "v3"] = "centroid",
         output_frames: Literal["last", "all"] = "last",
-        temporal_ensemble: bool = False,
+        temporal_ensemble: bool | Literal["average", "weight"] = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         adapter_path: str | None = None,
@@ -155,6 +181,10 @@ class HeatmapTracker(L.LightningModule):
             raise ValueError(f"tolerance_space must be 'reference', 'source' or 'heatmap', got {tolerance_space!r}")
         if output_frames not in ("last", "all"):
             raise ValueError(f"output_frames must be 'last' or 'all', got {output_frames!r}")
+        if peak_method not in PEAK_METHODS:
+            raise ValueError(f"peak_method must be one of {PEAK_METHODS}, got {peak_method!r}")
+        if temporal_ensemble not in (False, True, "average", "weight"):
+            raise ValueError(f"temporal_ensemble must be false, true, 'average' or 'weight', got {temporal_ensemble!r}")
         if temporal_ensemble and output_frames != "all":
             raise ValueError("temporal_ensemble needs output_frames: all (one map per input frame)")
         if len(reference_size) != 2 or min(reference_size) < 1:
@@ -226,13 +256,14 @@ class HeatmapTracker(L.LightningModule):
         if dhp.get("num_frames") is not None and dhp.num_frames != hp.num_frames:
             raise ValueError(f"data.num_frames ({dhp.num_frames}) differs from model.num_frames ({hp.num_frames}): "
                              f"the model takes {3 * hp.num_frames} input channels ({hp.num_frames} stacked RGB frames)")
-        mine = (list(self.heatmap_cfg.size), float(self.heatmap_cfg.sigma), self.heatmap_cfg.mode)
-        theirs = (list(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode)
+        mine = (list(self.heatmap_cfg.size), float(self.heatmap_cfg.sigma), self.heatmap_cfg.mode,
+                self.heatmap_cfg.centre)
+        theirs = (list(dm.heatmap.size), float(dm.heatmap.sigma), dm.heatmap.mode, dm.heatmap.centre)
         if mine[0] != theirs[0]:
             raise ValueError(f"data.heatmap.size {theirs[0]} differs from model.heatmap.size {mine[0]} (the model's "
                              "output maps, [W, H])")
         if mine != theirs:
-            raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode)")
+            raise ValueError(f"data.heatmap {theirs} differs from model.heatmap {mine} (size, sigma, mode, centre)")
         if dhp.get("output_frames", "last") != hp.output_frames:
             raise ValueError(f"data.output_frames={dhp.get('output_frames', 'last')!r} differs from "
                              f"model.output_frames={hp.output_frames!r}")
@@ -287,7 +318,16 @@ class HeatmapTracker(L.LightningModule):
     def _eval_step(self, batch: dict[str, Any], metrics: TrackNetMetrics, prefix: str) -> torch.Tensor:
         logits = self(batch["frames"])
         probs = torch.sigmoid(logits[:, -1:].float())  # the labelled (last) frame's map
-        metrics.update(probs, batch["xy"], batch["visible"], self.distance_scale(batch["src_size"]))
+        true_xy, visible = batch["xy"], batch["visible"]
+        if self.hparams.peak_method == "v3":  # V3's ground truth: the box centre of its disk at the truncated label
+            if "xy_v3" not in batch:
+                raise ValueError("peak_method: v3 needs batches with 'xy_v3' (the truncated label, as "
+                                 "TrackNetDataModule gives)")
+            hm = self.heatmap_cfg
+            true_xy, visible = v3_label_centres(batch["xy_v3"], visible, tuple(hm.size),
+                                                hm.sigma if hm.mode == "disk" else 2.5)
+            true_xy, visible = true_xy.to(probs.device), visible.to(probs.device)
+        metrics.update(probs, true_xy, visible, self.distance_scale(batch["src_size"]))
         self.log(f"{prefix}/loss", self._batch_loss(logits, batch), prog_bar=True, sync_dist=True,
                  batch_size=batch["frames"].shape[0])
         return probs
@@ -297,7 +337,7 @@ class HeatmapTracker(L.LightningModule):
         n = self.hparams.num_log_images
         if batch_idx == 0 and n > 0:
             self._val_images = (batch["frames"][:n], probs[:n], batch["heatmap"][:n], batch["xy"][:n],
-                                batch["visible"][:n])
+                                batch["visible"][:n], _labels(batch, n))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test")
@@ -312,14 +352,14 @@ class HeatmapTracker(L.LightningModule):
         self._log_metrics(self.val_metrics, "val")
         log_images = isinstance(self.logger, TensorBoardLogger) and not self.trainer.sanity_checking
         if self._val_images is not None and log_images and self.trainer.is_global_zero:
-            frames, probs, target, true_xy, visible = self._val_images
-            grid = heatmap_grid(frames, probs, target, mean=MEAN, std=STD)
-            self.logger.experiment.add_image("val/frames_pred_true", grid, self.global_step)
+            frames, probs, target, true_xy, visible, labels = self._val_images
             xy, found = self.peaks(probs)
             to_img = self._heatmap_to_image(frames)
-            self.logger.experiment.add_image(
-                "val/predictions", prediction_grid(frames, xy * to_img, found, MEAN, STD, true_xy * to_img, visible),
-                self.global_step)
+            pred_img, true_img = xy * to_img, true_xy.to(to_img) * to_img
+            self.logger.experiment.add_figure("val/frames_pred_true", heatmap_figure(
+                frames, probs, target, MEAN, STD, pred_img, found, true_img, visible, labels), self.global_step)
+            self.logger.experiment.add_figure("val/predictions", prediction_figure(
+                frames, pred_img, found, MEAN, STD, true_img, visible, labels), self.global_step)
         self._val_images = None
 
     def on_test_epoch_end(self) -> None:
@@ -333,36 +373,41 @@ class HeatmapTracker(L.LightningModule):
         n = self.hparams.num_log_images
         if batch_idx == 0 and n > 0 and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             frames = batch["frames"][:n]
-            grid = prediction_grid(frames, xy[:n] * self._heatmap_to_image(frames), found[:n], MEAN, STD)
-            self.logger.experiment.add_image("predict/predictions", grid, self.global_step)
+            fig = prediction_figure(frames, xy[:n] * self._heatmap_to_image(frames), found[:n], MEAN, STD,
+                                    labels=_labels(batch, n))
+            self.logger.experiment.add_figure("predict/predictions", fig, self.global_step)
         if self.hparams.temporal_ensemble:
             last = batch_idx == int(self.trainer.num_predict_batches[dataloader_idx]) - 1
-            return self._ensemble_step(all_probs, batch, last)
+            return self._ensemble_step(all_probs, batch, last and "clip_end" not in batch)
         return self._rows(list(batch["clip"]), batch["frame"], xy, found, batch["src_size"])
 
     def _rows(self, clips: list[str], frames: torch.Tensor, xy: torch.Tensor, found: torch.Tensor,
               src_size: torch.Tensor) -> dict[str, Any]:
-        w, h = self.heatmap_cfg.size
-        scale = src_size.to(xy) / torch.tensor([w, h], device=xy.device, dtype=xy.dtype)
-        xy = torch.where(found[:, None], xy * scale, torch.zeros_like(xy))
+        w, h = self.heatmap_cfg.size  # float64, as TrackNetV3 scales its whole-pixel centres (int(cx * W_src / W))
+        scale = src_size.double().cpu() / torch.tensor([w, h], dtype=torch.float64)
+        xy = xy.double().cpu()
+        xy = torch.where(found.cpu()[:, None], xy * scale, torch.zeros_like(xy))
         return {"clip": clips, "frame": frames.cpu(), "visibility": found.long().cpu(), "xy": xy.cpu()}
 
     def on_predict_epoch_start(self) -> None:
-        self._ens: dict[int, list[Any]] = {}  # frame -> [map sum, count, src_size] of the current clip
+        self._ens: dict[int, list[Any]] = {}  # frame -> [map sum, count, src_size, weighted sum] of the clip
         self._ens_clip: str | None = None
 
     def _ensemble_step(self, probs: torch.Tensor, batch: dict[str, Any], last_batch: bool) -> dict[str, Any]:
         """Temporal ensemble: the map at window position ``p`` of the window ending at frame ``L`` predicts frame
         ``L - n + 1 + p`` (positions holding a repeat or a gap fill are left out); a frame is final once the
-        window it starts has been seen, and comes out as the peak of its averaged maps."""
+        window it starts has been seen (or its clip ends: ``clip_end``), and comes out as the peak of its averaged
+        maps (``weight``: V3's position weights when all ``n`` windows hold it)."""
         n = probs.shape[1]
+        weights = ensemble_weights(n).to(probs)
+        weighted = self.hparams.temporal_ensemble == "weight"
         done: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
 
         def flush(upto: int | None) -> None:
             for g in sorted(self._ens):
                 if upto is None or g <= upto:
-                    total, count, src = self._ens.pop(g)
-                    done.append((self._ens_clip, g, total / count, src))
+                    total, count, src, wsum = self._ens.pop(g)
+                    done.append((self._ens_clip, g, wsum if weighted and count == n else total / count, src))
 
         for b in range(probs.shape[0]):
             clip, end = batch["clip"][b], int(batch["frame"][b])
@@ -372,10 +417,12 @@ class HeatmapTracker(L.LightningModule):
             for pos, g in enumerate(batch["window"][b].tolist()):
                 if g != end - n + 1 + pos:
                     continue
-                entry = self._ens.setdefault(g, [torch.zeros_like(probs[b, pos]), 0, batch["src_size"][b]])
+                entry = self._ens.setdefault(g, [torch.zeros_like(probs[b, pos]), 0, batch["src_size"][b],
+                                                 torch.zeros_like(probs[b, pos])])
                 entry[0] += probs[b, pos]
                 entry[1] += 1
-            flush(end - n + 1)
+                entry[3] += weights[pos] * probs[b, pos]
+            flush(None if "clip_end" in batch and bool(batch["clip_end"][b]) else end - n + 1)
         if last_batch:
             flush(None)
         if not done:

@@ -126,6 +126,9 @@ CASES = [
     (TRACKNET, ["--model.reference_size", "[512, 0]"], "reference_size"),
     (TRACKNET, ["--model.peak_method", "argmax"], "peak_method"),
     (TRACKNET, ["--model.temporal_ensemble", "true"], "temporal_ensemble needs output_frames: all"),
+    (TRACKNET, ["--model.temporal_ensemble", "weight"], "temporal_ensemble needs output_frames: all"),
+    (TRACKNET, ["--data.split", "by_match"], "split"),
+    (TRACKNET, ["--model.heatmap.centre", "round"], "centre"),
     # (source: files no longer needs `--data.include null`)
     (GPT, ["--data.source", "files", "--data.paths", "[/missing_dir/*.txt]"], "/missing_dir/*.txt"),
     (GPT, ["--model.config.skip2lora_enabled", "true", "--model.config.skip2lora_block_indices", "[99]"],

@@ -1,6 +1,8 @@
 """TrackNet data: both CSV styles, bad rows, heat-map targets, frame stacking, generator, split by clip."""
 
 import hashlib
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +278,152 @@ def test_tracknetv3_layout_beside_clip_folders(tmp_path):
     (bad / "r_ball.csv").write_text("Frame,Visibility,X,Y\n0,0,0,0\n")
     with pytest.raises(FileNotFoundError, match="frame folder"):
         TrackNetDataModule(data_root=str(tmp_path / "bad")).setup("fit")
+
+
+def test_v3_disk_targets_centre_on_the_truncated_label(tmp_path):
+    """heatmap.centre: v3 draws V3's disk around int(x / (W_src / W)); exact draws it around the float label;
+    xy_v3 carries the truncated label for peak_method: v3."""
+    from datamodules.tracknet import ClipLabels
+
+    frame = tmp_path / "0.png"
+    Image.new("RGB", (40, 20)).save(frame)
+    clip = ClipLabels("c", [frame, frame], np.array([True, True]), np.array([[13.9, 7.9], [0.7, 0.9]]), (40, 20),
+                      [0, 1], {0: frame, 1: frame})
+    size = (40, 20)
+    v3 = TrackNetClipDataset([clip], 1, size, HeatmapConfig(size, 2.5, "disk", "v3"))
+    exact = TrackNetClipDataset([clip], 1, size, HeatmapConfig(size, 2.5, "disk"))
+    assert v3[0]["xy_v3"].tolist() == [13, 7]
+    assert torch.equal(v3[0]["heatmap"], render_heatmap(13, 7, True, size, 2.5, "disk"))
+    assert not torch.equal(exact[0]["heatmap"], v3[0]["heatmap"])
+    assert torch.equal(exact[0]["heatmap"], render_heatmap(13.9, 7.9, True, size, 2.5, "disk"))
+    assert v3[1]["heatmap"].sum() == 0 and v3[1]["visible"]  # truncates to (0, 0): V3 draws no ball
+
+
+def _v3_tree(root, layout):
+    """TrackNetV3's data layout: ``<split>/<match>/frame/<rally>/<n>.png`` + ``csv/<rally>_ball.csv``."""
+    for split, match, rally in layout:
+        _frames(root / split / match / "frame" / rally, 3, size=(64, 36), names=[f"{i}.png" for i in range(3)])
+        (root / split / match / "csv").mkdir(parents=True, exist_ok=True)
+        (root / split / match / "csv" / f"{rally}_ball.csv").write_text("Frame,Visibility,X,Y\n0,1,10,5\n1,0,0,0\n"
+                                                                         "2,0,0,0\n")
+
+
+def test_v3_folder_split_corrected_test_labels_and_glob_patterns(tmp_path):
+    layout = [("train", "match1", "1_01_00"), ("train", "match2", "2_01_00"), ("val", "match1", "1_02_00"),
+              ("test", "match3", "3_01_00"), ("test", "match3", "3_02_00")]
+    _v3_tree(tmp_path, layout)
+    corrected = tmp_path / "test" / "match3" / "corrected_csv"
+    corrected.mkdir()
+    (corrected / "3_01_00_ball.csv").write_text("Frame,Visibility,X,Y\n0,1,20,30\n1,1,2,3\n2,0,0,0\n")
+    # a corrected file outside test/ is not V3's: csv/ stays the label there
+    (tmp_path / "train" / "match1" / "corrected_csv").mkdir()
+    (tmp_path / "train" / "match1" / "corrected_csv" / "1_01_00_ball.csv").write_text("Frame,Visibility,X,Y\n"
+                                                                                       "0,0,0,0\n")
+    kw = dict(data_root=str(tmp_path), heatmap={"size": [32, 18], "sigma": 1.0}, batch_size=2)
+    dm = TrackNetDataModule(**kw)
+    dm.setup("fit")
+    names = {s: [c.name for c in dm.clips[s]] for s in ("train", "val", "test")}
+    assert names == {"train": ["train/match1/1_01_00", "train/match2/2_01_00"], "val": ["val/match1/1_02_00"],
+                     "test": ["test/match3/3_01_00", "test/match3/3_02_00"]}
+    fixed = dm.clips["test"][0]
+    assert fixed.visible.tolist() == [True, True, False] and fixed.xy[0].tolist() == [20.0, 30.0]
+    only_test = TrackNetDataModule(**{**kw, "data_root": str(tmp_path / "test")}, val_fraction=0.0, test_fraction=0.0)
+    only_test.setup("fit")  # data_root pointing at V3's test/ folder itself: corrected labels too
+    assert only_test.clips["all"][0].xy[0].tolist() == [20.0, 30.0]
+    assert dm.clips["train"][0].visible.tolist() == [True, False, False]
+    # glob patterns override the folders; the rest trains
+    dm = TrackNetDataModule(**kw, val_clips=["test/*"], test_clips=["*/match1/*"])
+    dm.setup("fit")
+    assert [c.name for c in dm.clips["val"]] == ["test/match3/3_01_00", "test/match3/3_02_00"]
+    assert [c.name for c in dm.clips["test"]] == ["train/match1/1_01_00", "val/match1/1_02_00"]
+    assert [c.name for c in dm.clips["train"]] == ["train/match2/2_01_00"]
+    # split: random ignores the folders
+    dm = TrackNetDataModule(**kw, split="random", val_fraction=0.2, test_fraction=0.2)
+    dm.setup("fit")
+    assert len(dm.clips["val"]) == 1 and len(dm.clips["test"]) == 1
+    with pytest.raises(ValueError, match="test_clips: 'nope/\\*' matches no clip"):
+        TrackNetDataModule(**kw, test_clips=["nope/*"]).setup("fit")
+    flat = tmp_path / "flat"
+    _v3_tree(flat, [("", "match1", "1_01_00"), ("", "match1", "1_02_00"), ("", "match1", "1_03_00")])
+    with pytest.raises(ValueError, match="split: folders"):
+        TrackNetDataModule(data_root=str(flat), split="folders").setup("fit")
+    dm = TrackNetDataModule(data_root=str(flat), heatmap={"size": [32, 18], "sigma": 1.0}, val_fraction=0.34,
+                            test_fraction=0.0)
+    dm.setup("fit")  # no folders: random split by clip
+    assert len(dm.clips["val"]) == 1 and len(dm.clips["train"]) == 2
+
+
+_STREAM_SCRIPT = r"""
+import resource, sys
+import numpy as np
+import av
+from datamodules.tracknet import TrackNetDataModule
+
+def write(path, n):
+    with av.open(path, "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 320, 176, "yuv420p"
+        base = np.indices((176, 320)).sum(0)
+        for i in range(n):
+            img = np.repeat(((base + 3 * i) % 256).astype(np.uint8)[:, :, None], 3, 2)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+
+for n in (60, 480):
+    write(f"{sys.argv[1]}/v{n}.mp4", n)
+for n in (60, 480):  # the short video first: ru_maxrss is a high-water mark
+    path = f"{sys.argv[1]}/v{n}.mp4"
+    dm = TrackNetDataModule(heatmap={"size": [320, 176], "sigma": 2.0}, predict_path=path, batch_size=4)
+    dm.preflight("predict")
+    dm.setup("predict")
+    frames = [f for batch in dm.predict_dataloader() for f in batch["frame"].tolist()]
+    assert frames == list(range(n)), frames[:10]
+    print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def test_video_predict_streams_with_memory_independent_of_length(tmp_path):
+    """Peak memory of reading a whole video for predict does not grow with its length: after a 60-frame video,
+    a 480-frame one at 320x176 would raise the peak by 71 MB if decoded up front (as before); streamed, < 16 MB."""
+    pytest.importorskip("av")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = dict(line.split() for line in out.stdout.strip().splitlines()[-2:])
+    assert float(peak["480"]) - float(peak["60"]) < 16, peak
+
+
+def test_video_frames_are_decoded_once_in_order_and_counted_without_decoding(tmp_path, monkeypatch):
+    av = pytest.importorskip("av")
+    import datamodules.tracknet as tn
+
+    path = tmp_path / "v.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        for level in range(0, 250, 25):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 64, 3), level, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    calls = []
+    real = tn.iter_video
+
+    def counting(p, size):
+        calls.append(p)
+        yield from real(p, size)
+
+    monkeypatch.setattr(tn, "iter_video", counting)
+    assert tn.video_info(path) == (10, (64, 32)) and not calls  # counted from packets, nothing decoded
+    dm = TrackNetDataModule(heatmap={"size": [64, 32], "sigma": 1.0}, predict_path=str(path), batch_size=3,
+                            num_workers=0, normalize=False)
+    dm.preflight("predict")
+    dm.setup("predict")
+    samples = [s for s in dm.dataset("unlabelled")]
+    assert calls == [path]  # one decode of the video, frame by frame
+    assert [s["frame"] for s in samples] == list(range(10)) and [s["clip_end"] for s in samples] == [False] * 9 + [True]
+    assert samples[0]["window"].tolist() == [0, 0, 0] and samples[5]["window"].tolist() == [3, 4, 5]
+    levels = [round(float(samples[5]["frames"][3 * k].mean()) * 255) for k in range(3)]
+    assert all(abs(a - b) < 8 for a, b in zip(levels, [75, 100, 125]))

@@ -75,8 +75,10 @@ def test_datamodule_mismatch_is_named(in_tmp):
     trainer = L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"data.heatmap.size \[32, 16\] differs from model.heatmap.size \[64, 32\]"):
         trainer.fit(HeatmapTracker(**TINY), datamodule=_data(heatmap={"size": [32, 16], "sigma": 1.5}))
-    with pytest.raises(ValueError, match=r"data.heatmap .* differs from model.heatmap .* \(size, sigma, mode\)"):
+    with pytest.raises(ValueError, match=r"data.heatmap .* differs from model.heatmap .* \(size, sigma, mode, centre"):
         trainer.fit(HeatmapTracker(**TINY), datamodule=_data(heatmap={**HEATMAP, "sigma": 3.0}))
+    with pytest.raises(ValueError, match=r"'v3'\) differs from model.heatmap"):
+        trainer.fit(HeatmapTracker(**TINY), datamodule=_data(heatmap={**HEATMAP, "centre": "v3"}))
     with pytest.raises(ValueError, match=r"data.num_frames \(2\) differs from model.num_frames \(3\)"):
         trainer.fit(HeatmapTracker(**TINY), datamodule=_data(num_frames=2))
 
@@ -245,6 +247,21 @@ def test_qlora_trains_only_adapters_and_reloads_onto_a_fresh_quantized_backbone(
     torch.testing.assert_close(fresh(x), model(x))
 
 
+def test_hf_mode_trains_on_cpu_with_bitsandbytes(in_tmp):
+    """``quantization.mode: hf`` (bitsandbytes Linear4bit) runs on a CPU: the move to the device quantizes the
+    weights (uint8, packed), the LoRA factors train, the 4-bit weights stay as they were."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = HeatmapTracker(**TINY, lora=LORA, lr=5e-3,
+                           quantization={"enabled": True, "mode": "hf", "compute_dtype": "float32"})
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, accelerator="cpu").fit(model, datamodule=_data())
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.dtype == torch.uint8 and m.weight.shape[1] == 1 for m in layers)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if n in lora_before)
+
+
 def test_hf_mode_without_bitsandbytes_fails_at_construction():
     pytest.importorskip("models.quant")
     try:
@@ -270,7 +287,7 @@ def test_use_double_quant_false_alone_turns_double_quantization_off(settings, ex
 
 
 def test_v3_512x288_preset_config_smoke_with_tiny_overrides(in_tmp):
-    """The TrackNetV3-comparable preset (reference 512x288, component peaks, disk targets) at CPU size."""
+    """The TrackNetV3-comparable preset (reference 512x288, V3's evaluation rule, V3-centred disks) at CPU size."""
     (in_tmp / "tiny_v3.yaml").write_text("model:\n  init_args:\n    backbone: {freeze: true, patch_size: 16, "
                                          "pretrained_file: null}\n")
     run_cli(["fit", "--config", str(REPO / "configs/tracknet_v3_512x288.yaml"), "--config", "tiny_v3.yaml",
@@ -282,8 +299,8 @@ def test_v3_512x288_preset_config_smoke_with_tiny_overrides(in_tmp):
     run = in_tmp / "runs" / "tiny_v3" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     hp = yaml.safe_load((run / "hparams.yaml").read_text())
-    assert (hp["tolerance_space"], list(hp["reference_size"]), hp["peak_method"]) == ("reference", [512, 288],
-                                                                                      "component")
+    assert (hp["tolerance_space"], list(hp["reference_size"]), hp["peak_method"]) == ("reference", [512, 288], "v3")
+    assert hp["heatmap"]["centre"] == "v3"
 
 
 def _write_video(path: Path, levels: list[int], size=(128, 64)) -> None:
@@ -319,7 +336,8 @@ def test_predict_on_unlabelled_frames_and_a_video(in_tmp):
     assert (decoded.float().mean((1, 2, 3)) - torch.tensor(levels, dtype=torch.float32)).abs().max() < 8
     dm = TrackNetDataModule(heatmap=HEATMAP, predict_path=str(in_tmp / "input"), batch_size=4, normalize=False)
     writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
-    trainer = L.Trainer(logger=TensorBoardLogger(str(in_tmp / "tb"), name="p"), callbacks=[writer],
+    v3_writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred_v3"), csv_format="v3")
+    trainer = L.Trainer(logger=TensorBoardLogger(str(in_tmp / "tb"), name="p"), callbacks=[writer, v3_writer],
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.predict(HeatmapTracker(**TINY, threshold=0.01), datamodule=dm)
     assert sorted(p.relative_to(in_tmp / "pred").as_posix() for p in (in_tmp / "pred").rglob("*.csv")) == [
@@ -328,6 +346,14 @@ def test_predict_on_unlabelled_frames_and_a_video(in_tmp):
         rows = list(csv.reader(open(in_tmp / "pred" / f"{name}.csv")))
         assert rows[0] == ["Frame", "Visibility", "X", "Y"] and [int(r[0]) for r in rows[1:]] == list(range(n))
         assert all(0 <= float(r[2]) <= 128 and 0 <= float(r[3]) <= 64 for r in rows[1:])
+    for name in ("court_a", "rally"):  # TrackNetV3's predict format: <video>_ball.csv, whole pixels
+        ours = list(csv.reader(open(in_tmp / "pred" / f"{name}.csv")))[1:]
+        v3 = list(csv.reader(open(in_tmp / "pred_v3" / f"{name}_ball.csv")))
+        assert v3[0] == ["Frame", "Visibility", "X", "Y"] and len(v3) == len(ours) + 1
+        for a, b in zip(ours, v3[1:]):  # ours are rounded to 2 decimals, V3's truncated: within one pixel
+            assert b[0] == a[0] and all(v.isdigit() for v in b)
+            assert all(0 <= float(p) - int(q) < 1.01 for p, q in zip(a[2:], b[2:]))
+            assert b[1] == str(int(b[2:] != ["0", "0"])) and (a[1] == "1" or b[2:] == ["0", "0"])
     ds = dm.dataset("unlabelled")
     sample = next(s for s in ds if s["clip"] == "court_a" and s["frame"] == 3)  # window 1, 2, 3: grey 20, 40, 60
     assert [round(float(sample["frames"][3 * k].mean()) * 255) for k in range(3)] == [20, 40, 60]
@@ -370,13 +396,15 @@ def test_output_frames_all_trains_on_every_labelled_window_frame(in_tmp):
         HeatmapTracker(**TINY, temporal_ensemble=True)
 
 
-def test_temporal_ensemble_averages_each_frames_maps_over_its_windows(in_tmp):
+@pytest.mark.parametrize("mode", [True, "weight"])
+def test_temporal_ensemble_averages_each_frames_maps_over_its_windows(in_tmp, mode):
     """predict with temporal_ensemble: each frame's CSV row is the peak of the mean of the maps predicted for it
-    at its own position in every window (computed here by hand), across batch boundaries and clips."""
+    at its own position in every window (computed here by hand), across batch boundaries and clips; ``weight``:
+    TrackNetV3's position weights 1, 2, 1 (/ 4) where all three windows hold the frame, the mean at clip ends."""
     from models.metrics.tracknet import detect_peaks
 
     torch.manual_seed(0)
-    model = HeatmapTracker(**TINY, output_frames="all", temporal_ensemble=True, threshold=0.05).eval()
+    model = HeatmapTracker(**TINY, output_frames="all", temporal_ensemble=mode, threshold=0.05).eval()
     dm = _data(output_frames="all", predict_split="all", batch_size=5)  # 16 frames per clip: batches straddle
     writer = TrackNetPredictionWriter(output_dir=str(in_tmp / "pred"))
     L.Trainer(logger=False, callbacks=[writer], enable_progress_bar=False, enable_model_summary=False).predict(
@@ -388,15 +416,17 @@ def test_temporal_ensemble_averages_each_frames_maps_over_its_windows(in_tmp):
             probs = torch.sigmoid(model(s["frames"][None]))[0]
             for pos, g in enumerate(s["window"].tolist()):
                 if g == s["frame"] - 2 + pos:
-                    entry = sums.setdefault((s["clip"], g), [0, 0, s["src_size"]])
+                    entry = sums.setdefault((s["clip"], g), [0, 0, s["src_size"], 0])
                     entry[0], entry[1] = entry[0] + probs[pos], entry[1] + 1
-    assert {c for (_, _), (_, c, _) in sums.items()} == {1, 2, 3}  # clip ends get fewer windows
+                    entry[3] = entry[3] + (2 if pos == 1 else 1) / 4 * probs[pos]
+    assert {c for (_, _), (_, c, _, _) in sums.items()} == {1, 2, 3}  # clip ends get fewer windows
     for clip in sorted({k[0] for k in sums}):
         rows = list(csv.reader(open(in_tmp / "pred" / f"{clip}.csv")))[1:]
         assert [int(r[0]) for r in rows] == list(range(16))
         for r in rows:
-            total, count, src = sums[(clip, int(r[0]))]
-            xy, found = detect_peaks((total / count)[None, None], 0.05, "centroid", model.peak_radius)
+            total, count, src, weighted = sums[(clip, int(r[0]))]
+            mean = weighted if mode == "weight" and count == 3 else total / count
+            xy, found = detect_peaks(mean[None, None], 0.05, "centroid", model.peak_radius)
             assert int(r[1]) == int(found[0])
             if found[0]:
                 expect = xy[0] * src / torch.tensor([64.0, 32.0])

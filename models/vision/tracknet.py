@@ -12,10 +12,12 @@ bilinearly to ``heatmap.size`` when the stages do not land on it exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import nn
 
 from models.vision.vit import create_vit, embed_dim
@@ -24,11 +26,14 @@ from models.vision.vit import create_vit, embed_dim
 @dataclass
 class HeatmapConfig:
     """Heat-map target: ``size = [W, H]`` (TrackNet order), ``sigma`` in heat-map pixels
-    (Gaussian std, or disk radius for ``mode: disk`` as in TrackNetV2/V3)."""
+    (Gaussian std, or disk radius for ``mode: disk`` as in TrackNetV2/V3). ``centre``: ``exact`` = the label
+    rescaled to the heat map as a float; ``v3`` = as TrackNetV3 draws its targets, the label truncated to whole
+    heat-map pixels (``int(x / (W_src / W))``), and no target for a label truncated to ``(0, 0)``."""
 
     size: tuple[int, int] = (256, 144)
     sigma: float = 2.0
     mode: Literal["gaussian", "disk"] = "gaussian"
+    centre: Literal["exact", "v3"] = "exact"
 
     def validate(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -37,6 +42,8 @@ class HeatmapConfig:
             raise ValueError(f"heatmap.sigma must be > 0, got {self.sigma}")
         if self.mode not in ("gaussian", "disk"):
             raise ValueError(f"heatmap.mode must be 'gaussian' or 'disk', got {self.mode!r}")
+        if self.centre not in ("exact", "v3"):
+            raise ValueError(f"heatmap.centre must be 'exact' or 'v3', got {self.centre!r}")
 
 
 class HeatmapDecoder(nn.Module):
@@ -138,64 +145,77 @@ def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, kind: Literal["bce"
     raise ValueError(f"loss must be 'bce' or 'focal', got {kind!r}")
 
 
+def _frames_rgb(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """The labelled (last) frame of each stacked input, un-normalised, as ``(n, H, W, 3)`` floats in [0, 1]."""
+    last = frames[:, -3:].detach().float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + \
+        torch.tensor(mean).view(1, 3, 1, 1)
+    return last.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _mark(ax: Any, xy: torch.Tensor | None, show: torch.Tensor | None, i: int, kind: str) -> str:
+    """Draw the predicted (red x) or true (green circle) ball of sample ``i`` on ``ax``; returns its caption."""
+    if xy is None or show is None:
+        return ""
+    if not bool(show[i]):
+        return f"{kind}: none"
+    x, y = float(xy[i, 0]), float(xy[i, 1])
+    if kind == "predicted":
+        ax.plot([x], [y], "x", color="red", markersize=9, markeredgewidth=2, label=kind)
+    else:
+        ax.plot([x], [y], "o", markerfacecolor="none", markeredgecolor="lime", markersize=12, markeredgewidth=2,
+                label=kind)
+    return f"{kind}: ({x:.1f}, {y:.1f})"
+
+
 @torch.no_grad()
-def heatmap_grid(frames: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mean: Sequence[float],
-                 std: Sequence[float]) -> torch.Tensor:
-    """Image grid ``(3, H', W')`` for TensorBoard: per sample, a row with the labelled (last) frame, the
-    frame overlaid with the predicted map (red) and the true map (green), the predicted map, the true map."""
-    n = frames.shape[0]
-    h, w = frames.shape[-2:]
-    last = frames[:, -3:].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    last = last.clamp(0, 1)
-    p = F.interpolate(pred.float().cpu(), size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
-    t = F.interpolate(target.float().cpu(), size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
-    zero = torch.zeros_like(p)
-    overlay = (last * 0.6 + 0.4 * torch.cat([p, t, zero], 1)).clamp(0, 1)
-    tiles = torch.stack([last, overlay, p.expand(-1, 3, -1, -1), t.expand(-1, 3, -1, -1)], 1)  # (n, 4, 3, h, w)
-    pad = 2
-    tiles = F.pad(tiles, (pad, pad, pad, pad), value=1.0)
-    return tiles.permute(2, 0, 3, 1, 4).reshape(3, n * (h + 2 * pad), 4 * (w + 2 * pad))
-
-
-def draw_marks(images: torch.Tensor, xy: torch.Tensor, show: torch.Tensor, color: Sequence[float],
-               shape: Literal["cross", "ring"] = "cross", radius: int = 4) -> torch.Tensor:
-    """Copy of ``images`` ``(n, 3, h, w)`` in [0, 1] with a ``cross`` or ``ring`` of ``color`` at pixel ``xy``
-    (``(n, 2)``, x then y) wherever ``show`` is true."""
-    out = images.clone()
-    n, _, h, w = out.shape
-    yy = torch.arange(h, dtype=torch.float32)[:, None]
-    xx = torch.arange(w, dtype=torch.float32)[None, :]
-    col = torch.tensor(color, dtype=out.dtype).view(3, 1, 1)
+def heatmap_figure(frames: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mean: Sequence[float],
+                   std: Sequence[float], pred_xy: torch.Tensor | None = None, found: torch.Tensor | None = None,
+                   true_xy: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+                   labels: Sequence[str] | None = None) -> Figure:
+    """A matplotlib figure for TensorBoard, one row per sample: the labelled (last) frame with the predicted ball
+    (red x) and the true one (green circle), the predicted heat map and the true heat map (colour bars,
+    probability 0-1). Positions ``pred_xy``/``true_xy`` are in the frames' pixels; axes are pixels."""
+    rgb = _frames_rgb(frames, mean, std)
+    n, h, w = rgb.shape[:3]
+    fig = Figure(figsize=(12, 2.6 * n), layout="constrained")
     for i in range(n):
-        if not bool(show[i]):
-            continue
-        x, y = float(xy[i, 0]), float(xy[i, 1])
-        dx, dy = (xx - round(x)).abs(), (yy - round(y)).abs()
-        if shape == "cross":
-            mask = ((dx <= radius) & (dy < 1)) | ((dy <= radius) & (dx < 1))
-        else:
-            d = ((xx - x) ** 2 + (yy - y) ** 2).sqrt()
-            mask = (d >= radius - 0.75) & (d <= radius + 0.75)
-        out[i] = torch.where(mask[None], col, out[i])
-    return out
+        ax = fig.add_subplot(n, 3, 3 * i + 1)
+        ax.imshow(rgb[i], extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        caption = ", ".join(c for c in (_mark(ax, pred_xy, found, i, "predicted"),
+                                        _mark(ax, true_xy, visible, i, "true")) if c)
+        ax.set_title(f"{labels[i] if labels else f'sample {i}'}\n{caption}", fontsize=8)
+        ax.set_xlabel("x (px)", fontsize=7)
+        ax.set_ylabel("y (px)", fontsize=7)
+        for k, (maps, name) in enumerate(((pred, "predicted heat map"), (target, "true heat map"))):
+            ax = fig.add_subplot(n, 3, 3 * i + 2 + k)
+            im = ax.imshow(maps[i].detach().float().cpu().reshape(maps.shape[-2:]).numpy(), cmap="magma", vmin=0,
+                           vmax=1)
+            ax.set_title(name, fontsize=8)
+            ax.set_xlabel("x (heat-map px)", fontsize=7)
+            fig.colorbar(im, ax=ax, shrink=0.8, label="probability")
+    for ax in fig.axes:
+        ax.tick_params(labelsize=6)
+    return fig
 
 
 @torch.no_grad()
-def prediction_grid(frames: torch.Tensor, pred_xy: torch.Tensor, found: torch.Tensor, mean: Sequence[float],
-                    std: Sequence[float], true_xy: torch.Tensor | None = None, visible: torch.Tensor | None = None,
-                    ncol: int = 4) -> torch.Tensor:
-    """Image grid ``(3, H', W')`` of the labelled (last) frames with the predicted ball drawn as a red cross and,
-    when given, the true ball as a green ring. ``pred_xy``/``true_xy`` are in the frames' pixels."""
-    last = frames[:, -3:].float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    images = last.clamp(0, 1)
-    if true_xy is not None and visible is not None:
-        images = draw_marks(images, true_xy.cpu(), visible.cpu(), (0.0, 1.0, 0.0), "ring")
-    images = draw_marks(images, pred_xy.cpu(), found.cpu(), (1.0, 0.0, 0.0), "cross")
-    n, _, h, w = images.shape
+def prediction_figure(frames: torch.Tensor, pred_xy: torch.Tensor, found: torch.Tensor, mean: Sequence[float],
+                      std: Sequence[float], true_xy: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+                      labels: Sequence[str] | None = None, ncol: int = 4) -> Figure:
+    """A matplotlib figure of the labelled (last) frames, ``ncol`` per row, each titled with its label (clip and
+    frame) and the predicted (red x) and, when given, true (green circle) ball positions in the frames' pixels."""
+    rgb = _frames_rgb(frames, mean, std)
+    n, h, w = rgb.shape[:3]
     ncol = max(1, min(ncol, n))
     nrow = -(-n // ncol)
-    pad = 2
-    tiles = torch.ones(nrow * ncol, 3, h, w)
-    tiles[:n] = images
-    tiles = F.pad(tiles, (pad, pad, pad, pad), value=1.0).view(nrow, ncol, 3, h + 2 * pad, w + 2 * pad)
-    return tiles.permute(2, 0, 3, 1, 4).reshape(3, nrow * (h + 2 * pad), ncol * (w + 2 * pad))
+    fig = Figure(figsize=(3.4 * ncol, 2.4 * nrow), layout="constrained")
+    for i in range(n):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        ax.imshow(rgb[i], extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        caption = ", ".join(c for c in (_mark(ax, pred_xy, found, i, "predicted"),
+                                        _mark(ax, true_xy, visible, i, "true")) if c)
+        ax.set_title(f"{labels[i] if labels else f'sample {i}'}\n{caption}", fontsize=8)
+        ax.set_xlabel("x (px)", fontsize=7)
+        ax.set_ylabel("y (px)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    return fig

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,7 @@ def create_vit(
         ValueError: unknown model name or unloadable ``pretrained_file``. FileNotFoundError: it is missing.
     """
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
+        raise ValueError(unknown_model_message(name))
     extra: dict[str, Any] = dict(kwargs)
     if patch_size is not None:
         extra["patch_size"] = patch_size
@@ -51,6 +52,24 @@ def create_vit(
         except Exception as e:
             raise ValueError(f"pretrained_file {str(path)!r} could not be loaded into {name}: {e}") from e
     return timm.create_model(name, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **extra)
+
+
+def unknown_model_message(name: str) -> str:
+    """Why ``name`` is not a timm model, with the closest timm names (by spelling, else by the longest word of
+    ``name`` that timm names contain: ``facebook/dinov3-vits16-pretrain-lvd1689m`` -> the ``*dinov3*`` models)."""
+    names = timm.list_models()
+    key = name.rsplit("/", 1)[-1].lower().replace("-", "_")
+    close = difflib.get_close_matches(key, names, n=5, cutoff=0.6)
+    for word in sorted(set(re.split(r"[^a-z0-9]+", key)), key=lambda w: (-len(w), w)):
+        hits = [n for n in names if word in n] if len(word) >= 4 and not close else []
+        if hits:
+            close = hits[:8]
+            break
+    msg = f"unknown timm model {name!r}"
+    if "/" in name:
+        msg += (" (a Hugging Face repository id? pretrained_model_name takes a timm model name, and the weights "
+                "come from a local file, backbone.pretrained_file; see the README's TrackNet section)")
+    return msg + (f"; did you mean: {', '.join(close)}" if close else "; list them with timm.list_models('*vit*')")
 
 
 def freeze(module: nn.Module) -> nn.Module:
