@@ -25,8 +25,9 @@ the matmuls and the scan (a slice when the ranks are a prefix, ``index_select`` 
   computes every rank with the off gates multiplied by 0 (same output, no savings; for comparisons).
 
 ``use_fused_scan=True`` runs the scan with the Triton kernel of :mod:`models.layers.ar_ssm_triton` when the
-tensor is on CUDA and triton imports, else with the chunked torch :func:`decayed_scan`. The scan runs in
-float32 at least (float64 inputs stay float64).
+tensor is on CUDA and triton imports, else with the chunked torch :func:`decayed_scan`;
+``backend="triton"`` forces the kernel (on the CPU only under ``TRITON_INTERPRET=1``, for tests),
+``backend="torch"`` the torch scan. The scan runs in float32 at least (float64 inputs stay float64).
 """
 
 from __future__ import annotations
@@ -130,8 +131,12 @@ class ARSSM(nn.Module):
         decay: float | None = None,
         prune_threshold: float = 1e-2,
         prune_inference: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        self.backend = backend
         if not 1 <= min_rank <= max_rank:
             raise ValueError(f"need 1 <= min_rank <= max_rank, got min_rank={min_rank}, max_rank={max_rank}")
         if conv_kernel < 1:
@@ -214,7 +219,9 @@ class ARSSM(nn.Module):
     def _scan(self, v: Tensor, decay: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
         if v.shape[-1] == 0:  # every rank off
             return v, v[:, -1]
-        if self.use_fused_scan and HAS_TRITON and v.is_cuda:
+        if self.backend == "triton" or (
+            self.backend == "auto" and self.use_fused_scan and HAS_TRITON and v.is_cuda
+        ):
             return decayed_scan_triton(v, decay, h0)
         return decayed_scan(v, decay, h0)
 

@@ -19,6 +19,8 @@ with the torch reference).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -162,6 +164,9 @@ def resolvent_scan_pairs(d: Tensor, k: Tensor, g0: Tensor | None = None) -> Tens
     one floating dtype; returns g (..., N, C, 2) in that dtype. Differentiable in all three (first order)."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton BK scan needs triton, which is not installed")
+    if not d.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton BK scan runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for "
+                           "tests); use backend 'torch' on the CPU")
     if d.dim() < 3 or d.shape[-1] != 2 or d.shape[-3] < 1 or k.shape != d.shape[:-1] or k.dtype != d.dtype:
         raise ValueError(f"expected d (..., N>=1, C, 2) and k (..., N, C) of one dtype, got {tuple(d.shape)} "
                          f"{d.dtype} and {tuple(k.shape)} {k.dtype}")
