@@ -236,54 +236,6 @@ _PLAIN_BLOCK_CHUNKS = 16
 BACKENDS = ("torch", "triton", "fla")
 
 
-def decayed_attention_chunks(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, memory: Tensor,
-                             reset: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
-    """Plain chunked decayed linear attention (k already carries eta) with every chunk and the carry between
-    chunks computed at once, so the number of operations does not depend on the length.
-
-    The state entering chunk c is E_c = sum_{c' < c} (prod_{c' < j < c} carry_j) local_{c'} + (prod_{j < c}
-    carry_j) S_0, a lower-triangular (chunks x chunks) matrix of exp(differences of the cumulative chunk
-    log-decays, in float64) times the chunks' local states; a chunk holding a reset has carry 0, which ends the
-    products through it. Returns o (B, H, N, Dv) and the final memory.
-    """
-    batch, heads, n, dk = q.shape
-    dv = v.shape[-1]
-    chunks = -(-n // chunk)
-    pad = chunks * chunk - n
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        log_decay = F.pad(log_decay, (0, pad))
-        reset = None if reset is None else F.pad(reset, (0, pad))
-    qc, kc = q.reshape(batch, heads, chunks, chunk, dk), k.reshape(batch, heads, chunks, chunk, dk)
-    vc = v.reshape(batch, heads, chunks, chunk, dv)
-    b = log_decay.reshape(batch, heads, chunks, chunk).cumsum(-1)
-    b_last = b[..., -1:]
-    seg = None if reset is None else reset.reshape(batch, 1, chunks, chunk).cumsum(-1)
-    o = _intra(qc, kc, vc, b, seg)
-    if seg is None:
-        w_last, w_entry = (b_last - b).exp(), b.exp()
-    else:
-        w_last, w_entry = _masked_exp(seg == seg[..., -1:], b_last - b), _masked_exp(seg == 0, b)
-    local = ((kc * w_last[..., None]).mT @ vc).flatten(-2)  # (B, H, chunks, Dk Dv)
-    lc = b_last[..., 0].double()
-    cum = lc.cumsum(-1)  # (B, H, chunks), inclusive
-    cum_x = F.pad(cum, (1, 0))  # (B, H, chunks + 1): sum over chunks before c (c = chunks: all of them)
-    rows = torch.arange(chunks + 1, device=q.device)
-    keep = rows[:, None] > rows[None, :chunks]
-    if seg is not None:
-        z = (seg[..., -1] > 0).long().cumsum(-1)  # resets so far, (B, 1, chunks)
-        z_x = F.pad(z, (1, 0))
-        keep = keep & (z_x[..., :, None] == z[..., None, :])
-        from_start = z_x == 0
-    else:
-        from_start = torch.ones_like(cum_x, dtype=torch.bool)
-    weights = _masked_exp(keep, cum_x[..., :, None] - cum[..., None, :]).to(q.dtype)  # (B, H, chunks+1, chunks)
-    entries = (weights @ local).view(batch, heads, chunks + 1, dk, dv)
-    entries = entries + (_masked_exp(from_start, cum_x).to(q.dtype)[..., None, None] * memory[:, :, None])
-    o = o + (qc * w_entry[..., None]) @ entries[:, :, :-1]
-    return o.reshape(batch, heads, chunks * chunk, dv)[:, :, :n], entries[:, :, -1]
-
-
 def hebbian_scan_fused(
     q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, eta: float | Tensor,
     initial_state: FastWeightState | Tensor | None = None, reset: Tensor | None = None, chunk_size: int = 64, *,
@@ -295,13 +247,13 @@ def hebbian_scan_fused(
 
     Pass 1 (no gradient, one Triton launch: :mod:`models.layers.fast_weights_triton`) runs the rule and returns
     its decisions per token; pass 2 is the plain decayed attention with gates ``log_decay * gamma_scale`` and
-    keys ``k * eta * eta_scale``, by :func:`decayed_attention_chunks` (``backend="triton"``) or fla's
-    ``chunk_simple_gla`` (``backend="fla"``, :mod:`models.layers.fast_weights_fla`); autograd differentiates it
-    as the torch path does (the decisions carry no gradient there either). The rule's per-token records go to
-    ``rule.token_records``.
+    keys ``k * eta * eta_scale``, by the Triton kernels of the same module (``backend="triton"``: one launch
+    forward, one backward) or fla's ``chunk_simple_gla`` (``backend="fla"``,
+    :mod:`models.layers.fast_weights_fla`). Gradients flow as in the torch path (the decisions carry none there
+    either). The rule's per-token records go to ``rule.token_records``.
     """
     from models.layers.fast_weights_fla import decayed_attention_fla
-    from models.layers.fast_weights_triton import rule_decisions_triton
+    from models.layers.fast_weights_triton import decayed_attention_triton, rule_decisions_triton
 
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"backend {backend!r} runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, "
@@ -336,7 +288,7 @@ def hebbian_scan_fused(
     if backend == "fla":
         o, memory = decayed_attention_fla(q, k_eff, v, log_decay_eff, state.memory, reset)
     else:
-        o, memory = decayed_attention_chunks(q, k_eff, v, log_decay_eff, state.memory, reset, chunk_size)
+        o, memory = decayed_attention_triton(q, k_eff, v, log_decay_eff, state.memory, reset, chunk_size)
     return o.to(out_dtype), state._replace(memory=memory, position=pos[:, -1] + 1)
 
 
@@ -618,6 +570,7 @@ class DissipativeHebbianMemory(nn.Module):
         self.register_buffer("eta", torch.full((n_heads,), float(hebbian_eta)))
         self.register_buffer("basis", fixed_orthonormal_basis(head_dim, num_basis_seed), persistent=False)
         self._diagnostics: dict[str, Tensor] = {}
+        self._pending: tuple | None = None  # what the last forward left for diagnostics() (summarised lazily)
 
     def gamma(self, x: Tensor) -> Tensor:
         """Gamma_t, (B, N, n_heads), in float32 (float64 for float64 input)."""
@@ -655,16 +608,18 @@ class DissipativeHebbianMemory(nn.Module):
             raise ValueError(f"scan must be 'chunked' or 'sequential', got {scan!r}")
         y = self.out_proj(o.transpose(1, 2).reshape(batch, n, heads * dim).to(x.dtype))
         with torch.no_grad():
-            self._diagnostics = self._summarise(gamma.detach(), k.detach(), v.detach(), new_state, rule)
+            # only (B, H) write sizes now; the summary's few dozen small operations run when diagnostics() asks
+            write = (k.detach().norm(dim=-1) * v.detach().norm(dim=-1)).amax(-1)
+            self._pending, self._diagnostics = (gamma.detach(), write, new_state.memory.detach(), rule), {}
         return (y, new_state) if return_state else y
 
-    def _summarise(self, gamma: Tensor, k: Tensor, v: Tensor, state: FastWeightState,
+    def _summarise(self, gamma: Tensor, write: Tensor, memory: Tensor,
                    rule: MemoryBoundaryRule | None) -> dict[str, Tensor]:
-        memory = state.memory.detach()
         nan = torch.full((), math.nan, dtype=memory.dtype, device=memory.device)
         eta_max = self.eta.to(memory.dtype) * (self.eta_bounds[1] if self.snr_threshold is not None else 1.0)
-        bound = lyapunov_bound(eta_max[:, None], k.to(memory.dtype), v.to(memory.dtype),
-                               gamma.to(memory.dtype).amin(1), self.delta)
+        # lyapunov_bound from the per-(B, H) largest write ||k_t|| ||v_t|| kept by forward
+        gamma_min = gamma.to(memory.dtype).amin(1)
+        bound = eta_max * write.to(memory.dtype) / -torch.expm1(-gamma_min * self.delta)
         norms, masks = [memory.norm(dim=(-2, -1))[..., None]], [torch.ones_like(bound, dtype=torch.bool)[..., None]]
         snr_mean, snr_low = nan, nan
         if rule is not None and (rule.records or rule.token_records):
@@ -698,8 +653,12 @@ class DissipativeHebbianMemory(nn.Module):
     def diagnostics(self) -> dict[str, Tensor]:
         """Detached scalar tensors from the last forward (empty before the first): statistics of Gamma_t;
         snr_mean (geometric mean of the decided SNRs) and snr_low_ratio over the boundaries with an older
-        memory; resonant_modes and
-        resonance_energy (means over sequences and heads) of the final memory; stability_ratio, the share of the
-        memories at boundaries and at the end within this call's :func:`lyapunov_bound`; fast_weight_energy, the
-        mean ||S||^2 of the final memory."""
+        memory; resonant_modes and resonance_energy (means over sequences and heads) of the final memory;
+        stability_ratio, the share of the memories at boundaries and at the end within this call's
+        :func:`lyapunov_bound`; fast_weight_energy, the mean ||S||^2 of the final memory. Computed on the first
+        call after a forward (forward itself only keeps the inputs: no per-step cost when nobody asks)."""
+        if self._pending is not None:
+            with torch.no_grad():
+                self._diagnostics = self._summarise(*self._pending)
+            self._pending = None
         return dict(self._diagnostics)
