@@ -315,3 +315,7 @@ class ARSSM(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, max_rank={self.max_rank}, min_rank={self.min_rank}, "
                 f"active_rank={self.active_rank}, conv_kernel={self.conv_kernel}")
+
+
+#: The guide's name for :class:`ARSSM` (same class).
+AdaptiveRankSemiseparableLayer = ARSSM

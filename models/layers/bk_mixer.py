@@ -289,6 +289,11 @@ class BKMixer(nn.Module):
         y = self.out_proj(feature.to(x.dtype))
         return (y, g[..., -1, :]) if return_state else y
 
+    @property
+    def epsilon(self) -> float:
+        """The guide's name for ``eta`` (``Im z``)."""
+        return self.eta
+
     def scan_method(self, x: torch.Tensor) -> str:
         """The ``resolvent_diagonal`` method this mixer runs for input ``x`` (see ``backend``)."""
         if self.backend == "triton" or (self.backend == "auto" and self.method == "parallel" and x.is_cuda

@@ -273,3 +273,7 @@ class TTEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_factors={self.vocab_factors}, "
                 f"dim_factors={self.dim_factors}, ranks={self.ranks}, phase_encoding={self.phases is not None}")
+
+
+#: The guide's name for :class:`TTEmbedding` (same class).
+HolographicTTEmbedding = TTEmbedding
