@@ -135,6 +135,20 @@ for backend in ("triton", "torch"):
     layer[backend] = ([y.detach(), m.gamma_proj.weight.grad, m.k_proj.weight.grad, m.q_proj.weight.grad],
                       {k: v.item() for k, v in m.diagnostics().items()})
 out["layer"] = [err(a, b) for a, b in zip(layer["triton"][0], layer["torch"][0])]
+
+# the whole Phase 2 LM with config.backend "triton" (BK scan and memory kernels) == "torch", resets included
+from models.lm.phase2 import Phase2Config, Phase2LM
+ids = torch.randint(1, 32, (2, 23), generator=torch.Generator().manual_seed(4))
+ids[0, 9] = 0  # the reset token: a document boundary
+lm = {}
+for backend in ("triton", "torch"):
+    torch.manual_seed(0)
+    model = Phase2LM(Phase2Config(vocab_size=32, d_model=16, n_layers=1, n_heads=2, head_dim=8, chunk_size=8,
+                                  backend=backend)).double()
+    logits = model(ids)
+    logits.square().mean().backward()
+    lm[backend] = [logits.detach(), *(p.grad for p in model.parameters())]
+out["lm"] = max(err(a, b) for a, b in zip(lm["triton"], lm["torch"]))
 out["diag"] = [layer["triton"][1], layer["torch"][1]]
 print("RESULT" + json.dumps(out))
 """
@@ -162,6 +176,7 @@ def test_fused_phase2_memory_matches_torch_under_interpreter():
     # the rule decided on both sides of the threshold in the long cases (so equality covers both branches)
     assert all(c["both_sides"] for c in result["cases"] if c["case"].startswith("n=37"))
     assert all(e <= 1e-10 for e in result["layer"]), result["layer"]
+    assert result["lm"] <= 1e-10, result["lm"]
     fused, ref = result["diag"]
     assert fused.keys() == ref.keys()
     for key in ref:
