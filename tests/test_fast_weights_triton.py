@@ -192,6 +192,11 @@ def test_fused_backends_refuse_damping_and_the_cpu():
         q = torch.randn(1, 1, 4, 2)
         with pytest.raises(RuntimeError, match="CUDA tensors"):
             hebbian_scan_fused(q, q, q, -torch.rand(1, 1, 4), 1.0)
+        if not torch.cuda.is_available():  # the config refuses before any run starts
+            from models.lm.phase2 import Phase2Config
+
+            with pytest.raises(ValueError, match="config.backend 'triton' needs a CUDA GPU"):
+                Phase2Config(backend="triton")
 
 
 @pytest.mark.gpu

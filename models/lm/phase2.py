@@ -25,6 +25,7 @@ State: ``forward(idx)`` starts from an empty state every call (nothing persists 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -36,6 +37,7 @@ from models.layers.bk_mixer import BKMixer, resolvent_diagonal
 from models.layers.create import create_mlp, create_norm
 from models.layers.fast_weights import BACKENDS as MEMORY_BACKENDS
 from models.layers.fast_weights import DissipativeHebbianMemory, FastWeightState
+from models.layers.fast_weights_fla import HAS_FLA
 from models.lm.sampling import generate_with_state
 
 #: Size presets (issue 11): d_model, layers, heads x head_dim; the training sequence length is a data key.
@@ -124,6 +126,10 @@ class Phase2Config:
         if self.backend != "torch" and self.resonance_damping > 0:
             raise ValueError(f"config.backend {self.backend!r} has no resonance damping: set resonance_damping: 0.0 "
                              "or backend: torch")
+        if self.backend != "torch" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"config.backend {self.backend!r} needs a CUDA GPU (none here): use backend: torch")
+        if self.backend == "fla" and not HAS_FLA:
+            raise ValueError("config.backend 'fla' needs the optional package fla-core: pip install fla-core")
         self.gamma_bounds, self.eta_bounds = tuple(self.gamma_bounds), tuple(self.eta_bounds)
 
     @property
