@@ -216,5 +216,6 @@ def test_fused_backends_on_cuda_match_torch(backend):
         y, st = m(x, reset=reset, return_state=True)
         (y.square().sum() + st.memory.sum()).backward()
         res.append([y.detach(), st.memory.detach(), m.gamma_proj.weight.grad, m.v_proj.weight.grad])
+    tol = 1e-4 if backend == "triton" else 1e-2  # fla's fp32 dots may run in TF32 (10-bit mantissa)
     for a, b in zip(*res):
-        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+        assert ((a - b).norm() / b.norm()).item() <= tol
