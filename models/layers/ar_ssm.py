@@ -216,19 +216,28 @@ class ARSSM(nn.Module):
         return -(F.softplus(self.decay_logit) + _MIN_DECAY_RATE)
 
     # --------------------------------------------------------------------------------------------- forward
+    def fused(self, x: Tensor) -> bool:
+        """Whether this input runs the GPU path: the Triton scan and the convolution as one ``conv1d``."""
+        return self.backend == "triton" or (self.backend == "auto" and self.use_fused_scan and HAS_TRITON
+                                            and x.is_cuda)
+
     def _scan(self, v: Tensor, decay: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
         if v.shape[-1] == 0:  # every rank off
             return v, v[:, -1]
-        if self.backend == "triton" or (
-            self.backend == "auto" and self.use_fused_scan and HAS_TRITON and v.is_cuda
-        ):
+        if self.fused(v):
             return decayed_scan_triton(v, decay, h0)
         return decayed_scan(v, decay, h0)
 
     def _causal_conv(self, x: Tensor, past: Tensor | None) -> Tensor:
-        """Depthwise ``conv1d`` over ``[past, x]`` (``past`` = the previous K-1 inputs, zeros if None) as K shifted
+        """Depthwise ``conv1d`` over ``[past, x]`` (``past`` = the previous K-1 inputs, zeros if None). On the fused
+        path one ``F.conv1d`` (two launches with its backward, where the CPU form below costs ~30); else K shifted
         multiply-adds in the (B, N, D) layout: output t reads inputs t-K+1 .. t only, without transposes."""
         k, n = self.conv_kernel, x.shape[1]
+        if self.fused(x):
+            if k > 1:
+                left = x.new_zeros(x.shape[0], k - 1, x.shape[2]) if past is None else past
+                x = torch.cat([left, x], dim=1)
+            return F.conv1d(x.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.d_model).transpose(1, 2)
         w = self.conv.weight[:, 0, :]  # (D, K); tap K-1 multiplies the current token
         y = torch.addcmul(self.conv.bias, x, w[:, k - 1])
         for tap in range(k - 1):
