@@ -3,7 +3,9 @@
 ``mixer``: time (forward + backward, and forward only under ``no_grad``) and peak memory of forward + backward
 of the causal resolvent mixer ``BKMixer`` against causal softmax attention (``F.scaled_dot_product_attention``
 with ``is_causal=True``, fused QKV and output projections) of the same width, batch 1, side by side over
-sequence lengths, then the ratio table. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the
+sequence lengths (the two interleaved, one call each per round), then the ratio table with the launches
+(non-view PyTorch operations + Triton launches) of one forward + backward of each. Peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA and the
 process's peak RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) on the CPU, with glibc's
 dynamic mmap threshold pinned so freed tensors go back to the OS between measurements.
 
@@ -22,6 +24,9 @@ tokens/s of both. The guide's claim is a validation loss within 5 % of the trans
     OMP_NUM_THREADS=2 python benchmarks/phase1.py --section mixer --quick
     python benchmarks/phase1.py --section mixer --device cuda
     OMP_NUM_THREADS=1 python benchmarks/phase1.py --section lm --section conversion --quick
+
+Every section records its targets (target, measured, verdict; "not measured" for a GPU target on the CPU), the
+script ends with their table, and ``--check`` exits 1 when a measured target is missed.
 """
 
 from __future__ import annotations
@@ -41,8 +46,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.verdicts import Verdicts  # noqa: E402
 from models.layers.bk_mixer import BKMixer  # noqa: E402
+from models.utils.launches import count_launches  # noqa: E402
 from models.utils.memory import measure_peak_memory, pin_malloc  # noqa: E402
+
+VERDICTS = Verdicts()
 
 MIB = 2**20
 
@@ -68,17 +77,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn: Callable[[], None], device: torch.device, reps: int, warmup: int) -> float:
+def _time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, reps: int,
+                      warmup: int) -> dict[str, float]:
+    """Median ms per variant; every round runs each variant once, so machine noise hits them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _launches(fn: Callable[[], None]) -> int:
+    c = count_launches(fn)
+    return c.torch_ops - c.views + c.triton_launches
 
 
 def bench_mixer(args: argparse.Namespace) -> None:
@@ -91,9 +109,11 @@ def bench_mixer(args: argparse.Namespace) -> None:
         "sdpa": CausalSelfAttention(args.d_model, args.heads).to(device),
     }
     reps, warmup = (1, 0) if args.quick else (args.reps, 1)
+    x0 = torch.randn(1, 8, args.d_model, device=device)
     print(
         f"device {device}, threads {torch.get_num_threads()}, d_model {args.d_model}, heads {args.heads}, "
-        f"batch 1, BK chunk {args.chunk_size}, {'quick: 1 run' if args.quick else f'median of {reps}'}"
+        f"batch 1, BK chunk {args.chunk_size}, BK scan {models['bk'].scan_method(x0)}, "
+        f"{'quick: 1 run' if args.quick else f'median of {reps}'}, BK and SDPA interleaved"
     )
     results: dict[tuple[str, int], dict[str, float]] = {}
     for name, model in models.items():  # one untimed step so first-call costs are not charged to the first N
@@ -101,38 +121,40 @@ def bench_mixer(args: argparse.Namespace) -> None:
         model(x).square().mean().backward()
     for n in args.lengths:
         x = torch.randn(1, n, args.d_model, device=device, requires_grad=True)
+        steps, forwards = {}, {}
         for name, model in models.items():
 
-            def step(model: nn.Module = model) -> None:
-                model(x).square().mean().backward()
+            def step(model: nn.Module = model) -> None:  # gradients returned, not accumulated
+                torch.autograd.grad(model(x).square().mean(), [x, *model.parameters()])
 
             def forward(model: nn.Module = model) -> None:
                 with torch.no_grad():
                     model(x)
 
-            results[name, n] = {
-                "train_ms": _time_ms(step, device, reps, warmup),
-                "fwd_ms": _time_ms(forward, device, reps, warmup),
-                "peak_mib": measure_peak_memory(step, device),
-            }
-            model.zero_grad(set_to_none=True)
-            x.grad = None
+            steps[name], forwards[name] = step, forward
+        train = _time_interleaved(steps, device, reps, warmup)
+        fwd = _time_interleaved(forwards, device, reps, warmup)
+        for name in models:
+            results[name, n] = {"train_ms": train[name], "fwd_ms": fwd[name],
+                                "peak_mib": measure_peak_memory(steps[name], device),
+                                "launches": _launches(steps[name])}
             print(
                 f"  N={n:>6} {name:>4}: fwd+bwd {results[name, n]['train_ms']:9.1f} ms  "
-                f"fwd {results[name, n]['fwd_ms']:9.1f} ms  peak {results[name, n]['peak_mib']:8.1f} MiB",
+                f"fwd {results[name, n]['fwd_ms']:9.1f} ms  peak {results[name, n]['peak_mib']:8.1f} MiB  "
+                f"launches fwd+bwd {results[name, n]['launches']}",
                 flush=True,
             )
     print(
         "\n| N | BK fwd+bwd ms | SDPA fwd+bwd ms | BK/SDPA | BK fwd ms | SDPA fwd ms | BK/SDPA | BK peak MiB "
-        "| SDPA peak MiB |"
+        "| SDPA peak MiB | BK launches | SDPA launches |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.lengths:
         bk, at = results["bk", n], results["sdpa", n]
         print(
             f"| {n} | {bk['train_ms']:.1f} | {at['train_ms']:.1f} | {bk['train_ms'] / at['train_ms']:.2f} "
             f"| {bk['fwd_ms']:.1f} | {at['fwd_ms']:.1f} | {bk['fwd_ms'] / at['fwd_ms']:.2f} "
-            f"| {bk['peak_mib']:.1f} | {at['peak_mib']:.1f} |"
+            f"| {bk['peak_mib']:.1f} | {at['peak_mib']:.1f} | {bk['launches']} | {at['launches']} |"
         )
     if {4096, 16384} <= set(args.lengths):
         print("\ntime(16384) / time(4096):")
@@ -141,11 +163,22 @@ def bench_mixer(args: argparse.Namespace) -> None:
             fwd = results[name, 16384]["fwd_ms"] / results[name, 4096]["fwd_ms"]
             print(f"  {name:>4}: fwd+bwd {train:.2f}  fwd {fwd:.2f}")
         bk_scaling = results["bk", 16384]["train_ms"] / results["bk", 4096]["train_ms"]
-        faster = all(results["bk", n]["train_ms"] < results["sdpa", n]["train_ms"] for n in args.lengths if n >= 4096)
-        print(
-            f"targets: BK fwd+bwd scaling {bk_scaling:.2f} <= 4.5: {bk_scaling <= 4.5}; "
-            f"BK faster than SDPA (fwd+bwd) for every N >= 4096: {faster}"
-        )
+        VERDICTS.add("mixer", f"{device.type}: BK fwd+bwd time(16384) / time(4096) <= 4.5 (O(N))", f"{bk_scaling:.2f}",
+                     bk_scaling <= 4.5)
+    else:
+        VERDICTS.add("mixer", "BK fwd+bwd time(16384) / time(4096) <= 4.5", "lengths 4096 and 16384 not both run",
+                     None)
+    long = [n for n in args.lengths if n >= 4096]
+    faster = all(results["bk", n]["train_ms"] < results["sdpa", n]["train_ms"] for n in long)
+    measured = ", ".join(f"{n}: {results['bk', n]['train_ms'] / results['sdpa', n]['train_ms']:.2f}" for n in long)
+    VERDICTS.add("mixer", "GPU: BK fwd+bwd faster than SDPA for every N >= 4096 (BK/SDPA < 1)",
+                 measured if device.type == "cuda" and long else f"{device.type} run (BK/SDPA {measured or '-'})",
+                 faster if device.type == "cuda" and long else None)
+    bk_ops = {results["bk", n]["launches"] for n in args.lengths}
+    fused = models["bk"].scan_method(x0) == "triton"
+    VERDICTS.add("mixer", "BK fwd+bwd launches per layer: a few dozen, length-independent (fused Triton path)",
+                 f"{sorted(bk_ops)} ({'triton' if fused else 'torch path'})",
+                 (len(bk_ops) == 1 and max(bk_ops) <= 64) if fused else None)
 
 
 # ------------------------------------------------------------------------------------- language models
@@ -257,7 +290,10 @@ def bench_lm(args: argparse.Namespace) -> None:
         print(f"| {name} | {params} | {loss:.4f} | {math.exp(loss):.2f} | {loss / g:.3f} | "
               f"{'-' if math.isnan(tps) else f'{tps:.0f}'} | {'-' if math.isnan(itps) else f'{itps:.0f}'} |")
     ratio = rows["Phase 1"][0] / g
-    print(f"target: Phase 1 test loss within 5 % of the GPT's: {ratio:.3f} -> {'met' if ratio <= 1.05 else 'NOT met'}")
+    VERDICTS.add("lm", "Phase 1 test loss within 5 % of the GPT's (equal parameters and steps)", f"{ratio:.3f} x GPT",
+                 ratio <= 1.05)
+    VERDICTS.add("lm", "Phase 1 below the do-nothing baseline (training unigram)",
+                 f"{rows['Phase 1'][0]:.3f} vs {unigram:.3f}", rows["Phase 1"][0] < unigram)
 
 
 def bench_conversion(args: argparse.Namespace) -> None:
@@ -277,6 +313,9 @@ def bench_conversion(args: argparse.Namespace) -> None:
     for rank in (64, 32, 16):
         conv = convert_to_phase1(base, Phase1Config(htt_rank=rank, **small))
         after = _eval_loss(conv, test)[0]
+        if rank == 64:
+            VERDICTS.add("conversion", "TT rank 64 conversion of the MLP-only baseline: test perplexity within 5 %",
+                         f"{math.exp(after - before):.3f} x", math.exp(after - before) <= 1.05)
         err = conv.conversion_report.approximated["embed"]
         print(f"| MLP-only Phase 1 baseline | + BK + AR-SSM, TT rank {rank} | {err:.3f} | {math.exp(before):.2f} | "
               f"{math.exp(after):.2f} |", flush=True)
@@ -294,13 +333,22 @@ def bench_conversion(args: argparse.Namespace) -> None:
     _train(conv, dm, tune, aux=True)
     tuned = _eval_loss(conv, test)[0]
     print(f"| same, fine-tuned {tune} steps | | - | {math.exp(before):.2f} | {math.exp(tuned):.2f} |")
+    VERDICTS.add("conversion", "converted GPT fine-tuned: test perplexity below the converted-untuned one",
+                 f"{math.exp(tuned):.2f} vs {math.exp(after):.2f}", tuned < after)
 
 
 def bench_htt(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import phase1_tt
 
-    phase1_tt._print(phase1_tt.bench_tt(quick=args.quick))
+    rows = phase1_tt.bench_tt(quick=args.quick)
+    phase1_tt._print(rows)
+    planted = [r for r in rows if r.get("table", "").startswith("planted") and r["rank"] >= 16]
+    worst = max(r["tt_error"] for r in planted)
+    VERDICTS.add("htt", "TT-SVD recovers a planted TT rank-16 table (+1 % noise) at rank >= 16: error <= 0.02",
+                 f"{worst:.4f}", worst <= 0.02)
+    best = max(r["ratio"] for r in rows if "model" in r and r["model"].startswith("TT"))
+    VERDICTS.add("htt", "TT embedding compression >= 100x (TT-Rec reports up to 112x)", f"{best:.0f}x", best >= 100)
 
 
 def bench_htt_trained(args: argparse.Namespace) -> None:
@@ -319,17 +367,25 @@ def bench_htt_trained(args: argparse.Namespace) -> None:
           "cores (16 x 16 vocab, 16 x 8 dim); relative Frobenius error of TT-SVD")
     print("| TT rank | parameters | compression | error, trained embedding | error, Gaussian matrix |")
     print("|---|---|---|---|---|")
+    below = []
     for rank in (2, 4, 8, 16):
         tt, err = TTEmbedding.from_dense(trained, rank, phase_encoding=False)
         _, err_random = TTEmbedding.from_dense(random, rank, phase_encoding=False)
+        below.append(err < err_random)
         print(f"| {rank} | {tt.num_parameters():,} | {tt.compression_ratio():.1f}x | {err:.3f} | {err_random:.3f} |")
+    VERDICTS.add("htt_trained", "a trained embedding has more TT structure than noise: error below the Gaussian "
+                 "matrix's at every rank", f"{sum(below)} of {len(below)} ranks", all(below))
 
 
 def bench_lns(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import lns
 
-    lns._print(lns.bench_lns(quick=args.quick))
+    rows = lns.bench_lns(quick=args.quick)
+    lns._print(rows)
+    ratios = [r["out_err"] / r["predicted"] for r in rows if r["predicted"] and not math.isnan(r["predicted"])]
+    VERDICTS.add("lns", "every LNS format's output error within 2x of the predicted sqrt(2) ln2 / (gamma sqrt(12))",
+                 f"max {max(ratios):.2f}x", max(ratios) <= 2)
 
 
 def bench_memory(args: argparse.Namespace) -> None:
@@ -362,6 +418,10 @@ def bench_memory(args: argparse.Namespace) -> None:
         label = f"d {kw['d_model']}, {kw['n_layers']} layers, seq {kw['n_seq']}" + (
             f", {kw['mlp_class']}" if "mlp_class" in kw else "")
         print(f"| {label} | {kw.get('use_gradient_checkpointing', True)} | {peak:.1f} | {est:.1f} | {peak / est:.2f} |")
+    ratios = [peak / est for peak, est in pairs]
+    VERDICTS.add("memory", "memory model: measured training-step peak / estimate in [0.5, 1.25] for every size",
+                 f"{min(ratios):.2f} .. {max(ratios):.2f}", all(0.5 <= r <= 1.25 for r in ratios))
+    VERDICTS.add("memory", "GPU: presets fit their budgets (8 / 10 / 24 GB)", "no GPU measurement", None)
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
@@ -378,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one timed run per point, no per-point warm-up")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a measured target is missed")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per point (median reported)")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
@@ -393,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     for section in args.section or sorted(SECTIONS):
         print(f"== {section} ==")
         SECTIONS[section](args)
+    print("\nTargets:\n\n" + VERDICTS.table())
+    sys.exit(VERDICTS.exit_code(args.check))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ available (``--device``). Prints markdown tables.
 
     python benchmarks/phase2.py --section scan            # CPU, 1 thread: about 2-3 minutes
     python benchmarks/phase2.py --section scan --quick    # lengths 1024-4096, fewer rounds
+    python benchmarks/phase2.py --section scan --check    # exit 1 when a target is missed
+
+Every section records its targets (target, measured, verdict; "not measured" for a GPU target on the CPU) and the
+script ends with their table. On CUDA the scan section also times the fused backends (Triton rule kernel +
+Triton or fla attention) against the sequential reference.
 
 memory: does the forgetting control do what it claims, on a task nobody tuned the model for? Copying at a
 distance: a sequence ``v, f_1 .. f_D, Q`` (v one of 8 value tokens, f random filler tokens, Q the query token)
@@ -43,12 +48,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.verdicts import Verdicts  # noqa: E402
 from models.layers.fast_weights import (  # noqa: E402
     MemoryBoundaryRule,
     fixed_orthonormal_basis,
     hebbian_scan_chunked,
+    hebbian_scan_fused,
     hebbian_scan_sequential,
 )
+from models.utils.launches import count_launches  # noqa: E402
+
+VERDICTS = Verdicts()
 
 
 def _sync(device: torch.device) -> None:
@@ -139,14 +149,15 @@ def scan_section(args: argparse.Namespace, device: torch.device) -> list[str]:
 
     leaves = _inputs(args, args.ref_len, device, grad=True)
     qg, kg, vg, ldg = leaves
-    tb = time_interleaved({
+    tb_fns = {
         "seq": _fwd_bwd(lambda: hebbian_scan_sequential(qg, kg, vg, ldg, 1.0)[0], leaves),
         "chunked": _fwd_bwd(lambda: hebbian_scan_chunked(qg, kg, vg, ldg, 1.0, chunk_size=c)[0], leaves),
         "seq+rule": _fwd_bwd(lambda: hebbian_scan_sequential(qg, kg, vg, ldg, 1.0, boundary=_rule(args, device),
                                                              period=c)[0], leaves),
         "chunked+rule": _fwd_bwd(lambda: hebbian_scan_chunked(qg, kg, vg, ldg, 1.0, chunk_size=c,
                                                               boundary=_rule(args, device))[0], leaves),
-    }, args.rounds, device)
+    }
+    tb = time_interleaved(tb_fns, args.rounds, device)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -156,12 +167,40 @@ def scan_section(args: argparse.Namespace, device: torch.device) -> list[str]:
         return (f"| {label} | {t[seq]:.1f} | {t[chk]:.1f} | {t[seq] / t[chk]:.1f}x | {tb[seq]:.1f} | {tb[chk]:.1f} | "
                 f"{tb[seq] / tb[chk]:.1f}x | {diff:.1e} |")
 
+    def launches(fn: Callable[[], None]) -> int:
+        c = count_launches(fn)
+        return c.torch_ops - c.views + c.triton_launches
+
+    ops = {key: launches(tb_fns[key]) for key in ("seq", "chunked", "seq+rule", "chunked+rule")}
     lines += [(f"At {args.ref_len} tokens (target: chunked >= 10x faster than sequential); forward = inference "
-               "prefill, forward+backward = a training step's share:"), "",
+               "prefill, forward+backward = a training step's share; launches = PyTorch operations that are not "
+               "views + Triton launches of one forward+backward (models/utils/launches.py):"), "",
               ("| memory | sequential fwd ms | chunked fwd ms | fwd speedup | sequential fwd+bwd ms "
-               "| chunked fwd+bwd ms | fwd+bwd speedup | rel. difference |"), "|---|---|---|---|---|---|---|---|",
-              row("plain", "", rel(out_plain, ref_plain)),
-              row("with boundary rule", "+rule", rel(out_rule, ref_rule)), ""]
+               "| chunked fwd+bwd ms | fwd+bwd speedup | rel. difference | launches seq / chunked |"),
+              "|---|---|---|---|---|---|---|---|---|",
+              row("plain", "", rel(out_plain, ref_plain)) + f" {ops['seq']} / {ops['chunked']} |",
+              row("with boundary rule", "+rule", rel(out_rule, ref_rule)) + f" {ops['seq+rule']} / "
+              f"{ops['chunked+rule']} |", ""]
+    for key, label in (("", "plain"), ("+rule", "with the SNR rule")):
+        for name, times in (("fwd", t), ("fwd+bwd", tb)):
+            ratio = times[f"seq{key}"] / times[f"chunked{key}"]
+            VERDICTS.add("scan", f"{device.type}: chunked {label} >= 10x sequential, {name}, {args.ref_len} tokens",
+                         f"{ratio:.1f}x", ratio >= 10)
+    if device.type == "cuda":  # the fused backends: the rule kernel + Triton / fla attention
+        from models.layers.fast_weights_fla import HAS_FLA
+
+        for backend in ("triton", "fla") if HAS_FLA else ("triton",):
+            def fused(backend: str = backend) -> torch.Tensor:
+                return hebbian_scan_fused(qg, kg, vg, ldg, 1.0, chunk_size=c, rule=_rule(args, device),
+                                          backend=backend)[0]
+            tf = time_interleaved({"seq": tb_fns["seq+rule"], "fused": _fwd_bwd(fused, leaves)}, args.rounds, device)
+            ratio = tf["seq"] / tf["fused"]
+            lines.append(f"fused {backend} with the rule, fwd+bwd: {tf['fused']:.2f} ms, {ratio:.1f}x sequential, "
+                         f"{launches(_fwd_bwd(fused, leaves))} launches")
+            VERDICTS.add("scan", f"GPU: fused {backend} + rule >= 10x sequential, fwd+bwd", f"{ratio:.1f}x",
+                         ratio >= 10)
+    else:
+        VERDICTS.add("scan", "GPU: chunked / fused >= 10x sequential, fwd and fwd+bwd", "no GPU in this run", None)
     lines += ["Time vs length (ms); SDPA = causal softmax attention, same batch / heads / head size:", "",
               ("| tokens | sequential fwd | chunked fwd | chunked+rule fwd | SDPA fwd | chunked / SDPA fwd "
                "| chunked fwd+bwd | chunked+rule fwd+bwd | SDPA fwd+bwd | chunked / SDPA fwd+bwd |"),
@@ -226,12 +265,13 @@ def memory_section(args: argparse.Namespace, device: torch.device) -> list[str]:
               f"chance {1 / N_VALUES:.3f})"), "",
              "| base_decay | horizon 1/base_decay | " + " | ".join(f"d={d}" for d in dists) + " | train s |",
              "|---|---|" + "---|" * len(dists) + "---|"]
-    first = None
+    first, trained, same_weights = None, {}, {}
     for decay in args.decays:
         model = _tiny_phase2(decay, seed=0)
         secs = train_copy(model, args, device)
         first = first or (decay, model)
         acc = [copy_accuracy(model, d, args.memory_test, 50_000, device) for d in dists]
+        trained[decay] = acc
         horizon = "inf" if decay == 0 else f"{1 / decay:.0f}"
         lines.append(f"| {decay:g} | {horizon} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {secs:.0f} |")
         print(lines[-1], flush=True)
@@ -245,8 +285,17 @@ def memory_section(args: argparse.Namespace, device: torch.device) -> list[str]:
         for block in model.blocks:
             block.memory.base_decay = decay
         acc = [copy_accuracy(model, d, args.memory_test, 50_000, device) for d in dists]
+        same_weights[decay] = acc
         lines.append(f"| {decay:g} | " + " | ".join(f"{a:.3f}" for a in acc) + " |")
         print(lines[-1], flush=True)
+    best_d1 = max(trained[d][0] for d in trained)
+    VERDICTS.add("memory", f"the memory learns: best accuracy at distance {dists[0]} >= 0.5 (chance "
+                 f"{1 / N_VALUES:.3f})", f"{best_d1:.3f}", best_d1 >= 0.5)
+    inside = max(i for i, d in enumerate(dists) if d <= args.train_max_distance)
+    lo, hi = min(args.decays), max(args.decays)
+    drop = same_weights[lo][inside] - same_weights[hi][inside]
+    VERDICTS.add("memory", f"forgetting acts: same weights, accuracy at d={dists[inside]} drops >= 0.1 from "
+                 f"base_decay {lo:g} to {hi:g}", f"{drop:+.3f}", drop >= 0.1)
     return lines
 
 
@@ -358,6 +407,11 @@ def compare_section(args: argparse.Namespace, device: torch.device) -> list[str]
     ul = _unigram_loss(train, test)
     lines.append(f"| do nothing (unigram of train bytes) | 256 | {_unigram_loss(train, val):.3f} | {ul:.3f} | "
                  f"{ul / math.log(2):.3f} | - | - |")
+    p2, gpt = rows["phase2"][2], rows["gpt"][2]
+    VERDICTS.add("compare", "Phase 2 test loss below the do-nothing (unigram) baseline", f"{p2:.3f} vs {ul:.3f}",
+                 p2 < ul)
+    VERDICTS.add("compare", "Phase 2 test loss within 5 % of GPT's (equal parameters and steps)",
+                 f"{p2 / gpt:.3f} x GPT", p2 <= 1.05 * gpt)
     return lines
 
 
@@ -370,6 +424,7 @@ def main() -> None:
     parser.add_argument("--section", choices=sorted(SECTIONS), action="append",
                         help="section(s) to run (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="lengths 1024-4096 and 2 rounds")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a measured target is missed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
@@ -408,6 +463,8 @@ def main() -> None:
         t0 = time.perf_counter()
         lines = SECTIONS[name](args, device)
         print("\n" + "\n".join(lines) + f"\n\n({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    print("\nTargets:\n\n" + VERDICTS.table())
+    sys.exit(VERDICTS.exit_code(args.check))
 
 
 if __name__ == "__main__":

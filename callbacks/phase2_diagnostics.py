@@ -7,7 +7,9 @@ current values go to the loggers under ``batch/`` (one host sync), together with
 peak (CUDA allocator when on a GPU, else the process's resident memory). At the end of every epoch (after its
 validation) the epoch means, reduced over DDP ranks (the memory peak: the largest), go under ``train/``, and
 ``training_history.json`` is rewritten atomically (:func:`models.utils.atomic.atomic_path`) with one entry per
-epoch: train and val loss, learning rate, the Gamma / SNR / resonance / stability histories. The history is part
+epoch: train and val loss, learning rate, the Gamma / SNR / resonance / stability histories, and beside them the
+seed-003 script's keys (``train_losses``, ``val_losses``, ``learning_rates``, ``best_val_loss``,
+``total_epochs``). The history is part
 of the callback's checkpoint state, so a resumed run continues it instead of starting over. Every
 ``checkpoint_every_n_epochs`` epochs a full checkpoint ``checkpoint_epoch{N}.ckpt`` (N counted from 1) is saved
 beside the run's other checkpoints.
@@ -33,6 +35,21 @@ from models.utils.atomic import atomic_path
 HISTORY_KEYS = ("train_loss", "val_loss", "lr", "gamma_mean", "gamma_std", "gamma_min", "gamma_max", "snr_mean",
                 "snr_low_ratio", "resonant_modes", "resonance_energy", "stability_ratio", "fast_weight_energy",
                 "memory_peak_mb")
+
+
+#: The seed-003 training script's history names -> ours (written beside them in ``training_history.json``).
+SCRIPT_KEYS = {"train_losses": "train_loss", "val_losses": "val_loss", "learning_rates": "lr"}
+
+
+def with_script_keys(history: dict[str, list]) -> dict[str, Any]:
+    """``history`` plus the seed-003 script's keys: its series names (:data:`SCRIPT_KEYS`), ``best_val_loss``
+    (the lowest finite validation loss, ``None`` before one exists) and ``total_epochs``."""
+    out: dict[str, Any] = dict(history)
+    out.update({name: history[ours] for name, ours in SCRIPT_KEYS.items()})
+    finite = [v for v in history["val_loss"] if math.isfinite(v)]
+    out["best_val_loss"] = min(finite) if finite else None
+    out["total_epochs"] = len(history["epoch"])
+    return out
 
 
 def process_memory_mb(device: torch.device) -> tuple[float, float]:
@@ -163,7 +180,7 @@ class Phase2Diagnostics(L.Callback):
         path = self.history_path(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
         if trainer.is_global_zero:
             with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(self.history, indent=1, allow_nan=True))
+                tmp.write_text(json.dumps(with_script_keys(self.history), indent=1, allow_nan=True))
         every = self.checkpoint_every_n_epochs
         if every and (epoch + 1) % every == 0:
             trainer.save_checkpoint(self._checkpoint_dir(trainer) / f"checkpoint_epoch{epoch + 1}.ckpt")

@@ -288,3 +288,23 @@ def test_imports_and_runs_without_triton():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"has": False, "shape": [1, 5, 8], "raised": True}
+
+
+def test_fused_path_convolution_equals_the_shifted_form():
+    """The GPU path's single conv1d == the CPU path's shifted multiply-adds (with and without carried inputs)."""
+    torch.manual_seed(0)
+    cpu = ARSSM(6, 4, 2, conv_kernel=4, backend="torch").double()
+    gpu = ARSSM(6, 4, 2, conv_kernel=4, backend="triton").double()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    for past in (None, torch.randn(2, 3, 6, dtype=torch.float64)):
+        outs = []
+        for m in (cpu, gpu):
+            y = m._causal_conv(x, past)
+            outs.append((y, *torch.autograd.grad(y.square().sum(), [x, m.conv.weight, m.conv.bias])))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    one_cpu = ARSSM(6, 4, 2, conv_kernel=1, backend="torch").double()
+    one_gpu = ARSSM(6, 4, 2, conv_kernel=1, backend="triton").double()
+    one_gpu.load_state_dict(one_cpu.state_dict())
+    torch.testing.assert_close(one_gpu._causal_conv(x, None), one_cpu._causal_conv(x, None), rtol=1e-12, atol=1e-12)

@@ -76,6 +76,17 @@ for scan in (lambda v, d, h0: decayed_scan_triton(v, d, h0, block_t=16), decayed
     y.square().sum().backward()
     res.append((y.detach(), m.decay_logit.grad.clone(), m.V.weight.grad.clone()))
 out["layer"] = [err(a, b) for a, b in zip(*res)]
+
+# the whole fused path (backend "triton": conv1d + the kernel) == backend "torch", with a carried state
+res = []
+for backend in ("triton", "torch"):
+    torch.manual_seed(0)
+    m = ARSSM(8, max_rank=6, min_rank=2, gate_hidden=4, backend=backend).double()
+    y1, st = m(x[:, :20], return_state=True)
+    y2 = m(x[:, 20:], st)
+    (y1.square().sum() + y2.square().sum()).backward()
+    res.append((y1.detach(), y2.detach(), m.conv.weight.grad.clone(), m.decay_logit.grad.clone()))
+out["layer"] += [err(a, b) for a, b in zip(*res)]
 print("RESULT" + json.dumps(out))
 """
 

@@ -170,7 +170,8 @@ CASES = [
     # Phase 2 language model
     (PHASE2, ["--model.config.base_decay", "-0.1"], "config.base_decay must be >= 0"),
     (PHASE2, ["--model.config.d_model", "30"], "config.d_model (30) must be divisible by config.n_heads"),
-    (PHASE2, ["--model.config.use_triton", "true"], "config.use_triton: there is no Triton kernel"),
+    (PHASE2, ["--model.config.backend", "triton", "--model.config.resonance_damping", "0.5"],
+     "config.backend 'triton' has no resonance damping"),
     (PHASE2, ["--model.config.snr_threshold", "0"], "config.snr_threshold must be positive or null"),
     (PHASE2, ["--model.min_lr", "0.1"], "model (Phase2LanguageModel): `lr` must be positive and `min_lr` in [0, lr]"),
     # Phase 1 LM: unknown nested keys, impossible sizes, unknown presets

@@ -104,14 +104,18 @@ def test_estimate_tracks_measured_training_peaks_over_sizes(tmp_path):
 
 
 def test_presets_fit_their_budget_and_grow_with_it():
-    sizes = {}
+    sizes, ranks = {}, {}
     for name, gb in (("8gb", 8), ("10gb", 10), ("24gb", 24)):
         c = get_preset_config(name)
         total = estimate_memory(c)["total_gb"]
         assert total <= BUDGET_FRACTION * gb
         assert c.bk_enabled and c.ar_ssm_enabled and c.htt_enabled and c.use_gradient_checkpointing
+        assert c.target_vram_gb == gb  # exactly, not 24.000000000000004
         sizes[name] = estimate_memory(c)["parameters"]
+        ranks[name] = (c.ar_ssm_max_rank, c.htt_rank, c.ar_ssm_l1_regularization)
     assert sizes["8gb"] < sizes["10gb"] < sizes["24gb"]
+    assert ranks["8gb"][:2] < ranks["10gb"][:2] < ranks["24gb"][:2]  # the features vary too, not only the size
+    assert ranks["8gb"][2] > ranks["24gb"][2]
     custom = Phase1Config.from_nested({"preset": "custom", "memory": {"target_vram_gb": 4.0}})
     assert custom == fit_to_budget(Phase1Config(target_vram_gb=4.0))
     assert estimate_memory(custom)["total_gb"] <= BUDGET_FRACTION * 4.0

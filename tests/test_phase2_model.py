@@ -250,7 +250,8 @@ def test_presets_and_validation():
         Phase2Config.from_preset("huge")
     bad = [({"d_model": 30, "n_heads": 4}, "d_model"), ({"base_decay": -1.0}, "base_decay"),
            ({"snr_threshold": 0.0}, "snr_threshold"), ({"gamma_bounds": (0.5, 2.0)}, "gamma_bounds"),
-           ({"use_triton": True}, "use_triton"), ({"reset_token": 256}, "reset_token"),
+           ({"backend": "cuda"}, "backend"), ({"backend": "fla", "resonance_damping": 0.5}, "backend 'fla'"),
+           ({"reset_token": 256}, "reset_token"),
            ({"resonance_damping": 1.0}, "resonance_damping"), ({"hebbian_eta": 0.0}, "hebbian_eta")]
     for kwargs, key in bad:
         with pytest.raises(ValueError, match=key):

@@ -25,8 +25,9 @@ the matmuls and the scan (a slice when the ranks are a prefix, ``index_select`` 
   computes every rank with the off gates multiplied by 0 (same output, no savings; for comparisons).
 
 ``use_fused_scan=True`` runs the scan with the Triton kernel of :mod:`models.layers.ar_ssm_triton` when the
-tensor is on CUDA and triton imports, else with the chunked torch :func:`decayed_scan`. The scan runs in
-float32 at least (float64 inputs stay float64).
+tensor is on CUDA and triton imports, else with the chunked torch :func:`decayed_scan`;
+``backend="triton"`` forces the kernel (on the CPU only under ``TRITON_INTERPRET=1``, for tests),
+``backend="torch"`` the torch scan. The scan runs in float32 at least (float64 inputs stay float64).
 """
 
 from __future__ import annotations
@@ -130,8 +131,12 @@ class ARSSM(nn.Module):
         decay: float | None = None,
         prune_threshold: float = 1e-2,
         prune_inference: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        self.backend = backend
         if not 1 <= min_rank <= max_rank:
             raise ValueError(f"need 1 <= min_rank <= max_rank, got min_rank={min_rank}, max_rank={max_rank}")
         if conv_kernel < 1:
@@ -211,17 +216,28 @@ class ARSSM(nn.Module):
         return -(F.softplus(self.decay_logit) + _MIN_DECAY_RATE)
 
     # --------------------------------------------------------------------------------------------- forward
+    def fused(self, x: Tensor) -> bool:
+        """Whether this input runs the GPU path: the Triton scan and the convolution as one ``conv1d``."""
+        return self.backend == "triton" or (self.backend == "auto" and self.use_fused_scan and HAS_TRITON
+                                            and x.is_cuda)
+
     def _scan(self, v: Tensor, decay: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
         if v.shape[-1] == 0:  # every rank off
             return v, v[:, -1]
-        if self.use_fused_scan and HAS_TRITON and v.is_cuda:
+        if self.fused(v):
             return decayed_scan_triton(v, decay, h0)
         return decayed_scan(v, decay, h0)
 
     def _causal_conv(self, x: Tensor, past: Tensor | None) -> Tensor:
-        """Depthwise ``conv1d`` over ``[past, x]`` (``past`` = the previous K-1 inputs, zeros if None) as K shifted
+        """Depthwise ``conv1d`` over ``[past, x]`` (``past`` = the previous K-1 inputs, zeros if None). On the fused
+        path one ``F.conv1d`` (two launches with its backward, where the CPU form below costs ~30); else K shifted
         multiply-adds in the (B, N, D) layout: output t reads inputs t-K+1 .. t only, without transposes."""
         k, n = self.conv_kernel, x.shape[1]
+        if self.fused(x):
+            if k > 1:
+                left = x.new_zeros(x.shape[0], k - 1, x.shape[2]) if past is None else past
+                x = torch.cat([left, x], dim=1)
+            return F.conv1d(x.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.d_model).transpose(1, 2)
         w = self.conv.weight[:, 0, :]  # (D, K); tap K-1 multiplies the current token
         y = torch.addcmul(self.conv.bias, x, w[:, k - 1])
         for tap in range(k - 1):
@@ -308,3 +324,7 @@ class ARSSM(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, max_rank={self.max_rank}, min_rank={self.min_rank}, "
                 f"active_rank={self.active_rank}, conv_kernel={self.conv_kernel}")
+
+
+#: The guide's name for :class:`ARSSM` (same class).
+AdaptiveRankSemiseparableLayer = ARSSM

@@ -10,9 +10,10 @@ which depends on tokens 0..t only (the diagonal of the inverse of the *full* mat
 tokens). With Im d_t <= -eta and real k_t >= 0 every g_t lies in the upper half-plane and |g_t| <= 1 / eta.
 
 ``resolvent_diagonal`` evaluates the continued fraction either token by token (``"sequential"``, the reference;
-autograd differentiates it) or in a chunked parallel form (``"parallel"``, the default; its exact backward is
-the reverse linear scan of the recurrence). ``BKMixer`` wraps it as a token mixer with input-dependent
-diagonal, couplings and a value path.
+autograd differentiates it), in a chunked parallel form (``"parallel"``, the default; its exact backward is
+the reverse linear scan of the recurrence) or with the fused Triton kernels of
+:mod:`models.layers.bk_mixer_triton` (``"triton"``: one launch forward, one backward). ``BKMixer`` wraps it as a
+token mixer with input-dependent diagonal, couplings and a value path; its ``backend`` picks the kernels on CUDA.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-_METHODS = ("parallel", "sequential")
+from models.layers.bk_mixer_triton import HAS_TRITON, resolvent_diagonal_triton
+
+_METHODS = ("parallel", "sequential", "triton")
+_BACKENDS = ("auto", "torch", "triton")
 
 
 def _check_inputs(d: torch.Tensor, k: torch.Tensor, g0: torch.Tensor | None) -> None:
@@ -170,8 +174,9 @@ def resolvent_diagonal(
             k[..., 0, :] multiplies ``g0``.
         g0: complex (..., C), g of the token before the first one (carried decoding state); ``None``: the first
             token has no predecessor.
-        method: ``"parallel"`` (chunked transfer-matrix scan with an exact reverse-scan backward) or
-            ``"sequential"`` (token loop, the reference).
+        method: ``"parallel"`` (chunked transfer-matrix scan with an exact reverse-scan backward),
+            ``"sequential"`` (token loop, the reference) or ``"triton"`` (the fused kernels; CUDA tensors, or CPU
+            tensors under ``TRITON_INTERPRET=1``).
         chunk_size: chunk length of the parallel form (capped at N).
     Returns:
         complex (..., N, C).
@@ -183,6 +188,8 @@ def resolvent_diagonal(
     _check_inputs(d, k, g0)
     if method == "sequential":
         return _sequential(d, k, g0)
+    if method == "triton":
+        return resolvent_diagonal_triton(d, k, g0)
     return _parallel(d, k, g0, chunk_size)
 
 
@@ -213,7 +220,11 @@ class BKMixer(nn.Module):
     a and k; it gates the current token's value v_t, and eta g_t has modulus <= 1, so the feature is scale-free
     in eta. ``zero_init_output`` zeroes W_o (and its bias) so a block converted to this mixer starts as its
     baseline. An optional ``decay`` Gamma >= 0 enters as a - i (eta + Gamma) ("non-Hermitian forgetting");
-    the bound |g| <= 1/eta still holds.
+    the bound tightens to |g_t| <= 1/(eta + Gamma_t).
+
+    ``backend``: ``"auto"`` (default) runs the fused Triton kernels when the input is on CUDA, triton imports
+    and ``method`` is ``"parallel"``, else ``method`` in torch; ``"torch"`` always ``method``; ``"triton"``
+    always the kernels (on the CPU only under ``TRITON_INTERPRET=1``, for tests).
     """
 
     def __init__(
@@ -224,12 +235,16 @@ class BKMixer(nn.Module):
         zero_init_output: bool = False,
         method: str = "parallel",
         track_stats: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if eta <= 0:
             raise ValueError(f"eta must be > 0, got {eta}")
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.d_model, self.eta, self.chunk_size, self.method = d_model, float(eta), chunk_size, method
         self.track_stats = track_stats
         self.in_proj = nn.Linear(d_model, 3 * d_model)
@@ -267,25 +282,41 @@ class BKMixer(nn.Module):
         carried state gives the same outputs as one call on the whole sequence.
         """
         d, k, v = self.coefficients(x, decay)
-        g = resolvent_diagonal(d, k, state, method=self.method, chunk_size=self.chunk_size)
+        g = resolvent_diagonal(d, k, state, method=self.scan_method(x), chunk_size=self.chunk_size)
         if self.track_stats:
             self._record_stats(d.detach(), k.detach(), g.detach())
         feature = torch.view_as_real(g * (self.eta * v.to(k.dtype))).flatten(-2)  # [Re g v, Im g v] per channel
         y = self.out_proj(feature.to(x.dtype))
         return (y, g[..., -1, :]) if return_state else y
 
+    @property
+    def epsilon(self) -> float:
+        """The guide's name for ``eta`` (``Im z``)."""
+        return self.eta
+
+    def scan_method(self, x: torch.Tensor) -> str:
+        """The ``resolvent_diagonal`` method this mixer runs for input ``x`` (see ``backend``)."""
+        if self.backend == "triton" or (self.backend == "auto" and self.method == "parallel" and x.is_cuda
+                                        and HAS_TRITON):
+            return "triton"
+        return self.method
+
     @torch.no_grad()
     def _record_stats(self, d: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> None:
-        max_abs_g = _abs_square(g).amax().sqrt()
+        abs_g = _abs_square(g).sqrt_()
+        max_abs_g = abs_g.amax()
         condition = transfer_log10_condition(d, k).amax()
-        bound = max_abs_g.new_full((), 1.0 / self.eta)  # a fill, not a host-to-device copy
-        stable = torch.isfinite(max_abs_g) & (max_abs_g <= bound * (1 + 1e-3))
+        damping = d.imag.neg()  # eta + Gamma_t >= eta
+        bound = damping.amin().reciprocal()  # 1 / (eta + Gamma_min)
+        # per token |g_t| <= 1 / (eta + Gamma_t): a NaN fails the comparison
+        stable = (abs_g.mul_(damping) <= 1 + 1e-3).all()
         self._stats = {"max_abs_g": max_abs_g, "bound": bound, "transfer_condition": condition, "stable": stable}
 
     def stats(self) -> dict[str, torch.Tensor]:
-        """Detached scalars of the last forward (no host sync): ``max_abs_g``; ``bound`` = 1/eta;
+        """Detached scalars of the last forward (no host sync): ``max_abs_g``; ``bound`` = 1/(eta + Gamma_min)
+        (1/eta without a decay);
         ``transfer_condition`` = max log10 sigma_max/sigma_min of the per-token transfer matrices (scale-free,
         see ``transfer_log10_condition``; +inf only for a token with k = 0, which is decoupled, not unstable);
-        ``stable`` = every g finite and within the bound (up to 1e-3 for rounding). Empty before the first forward
-        or with ``track_stats=False``."""
+        ``stable`` = every g_t finite and within its own bound 1/(eta + Gamma_t) (up to 1e-3 for rounding).
+        Empty before the first forward or with ``track_stats=False``."""
         return dict(self._stats)

@@ -36,6 +36,7 @@ writes ||S||^2 never grows (decay factors <= 1, damping only removes energy).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -232,6 +233,63 @@ def hebbian_scan_chunked(
 
 # Chunks per block of the plain chunked scan: bounds the (chunks, C, C) intermediates (CPU caches, memory).
 _PLAIN_BLOCK_CHUNKS = 16
+BACKENDS = ("torch", "triton", "fla")
+
+
+def hebbian_scan_fused(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, eta: float | Tensor,
+    initial_state: FastWeightState | Tensor | None = None, reset: Tensor | None = None, chunk_size: int = 64, *,
+    rule: MemoryBoundaryRule | None = None, period: int | None = None, state_dtype: torch.dtype | None = None,
+    backend: str = "triton",
+) -> tuple[Tensor, FastWeightState]:
+    """:func:`hebbian_scan_chunked` restructured for a GPU (same arguments and results up to rounding; the rule
+    must be a :class:`MemoryBoundaryRule` without resonance damping).
+
+    Pass 1 (no gradient, one Triton launch: :mod:`models.layers.fast_weights_triton`) runs the rule and returns
+    its decisions per token; pass 2 is the plain decayed attention with gates ``log_decay * gamma_scale`` and
+    keys ``k * eta * eta_scale``, by the Triton kernels of the same module (``backend="triton"``: one launch
+    forward, one backward) or fla's ``chunk_simple_gla`` (``backend="fla"``,
+    :mod:`models.layers.fast_weights_fla`). Gradients flow as in the torch path (the decisions carry none there
+    either). The rule's per-token records go to ``rule.token_records``.
+    """
+    from models.layers.fast_weights_fla import decayed_attention_fla
+    from models.layers.fast_weights_triton import decayed_attention_triton, rule_decisions_triton
+
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"backend {backend!r} runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, "
+                           "for tests); use backend 'torch' on the CPU")
+    if backend not in ("triton", "fla"):
+        raise ValueError(f"backend must be 'triton' or 'fla', got {backend!r}")
+    if rule is not None and rule.resonance_damping > 0:
+        raise ValueError("the fused Phase 2 scan has no resonance damping (a linear map of the memory at every "
+                         "boundary); use backend 'torch' with resonance_damping > 0")
+    period = chunk_size if period is None else period
+    if chunk_size < 1 or period < 1:
+        raise ValueError(f"need chunk_size >= 1 and period >= 1, got {chunk_size}, {period}")
+    out_dtype = q.dtype
+    q, k, v, log_decay, eta, dtype = _prepare(q, k, v, log_decay, eta, reset, state_dtype)
+    batch, heads, n, dk = q.shape
+    state = _initial_state(initial_state, (batch, heads, dk, v.shape[-1]), dtype, q.device, rule is not None)
+    pos = _positions(state.position, reset, n)
+    if rule is None:
+        log_decay_eff, k_eff = log_decay, k * eta[..., None]
+    else:
+        calls = _boundary_calls(pos, reset, period)
+        with torch.no_grad():
+            dec = rule_decisions_triton(
+                k, v, log_decay, eta, calls, reset, state.memory, state.anchor, state.gamma_scale, state.eta_scale,
+                state.anchor_log_decay, snr_threshold=rule.snr_threshold, gamma_bounds=rule.gamma_bounds,
+                eta_bounds=rule.eta_bounds, chunk_size=chunk_size)
+        rule.token_records = {"snr": dec["snr"], "norm": dec["norm"], "calls": calls}
+        log_decay_eff = log_decay * dec["gamma_scale_tokens"]
+        k_eff = k * (eta * dec["eta_scale_tokens"])[..., None]
+        state = state._replace(gamma_scale=dec["gamma_scale"], eta_scale=dec["eta_scale"], anchor=dec["anchor"],
+                               anchor_log_decay=dec["anchor_log_decay"])
+    if backend == "fla":
+        o, memory = decayed_attention_fla(q, k_eff, v, log_decay_eff, state.memory, reset)
+    else:
+        o, memory = decayed_attention_triton(q, k_eff, v, log_decay_eff, state.memory, reset, chunk_size)
+    return o.to(out_dtype), state._replace(memory=memory, position=pos[:, -1] + 1)
 
 
 def _chunked_plain(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, memory: Tensor, reset: Tensor | None,
@@ -424,14 +482,19 @@ class MemoryBoundaryRule:
         self.gamma_bounds, self.eta_bounds = gamma_bounds, eta_bounds
         self.resonance_threshold, self.resonance_damping = resonance_threshold, resonance_damping
         self.records: list[dict[str, Tensor]] = []
+        self.token_records: dict[str, Tensor] = {}  # the fused scan's per-token records (snr, norm, calls)
 
     def snr(self, state: FastWeightState) -> tuple[Tensor, Tensor]:
-        """(snr, live) per (B, H): ||S - old||^2 / ||old||^2 with old = the decayed anchor; live: not both zero."""
+        """(snr, live) per (B, H): ||S - old||^2 / ||old||^2 with old = the decayed anchor; live: old is not zero.
+
+        Where old is zero (a document's first two boundaries: nothing older survives yet) the ratio is infinite
+        or undefined and says nothing about staleness, so no decision is taken there (issue 21: before, the
+        infinite SNR of every second boundary doubled eta unconditionally)."""
         memory = state.memory.detach()
         old = state.anchor * state.anchor_log_decay.exp()[..., None, None]
         noise = old.square().sum((-2, -1))
         signal = (memory - old).square().sum((-2, -1))
-        return signal / noise, signal + noise > 0
+        return signal / noise, noise > 0
 
     def __call__(self, state: FastWeightState, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         with torch.no_grad():
@@ -466,15 +529,22 @@ class DissipativeHebbianMemory(nn.Module):
     eta_max max||v|| / (1 - exp(-Gamma_min delta)); queries are scaled by head_dim^-1/2. Every ``chunk_size``
     document tokens :class:`MemoryBoundaryRule` adjusts Gamma / eta (``snr_threshold=None`` turns the filter
     off) and damps resonant modes (``resonance_damping > 0``). eta is a per-head buffer that forward never
-    writes. ``forward(x, state, reset)`` carries state only when it is passed in.
+    writes. ``forward(x, state, reset)`` carries state only when it is passed in. ``backend``: ``"torch"``
+    (:func:`hebbian_scan_chunked`, the default), ``"triton"`` or ``"fla"`` (:func:`hebbian_scan_fused`; CUDA,
+    no resonance damping).
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, base_decay: float = 0.01, hebbian_eta: float = 1.0,
                  snr_threshold: float | None = 2.0, chunk_size: int = 64, delta: float = 1.0,
                  gamma_bounds: tuple[float, float] = (1.0, 4.0), eta_bounds: tuple[float, float] = (1.0, 2.0),
                  resonance_damping: float = 0.0, num_basis_seed: int = 0, zero_init_output: bool = False,
-                 resonance_threshold: float = 4.0) -> None:
+                 resonance_threshold: float = 4.0, backend: str = "torch") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "torch" and resonance_damping > 0:
+            raise ValueError(f"backend {backend!r} has no resonance damping; use backend 'torch'")
+        self.backend = backend
         if base_decay < 0 or delta <= 0 or chunk_size < 1:
             raise ValueError("need base_decay >= 0, delta > 0 and chunk_size >= 1")
         for name, (lo, hi) in (("gamma_bounds", gamma_bounds), ("eta_bounds", eta_bounds)):
@@ -500,6 +570,7 @@ class DissipativeHebbianMemory(nn.Module):
         self.register_buffer("eta", torch.full((n_heads,), float(hebbian_eta)))
         self.register_buffer("basis", fixed_orthonormal_basis(head_dim, num_basis_seed), persistent=False)
         self._diagnostics: dict[str, Tensor] = {}
+        self._pending: tuple | None = None  # what the last forward left for diagnostics() (summarised lazily)
 
     def gamma(self, x: Tensor) -> Tensor:
         """Gamma_t, (B, N, n_heads), in float32 (float64 for float64 input)."""
@@ -525,7 +596,10 @@ class DissipativeHebbianMemory(nn.Module):
         if self.snr_threshold is not None or self.resonance_damping > 0:
             rule = MemoryBoundaryRule(self.basis, self.snr_threshold, self.gamma_bounds, self.eta_bounds,
                                       self.resonance_threshold, self.resonance_damping)
-        if scan == "chunked":
+        if scan == "chunked" and self.backend != "torch":
+            o, new_state = hebbian_scan_fused(q, k, v, log_decay, eta, state, reset, self.chunk_size, rule=rule,
+                                              backend=self.backend)
+        elif scan == "chunked":
             o, new_state = hebbian_scan_chunked(q, k, v, log_decay, eta, state, reset, self.chunk_size, boundary=rule)
         elif scan == "sequential":
             o, new_state = hebbian_scan_sequential(q, k, v, log_decay, eta, state, reset, boundary=rule,
@@ -534,41 +608,57 @@ class DissipativeHebbianMemory(nn.Module):
             raise ValueError(f"scan must be 'chunked' or 'sequential', got {scan!r}")
         y = self.out_proj(o.transpose(1, 2).reshape(batch, n, heads * dim).to(x.dtype))
         with torch.no_grad():
-            self._diagnostics = self._summarise(gamma.detach(), k.detach(), v.detach(), new_state, rule)
+            # only (B, H) write sizes now; the summary's few dozen small operations run when diagnostics() asks
+            write = (k.detach().norm(dim=-1) * v.detach().norm(dim=-1)).amax(-1)
+            self._pending, self._diagnostics = (gamma.detach(), write, new_state.memory.detach(), rule), {}
         return (y, new_state) if return_state else y
 
-    def _summarise(self, gamma: Tensor, k: Tensor, v: Tensor, state: FastWeightState,
+    def _summarise(self, gamma: Tensor, write: Tensor, memory: Tensor,
                    rule: MemoryBoundaryRule | None) -> dict[str, Tensor]:
-        memory = state.memory.detach()
         nan = torch.full((), math.nan, dtype=memory.dtype, device=memory.device)
         eta_max = self.eta.to(memory.dtype) * (self.eta_bounds[1] if self.snr_threshold is not None else 1.0)
-        bound = lyapunov_bound(eta_max[:, None], k.to(memory.dtype), v.to(memory.dtype),
-                               gamma.to(memory.dtype).amin(1), self.delta)
-        norms, masks = [memory.norm(dim=(-2, -1))], [torch.ones_like(bound, dtype=torch.bool)]
+        # lyapunov_bound from the per-(B, H) largest write ||k_t|| ||v_t|| kept by forward
+        gamma_min = gamma.to(memory.dtype).amin(1)
+        bound = eta_max * write.to(memory.dtype) / -torch.expm1(-gamma_min * self.delta)
+        norms, masks = [memory.norm(dim=(-2, -1))[..., None]], [torch.ones_like(bound, dtype=torch.bool)[..., None]]
         snr_mean, snr_low = nan, nan
-        if rule is not None and rule.records:
-            rec = rule.records
-            snr, live = torch.stack([r["snr"] for r in rec]), torch.stack([r["live"] for r in rec])
+        if rule is not None and (rule.records or rule.token_records):
+            if rule.token_records:  # fused path: per token, (B, H, N); calls (B, N)
+                rec = rule.token_records
+                snr, live = rec["snr"], rec["snr"].isfinite()
+                norms.append(rec["norm"].nan_to_num(0.0))
+                masks.append(rec["calls"][:, None].expand_as(rec["norm"]))
+            else:
+                rec = rule.records
+                snr, live = torch.stack([r["snr"] for r in rec]), torch.stack([r["live"] for r in rec])
+                norms += [r["norm"][..., None] for r in rec]
+                masks += [r["active"][:, None, None].expand(*bound.shape, 1) for r in rec]
+            # geometric mean over the decided boundaries (SNR is a ratio: one huge value must not dominate);
+            # 0 maps to the smallest positive float so a boundary with no new writes counts, not -inf
             finite = live & snr.isfinite()
-            snr_mean = torch.where(finite, snr, 0.0).sum() / finite.sum()
+            tiny = torch.finfo(snr.dtype).tiny
+            snr_mean = (torch.where(finite, snr.clamp(min=tiny).log(), 0.0).sum() / finite.sum()).exp()
             if self.snr_threshold is not None:
                 snr_low = (live & (snr < self.snr_threshold)).sum().to(memory.dtype) / live.sum()
-            norms += [r["norm"] for r in rec]
-            masks += [r["active"][:, None].expand_as(bound) for r in rec]
         res = resonance(memory, self.basis, self.resonance_threshold)
         return {
             "gamma_mean": gamma.mean(), "gamma_std": gamma.std(), "gamma_min": gamma.min(), "gamma_max": gamma.max(),
             "snr_mean": snr_mean, "snr_low_ratio": snr_low,
             "resonant_modes": res["num_resonant_modes"].to(memory.dtype).mean(),
             "resonance_energy": res["total_resonance_energy"].mean(),
-            "stability_ratio": lyapunov_stable_ratio(torch.stack(norms, -1), bound[..., None], torch.stack(masks, -1)),
+            "stability_ratio": lyapunov_stable_ratio(torch.cat(norms, -1), bound[..., None], torch.cat(masks, -1)),
             "fast_weight_energy": memory.square().sum((-2, -1)).mean(),
         }
 
     def diagnostics(self) -> dict[str, Tensor]:
         """Detached scalar tensors from the last forward (empty before the first): statistics of Gamma_t;
-        snr_mean (finite SNRs) and snr_low_ratio over the boundaries with a non-empty memory; resonant_modes and
-        resonance_energy (means over sequences and heads) of the final memory; stability_ratio, the share of the
-        memories at boundaries and at the end within this call's :func:`lyapunov_bound`; fast_weight_energy, the
-        mean ||S||^2 of the final memory."""
+        snr_mean (geometric mean of the decided SNRs) and snr_low_ratio over the boundaries with an older
+        memory; resonant_modes and resonance_energy (means over sequences and heads) of the final memory;
+        stability_ratio, the share of the memories at boundaries and at the end within this call's
+        :func:`lyapunov_bound`; fast_weight_energy, the mean ||S||^2 of the final memory. Computed on the first
+        call after a forward (forward itself only keeps the inputs: no per-step cost when nobody asks)."""
+        if self._pending is not None:
+            with torch.no_grad():
+                self._diagnostics = self._summarise(*self._pending)
+            self._pending = None
         return dict(self._diagnostics)

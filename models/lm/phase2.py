@@ -25,6 +25,7 @@ State: ``forward(idx)`` starts from an empty state every call (nothing persists 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -34,7 +35,9 @@ from torch import Tensor, nn
 
 from models.layers.bk_mixer import BKMixer, resolvent_diagonal
 from models.layers.create import create_mlp, create_norm
+from models.layers.fast_weights import BACKENDS as MEMORY_BACKENDS
 from models.layers.fast_weights import DissipativeHebbianMemory, FastWeightState
+from models.layers.fast_weights_fla import HAS_FLA
 from models.lm.sampling import generate_with_state
 
 #: Size presets (issue 11): d_model, layers, heads x head_dim; the training sequence length is a data key.
@@ -53,8 +56,11 @@ class Phase2Config:
 
     ``base_decay``, ``hebbian_eta``, ``snr_threshold`` (``None``: filter off), ``gamma_bounds``, ``eta_bounds``,
     ``resonance_threshold``, ``resonance_damping``, ``chunk_size`` and ``delta`` go to every
-    :class:`DissipativeHebbianMemory`; ``bk_eta`` and ``bk_chunk_size`` to every BK mixer. ``use_triton`` is
-    reserved: there is no Triton kernel for this model yet, so ``true`` is refused rather than ignored.
+    :class:`DissipativeHebbianMemory`; ``bk_eta`` and ``bk_chunk_size`` to every BK mixer. ``backend``:
+    ``torch`` (default; every device), ``triton`` (the fused rule kernel and the length-independent chunked
+    attention for the memory, the Triton scan for the BK mixer; CUDA) or ``fla`` (as ``triton`` with
+    flash-linear-attention's ``chunk_simple_gla`` for the memory's attention; CUDA and the optional
+    ``fla-core``). The fused backends have no resonance damping. ``use_triton: true`` is ``backend: triton``.
     """
 
     vocab_size: int = 256
@@ -80,6 +86,7 @@ class Phase2Config:
     bk_eta: float = 1.0
     bk_chunk_size: int = 256
     reset_token: int | None = 0
+    backend: Literal["torch", "triton", "fla"] = "torch"
     use_triton: bool = False
 
     def __post_init__(self) -> None:
@@ -112,9 +119,17 @@ class Phase2Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config.{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.use_triton:
-            raise ValueError("config.use_triton: there is no Triton kernel for the Phase 2 model yet (the chunked "
-                             "PyTorch scan runs on every device); set use_triton: false")
+        if self.backend not in MEMORY_BACKENDS:
+            raise ValueError(f"config.backend must be one of {MEMORY_BACKENDS}, got {self.backend!r}")
+        if self.use_triton and self.backend == "torch":
+            self.backend = "triton"
+        if self.backend != "torch" and self.resonance_damping > 0:
+            raise ValueError(f"config.backend {self.backend!r} has no resonance damping: set resonance_damping: 0.0 "
+                             "or backend: torch")
+        if self.backend != "torch" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"config.backend {self.backend!r} needs a CUDA GPU (none here): use backend: torch")
+        if self.backend == "fla" and not HAS_FLA:
+            raise ValueError("config.backend 'fla' needs the optional package fla-core: pip install fla-core")
         self.gamma_bounds, self.eta_bounds = tuple(self.gamma_bounds), tuple(self.eta_bounds)
 
     @property
@@ -148,7 +163,7 @@ def bk_mix(mixer: BKMixer, x: Tensor, decay: Tensor, state: Tensor | None, reset
     d, k, v = mixer.coefficients(x, decay)
     if reset is not None:
         k = k.masked_fill(reset[..., None], 0.0)
-    g = resolvent_diagonal(d, k, state, method=mixer.method, chunk_size=mixer.chunk_size)
+    g = resolvent_diagonal(d, k, state, method=mixer.scan_method(x), chunk_size=mixer.chunk_size)
     if mixer.track_stats:
         mixer._record_stats(d.detach(), k.detach(), g.detach())
     feature = torch.view_as_real(g * (mixer.eta * v.to(k.dtype))).flatten(-2)
@@ -167,8 +182,9 @@ class Phase2Block(nn.Module):
             c.d_model, c.n_heads, c.head_dim, base_decay=c.base_decay, hebbian_eta=c.hebbian_eta,
             snr_threshold=c.snr_threshold, chunk_size=c.chunk_size, delta=c.delta, gamma_bounds=c.gamma_bounds,
             eta_bounds=c.eta_bounds, resonance_damping=c.resonance_damping, num_basis_seed=index,
-            resonance_threshold=c.resonance_threshold)
-        self.bk = BKMixer(c.d_model, eta=c.bk_eta, chunk_size=c.bk_chunk_size) if c.bk_enabled else None
+            resonance_threshold=c.resonance_threshold, backend=c.backend)
+        self.bk = (BKMixer(c.d_model, eta=c.bk_eta, chunk_size=c.bk_chunk_size,
+                           backend="torch" if c.backend == "torch" else "triton") if c.bk_enabled else None)
         self.mlp = create_mlp(c.mlp_class, c.d_model, c.mlp_size, True)
         self.drop = nn.Dropout(c.dropout)
         self.channels_per_head = c.d_model // c.n_heads

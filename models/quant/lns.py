@@ -195,12 +195,14 @@ class LNSLinear(nn.Module):
         in_features, out_features, bias: as ``nn.Linear``.
         gamma, exp_bits: the LNS format (see :data:`LNS_FORMATS`).
         chunk_size: ``k`` values looked up at once in eval mode (``None``: automatic).
+        use_lns: the guide's switch: ``False`` keeps ``F.linear`` in eval mode too (an exact ``nn.Linear``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gamma: int = 8, exp_bits: int = 7,
                  chunk_size: int | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, use_lns: bool = True) -> None:
         super().__init__()
+        self.use_lns = use_lns
         _check_format(gamma, exp_bits)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
@@ -243,7 +245,7 @@ class LNSLinear(nn.Module):
         return self._weight_codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training or not self.use_lns:
             return F.linear(x, self.weight, self.bias)
         iw, bw = self.encoded_weight()
         ix, bx = _operand_index(x.reshape(-1, self.in_features), self.gamma, self.exp_bits, dim=1)
@@ -254,4 +256,4 @@ class LNSLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"gamma={self.gamma}, exp_bits={self.exp_bits}")
+                f"gamma={self.gamma}, exp_bits={self.exp_bits}, use_lns={self.use_lns}")

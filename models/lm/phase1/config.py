@@ -47,6 +47,17 @@ NESTED_KEYS: dict[str, dict[str, str]] = {
 PRESET_NAMES = ("8gb", "10gb", "24gb", "custom")
 
 
+def _yaml_float(name: str, field_name: str, value: Any) -> Any:
+    """YAML 1.1 (``yaml.safe_load``) reads ``1e-6`` (no dot) as a string: accept it for float fields."""
+    annotation = str(Phase1Config.__dataclass_fields__[field_name].type)
+    if isinstance(value, str) and "float" in annotation:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    return value
+
+
 @dataclass
 class Phase1Config:
     """Phase 1 language model: blocks of [BK resolvent mixer and/or AR-SSM] + MLP (pre-norm residuals),
@@ -170,7 +181,7 @@ class Phase1Config:
             for key, value in values.items():
                 if key not in keys:
                     raise ValueError(f"phase1.{group}.{key} is not a Phase 1 option; allowed: {sorted(keys)}")
-                changes[keys[key]] = value
+                changes[keys[key]] = _yaml_float(f"phase1.{group}.{key}", keys[key], value)
         if not nested.get("enabled", True):
             changes.update(bk_enabled=False, ar_ssm_enabled=False, htt_enabled=False, lns_enabled=False)
         config = dataclasses.replace(config, **changes)

@@ -81,9 +81,11 @@ def collect_phase1_diagnostics(
     ``labels``, as ``TextDataModule`` gives, or ``(input_ids, labels)`` pairs).
 
     Returns ``ar_ssm_effective_rank`` (and the other :func:`gate_statistics`, averaged over batches),
-    ``htt_compression_ratio``, ``num_parameters``, ``peak_memory_mb`` (of the sweep, see
-    :func:`measure_peak_memory`), ``loss``/``ppl``, ``tokens``, ``tokens_per_s``, and the stability verdict
-    (``is_stable``, ``warnings``, ``bk_bound_ratio``, ``bk_transfer_log10_condition``; worst over batches).
+    ``htt_compression_ratio`` (dense / TT numbers, e.g. 223), ``compression_ratio`` (the guide's fraction, TT /
+    dense, e.g. 0.0045), ``num_parameters``, ``peak_memory_mb`` (of the sweep, see :func:`measure_peak_memory`;
+    ``peak_vram_mb`` is the guide's name for the same number), ``loss``/``ppl``, ``tokens``, ``tokens_per_s``,
+    and the stability verdict (``is_stable``, ``warnings``, ``bk_bound_ratio``, ``bk_transfer_log10_condition``;
+    worst over batches).
     """
     was_training = model.training
     model.eval()
@@ -121,8 +123,10 @@ def collect_phase1_diagnostics(
     out.setdefault("ar_ssm_effective_rank", 0.0)
     out.update(
         htt_compression_ratio=htt_compression_ratio(model),
+        compression_ratio=1.0 / htt_compression_ratio(model),
         num_parameters=model.num_parameters(),
         peak_memory_mb=peak,
+        peak_vram_mb=peak,
         loss=loss,
         ppl=math.exp(min(loss, 50.0)),
         tokens=acc["tokens"],

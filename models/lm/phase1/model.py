@@ -151,11 +151,22 @@ class Phase1LM(nn.Module):
 
         return checkpoint(run, x, use_reentrant=False)
 
+    @property
+    def epsilon(self) -> float:
+        """The guide's name for the BK mixers' ``Im z`` (``config.bk_eta``): |g| <= 1 / epsilon."""
+        return self.config.bk_eta
+
     def forward(
-        self, idx: torch.Tensor, state: list[BlockState] | None = None, return_state: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[BlockState]]:
+        self, idx: torch.Tensor, state: list[BlockState] | None = None, return_state: bool = False,
+        return_diagnostics: bool = False,
+    ) -> torch.Tensor | tuple:
         """``idx`` (B, N) -> logits (B, N, vocab); with ``return_state`` also the per-block states after the
-        last token. ``state`` (from a previous call) continues that sequence."""
+        last token. ``state`` (from a previous call) continues that sequence. ``return_diagnostics`` (the guide's
+        ``output, diagnostics = model(batch)``) appends a dict of detached tensors: ``bk_bound_ratio`` and
+        ``bk_transfer_log10_condition`` (see ``diagnostics.phase1_health``, with BK stats tracking on),
+        ``aux_loss`` (the AR-SSM gate L1 term) and ``ar_ssm_effective_rank`` (mean over layers). Without it a
+        plain tensor comes back, so unpacking it into two names is an error only for a batch of two: ask for
+        the diagnostics explicitly."""
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"expected token ids of shape (B, N>=1), got {tuple(idx.shape)}")
         if state is not None and len(state) != len(self.blocks):
@@ -174,7 +185,22 @@ class Phase1LM(nn.Module):
             aux = aux + a
         self.aux_loss = aux
         logits = self.head(self.ln_f(x))
-        return (logits, new_states) if return_state else logits
+        out = (logits, new_states) if return_state else (logits,)
+        if return_diagnostics:
+            out = (*out, self.diagnostics())
+        return out if len(out) > 1 else logits
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Detached tensors of the last forward (no host sync): see ``forward(return_diagnostics=True)``."""
+        from models.lm.phase1.diagnostics import phase1_health
+
+        out = dict(phase1_health(self))
+        out["aux_loss"] = self.aux_loss.detach()
+        layers = self.ar_ssm_layers()
+        if layers and all(m._last_gate is not None for m in layers):
+            out["ar_ssm_effective_rank"] = torch.stack([m.effective_rank() for m in layers]).mean()
+        return out
 
     # --------------------------------------------------------------------------------------- generation
     @torch.no_grad()

@@ -38,6 +38,18 @@ SIZE_LADDER: tuple[tuple[int, int], ...] = (
 )
 #: preset name -> (target_vram_gb, n_seq, batch_size)
 PRESETS: dict[str, tuple[float, int, int]] = {"8gb": (8.0, 1024, 8), "10gb": (10.0, 1024, 8), "24gb": (24.0, 2048, 8)}
+#: preset name -> the features each preset sets besides its size (as the guide's presets vary them): the AR-SSM
+#: rank range and gate L1 weight, the TT embedding rank, gradient checkpointing. Checkpointing stays on in all
+#: three: off, the memory model would fit only d_model 768 x 12 layers (96 M parameters) into 24 GB at 2048 x 8
+#: tokens instead of 1536 x 24 (759 M); ``memory.gradient_checkpointing: false`` trades that size for speed.
+PRESET_FEATURES: dict[str, dict[str, Any]] = {
+    "8gb": {"ar_ssm_max_rank": 16, "ar_ssm_min_rank": 4, "ar_ssm_l1_regularization": 2e-3, "htt_rank": 8,
+            "use_gradient_checkpointing": True},
+    "10gb": {"ar_ssm_max_rank": 32, "ar_ssm_min_rank": 4, "ar_ssm_l1_regularization": 1e-3, "htt_rank": 16,
+             "use_gradient_checkpointing": True},
+    "24gb": {"ar_ssm_max_rank": 64, "ar_ssm_min_rank": 8, "ar_ssm_l1_regularization": 5e-4, "htt_rank": 32,
+             "use_gradient_checkpointing": True},
+}
 
 
 def count_parameters(config: Phase1Config) -> int:
@@ -118,24 +130,25 @@ def fit_to_budget(config: Phase1Config, target_vram_gb: float | None = None) -> 
     """The largest ``(d_model, n_layers)`` of :data:`SIZE_LADDER` whose :func:`estimate_memory` fits
     ``BUDGET_FRACTION * target_vram_gb`` (default ``config.target_vram_gb``); other fields are kept.
     Raises ``ValueError`` when not even the smallest rung fits."""
-    budget = (config.target_vram_gb if target_vram_gb is None else target_vram_gb) * GIB * BUDGET_FRACTION
+    target = config.target_vram_gb if target_vram_gb is None else target_vram_gb
+    budget = target * GIB * BUDGET_FRACTION
     best = None
     for d, n_layers in SIZE_LADDER:
-        candidate = config.replace(d_model=d, n_layers=n_layers, intermediate_size=None,
-                                   target_vram_gb=budget / GIB / BUDGET_FRACTION)
+        candidate = config.replace(d_model=d, n_layers=n_layers, intermediate_size=None, target_vram_gb=target)
         if estimate_memory(candidate)["total_bytes"] <= budget:
             best = candidate
     if best is None:
-        raise ValueError(f"target_vram_gb={budget / GIB / BUDGET_FRACTION:g} is too small for d_model="
+        raise ValueError(f"target_vram_gb={target:g} is too small for d_model="
                          f"{SIZE_LADDER[0][0]} at batch_size={config.batch_size}, n_seq={config.n_seq}")
     return best
 
 
 def get_preset_config(name: str, **overrides: Any) -> Phase1Config:
     """``"8gb"``, ``"10gb"`` or ``"24gb"``: every Phase 1 feature on, sequence length and micro-batch of
-    :data:`PRESETS`, width and depth from :func:`fit_to_budget`. ``overrides`` are applied before sizing."""
+    :data:`PRESETS`, the features of :data:`PRESET_FEATURES`, width and depth from :func:`fit_to_budget`.
+    ``overrides`` are applied before sizing."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     vram, n_seq, batch = PRESETS[name]
-    base = Phase1Config(n_seq=n_seq, batch_size=batch, target_vram_gb=vram, use_gradient_checkpointing=True)
+    base = Phase1Config(n_seq=n_seq, batch_size=batch, target_vram_gb=vram, **PRESET_FEATURES[name])
     return fit_to_budget(base.replace(**overrides))

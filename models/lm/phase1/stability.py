@@ -13,7 +13,8 @@ threshold on it reports a healthy long sequence as unstable.) :class:`BKStabilit
   ``[[a_t - z, -k_t], [1, 0]]`` (per token, so it never under- or overflows); large values are a warning
   (ill-conditioned parallel scan), not a failure: ``g`` itself stays bounded.
 
-Recovery is the project's callbacks, not a mechanism of this package: :class:`NumericalInstabilityError` is
+Recovery is the project's callbacks (and, for a hand-written loop, ``errors.Phase1ErrorRecovery``):
+:class:`NumericalInstabilityError` is
 raised when a Phase 1 model trains without ``callbacks.stability.StabilityMonitor`` and the bound breaks; with
 the callback attached the same numbers arrive as health signals (``health/bk_bound_ratio`` reads inf when
 the bound breaks) and the callback rolls back and lowers the learning rate. :class:`VRAMExhaustedError` is
@@ -29,17 +30,9 @@ from typing import Any
 import torch
 
 from models.layers.bk_mixer import transfer_log10_condition
+from models.lm.phase1.errors import NumericalInstabilityError, VRAMExhaustedError
 
-
-class NumericalInstabilityError(RuntimeError):
-    """The BK recurrence left its bound (or produced NaN/Inf). Recovery: train with
-    ``callbacks.stability.StabilityMonitor`` (rollback to the last good snapshot and a lower learning rate)."""
-
-
-class VRAMExhaustedError(torch.OutOfMemoryError):
-    """The configuration cannot fit the device memory even at micro-batch 1. Recovery: a smaller preset or
-    sizes (``phase1.preset``, ``memory.target_vram_gb``); batch-size overruns are handled by
-    ``callbacks.oom_recovery.OOMRecovery``."""
+__all__ = ["BKStabilityMonitor", "NumericalInstabilityError", "VRAMExhaustedError"]  # the errors: see errors.py
 
 
 class BKStabilityMonitor:
@@ -59,15 +52,18 @@ class BKStabilityMonitor:
     @torch.no_grad()
     def check_stability(
         self,
-        G_ii: torch.Tensor,
+        G_ii: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
         epsilon: float = 1.0,
         k: torch.Tensor | None = None,
+        model: Any = None,
     ) -> dict[str, Any]:
         """Check resolvent diagonals ``G_ii`` (complex, any shape) computed with ``Im z = epsilon``.
 
         Args:
-            G_ii: the resolvent diagonal g (complex).
+            G_ii: the resolvent diagonal g (complex); ``None`` (the guide's default call): check ``model``'s
+                BK layers from what their last forward recorded (``diagnostics.check_model_stability``).
+            model: with ``G_ii=None``, a :class:`Phase1LM` after a forward.
             v: the potential a_t (real or complex, broadcastable to ``G_ii``); with it ``Im v <= 0`` is checked
                 and, together with ``k``, the transfer-matrix conditioning.
             epsilon: ``eta = Im z > 0``.
@@ -76,6 +72,13 @@ class BKStabilityMonitor:
             ``is_stable`` (bool), ``warnings`` (list of str), ``bound_ratio``, ``min_imag``,
             ``transfer_log10_condition`` (floats; the last is nan without ``v`` and ``k``).
         """
+        if G_ii is None:
+            if model is None:
+                raise ValueError("check_stability needs G_ii (the resolvent diagonal) or model= (a Phase 1 model "
+                                 "after a forward)")
+            from models.lm.phase1.diagnostics import check_model_stability  # (it imports this module)
+
+            return check_model_stability(model)
         if not G_ii.is_complex():
             raise TypeError(f"G_ii must be complex, got {G_ii.dtype}")
         if epsilon <= 0:
