@@ -49,6 +49,7 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary 256, nothing to download, lossless round trip."""
 
     vocab_size = 256
+    separator = 0  # the NUL byte between documents
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from models.adapters.lora import inject_lora, mark_only_lora_as_trainable
 from models.adapters.skip2lora import Skip2LoRA
 from models.layers.create import create_mlp, create_norm
 from models.layers.rotary import apply_rope, rope_cache
-from models.lm.sampling import sample_next_token
+from models.lm.sampling import generate
 from models.utils.checkpoint import CheckpointError, safe_load
 
 #: Fields that define the weights' shapes; a checkpoint must agree on them.
@@ -261,14 +261,13 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, top_p: float | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx (B, T)`` (``temperature=0``: greedy). No KV cache:
         each step re-reads the last ``block_size`` tokens, which is fine for short samples."""
-        for _ in range(max_new_tokens):
-            nxt = sample_next_token(self(idx[:, -self.config.block_size:])[:, -1], temperature, top_k, generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        return generate(self, idx, max_new_tokens, temperature, top_k, generator, top_p, on_token,
+                        block_size=self.config.block_size)
 
 
 def _canonical(key: str) -> str:
