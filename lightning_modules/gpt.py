@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,8 @@ from lightning_modules.lm_predict import LMPrediction, check_lm_data
 from lightning_modules.text_samples import log_text_sample
 from models.adapters.lora import count_parameters
 from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable, weights_fingerprint
-from models.lm.gpt import GPT, Config, load_pretrained
+from models.lm.gpt import GPT, Config, load_backbone_state, load_pretrained
+from models.lm.interop import read_folder, with_architecture
 from models.lm.sampling import GenerationConfig
 
 PRETRAIN_COMMAND = "python -m cli fit --config configs/gpt_pretrain.yaml"
@@ -28,7 +30,9 @@ class GPTLanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
 
     Args:
         config: architecture, LoRA and Skip2-LoRA options.
-        pretrained_path: a state dict or our own ``last.ckpt`` (e.g. from ``configs/gpt_pretrain.yaml``).
+        pretrained_path: a state dict, our own ``last.ckpt`` (e.g. from ``configs/gpt_pretrain.yaml``), or a
+            Hugging Face GPT-2 / LitGPT checkpoint folder (its architecture replaces ``config``'s; the adapter
+            options of ``config`` stay).
         train_head: also train ``lm_head`` (downstream of the cache point, so Skip-Cache still works).
         skip_cache: cache each training sample's frozen features in epoch 1 and skip the backbone
             afterwards; refused (at init) when anything upstream of the cache point trains.
@@ -70,7 +74,7 @@ class GPTLanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
         super().__init__()
         config = config or Config()
         self.save_hyperparameters()
-        if pretrained_path is not None and not Path(pretrained_path).expanduser().is_file():
+        if pretrained_path is not None and not Path(pretrained_path).expanduser().exists():
             raise FileNotFoundError(
                 f"model.pretrained_path {pretrained_path!r} does not exist. Pre-train first: "
                 f"`{PRETRAIN_COMMAND}` (it writes runs/gpt_pretrain/checkpoints/last.ckpt), "
@@ -82,8 +86,16 @@ class GPTLanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
         if weight_decay < 0 or cache_max_memory_mb <= 0:
             raise ValueError(f"`weight_decay` must be >= 0 and `cache_max_memory_mb` positive, got {weight_decay}, "
                              f"{cache_max_memory_mb}")
+        folder = None
+        if pretrained_path is not None and Path(pretrained_path).expanduser().is_dir():
+            folder = read_folder(Path(pretrained_path).expanduser())
+            config = with_architecture(config, folder[0])
+            self.hparams["config"] = config  # the checkpoint records the architecture really used
         self.model = GPT(config)
-        if pretrained_path is not None:
+        if folder is not None:
+            load_backbone_state(self.model, folder[1], asdict(folder[0]), source=f"model.pretrained_path "
+                                f"{pretrained_path!r}")
+        elif pretrained_path is not None:
             load_pretrained(self.model, pretrained_path)
         if train_head:
             self.model.lm_head.requires_grad_(True)
