@@ -147,6 +147,10 @@ class LMPrediction:
     def generate_text(self, prompt: str, write: Callable[[str], Any] | None = None) -> str:
         """The continuation of ``prompt`` with ``generation``'s options (its seed makes it repeatable),
         streamed to ``write`` as it is sampled."""
+        return self.generate_tokens(prompt, write)[0]
+
+    def generate_tokens(self, prompt: str, write: Callable[[str], Any] | None = None) -> tuple[str, list[int]]:
+        """:meth:`generate_text` and the continuation's token ids."""
         tok, cfg = data_tokenizer(self), self.generation
         ids = tok.encode(prompt)
         if len(ids) == 0:
@@ -160,7 +164,7 @@ class LMPrediction:
                                 top_k=cfg.top_k, top_p=cfg.top_p, generator=g, on_token=stream)
         finally:
             self.train(was_training)
-        return stream.finish()
+        return stream.finish(), stream.ids
 
     def on_predict_epoch_end(self) -> None:
         scores = self._scores()
@@ -176,9 +180,9 @@ class LMPrediction:
             for prompt in self.prompts:
                 out.write(f"--- prompt: {prompt!r}\n{prompt}")
                 out.flush()
-                text = self.generate_text(prompt, out.write)
+                text, ids = self.generate_tokens(prompt, out.write)
                 out.write("\n")
-                samples.append({"prompt": prompt, "continuation": text})
+                samples.append({"prompt": prompt, "continuation": text, "tokens": ids})
                 lines.append(f"--- prompt: {prompt!r}\n{prompt}{text}")
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir).resolve()
         folder.mkdir(parents=True, exist_ok=True)
