@@ -379,7 +379,7 @@ class TextDataModule(L.LightningDataModule):
             return data
         return data[round(lo * len(data)) : round(hi * len(data))]
 
-    def _documents(self, path: Path, split: str) -> list[bytes]:
+    def documents(self, path: Path, split: str) -> list[bytes]:
         """The file's documents (UTF-8): one per ``.jsonl`` line (its ``text_field``), else the whole file; with
         ``split_by: position`` only the split's share (of the lines for ``.jsonl``, of the bytes otherwise)."""
         lo, hi = (0.0, 1.0) if split == "all" else self.split_ranges[split]
@@ -405,7 +405,7 @@ class TextDataModule(L.LightningDataModule):
         if split in self.empty_splits:
             raise ValueError(self.empty_splits[split])
         for path in self.split_files[split]:
-            for doc in self._documents(path, split):
+            for doc in self.documents(path, split):
                 yield doc.decode("utf-8")
 
     def load_split(self, split: str) -> TokenWindows:
@@ -416,7 +416,7 @@ class TextDataModule(L.LightningDataModule):
             hp = self.hparams
             files = sorted({p for s in SPLITS for p in self.split_files[s]}) if split == "all" \
                 else self.split_files[split]
-            tokens = self._tokenize([d for p in files for d in self._documents(p, split)])
+            tokens = self._tokenize([d for p in files for d in self.documents(p, split)])
             ds = TokenWindows(tokens, hp.seq_len, hp.stride or hp.seq_len, hp.max_windows)
             if len(ds) == 0 and files:
                 raise ValueError(

@@ -1,0 +1,141 @@
+"""Token shards: prepared once, read without loading the corpus, the same windows as the in-memory text data,
+exact mid-epoch resume, a rank's share under DDP, and damaged or half-written folders refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from datamodules.text import TextDataModule
+from datamodules.token_shards import ShardWindows, TokenShardDataModule, _ShardWriter, main, prepare_shards, token_dtype
+from tests.cli_helpers import REPO, run_cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: one thread is fastest and fair to the other jobs on the machine."""
+
+
+def _corpus(folder, n=12):
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"f{i:02d}.py").write_text(f"# file {i}\n" + "".join(f"x{j} = {i * j}\n" for j in range(5 + i)))
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {k} " * (k + 2)}) + "\n" for k in range(6)))
+    return folder
+
+
+def _text_dm(corpus, **kw):
+    return TextDataModule(source="files", paths=[str(corpus)], val_fraction=0.2, test_fraction=0.2, seq_len=16,
+                          batch_size=4, **kw)
+
+
+@pytest.mark.parametrize("max_windows", [None, 5])
+def test_shards_give_the_windows_of_the_in_memory_data(tmp_path, max_windows):
+    corpus = _corpus(tmp_path / "corpus")
+    text = _text_dm(corpus, max_windows=max_windows)
+    prepare_shards(text, tmp_path / "shards", shard_tokens=37)  # tiny shards: windows span shard boundaries
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["dtype"] == "uint16" and len(index["splits"]["train"]) > 3
+    shards = TokenShardDataModule(str(tmp_path / "shards"), seq_len=16, batch_size=4, max_windows=max_windows)
+    for split in ("train", "val", "test"):
+        a, b = text.load_split(split), shards.load_split(split)
+        assert len(a) == len(b) > 0
+        assert sum(s["tokens"] for s in index["splits"][split]) == len(a.tokens)
+        for i in range(len(a)):
+            x, y = a[i], b[i]
+            assert x["index"] == y["index"] and torch.equal(x["input_ids"], y["input_ids"])
+            assert torch.equal(x["labels"], y["labels"])
+
+
+def test_bpe_shards_equal_the_tokenized_stream(tmp_path):
+    pytest.importorskip("tokenizers")
+    from datamodules.tokenization import train_bpe
+
+    corpus = _corpus(tmp_path / "corpus")
+    tok = train_bpe([p.read_text() for p in corpus.iterdir()], 300, tmp_path / "tok.json", min_frequency=1)
+    text = _text_dm(corpus, tokenizer=str(tok))
+    prepare_shards(text, tmp_path / "shards", shard_tokens=50)
+    shards = TokenShardDataModule(str(tmp_path / "shards"), seq_len=16)
+    assert shards.vocab_size == text.vocab_size and (tmp_path / "shards" / "tokenizer.json").is_file()
+    ds = shards.load_split("train")
+    assert torch.equal(torch.from_numpy(ds.read(0, ds.offsets[-1]).astype(np.int64)),
+                       text.load_split("train").tokens.long())
+
+
+def test_uint32_shards_hold_large_ids(tmp_path):
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    writer = _ShardWriter(tmp_path, "train", token_dtype(100_000), 3)
+    values = np.array([0, 65535, 65536, 99_999, 7, 8, 9])
+    writer.write(values[:4])
+    writer.write(values[4:])
+    writer.close()
+    assert [s["tokens"] for s in writer.shards] == [3, 3, 1]
+    ds = ShardWindows(tmp_path, writer.shards, "uint32", seq_len=4, stride=1)
+    assert ds.read(0, 7).tolist() == values.tolist() and ds[2]["input_ids"].tolist() == [65536, 99_999, 7, 8]
+    assert np.memmap(tmp_path / "train_00000.bin", dtype="<u4", mode="r").tolist() == [0, 65535, 65536]
+
+
+def test_training_order_resumes_exactly_and_ranks_read_disjoint_shares(tmp_path):
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    prepare_shards(_text_dm(_corpus(tmp_path / "corpus")), tmp_path / "shards", shard_tokens=64)
+    dm = TokenShardDataModule(str(tmp_path / "shards"), seq_len=8, batch_size=2)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(3)
+    full = [b["index"].tolist() for b in loader]
+    it = iter(loader)
+    seen = [next(it)["index"].tolist() for _ in range(3)]
+    state = loader.state_dict()
+    resumed = TokenShardDataModule(str(tmp_path / "shards"), seq_len=8, batch_size=2).train_dataloader()
+    resumed.sampler.set_epoch(3)
+    resumed.load_state_dict(state)
+    assert seen + [b["index"].tolist() for b in resumed] == full
+    loader.sampler.set_epoch(4)
+    assert [b["index"].tolist() for b in loader] != full  # a new order each epoch
+    n = len(dm.load_split("train"))
+    shares = [list(DistributedSamplerWrapper(dm.train_dataloader().sampler, num_replicas=2, rank=r, shuffle=False))
+              for r in (0, 1)]
+    assert set(shares[0]) | set(shares[1]) == set(range(n))  # every window, each on one rank (DistributedSampler
+    assert len(set(shares[0]) & set(shares[1])) == len(shares[0]) + len(shares[1]) - n  # pads with n % 2 repeats)
+
+
+def test_damaged_or_existing_folders_are_refused(tmp_path, capsys):
+    corpus = _corpus(tmp_path / "corpus")
+    prepare_shards(_text_dm(corpus), tmp_path / "shards", shard_tokens=64)
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        prepare_shards(_text_dm(corpus), tmp_path / "shards")
+    first = tmp_path / "shards" / "train_00000.bin"
+    first.write_bytes(first.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="truncated or changed"):
+        TokenShardDataModule(str(tmp_path / "shards"))
+    with pytest.raises(FileNotFoundError, match="prepare it first"):
+        TokenShardDataModule(str(tmp_path / "corpus"))
+    (corpus / "zz_bad.py").write_bytes(b"\xff\xfe not utf-8")  # fails midway: nothing is left behind
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        prepare_shards(_text_dm(corpus), tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "shards"]
+
+
+def test_prepare_command_then_fit_and_predict_from_shards(in_tmp, capsys):
+    corpus = _corpus(in_tmp / "corpus", n=30)
+    cfg = {"data": {"class_path": "datamodules.text.TextDataModule",
+                    "init_args": {"source": "files", "paths": [str(corpus)], "seq_len": 16, "batch_size": 4}}}
+    (in_tmp / "prep.yaml").write_text(yaml.safe_dump(cfg))
+    main(["--config", "prep.yaml", "--out", "shards", "--shard_tokens", "500"])
+    assert "wrote shards: train" in capsys.readouterr().out
+    gpt = yaml.safe_load((REPO / "configs/gpt_pretrain.yaml").read_text())
+    gpt["data"] = {"class_path": "datamodules.token_shards.TokenShardDataModule",
+                   "init_args": {"path": "shards", "seq_len": 16, "batch_size": 4, "predict_split": "val"}}
+    gpt["checkpoint"]["dirpath"] = "runs/shards/checkpoints"
+    (in_tmp / "shards.yaml").write_text(yaml.safe_dump(gpt))
+    tiny = ["--model.config.n_layer", "1", "--model.config.n_embd", "16", "--model.config.n_head", "2",
+            "--model.sample_tokens", "0", "--trainer.enable_progress_bar", "false"]
+    fit = run_cli(["fit", "--config", "shards.yaml", "--trainer.max_steps", "3", *tiny])
+    assert fit.trainer.global_step == 3
+    run_cli(["predict", "--config", "shards.yaml", "--ckpt_path", fit.trainer.checkpoint_callback.last_model_path,
+             "--model.generation.max_new_tokens", "4", *tiny])
+    scores = json.loads(next((in_tmp / "runs").rglob("predictions.json")).read_text())["scores"]
+    val = TokenShardDataModule("shards", seq_len=16).load_split("val")
+    assert scores["windows"] == len(val) and scores["tokens"] == 16 * len(val)
