@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.text import ByteTokenizer
-from models.lm.sampling import GenerationConfig
+from models.lm.sampling import GenerationConfig, generate
 
 
 def data_tokenizer(module: L.LightningModule) -> Any:
@@ -107,9 +107,11 @@ class LMPrediction:
 
     ``predict_step`` scores the predict data (every selected file: the user's text) by next-token loss;
     ``on_predict_epoch_end`` prints its loss and perplexity, then generates a continuation of each prompt with
-    ``generation``'s options, streaming it to the console, and writes everything to ``predictions.txt`` and
-    ``predictions.json`` in the run folder (paths printed). The module needs ``self.model.generate``,
-    ``forward(input_ids) -> logits`` and, from ``__init__``, :meth:`init_prediction`.
+    ``generation``'s options (:func:`models.lm.sampling.generate`: carried state for recurrent models, ids
+    limited to the tokenizer's vocabulary), streaming it to the console, and writes everything to
+    ``predictions.txt`` and ``predictions.json`` in the run folder (paths printed). The module needs
+    ``self.model`` (with a ``config``), ``forward(input_ids) -> logits`` and, from ``__init__``,
+    :meth:`init_prediction`.
     """
 
     def init_prediction(self, prompts: list[str] | None, prompt_file: str | None,
@@ -160,8 +162,9 @@ class LMPrediction:
         was_training = self.training
         self.eval()
         try:
-            self.model.generate(ids.unsqueeze(0).to(self.device), cfg.max_new_tokens, temperature=cfg.temperature,
-                                top_k=cfg.top_k, top_p=cfg.top_p, generator=g, on_token=stream)
+            generate(self.model, ids.unsqueeze(0).to(self.device), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                     g, cfg.top_p, stream, block_size=getattr(self.model.config, "block_size", None),
+                     vocab_limit=tok.vocab_size)
         finally:
             self.train(was_training)
         return stream.finish(), stream.ids

@@ -168,3 +168,11 @@ def test_predict_from_the_fit_checkpoint_scores_a_file_and_writes_continuations(
         assert model.generate_text(sample["prompt"]) == sample["continuation"]  # the seed makes it repeatable
     text = (folder.parent / "predictions.txt").read_text()
     assert "perplexity" in text and "def f(x):" in text
+
+
+@pytest.mark.parametrize("make", [_phase1, _phase2], ids=["phase1", "phase2"])
+def test_generation_samples_only_ids_the_tokenizer_has(make):
+    """A model whose vocabulary is larger than its tokenizer's never emits an id the tokenizer cannot decode."""
+    out = generate(make(), torch.zeros(4, 3, dtype=torch.long), 30, 2.0, None, torch.Generator().manual_seed(0),
+                   vocab_limit=10)
+    assert out[:, 3:].max() < 10 and len(out[:, 3:].unique()) > 1

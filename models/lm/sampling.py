@@ -75,12 +75,14 @@ def generate(
     top_p: float | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     block_size: int | None = None,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Append ``max_new_tokens`` sampled tokens to ``idx (B, T)``; returns ``(B, T + max_new_tokens)``.
 
     With ``model.carries_state`` the prompt is read once and every new token is one step on the carried state
     (O(1) per token); otherwise each step re-reads the last ``block_size`` tokens (all when ``None``).
-    ``on_token(tokens (B, 1))`` sees each new token at once.
+    ``on_token(tokens (B, 1))`` sees each new token at once. ``vocab_limit``: only ids below it are sampled (a
+    model whose vocabulary is larger than its tokenizer's).
     """
     out = [idx]
     if max_new_tokens == 0:
@@ -92,7 +94,11 @@ def generate(
         logits = model(idx if block_size is None else idx[:, -block_size:])
     seq = idx
     for i in range(max_new_tokens):
-        nxt = sample_next_token(logits[:, -1], temperature, top_k, generator, top_p)
+        last = logits[:, -1]
+        if vocab_limit is not None and vocab_limit < last.size(-1):
+            last = last.float().index_fill(-1, torch.arange(vocab_limit, last.size(-1), device=last.device),
+                                           float("-inf"))
+        nxt = sample_next_token(last, temperature, top_k, generator, top_p)
         out.append(nxt)
         if on_token is not None:
             on_token(nxt)
