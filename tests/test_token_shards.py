@@ -139,3 +139,28 @@ def test_prepare_command_then_fit_and_predict_from_shards(in_tmp, capsys):
     scores = json.loads(next((in_tmp / "runs").rglob("predictions.json")).read_text())["scores"]
     val = TokenShardDataModule("shards", seq_len=16).load_split("val")
     assert scores["windows"] == len(val) and scores["tokens"] == 16 * len(val)
+
+
+def test_fit_from_shards_resumes_mid_epoch_exactly(in_tmp):
+    """Resumed from the checkpoint written after step 3 of an 8-step epoch (what a run killed there leaves),
+    the run ends with the weights of the uninterrupted run: the seeded order skips the batches already used."""
+    prepare_shards(_text_dm(_corpus(in_tmp / "corpus", n=30)), in_tmp / "shards", shard_tokens=300)
+    gpt = yaml.safe_load((REPO / "configs/gpt_pretrain.yaml").read_text())
+    gpt["data"] = {"class_path": "datamodules.token_shards.TokenShardDataModule",
+                   "init_args": {"path": "shards", "seq_len": 16, "batch_size": 4, "max_windows": 32}}
+    gpt["trainer"]["max_epochs"] = 2
+    gpt["checkpoint"].update(dirpath="runs/full/checkpoints", every_n_train_steps=3, save_top_k=-1)
+    (in_tmp / "shards.yaml").write_text(yaml.safe_dump(gpt))
+    tiny = ["--model.config.n_layer", "1", "--model.config.n_embd", "16", "--model.config.n_head", "2",
+            "--model.sample_tokens", "0", "--trainer.enable_progress_bar", "false", "--model.warmup_steps", "0",
+            "--trainer.max_steps", "11"]
+    full = run_cli(["fit", "--config", "shards.yaml", *tiny])
+    assert full.trainer.global_step == 11 and len(full.trainer.train_dataloader) == 8
+    step3 = in_tmp / "runs/full/checkpoints/epoch=0-step=3.ckpt"
+    assert torch.load(step3, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"batches_yielded": 3}]
+    resumed = run_cli(["fit", "--config", "shards.yaml", "--checkpoint.dirpath", "runs/resumed/checkpoints",
+                       "--ckpt_path", str(step3), *tiny])
+    assert resumed.trainer.global_step == 11
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
