@@ -14,7 +14,7 @@ Memory: one file's documents at a time (the largest file, not the corpus).
 windows of ``seq_len + 1`` tokens over each split's virtual stream (windows may span shards), read with
 ``os.pread`` per sample, so resident memory stays flat however large the corpus (a memory map would count
 every page it touched). The samples are the ones ``TextDataModule`` builds from the same files (a test checks
-it). Training order: :class:`datamodules.resumable.EpochSeededSampler` in a
+it). Training order: :class:`datamodules.resumable.EpochSeededSampler`'s permutation (held compactly) in a
 :class:`~datamodules.resumable.ResumableDataLoader` (exact mid-epoch resume); under DDP Lightning shards the
 sampler's indices across ranks, and each rank reads only its windows.
 """
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import codecs
 import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
@@ -41,6 +42,8 @@ from datamodules.text import SPLITS, ByteTokenizer, TextDataModule
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
+#: tokens converted and written at a time
+CHUNK = 2**16
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -57,14 +60,14 @@ class _ShardWriter:
         self.file = None
 
     def write(self, tokens: np.ndarray) -> None:
-        tokens = tokens.astype(self.dtype, copy=False)
+        """Append ``tokens`` in pieces of at most ``CHUNK`` (small, reused temporaries: memory stays flat)."""
         while len(tokens):
             if self.file is None or self.shards[-1]["tokens"] == self.limit:
                 self._next()
-            room = self.limit - self.shards[-1]["tokens"]
-            part, tokens = tokens[:room], tokens[room:]
-            self.file.write(part.astype("<" + self.dtype.str[1:], copy=False).tobytes())
-            self.shards[-1]["tokens"] += len(part)
+            take = min(self.limit - self.shards[-1]["tokens"], CHUNK, len(tokens))
+            tokens[:take].astype(self.dtype.newbyteorder("<")).tofile(self.file)
+            tokens = tokens[take:]
+            self.shards[-1]["tokens"] += take
 
     def _next(self) -> None:
         self.close()
@@ -76,6 +79,41 @@ class _ShardWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def stream_utf8(path: Path, lo: float = 0.0, hi: float = 1.0, block: int = 2**16) -> Iterator[bytes]:
+    """The bytes ``[round(lo * size), round(hi * size))`` of a UTF-8 text file in blocks, checked as
+    :func:`datamodules.text.read_text_bytes` checks a whole file (valid UTF-8, no NUL), with the same messages."""
+    size = path.stat().st_size
+    start, end = round(lo * size), round(hi * size)
+    full = (start, end) == (0, size)
+    if not full:  # a split inside the file: the whole file is checked first, as TextDataModule does
+        for _ in stream_utf8(path, block=block):
+            pass
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    seen = 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            while seen < end - start:
+                chunk = f.read(min(block, end - start - seen))
+                if not chunk:
+                    break
+                if full:
+                    decoder.decode(chunk, final=False)
+                if b"\x00" in chunk:
+                    at = start + seen + chunk.index(0)
+                    raise ValueError(f"text file {str(path)!r} contains NUL bytes (byte {at}): a binary file, not "
+                                     "text; exclude it")
+                seen += len(chunk)
+                yield chunk
+            if full:
+                decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(path)!r} is not valid UTF-8 (near byte {seen + e.start}); exclude it or "
+                         "convert it") from e
+    except OSError as e:
+        raise OSError(f"cannot read text file {str(path)!r}: {e.strerror or e}") from e
 
 
 def prepare_shards(data: TextDataModule, out: str | Path, shard_tokens: int = 2**27, progress: bool = True) -> Path:
@@ -100,6 +138,13 @@ def prepare_shards(data: TextDataModule, out: str | Path, shard_tokens: int = 2*
             writer = _ShardWriter(tmp, split, dtype, shard_tokens)
             first = True
             for n, path in enumerate(files, 1):
+                if isinstance(tok, ByteTokenizer) and path.suffix != ".jsonl":  # one document, streamed
+                    if not first:
+                        writer.write(np.array([tok.separator]))
+                    for block in stream_utf8(path, *data.split_ranges[split]):
+                        writer.write(np.frombuffer(block, dtype=np.uint8))
+                    first = False
+                    continue
                 docs = data.documents(path, split)
                 if isinstance(tok, ByteTokenizer):
                     ids = [np.frombuffer(d, dtype=np.uint8) for d in docs]
@@ -211,6 +256,16 @@ class ShardWindows(Dataset):
                 pass
 
 
+class CompactEpochSeededSampler(EpochSeededSampler):
+    """:class:`EpochSeededSampler`'s order (the same permutation) kept as an int64 tensor and handed out in
+    pieces: 8 bytes per window instead of a Python list's ~36, for corpora of millions of windows."""
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for i in range(0, self.n, 4096):
+            yield from perm[i : i + 4096].tolist()
+
+
 class TokenShardDataModule(L.LightningDataModule):
     """Windows from a folder of token shards made by ``python -m datamodules.token_shards`` (see the module).
 
@@ -281,7 +336,7 @@ class TokenShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Seeded per epoch and resumable mid-epoch (see ``datamodules.resumable``)."""
         ds = self.load_split("train")
-        return ResumableDataLoader(ds, batch_size=self.hparams.batch_size, sampler=EpochSeededSampler(len(ds)),
+        return ResumableDataLoader(ds, batch_size=self.hparams.batch_size, sampler=CompactEpochSeededSampler(len(ds)),
                                    num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

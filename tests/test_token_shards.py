@@ -31,10 +31,10 @@ def _text_dm(corpus, **kw):
                           batch_size=4, **kw)
 
 
-@pytest.mark.parametrize("max_windows", [None, 5])
-def test_shards_give_the_windows_of_the_in_memory_data(tmp_path, max_windows):
+@pytest.mark.parametrize("max_windows, split_by", [(None, "file"), (5, "file"), (None, "position")])
+def test_shards_give_the_windows_of_the_in_memory_data(tmp_path, max_windows, split_by):
     corpus = _corpus(tmp_path / "corpus")
-    text = _text_dm(corpus, max_windows=max_windows)
+    text = _text_dm(corpus, max_windows=max_windows, split_by=split_by)
     prepare_shards(text, tmp_path / "shards", shard_tokens=37)  # tiny shards: windows span shard boundaries
     index = json.loads((tmp_path / "shards" / "index.json").read_text())
     assert index["dtype"] == "uint16" and len(index["splits"]["train"]) > 3
@@ -94,6 +94,13 @@ def test_training_order_resumes_exactly_and_ranks_read_disjoint_shares(tmp_path)
     assert seen + [b["index"].tolist() for b in resumed] == full
     loader.sampler.set_epoch(4)
     assert [b["index"].tolist() for b in loader] != full  # a new order each epoch
+    from datamodules.resumable import EpochSeededSampler
+
+    reference = EpochSeededSampler(10_000, seed=7)  # the compact sampler keeps the resumable sampler's order
+    compact = type(loader.sampler)(10_000, seed=7)
+    reference.set_epoch(2)
+    compact.set_epoch(2)
+    assert list(compact) == list(reference)
     n = len(dm.load_split("train"))
     shares = [list(DistributedSamplerWrapper(dm.train_dataloader().sampler, num_replicas=2, rank=r, shuffle=False))
               for r in (0, 1)]
@@ -106,6 +113,10 @@ def test_damaged_or_existing_folders_are_refused(tmp_path, capsys):
     prepare_shards(_text_dm(corpus), tmp_path / "shards", shard_tokens=64)
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         prepare_shards(_text_dm(corpus), tmp_path / "shards")
+    (corpus / "zz_nul.py").write_bytes(b"text\x00more")
+    with pytest.raises(ValueError, match="zz_nul.py' contains NUL bytes"):
+        prepare_shards(_text_dm(corpus), tmp_path / "other")
+    (corpus / "zz_nul.py").unlink()
     first = tmp_path / "shards" / "train_00000.bin"
     first.write_bytes(first.read_bytes()[:-2])
     with pytest.raises(ValueError, match="truncated or changed"):
@@ -164,3 +175,56 @@ def test_fit_from_shards_resumes_mid_epoch_exactly(in_tmp):
     assert resumed.trainer.global_step == 11
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+DDP_SCRIPT = r'''
+import json, sys
+import lightning as L
+from datamodules import token_shards
+from lightning_modules.gpt import GPTLanguageModel
+from models.lm.gpt import Config
+
+reads = []
+_read = token_shards.ShardWindows.read
+def counting_read(self, start, count):
+    reads.append(start)
+    return _read(self, start, count)
+token_shards.ShardWindows.read = counting_read
+
+class Record(L.Callback):
+    def __init__(self):
+        self.seen = []
+    def on_train_epoch_start(self, trainer, module):
+        self.seen.append([])
+        reads.clear()
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen[-1] += batch["index"].tolist()
+    def on_train_epoch_end(self, trainer, module):
+        self.seen[-1] = {"seen": self.seen[-1], "reads": len(reads)}
+
+L.seed_everything(0)
+dm = token_shards.TokenShardDataModule(sys.argv[1], seq_len=16, batch_size=4, max_windows=24)
+model = GPTLanguageModel(Config(n_layer=1, n_head=2, n_embd=16, block_size=16), sample_tokens=0)
+rec = Record()
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec])
+trainer.fit(model, dm)
+with open(f"{sys.argv[2]}.rank{trainer.global_rank}.json", "w") as f:
+    json.dump(rec.seen, f)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_ranks_read_disjoint_shares_of_the_shards(tmp_path):
+    from tests.cli_helpers import run_ddp
+
+    prepare_shards(_text_dm(_corpus(tmp_path / "corpus", n=30)), tmp_path / "shards", shard_tokens=300)
+    (tmp_path / "ddp_shards.py").write_text(DDP_SCRIPT)
+    run_ddp([str(tmp_path / "ddp_shards.py"), str(tmp_path / "shards"), str(tmp_path / "out")], cwd=tmp_path)
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in (0, 1):
+        a, b = (set(r[epoch]["seen"]) for r in ranks)
+        assert len(a) == len(b) == 12 and not a & b and a | b == set(range(24))
+        assert all(r[epoch]["reads"] == 12 for r in ranks)  # each rank read its own 12 windows, no more
+    assert ranks[0][0]["seen"] != ranks[0][1]["seen"]  # reshuffled per epoch
