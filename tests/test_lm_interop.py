@@ -245,3 +245,19 @@ def test_gpt_module_fine_tunes_from_a_hf_folder_with_its_architecture(tmp_path):
         torch.testing.assert_close(module.eval()(idx), ref(idx).logits, rtol=1e-5, atol=1e-5)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_original_gpt2_layout_without_prefix_and_with_mask_buffers_loads(tmp_path):
+    """OpenAI-era GPT-2 files: keys without ``transformer.``, causal-mask buffers, ``pytorch_model.bin``."""
+    _, ref = _hf_reference(tmp_path)
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(tmp_path / "hf/model.safetensors")).items()}
+    for i in range(2):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    (tmp_path / "old").mkdir()
+    torch.save(state, tmp_path / "old" / "pytorch_model.bin")
+    (tmp_path / "old" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    idx = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_gpt(tmp_path / "old").eval()(idx), ref(idx).logits, rtol=1e-5, atol=1e-5)
