@@ -30,8 +30,8 @@ def check_lm_data(datamodule: L.LightningDataModule, vocab_size: int, context: i
     longest sequence the model accepts, ``None`` = any); raised before any run folder exists."""
     vocab = getattr(datamodule, "vocab_size", None)
     if vocab is not None and vocab > vocab_size:
-        tok = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("tokenizer")
-        raise ValueError(f"the data's tokenizer ({tok or 'bytes'}) has {vocab} tokens but model.config.{key} is "
+        tok = getattr(getattr(datamodule, "tokenizer", None), "path", "bytes")
+        raise ValueError(f"the data's tokenizer ({tok}) has {vocab} tokens but model.config.{key} is "
                          f"{vocab_size}; raise model.config.{key} to at least {vocab}")
     hp = getattr(datamodule, "hparams", {})
     seq_len = hp.get("seq_len") if hasattr(hp, "get") else None

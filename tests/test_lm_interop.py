@@ -200,6 +200,10 @@ def test_lora_checkpoint_exports_merged_and_adapters_only(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(merged(idx), expected, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(base(idx), expected, atol=1e-3)  # the adapters do change the output
+    main(["--ckpt", str(ckpt), "--to", "merged", "--out", str(tmp_path / "merged")])
+    assert not json.loads((tmp_path / "merged" / "adaptlab_config.json").read_text())["lora_query"]
+    with torch.no_grad():
+        torch.testing.assert_close(load_gpt(tmp_path / "merged").eval()(idx), expected, rtol=1e-5, atol=1e-5)
     main(["--ckpt", str(ckpt), "--to", "adapters", "--out", str(tmp_path / "ad")])
     tensors = load_file(str(tmp_path / "ad" / "adapters.safetensors"))
     assert tensors and all(".adapters." in k for k in tensors)

@@ -37,6 +37,7 @@ from models.utils.checkpoint import safe_load
 
 HF_CONFIG, HF_WEIGHTS, HF_BIN = "config.json", "model.safetensors", "pytorch_model.bin"
 LIT_CONFIG, LIT_WEIGHTS = "model_config.yaml", "lit_model.pth"
+OUR_CONFIG = "adaptlab_config.json"
 #: GPT-2 activation names -> our ``gelu_approximate``
 HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": None, "gelu": "none"}
 
@@ -46,10 +47,13 @@ class InteropError(ValueError):
 
 
 def detect_format(folder: str | Path) -> str | None:
-    """``hf`` (``config.json``), ``litgpt`` (``lit_model.pth``) or ``None``."""
+    """``hf`` (``config.json``), ``litgpt`` (``lit_model.pth``), ``merged`` (this project's export:
+    ``adaptlab_config.json`` + ``model.safetensors``) or ``None``."""
     folder = Path(folder)
     if (folder / LIT_WEIGHTS).is_file():
         return "litgpt"
+    if (folder / OUR_CONFIG).is_file() and (folder / HF_WEIGHTS).is_file():
+        return "merged"
     if (folder / HF_CONFIG).is_file():
         return "hf"
     return None
@@ -326,8 +330,16 @@ def read_folder(folder: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """A Hugging Face GPT-2 or LitGPT folder as (our config, our state dict)."""
     fmt = detect_format(folder)
     if fmt is None:
-        raise FileNotFoundError(f"{str(folder)!r} is neither a Hugging Face folder ({HF_CONFIG}) nor a LitGPT "
-                                f"folder ({LIT_WEIGHTS})")
+        raise FileNotFoundError(f"{str(folder)!r} is neither a Hugging Face folder ({HF_CONFIG}), a LitGPT folder "
+                                f"({LIT_WEIGHTS}) nor a merged export ({OUR_CONFIG} + {HF_WEIGHTS})")
+    if fmt == "merged":
+        folder = Path(folder)
+        try:
+            raw = json.loads((folder / OUR_CONFIG).read_text())
+            config = Config(**{f.name: raw[f.name] for f in fields(Config) if f.name in raw})
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise InteropError(f"{str(folder / OUR_CONFIG)!r} cannot be read as a GPT config ({e})") from e
+        return config, _read_weights(folder, (HF_WEIGHTS,), f"merged export {str(folder)!r}")
     return read_hf_gpt2(folder) if fmt == "hf" else read_litgpt(folder)
 
 
@@ -374,7 +386,7 @@ def export(model: GPT, to: str, out: str | Path, tokenizer: str | Path | None = 
             raise InteropError("the checkpoint has no LoRA or Skip2-LoRA adapters to export")
         folder = _new_folder(out)
         save_file(state, str(folder / "adapters.safetensors"), metadata={"format": "pt"})
-        (folder / "adaptlab_config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+        (folder / OUR_CONFIG).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
         return folder
     if lora_layers(model):
         merge_and_unload(model)
@@ -391,7 +403,7 @@ def export(model: GPT, to: str, out: str | Path, tokenizer: str | Path | None = 
         folder = _new_folder(out)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(folder / HF_WEIGHTS), metadata={"format": "pt"})
-        (folder / "adaptlab_config.json").write_text(json.dumps(asdict(plain), indent=2) + "\n")
+        (folder / OUR_CONFIG).write_text(json.dumps(asdict(plain), indent=2) + "\n")
         _copy_tokenizer(tokenizer, folder)
         return folder
     raise ValueError(f"--to must be hf, litgpt, merged or adapters, got {to!r}")
