@@ -12,7 +12,9 @@ inside every file instead (its first bytes train, then val, then test: a single 
 and ``val_paths``/``test_paths`` name the validation/test files explicitly. ``predict`` reads every selected file.
 Each split's files (sorted) are joined with a NUL byte as document separator and cut into
 fixed windows of ``seq_len + 1`` bytes. Every sample carries a stable integer ``index`` (its window
-number within the split), which is the key of :class:`models.cache.skip_cache.SkipCache`.
+number within the split), which is the key of :class:`models.cache.skip_cache.SkipCache`. Tokens are bytes by
+default or come from a Hugging Face ``tokenizer.json`` (``tokenizer``); each line of a ``.jsonl`` file is a
+document (its ``text_field``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import re
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import lightning as L
 import torch
@@ -400,7 +402,7 @@ class TextDataModule(L.LightningDataModule):
             ids.extend(doc)
         return torch.tensor(ids, dtype=torch.int32)
 
-    def iter_documents(self, split: str = "train"):
+    def iter_documents(self, split: str = "train") -> Iterator[str]:
         """The split's documents as text (what a tokenizer is trained on)."""
         if split in self.empty_splits:
             raise ValueError(self.empty_splits[split])
