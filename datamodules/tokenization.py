@@ -39,15 +39,15 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            from tokenizers import Tokenizer as _Tokenizer
-        except ImportError as e:
-            raise ImportError("data.tokenizer: a tokenizer.json needs the `tokenizers` package (pip install "
-                              "tokenizers); use `tokenizer: bytes` without it") from e
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise FileNotFoundError(f"data.tokenizer: {str(self.path)!r} does not exist (a tokenizer.json file, or "
                                     "`bytes`)")
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError as e:
+            raise ImportError(f"data.tokenizer: {str(self.path)!r} needs the `tokenizers` package (pip install "
+                              "tokenizers); use `tokenizer: bytes` without it") from e
         try:
             self.backend = _Tokenizer.from_file(str(self.path))
         except Exception as e:  # tokenizers raises its own Exception type on a malformed file
