@@ -265,3 +265,19 @@ def test_original_gpt2_layout_without_prefix_and_with_mask_buffers_loads(tmp_pat
     idx = _ids()
     with torch.no_grad():
         torch.testing.assert_close(load_gpt(tmp_path / "old").eval()(idx), ref(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_fine_tunes_lora_on_a_hf_folder_then_predicts_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    _hf_reference(tmp_path)
+    from tests.cli_helpers import REPO, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(REPO / "configs/lora_gpt.yaml"), "--model.pretrained_path", str(tmp_path / "hf"),
+            "--data.seq_len", "16", "--data.batch_size", "4", "--data.max_windows", "8", "--model.sample_tokens",
+            "0", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"]
+    fit = run_cli(["fit", *args, "--trainer.max_steps", "2"])
+    assert fit.model.model.config.n_embd == 32 and fit.model.model.config.lora_enabled
+    capsys.readouterr()
+    run_cli(["predict", *args, "--ckpt_path", fit.trainer.checkpoint_callback.last_model_path,
+             "--model.generation.max_new_tokens", "3"])
+    assert "predictions written to" in capsys.readouterr().out
