@@ -130,7 +130,7 @@ IGNORED_HPARAMS = {"_instantiator", "num_workers"}
 #: ... and, when only evaluating a checkpoint (validate/test/predict), also these inference-time options.
 IGNORED_EVAL_HPARAMS = {"batch_size", "sample_tokens", "sample_prompt", "predict_tokens", "predict_path",
                         "predict_split", "temporal_ensemble", "threshold", "tolerance", "tolerance_space",
-                        "reference_size", "peak_method"}
+                        "reference_size", "peak_method", "prompts", "prompt_file", "generation"}
 
 
 def plain(value: Any) -> Any:

@@ -12,19 +12,22 @@ inside every file instead (its first bytes train, then val, then test: a single 
 and ``val_paths``/``test_paths`` name the validation/test files explicitly. ``predict`` reads every selected file.
 Each split's files (sorted) are joined with a NUL byte as document separator and cut into
 fixed windows of ``seq_len + 1`` bytes. Every sample carries a stable integer ``index`` (its window
-number within the split), which is the key of :class:`models.cache.skip_cache.SkipCache`.
+number within the split), which is the key of :class:`models.cache.skip_cache.SkipCache`. Tokens are bytes by
+default or come from a Hugging Face ``tokenizer.json`` (``tokenizer``); each line of a ``.jsonl`` file is a
+document (its ``text_field``).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import lightning as L
 import torch
@@ -49,6 +52,7 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary 256, nothing to download, lossless round trip."""
 
     vocab_size = 256
+    separator = 0  # the NUL byte between documents
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
@@ -175,6 +179,27 @@ def read_text_bytes(path: Path) -> bytes:
     return data
 
 
+def read_jsonl_texts(path: Path, field: str) -> list[bytes]:
+    """The ``field`` of every non-empty line of a ``.jsonl`` file, UTF-8 encoded; a bad line names the file and
+    line."""
+    data = read_text_bytes(path).decode("utf-8")
+    out = []
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(path)!r} line {n} is not JSON ({e.msg})") from e
+        text = row.get(field) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{str(path)!r} line {n} has no string field {field!r} (set data.text_field)")
+        if "\x00" in text:
+            raise ValueError(f"{str(path)!r} line {n}: field {field!r} contains a NUL character")
+        out.append(text.encode("utf-8"))
+    return out
+
+
 class TokenWindows(Dataset):
     """Windows of ``seq_len + 1`` tokens over one token stream; sample ``i`` is always the same window.
 
@@ -222,6 +247,11 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: share of files (or, with ``split_by: position``, of every file) in the validation split.
         test_fraction: share of files (or of every file) in the test split.
         split_seed: changes which files land in which split.
+        tokenizer: ``bytes`` (UTF-8 bytes, vocabulary 256) or the path of a Hugging Face ``tokenizer.json``
+            (needs ``tokenizers``; train one with ``python -m datamodules.tokenization``). Documents are joined by
+            the tokenizer's separator (NUL for bytes, its end-of-text token otherwise).
+        text_field: the field of each ``.jsonl`` line that holds a document's text (every other file is one
+            document).
     """
 
     def __init__(
@@ -242,6 +272,8 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        tokenizer: str = "bytes",
+        text_field: str = "text",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -271,7 +303,9 @@ class TextDataModule(L.LightningDataModule):
         if source == "files" and include:
             rank_zero_warn(f"TextDataModule: `include` {include} is only used with `source: python_stdlib`; "
                            "with `source: files` the files are the ones `paths` selects")
-        self.tokenizer = ByteTokenizer()
+        from datamodules.tokenization import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = self.tokenizer.vocab_size
         #: fraction range of every file that each split reads (``split_by: position``), else the whole file
         self.split_ranges = {s: (0.0, 1.0) for s in SPLITS}
@@ -347,19 +381,44 @@ class TextDataModule(L.LightningDataModule):
             return data
         return data[round(lo * len(data)) : round(hi * len(data))]
 
+    def documents(self, path: Path, split: str) -> list[bytes]:
+        """The file's documents (UTF-8): one per ``.jsonl`` line (its ``text_field``), else the whole file; with
+        ``split_by: position`` only the split's share (of the lines for ``.jsonl``, of the bytes otherwise)."""
+        lo, hi = (0.0, 1.0) if split == "all" else self.split_ranges[split]
+        if path.suffix != ".jsonl":
+            return [read_text_bytes(path) if split == "all" else self._read(path, split)]
+        docs = read_jsonl_texts(path, self.hparams.text_field)
+        return docs[round(lo * len(docs)) : round(hi * len(docs))]
+
+    def _tokenize(self, docs: list[bytes]) -> torch.Tensor:
+        """Documents -> one token stream, separated by the tokenizer's separator (bytes: uint8, else int32)."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            data = DOC_SEPARATOR.join(docs)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        ids: list[int] = []
+        for i, doc in enumerate(self.tokenizer.encode_batch([d.decode("utf-8") for d in docs])):
+            if i:
+                ids.append(self.tokenizer.separator)
+            ids.extend(doc)
+        return torch.tensor(ids, dtype=torch.int32)
+
+    def iter_documents(self, split: str = "train") -> Iterator[str]:
+        """The split's documents as text (what a tokenizer is trained on)."""
+        if split in self.empty_splits:
+            raise ValueError(self.empty_splits[split])
+        for path in self.split_files[split]:
+            for doc in self.documents(path, split):
+                yield doc.decode("utf-8")
+
     def load_split(self, split: str) -> TokenWindows:
         """Read and window one split (cached on the DataModule); ``all`` = every selected file, whole."""
         if split in self.empty_splits:
             raise ValueError(self.empty_splits[split])
         if split not in self.datasets:
             hp = self.hparams
-            if split == "all":
-                files = sorted({p for s in SPLITS for p in self.split_files[s]})
-                data = DOC_SEPARATOR.join(read_text_bytes(p) for p in files)
-            else:
-                files = self.split_files[split]
-                data = DOC_SEPARATOR.join(self._read(p, split) for p in files)
-            tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+            files = sorted({p for s in SPLITS for p in self.split_files[s]}) if split == "all" \
+                else self.split_files[split]
+            tokens = self._tokenize([d for p in files for d in self.documents(p, split)])
             ds = TokenWindows(tokens, hp.seq_len, hp.stride or hp.seq_len, hp.max_windows)
             if len(ds) == 0 and files:
                 raise ValueError(

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
-from datamodules.text import ByteTokenizer
 from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
+from lightning_modules.lm_predict import LMPrediction, check_lm_data
 from lightning_modules.text_samples import log_text_sample
 from models.adapters.lora import count_parameters
 from models.cache.skip_cache import CacheDtype, SkipCache, Storage, check_cacheable, weights_fingerprint
-from models.lm.gpt import GPT, Config, load_pretrained
+from models.lm.gpt import GPT, Config, load_backbone_state, load_pretrained
+from models.lm.interop import read_folder, with_architecture
+from models.lm.sampling import GenerationConfig
 
 PRETRAIN_COMMAND = "python -m cli fit --config configs/gpt_pretrain.yaml"
 
 
-class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
+class GPTLanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
     """Next-token prediction with :class:`models.lm.gpt.GPT` on batches from :class:`TextDataModule`.
 
     Without adapters in ``config`` every weight trains (pre-training); with ``lora_*`` flags or
@@ -29,7 +30,9 @@ class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
 
     Args:
         config: architecture, LoRA and Skip2-LoRA options.
-        pretrained_path: a state dict or our own ``last.ckpt`` (e.g. from ``configs/gpt_pretrain.yaml``).
+        pretrained_path: a state dict, our own ``last.ckpt`` (e.g. from ``configs/gpt_pretrain.yaml``), or a
+            Hugging Face GPT-2 / LitGPT checkpoint folder (its architecture replaces ``config``'s; the adapter
+            options of ``config`` stay).
         train_head: also train ``lm_head`` (downstream of the cache point, so Skip-Cache still works).
         skip_cache: cache each training sample's frozen features in epoch 1 and skip the backbone
             afterwards; refused (at init) when anything upstream of the cache point trains.
@@ -41,8 +44,12 @@ class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear learning-rate warm-up.
         sample_prompt: after each validation, a text sample continuing this prompt goes to TensorBoard
-            (``samples``, top-k 20 at temperature 0.8).
+            (``samples``, top-k 20 at temperature 0.8); also ``predict``'s prompt when no other is given.
         sample_tokens: length of that sample; 0 turns it off.
+        prompts: ``predict`` continues each of these prompts (streamed to the console, written to the run folder).
+        prompt_file: more prompts: a ``.txt`` file (one per line) or ``.jsonl`` (a ``prompt`` field per line).
+        generation: ``predict``'s sampling options (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+            ``seed``).
     """
 
     def __init__(
@@ -60,11 +67,14 @@ class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
         warmup_steps: int = 0,
         sample_prompt: str = "def ",
         sample_tokens: int = 120,
+        prompts: list[str] | None = None,
+        prompt_file: str | None = None,
+        generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
         config = config or Config()
         self.save_hyperparameters()
-        if pretrained_path is not None and not Path(pretrained_path).expanduser().is_file():
+        if pretrained_path is not None and not Path(pretrained_path).expanduser().exists():
             raise FileNotFoundError(
                 f"model.pretrained_path {pretrained_path!r} does not exist. Pre-train first: "
                 f"`{PRETRAIN_COMMAND}` (it writes runs/gpt_pretrain/checkpoints/last.ckpt), "
@@ -76,14 +86,23 @@ class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
         if weight_decay < 0 or cache_max_memory_mb <= 0:
             raise ValueError(f"`weight_decay` must be >= 0 and `cache_max_memory_mb` positive, got {weight_decay}, "
                              f"{cache_max_memory_mb}")
+        folder = None
+        if pretrained_path is not None and Path(pretrained_path).expanduser().is_dir():
+            folder = read_folder(Path(pretrained_path).expanduser())
+            config = with_architecture(config, folder[0])
+            self.hparams["config"] = config  # the checkpoint records the architecture really used
         self.model = GPT(config)
-        if pretrained_path is not None:
+        if folder is not None:
+            load_backbone_state(self.model, folder[1], asdict(folder[0]), source=f"model.pretrained_path "
+                                f"{pretrained_path!r}")
+        elif pretrained_path is not None:
             load_pretrained(self.model, pretrained_path)
         if train_head:
             self.model.lm_head.requires_grad_(True)
         if skip_cache:
             check_cacheable(self.model.backbone_modules())
         self.init_evaluation()
+        self.init_prediction(prompts, prompt_file, generation, sample_prompt)
         self.cache: SkipCache | None = None
         self._epoch_start = self._epoch_time = 0.0
 
@@ -97,9 +116,7 @@ class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
         if seq_len is not None and seq_len > cfg.block_size:
             raise ValueError(f"data.seq_len ({seq_len}) exceeds model.config.block_size ({cfg.block_size}); "
                              "lower data.seq_len or raise block_size")
-        vocab = getattr(datamodule, "vocab_size", None)
-        if vocab is not None and vocab > cfg.vocab_size:
-            raise ValueError(f"the data's tokenizer has {vocab} tokens but model.config.vocab_size is {cfg.vocab_size}")
+        check_lm_data(datamodule, cfg.vocab_size, cfg.block_size, "vocab_size")
 
     def trained_weights_source(self) -> str | None:
         """``pretrained_path``, when given (``predict`` then needs no ``--ckpt_path``)."""
@@ -170,38 +187,6 @@ class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_evaluation("val")
         log_text_sample(self, self.hparams.sample_prompt, self.hparams.sample_tokens)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-window mean next-token loss (nats per byte) of the given text: ``{"index", "loss", "tokens"}``."""
-        logits = self(batch["input_ids"]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")  # (B, T)
-        return {"index": batch["index"], "loss": nll.mean(1), "tokens": torch.full_like(batch["index"], nll.size(1))}
-
-    def on_predict_epoch_end(self) -> None:
-        """Print the text's loss and perplexity and, with ``sample_tokens`` > 0, a continuation of
-        ``sample_prompt``; both also go to ``predictions.txt`` in the run folder."""
-        outputs = self.trainer.predict_loop.predictions
-        flat = [o for group in outputs for o in (group if isinstance(group, list) else [group])] \
-            if outputs and isinstance(outputs[0], list) else list(outputs or [])
-        lines = []
-        if flat:
-            losses = torch.cat([o["loss"] for o in flat]).double()
-            tokens = torch.cat([o["tokens"] for o in flat]).double()
-            mean = float((losses * tokens).sum() / tokens.sum())
-            lines.append(f"predict: {len(losses)} windows, {int(tokens.sum())} tokens, loss {mean:.4f} nats/token, "
-                         f"perplexity {math.exp(mean):.3f}")
-        if self.hparams.sample_tokens:
-            tok = ByteTokenizer()
-            prompt = tok.encode(self.hparams.sample_prompt or "\n").unsqueeze(0).to(self.device)
-            g = torch.Generator(device=self.device).manual_seed(0)
-            out = self.model.generate(prompt, self.hparams.sample_tokens, temperature=0.8, top_k=20, generator=g)
-            lines.append("sample:\n" + tok.decode(out[0].tolist()))
-        if self.global_rank == 0 and lines:
-            text = "\n".join(lines) + "\n"
-            sys.stdout.write(text)
-            if self.trainer.log_dir is not None:
-                Path(self.trainer.log_dir).mkdir(parents=True, exist_ok=True)
-                (Path(self.trainer.log_dir) / "predictions.txt").write_text(text)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -9,6 +9,7 @@ import torch
 
 from callbacks.stability import StabilityMonitor
 from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
+from lightning_modules.lm_predict import LMPrediction, check_lm_data
 from lightning_modules.text_samples import log_text_sample
 from models.layers.ar_ssm import curriculum_rank
 from models.lm.phase1.config import Phase1Config
@@ -16,9 +17,10 @@ from models.lm.phase1.diagnostics import check_model_stability, gate_statistics,
 from models.lm.phase1.model import Phase1LM
 from models.lm.phase1.presets import estimate_memory
 from models.lm.phase1.stability import NumericalInstabilityError, VRAMExhaustedError
+from models.lm.sampling import GenerationConfig
 
 
-class Phase1LanguageModel(NextTokenEvaluation, L.LightningModule):
+class Phase1LanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
     """Next-token prediction with :class:`models.lm.phase1.model.Phase1LM` on ``TextDataModule`` batches.
 
     The loss is cross-entropy plus the AR-SSM gate L1 penalty (``ar_ssm_l1_regularization``). Health signals
@@ -37,7 +39,11 @@ class Phase1LanguageModel(NextTokenEvaluation, L.LightningModule):
         warmup_steps: steps of linear learning-rate warm-up.
         sample_prompt: after each validation a continuation of this prompt goes to TensorBoard (``samples``).
         sample_tokens: length of that sample; 0 turns it off.
-        predict_tokens: tokens ``predict`` generates after each input window (greedy, carried state).
+        prompts: ``predict`` continues each of these prompts on the carried state (streamed to the console,
+            written to the run folder); default ``[sample_prompt]``.
+        prompt_file: more prompts: a ``.txt`` file (one per line) or ``.jsonl`` (a ``prompt`` field per line).
+        generation: ``predict``'s sampling options (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+            ``seed``).
     """
 
     def __init__(
@@ -49,22 +55,29 @@ class Phase1LanguageModel(NextTokenEvaluation, L.LightningModule):
         warmup_steps: int = 0,
         sample_prompt: str = "def ",
         sample_tokens: int = 120,
-        predict_tokens: int = 32,
+        prompts: list[str] | None = None,
+        prompt_file: str | None = None,
+        generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
         config = config or Phase1Config()
         if phase1 is not None:
             config = Phase1Config.from_nested(phase1, base=config)
         self.save_hyperparameters()
-        if lr <= 0 or warmup_steps < 0 or sample_tokens < 0 or predict_tokens < 0:
-            raise ValueError(f"`lr` must be positive, `warmup_steps`, `sample_tokens` and `predict_tokens` >= 0, "
-                             f"got {lr}, {warmup_steps}, {sample_tokens}, {predict_tokens}")
+        if lr <= 0 or warmup_steps < 0 or sample_tokens < 0:
+            raise ValueError(f"`lr` must be positive, `warmup_steps` and `sample_tokens` >= 0, "
+                             f"got {lr}, {warmup_steps}, {sample_tokens}")
         self.config = config
         self.model = Phase1LM(config)
         self.init_evaluation()
+        self.init_prediction(prompts, prompt_file, generation, sample_prompt)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """The data's tokenizer must fit ``vocab_size`` (``callbacks.protocols.DataCompatibility``)."""
+        check_lm_data(datamodule, self.config.vocab_size, None, "vocab_size")
 
     # ------------------------------------------------------------------------------------------- fit
     def on_fit_start(self) -> None:
@@ -131,12 +144,6 @@ class Phase1LanguageModel(NextTokenEvaluation, L.LightningModule):
         for key, value in gate_statistics(self.model).items():
             self.log(f"phase1/val_{key}", value)
         log_text_sample(self, self.hparams.sample_prompt, self.hparams.sample_tokens)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Greedy continuation of each window by ``predict_tokens`` tokens (one recurrent step per token)."""
-        ids = batch["input_ids"]
-        out = self.model.generate(ids, self.hparams.predict_tokens, temperature=0)
-        return {"index": batch.get("index", torch.arange(len(ids))), "generated": out[:, ids.shape[1]:]}
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -14,11 +14,13 @@ import lightning as L
 import torch
 
 from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
+from lightning_modules.lm_predict import LMPrediction, check_lm_data
 from lightning_modules.text_samples import log_text_sample
 from models.lm.phase2 import Phase2Config, Phase2LM
+from models.lm.sampling import GenerationConfig
 
 
-class Phase2LanguageModel(NextTokenEvaluation, L.LightningModule):
+class Phase2LanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
     """Next-byte prediction with the Phase 2 model on batches from :class:`datamodules.text.TextDataModule`.
 
     Logs ``train/loss`` and ``train/perplexity`` per step, ``val/loss`` and ``val/perplexity`` per validation;
@@ -34,6 +36,11 @@ class Phase2LanguageModel(NextTokenEvaluation, L.LightningModule):
         sample_prompt: after each validation, a text sample continuing this prompt goes to TensorBoard
             (``samples``, top-k 20 at temperature 0.8, generated on the carried state).
         sample_tokens: length of that sample; 0 turns it off.
+        prompts: ``predict`` continues each of these prompts on the carried state (streamed to the console,
+            written to the run folder); default ``[sample_prompt]``.
+        prompt_file: more prompts: a ``.txt`` file (one per line) or ``.jsonl`` (a ``prompt`` field per line).
+        generation: ``predict``'s sampling options (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+            ``seed``).
     """
 
     def __init__(
@@ -45,6 +52,9 @@ class Phase2LanguageModel(NextTokenEvaluation, L.LightningModule):
         warmup_steps: int = 0,
         sample_prompt: str = "def ",
         sample_tokens: int = 64,
+        prompts: list[str] | None = None,
+        prompt_file: str | None = None,
+        generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
         config = config or Phase2Config()
@@ -56,6 +66,11 @@ class Phase2LanguageModel(NextTokenEvaluation, L.LightningModule):
                              f"{warmup_steps}, {sample_tokens}")
         self.model = Phase2LM(config)
         self.init_evaluation()
+        self.init_prediction(prompts, prompt_file, generation, sample_prompt)
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """The data's tokenizer must fit ``vocab_size`` (``callbacks.protocols.DataCompatibility``)."""
+        check_lm_data(datamodule, self.model.config.vocab_size, None, "vocab_size")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from datamodules.text import ByteTokenizer
+from lightning_modules.lm_predict import data_tokenizer
 
 
 def log_text_sample(module: L.LightningModule, prompt: str | None, tokens: int) -> None:
@@ -17,7 +17,7 @@ def log_text_sample(module: L.LightningModule, prompt: str | None, tokens: int) 
         return
     if not hasattr(getattr(logger, "experiment", None), "add_text"):  # no TensorBoard logger
         return
-    tok = ByteTokenizer()
+    tok = data_tokenizer(module)
     ids = tok.encode(prompt or "\n").unsqueeze(0).to(module.device)
     g = torch.Generator(device=module.device).manual_seed(0)
     out = module.model.generate(ids, tokens, temperature=0.8, top_k=20, generator=g)

@@ -90,6 +90,9 @@ FILES = {
     "text/latin1.txt": "caf\xe9 ".encode("latin-1") * 200,
     "text/binary.txt": b"text" * 100 + b"\x00\x01\x02" + b"text" * 100,
     "text/good.txt": "hello world " * 200,
+    "text/docs.jsonl": '{"text": "ok"}\n{"body": "no text field"}\n',
+    "not_a_tokenizer.json": "{not json",
+    "hf_folder/config.json": '{"model_type": "llama"}',
     **IMAGE_FILES,
 }
 
@@ -158,6 +161,14 @@ CASES = [
     (GPT, ["--data.source", "files", "--data.paths", "[text/binary.txt, text/good.txt]", "--data.val_fraction", "0",
            "--data.test_fraction", "0", "--data.seq_len", "16"], "binary.txt' contains NUL bytes"),
     (GPT, ["--data.source", "files", "--data.paths", "[text/good.txt]"], "the val split is empty"),
+    # language-model data, tokenizers, prompts and foreign checkpoints (issue 24)
+    (GPT, ["--data.source", "files", "--data.paths", "[text/docs.jsonl]", "--data.split_by", "position"],
+     "docs.jsonl' line 2 has no string field 'text'"),
+    (GPT, ["--data.tokenizer", "missing_tokenizer.json"], "data.tokenizer: 'missing_tokenizer.json' does not exist"),
+    (PHASE2, ["--data.tokenizer", "not_a_tokenizer.json"], "not_a_tokenizer.json"),
+    (PHASE1, ["--model.prompt_file", "missing_prompts.txt"], "model.prompt_file 'missing_prompts.txt'"),
+    (GPT, ["--model.generation.top_p", "1.5"], "generation.top_p must be in (0, 1]"),
+    (GPT, ["--model.pretrained_path", "hf_folder"], "model_type 'llama' is not 'gpt2'"),
     # checkpoints: never unpickled unsafely; truncated, foreign, other model or no earlier run: one line
     (GPT, ["--model.pretrained_path", "evil.ckpt"], "'builtins.exec', which could run code"),
     (DIGITS, ["--ckpt_path", "evil.ckpt"], "'builtins.exec', which could run code"),

@@ -98,7 +98,7 @@ def test_gpt_pretrain_resumes_in_place_and_predict_scores_text(in_tmp, capsys):
     run_cli(["predict", "--config", GPT, *TINY_GPT, "--data.source", "files", "--data.paths", "[mine.txt]",
              "--ckpt_path", str(ckpt_dir / "last.ckpt")])
     out = capsys.readouterr().out
-    assert "predict: 16 windows" in out and "nats/token" in out and "sample:\ndef " in out, out
+    assert "predict: 16 windows" in out and "nats/token" in out and "--- prompt: 'def '\ndef " in out, out
     assert list((in_tmp / "runs/gpt_pretrain").glob("version_*/predictions.txt"))
 
 

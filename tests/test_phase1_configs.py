@@ -38,9 +38,11 @@ def test_phase1_lm_config_fits_logs_health_and_predicts_with_the_state(in_tmp):
     assert float(run.trainer.callback_metrics["phase1/bk_bound_ratio"]) <= 1.0 + 1e-3
     ckpt = in_tmp / "runs" / "phase1_lm" / "version_0" / "checkpoints" / "last.ckpt"
     pred = run_cli(["predict", "--config", str(REPO / "configs/phase1_lm.yaml"), "--ckpt_path", str(ckpt),
-                    "--trainer.limit_predict_batches", "1", "--model.predict_tokens", "5", *FAST, *TINY])
+                    "--trainer.limit_predict_batches", "1", "--model.generation.max_new_tokens", "5", *FAST, *TINY])
     out = pred.trainer.predict_loop.predictions[0]
-    assert out["generated"].shape == (8, pred.model.hparams.predict_tokens)
+    assert out["nll"].shape == (8,) and out["tokens"].sum() == 8 * 32
+    samples = json.loads(next((in_tmp / "runs").rglob("predictions.json")).read_text())["samples"]
+    assert len(samples) == 1 and samples[0]["prompt"] == pred.model.hparams.sample_prompt
 
 
 @pytest.mark.parametrize("file", ["phase1_8gb.yaml", "phase1_10gb.yaml", "phase1_24gb.yaml"])

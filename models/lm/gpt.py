@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,14 @@ from torch import nn
 from models.adapters.lora import inject_lora, mark_only_lora_as_trainable
 from models.adapters.skip2lora import Skip2LoRA
 from models.layers.create import create_mlp, create_norm
+from models.layers.mlp import GptNeoxMLP
 from models.layers.rotary import apply_rope, rope_cache
-from models.lm.sampling import sample_next_token
+from models.lm.sampling import generate
 from models.utils.checkpoint import CheckpointError, safe_load
 
 #: Fields that define the weights' shapes; a checkpoint must agree on them.
 ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "norm_class", "mlp_class",
-               "intermediate_size", "position")
+               "intermediate_size", "position", "gelu_approximate")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Config:
     norm_eps: float = 1e-5
     mlp_class: Literal["GptNeoxMLP", "LLaMAMLP"] = "GptNeoxMLP"
     intermediate_size: int | None = None
+    gelu_approximate: Literal["none", "tanh"] = "none"
     position: Literal["rotary", "learned"] = "rotary"
     rope_base: int = 10000
     dropout: float = 0.0
@@ -82,7 +84,8 @@ class Config:
         if self.position == "rotary" and self.head_size % 2:
             raise ValueError(f"rotary positions need an even head size, got n_embd/n_head = {self.head_size}")
         choices = {"norm_class": ("LayerNorm", "RMSNorm"), "mlp_class": ("GptNeoxMLP", "LLaMAMLP"),
-                   "position": ("rotary", "learned"), "skip2lora_output_layer": ("lm_head",)}
+                   "position": ("rotary", "learned"), "skip2lora_output_layer": ("lm_head",),
+                   "gelu_approximate": ("none", "tanh")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config.{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -91,6 +94,8 @@ class Config:
                 raise ValueError(f"config.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ValueError(f"config.intermediate_size must be positive or null, got {self.intermediate_size}")
+        if self.gelu_approximate != "none" and self.mlp_class != "GptNeoxMLP":
+            raise ValueError("config.gelu_approximate applies to mlp_class GptNeoxMLP only (LLaMAMLP uses SiLU)")
         if self.lora_enabled and self.lora_r <= 0:
             raise ValueError(f"config.lora_r must be positive when a lora_* target is on, got {self.lora_r}")
         if self.skip2lora_enabled:
@@ -136,6 +141,20 @@ def make_norm(config: Config) -> nn.Module:
     return create_norm(config.norm_class, config.n_embd, config.norm_eps, config.bias)
 
 
+class TanhGeluMLP(GptNeoxMLP):
+    """``GptNeoxMLP`` with the tanh approximation of GELU (GPT-2's ``gelu_new``; LitGPT ``gelu_approximate:
+    tanh``); same weights and names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+def make_mlp(config: Config) -> nn.Module:
+    if config.gelu_approximate == "tanh":
+        return TanhGeluMLP(config.n_embd, config.mlp_size, config.bias)
+    return create_mlp(config.mlp_class, config.n_embd, config.mlp_size, config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -162,7 +181,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_1, self.norm_2 = make_norm(config), make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.mlp = create_mlp(config.mlp_class, config.n_embd, config.mlp_size, config.bias)
+        self.mlp = make_mlp(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -261,14 +280,13 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, top_p: float | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx (B, T)`` (``temperature=0``: greedy). No KV cache:
         each step re-reads the last ``block_size`` tokens, which is fine for short samples."""
-        for _ in range(max_new_tokens):
-            nxt = sample_next_token(self(idx[:, -self.config.block_size:])[:, -1], temperature, top_k, generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        return generate(self, idx, max_new_tokens, temperature, top_k, generator, top_p, on_token,
+                        block_size=self.config.block_size)
 
 
 def _canonical(key: str) -> str:

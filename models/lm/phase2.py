@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +220,9 @@ class Phase2LM(nn.Module):
     ``return_state``, the per-block :class:`LayerState` list to continue from.
     """
 
+    #: ``forward(idx, state, return_state=True)`` continues a sequence (:func:`models.lm.sampling.generate`)
+    carries_state = True
+
     def __init__(self, config: Phase2Config | None = None) -> None:
         super().__init__()
         self.config = config = config or Phase2Config()
@@ -248,10 +251,11 @@ class Phase2LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, top_p: float | None = None,
+                 on_token: Callable[[Tensor], None] | None = None) -> Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx (B, T)`` (``temperature=0``: greedy). The prompt runs
         once; every new token is one step on the carried state (O(1) per token, no re-reading)."""
-        return generate_with_state(self, idx, max_new_tokens, temperature, top_k, generator)
+        return generate_with_state(self, idx, max_new_tokens, temperature, top_k, generator, top_p, on_token)
 
     def diagnostics(self) -> dict[str, Tensor]:
         """Memory diagnostics of the last forward over all blocks, detached 0-dim tensors (no host sync):

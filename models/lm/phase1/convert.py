@@ -7,7 +7,9 @@
 * **kept**: every weight with a counterpart is copied exactly (MLPs and their norms, the final norm, an
   untied head, mixers already present);
 * **approximated**: a dense embedding becomes a tensor-train embedding by TT-SVD
-  (:meth:`TTEmbedding.from_dense`); the relative Frobenius error is reported;
+  (:meth:`TTEmbedding.from_dense`); the relative Frobenius error is reported; a GPT with the tanh GELU
+  (GPT-2's ``gelu_new``, e.g. loaded by :mod:`models.lm.interop`) gets Phase 1's exact GELU, reported as
+  ``blocks.*.mlp`` with the MLP's relative output error on unit-normal inputs;
 * **new**: the BK mixer and AR-SSM of each block start with zeroed output projections, so each new residual
   branch adds exactly 0 and the converted model computes what the baseline computed (up to the TT error);
 * **dropped**: weights Phase 1 has no place for. From a GPT that is each block's attention and its
@@ -202,6 +204,9 @@ def convert_to_phase1(
         approximated = {k for k in new_model.state_dict() if k.startswith("embed.") and report.approximated}
         report.new = [k for k in new_model.state_dict() if k not in set(report.kept) | approximated]
         report.dropped = dropped + report.dropped
+    gelu = getattr(getattr(model, "config", None), "gelu_approximate", "none")
+    if preserve_weights and gelu == "tanh" and len(new_model.blocks):
+        report.approximated["blocks.*.mlp"] = _gelu_error(model.blocks[0].mlp, new_model.blocks[0].mlp)
     if target.lns_enabled:
         swap_to_lns(new_model, target.lns_format, target.lns_target_modules)
     new_model.config = target
@@ -210,6 +215,16 @@ def convert_to_phase1(
     if verbose:
         print(f"convert_to_phase1: {report.summary()}")
     return new_model
+
+
+@torch.no_grad()
+def _gelu_error(source_mlp: nn.Module, target_mlp: nn.Module) -> float:
+    """Relative error of the exact-GELU MLP against the source's tanh-GELU one (same weights), on unit-normal
+    inputs: what replacing GPT-2's ``gelu_new`` by Phase 1's GELU costs."""
+    x = torch.randn(256, source_mlp.fc.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(source_mlp.fc.weight.dtype)
+    ref = source_mlp(x)
+    return float((target_mlp(x) - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def convert_from_phase1(model: Phase1LM) -> Phase1LM:

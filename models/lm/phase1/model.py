@@ -20,7 +20,7 @@ projections, so a block starts as its MLP-only baseline (used by conversion).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,9 @@ class Phase1Block(nn.Module):
 
 class Phase1LM(nn.Module):
     """Phase 1 language model; ``forward(idx) -> logits (B, N, vocab_size)`` (see the module docstring)."""
+
+    #: ``forward(idx, state, return_state=True)`` continues a sequence (:func:`models.lm.sampling.generate`)
+    carries_state = True
 
     def __init__(self, config: Phase1Config, zero_init_mixers: bool = False) -> None:
         super().__init__()
@@ -206,11 +209,12 @@ class Phase1LM(nn.Module):
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, top_p: float | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx (B, T)`` (``temperature=0``: greedy). The prompt is
         read once; each new token costs one recurrent step with the carried state (no re-reading)."""
-        return generate_with_state(self, idx, max_new_tokens, temperature, top_k, generator)
+        return generate_with_state(self, idx, max_new_tokens, temperature, top_k, generator, top_p, on_token)
 
     # -------------------------------------------------------------------------------------- conveniences
     def bk_mixers(self) -> list[BKMixer]:
