@@ -30,11 +30,12 @@ from typing import Any, NoReturn
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpointing import CheckpointSaveError, RunInfo
+from callbacks.exact_resume import ExactResume
+from callbacks.model_checkpoint import ModelCheckpoint
 from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights
 from callbacks.signals import SigtermCheckpoint
 from models.utils.atomic import clean_stale_temporaries
@@ -445,7 +446,7 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
-        "callbacks": [SigtermCheckpoint(), RunInfo()],
+        "callbacks": [SigtermCheckpoint(), RunInfo(), ExactResume()],
     }
 
 

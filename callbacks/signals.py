@@ -39,6 +39,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.model_checkpoint import on_last_batch
+
 #: Exit status of a run stopped by SIGTERM (the shell's 128 + signal number).
 SIGTERM_EXIT_CODE = 143
 
@@ -55,6 +57,7 @@ class SigtermCheckpoint(L.Callback):
         self.saved_path: str | None = None
         self._saved_step: int | None = None
         self._received = False  # this process got SIGTERM (multi-process runs only; not yet acted on)
+        self._held = False  # SIGTERM on an epoch's last batch: acted on at that epoch's end
 
     def _save(self, trainer: L.Trainer) -> None:
         cb = trainer.checkpoint_callback
@@ -78,7 +81,8 @@ class SigtermCheckpoint(L.Callback):
             signal.signal(signal.SIGTERM, self._note_sigterm)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.saved_path, self._saved_step, self._received = None, None, False  # a reused callback starts afresh
+        # a reused callback starts afresh
+        self.saved_path, self._saved_step, self._received, self._held = None, None, False, False
         if trainer.world_size > 1 and not hasattr(getattr(trainer, "_signal_connector", None), "received_sigterm"):
             # checked now, not when a signal arrives: the flag below is Lightning 2.4-2.6's (private) attribute
             raise RuntimeError("SigtermCheckpoint needs trainer._signal_connector.received_sigterm (Lightning "
@@ -97,8 +101,18 @@ class SigtermCheckpoint(L.Callback):
             # the take-over.) Every rank reaches this line at the same batch: all set Lightning's flag here, so all
             # save below and Lightning raises SIGTERMException on all of them at the end of this batch.
             trainer._signal_connector.received_sigterm = True
-        if trainer.received_sigterm and self._saved_step != trainer.global_step:
+        if trainer.received_sigterm and on_last_batch(trainer) and trainer.state.fn == "fit":
+            # Lightning resumes a checkpoint of an epoch's last batch as if the epoch had ended (its validation and
+            # epoch-end hooks skipped; see callbacks/model_checkpoint.py): finish the epoch first. Lightning's flag
+            # is held back meanwhile (its validation loop would stop at its first batch) and set again at the
+            # epoch end; Lightning then stops and on_exception saves the finished epoch.
+            trainer._signal_connector.received_sigterm, self._held = False, True
+        elif trainer.received_sigterm and self._saved_step != trainer.global_step:
             self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._held:
+            trainer._signal_connector.received_sigterm, self._held = True, False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):

@@ -1,0 +1,47 @@
+"""``ModelCheckpoint`` that never saves between an epoch's last training batch and that epoch's end.
+
+Lightning 2.6 resumes a checkpoint written at the end of an epoch's last training batch (``every_n_train_steps``
+landing there) as if the epoch had ended: the epoch's validation and its ``on_train_epoch_end`` hooks (histories,
+epoch means) are skipped, and, because ``ModelCheckpoint`` saves once per step, the epoch-end save of that step is
+skipped too, so ``last.ckpt`` keeps that incomplete state even when nothing was interrupted. Here such a step
+save is made at the epoch end instead, after the validation and the other callbacks' ``on_train_epoch_end``
+(Lightning runs checkpoint callbacks last): the checkpoint holds the finished epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+
+def on_last_batch(trainer: L.Trainer) -> bool:
+    """The training batch that just ended is the last of its epoch (its validation and epoch end follow)."""
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (same arguments); a ``every_n_train_steps`` save due on an epoch's last
+    batch is made at that epoch's end."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._step_save_at_epoch_end = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if on_last_batch(trainer):
+            n = self._every_n_train_steps
+            self._step_save_at_epoch_end |= n >= 1 and trainer.global_step % n == 0
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._step_save_at_epoch_end:
+            self._step_save_at_epoch_end = False
+            if not self._should_skip_saving_checkpoint(trainer):  # (not saved at this step already)
+                candidates = self._monitor_candidates(trainer)
+                self._save_topk_checkpoint(trainer, candidates)
+                self._save_last_checkpoint(trainer, candidates)

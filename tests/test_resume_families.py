@@ -1,0 +1,141 @@
+"""Exact resume for every family: a run interrupted at an epoch boundary or mid-epoch and resumed with
+``--ckpt_path last`` ends with the uninterrupted run's final checkpoint (every tensor: weights, optimizer and
+scheduler states, callback states, loop counters) and history files, bit for bit.
+
+Each family runs a tiny configuration in-process, three times per interruption point: the uninterrupted
+reference (shared by the two interruption points), the interrupted run and its resume. The interruptions are
+the two that a cluster job meets:
+
+* SIGTERM, really sent to this process while a step runs: ``SigtermCheckpoint`` saves ``last.ckpt`` and the fit
+  ends with ``SystemExit(143)``;
+* a kill right after a checkpoint: an exception that no code of the project catches escapes the Trainer when a
+  step starts, so nothing is written after the last checkpoint (the on-disk state SIGKILL leaves;
+  ``tests/test_resume.py`` kills a real process with the digits configuration).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.cli_helpers import REPO, run_cli
+from tests.recovery_helpers import Killed
+
+
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Where ``a`` and ``b`` differ: structure, values; tensors bit for bit, NaN equal to NaN."""
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return [f"{where}: keys {set(a) ^ set(b) if isinstance(b, dict) else type(b)}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return [f"{where}: {a!r} != {b!r}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.dtype != b.dtype or a.shape != b.shape:
+            return [f"{where}: {a!r} != {b!r}"]
+        if torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                 and torch.equal(a.nan_to_num(), b.nan_to_num())):
+            return []
+        return [f"{where}: max |delta| {(a.double() - b.double()).abs().max()}"]
+    if isinstance(a, float) and math.isnan(a):
+        return [] if isinstance(b, float) and math.isnan(b) else [f"{where}: {a} != {b}"]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def assert_same(a: Any, b: Any) -> None:
+    diff = differences(a, b)
+    assert not diff, "\n".join(diff)
+
+
+def drop(tree: Any, paths: list[tuple[str, ...]]) -> Any:
+    """``tree`` without the entries at ``paths`` (a key prefix matches callback names such as
+    ``ModelCheckpoint{...}``)."""
+    if not paths or not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        rest = [p[1:] for p in paths if str(k).startswith(p[0])]
+        if any(not r for r in rest):
+            continue
+        out[k] = drop(v, rest)
+    return out
+
+
+#: Not the training's outcome: absolute paths and timings of the run folder, the process's memory peak.
+NOT_COMPARED = [("callbacks", "Phase2Diagnostics", "history", "memory_peak_mb")]
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    files = {p.name: json.loads(p.read_text()) for p in sorted(run_dir.glob("*.json"))}
+    for f in files.values():
+        f.pop("memory_peak_mb", None)
+    return {"checkpoint": drop(ckpt, NOT_COMPARED), "files": files}
+
+
+def fit(folder: Path, args: list[str], *extra: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return run_cli(["fit", *args, *extra])
+    finally:
+        os.chdir(cwd)
+
+
+def check_resume(tmp: Path, name: str, args: list[str], reference: dict, how: str, step: int) -> None:
+    """Interrupt the run (``how``: ``sigterm`` or ``kill``) at ``step``, resume it, compare with ``reference``."""
+    folder = tmp / f"{how}{step}"
+    cb = ["--trainer.callbacks+=tests.recovery_helpers.Interrupt",
+          f"--trainer.callbacks.{how}_at_step", str(step)]
+    if how == "sigterm":
+        with pytest.raises(SystemExit) as stopped:
+            fit(folder, args, *cb)
+        assert stopped.value.code == 143
+    else:
+        try:
+            fit(folder, args, *cb)
+            raise AssertionError("the run was not killed")
+        except Killed:
+            pass
+    fit(folder, args, "--ckpt_path", "last")
+    run_dir = folder / "runs" / name / "version_0"
+    assert not (folder / "runs" / name / "version_1").exists()
+    assert_same(reference, final_state(run_dir))
+
+
+# --------------------------------------------------------------------------------------------- Phase 2
+PHASE2 = ["--config", str(REPO / "configs/phase2_small.yaml"),
+          "--model.config.d_model", "16", "--model.config.n_heads", "2", "--model.config.head_dim", "8",
+          "--model.config.n_layers", "1", "--model.config.chunk_size", "8", "--model.config.bk_chunk_size", "8",
+          "--model.config.dropout", "0.1",
+          "--data.seq_len", "24", "--data.batch_size", "2", "--data.max_windows", "8", "--model.sample_tokens", "4",
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+          "--trainer.limit_val_batches", "2", "--trainer.max_epochs", "2", "--trainer.num_sanity_val_steps", "1",
+          "--trainer.callbacks+=StabilityMonitor", "--checkpoint.every_n_train_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def phase2_reference(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("phase2")
+    fit(tmp / "full", PHASE2)
+    return tmp, final_state(tmp / "full" / "runs" / "phase2_small" / "version_0")
+
+
+@pytest.mark.parametrize(("how", "step"), [("sigterm", 3), ("kill", 4), ("sigterm", 5), ("kill", 7)])
+def test_phase2_resume_is_exact(phase2_reference, how, step):
+    """4 steps per epoch, a checkpoint every 2 steps (from step 4 on: the monitored val/loss exists after the first
+    validation): SIGTERM during the last step of epoch 0 / mid epoch 1; a kill as epoch 1 starts (after the
+    epoch-end checkpoint) / mid epoch 1 (after the checkpoint of step 6)."""
+    tmp, reference = phase2_reference
+    history = reference["files"]["training_history.json"]
+    assert history["epoch"] == [1, 2] and all(math.isfinite(v) for v in history["val_loss"] + history["train_loss"])
+    check_resume(tmp, "phase2_small", PHASE2, reference, how, step)
