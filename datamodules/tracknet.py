@@ -50,6 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image_check import check_image
+from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
 from datamodules.tracknet_synthetic import GeneratorSpec, generate
 from models.vision.tracknet import HeatmapConfig
 
@@ -621,13 +622,16 @@ class TrackNetDataModule(L.LightningDataModule):
                            f"{done} (gap_policy: {hp.gap_policy})")
         return ds
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         hp = self.hparams
-        return DataLoader(self.dataset(split), batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+        return DataLoader(self.dataset(split), batch_size=hp.batch_size, num_workers=hp.num_workers,
                           persistent_workers=hp.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled per epoch from the run's seed and resumable mid-epoch (see ``datamodules.resumable``)."""
+        hp, ds = self.hparams, self.dataset("train")
+        return ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=EpochSeededSampler(len(ds)),
+                                   num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -149,6 +149,13 @@ FAMILIES = {
         "--model.config.n_seq", "24", "--model.config.batch_size", "2", "--model.sample_tokens", "4",
         "--model.warmup_steps", "2", "--checkpoint.every_n_train_steps", "2"],
         [("sigterm", 3), ("kill", 7)]),
+    "tracknet": ([  # LoRA dropout 0.05 as shipped; 4 synthetic clips of 8 frames: 4 batches of 4 windows
+        "--config", str(REPO / "configs/tracknet_lora.yaml"), *QUIET, "--data.synthetic.num_clips", "4",
+        "--data.synthetic.frames_per_clip", "8", "--data.synthetic.width", "64", "--data.synthetic.height", "32",
+        "--data.batch_size", "4", "--model.decoder.channels", "[192, 8, 8, 8]", "--model.heatmap.size", "[32, 16]",
+        "--data.heatmap.size", "[32, 16]", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
+        "--checkpoint.every_n_train_steps", "2"],
+        [("sigterm", 3), ("kill", 7)]),
 }
 
 
