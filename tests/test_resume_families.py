@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from tests.cli_helpers import REPO, run_cli
+from tests.continual_helpers import TINY_DATA, TINY_MODEL
 from tests.recovery_helpers import Killed
 
 
@@ -154,6 +155,13 @@ FAMILIES = {
         "--data.synthetic.frames_per_clip", "8", "--data.synthetic.width", "64", "--data.synthetic.height", "32",
         "--data.batch_size", "4", "--model.decoder.channels", "[192, 8, 8, 8]", "--model.heatmap.size", "[32, 16]",
         "--data.heatmap.size", "[32, 16]", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
+        "--checkpoint.every_n_train_steps", "2"],
+        [("sigterm", 3), ("kill", 7)]),
+    "continual": ([  # Nested LoRA with multi-rate stepping (slow window 3) and consolidation: 2 tasks of 1 epoch
+        "--config", str(REPO / "configs/sema_nested.yaml"), *TINY_MODEL, *TINY_DATA, "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "1",
+        "--data.glyph_classes", "6", "--data.init_cls", "3", "--data.increment", "3", "--model.num_classes", "6",
+        "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
         "--checkpoint.every_n_train_steps", "2"],
         [("sigterm", 3), ("kill", 7)]),
 }
