@@ -5,7 +5,8 @@ landing there) as if the epoch had ended: the epoch's validation and its ``on_tr
 epoch means) are skipped, and, because ``ModelCheckpoint`` saves once per step, the epoch-end save of that step is
 skipped too, so ``last.ckpt`` keeps that incomplete state even when nothing was interrupted. Here such a step
 save is made at the epoch end instead, after the validation and the other callbacks' ``on_train_epoch_end``
-(Lightning runs checkpoint callbacks last): the checkpoint holds the finished epoch.
+(Lightning runs checkpoint callbacks last): the checkpoint holds the finished epoch. ``last.ckpt`` is also saved
+there when a SIGTERM during that last batch stops the run after the epoch (``callbacks/signals.py``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._step_save_at_epoch_end:
-            self._step_save_at_epoch_end = False
-            if not self._should_skip_saving_checkpoint(trainer):  # (not saved at this step already)
-                candidates = self._monitor_candidates(trainer)
+        step_save, self._step_save_at_epoch_end = self._step_save_at_epoch_end, False
+        # SIGTERM during the epoch's last batch (callbacks/signals.py): the run stops after this epoch end
+        if (step_save or trainer.received_sigterm) and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            if step_save:
                 self._save_topk_checkpoint(trainer, candidates)
-                self._save_last_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
