@@ -7,6 +7,7 @@ skipped too, so ``last.ckpt`` keeps that incomplete state even when nothing was 
 save is made at the epoch end instead, after the validation and the other callbacks' ``on_train_epoch_end``
 (Lightning runs checkpoint callbacks last): the checkpoint holds the finished epoch. ``last.ckpt`` is also saved
 there when a SIGTERM during that last batch stops the run after the epoch (``callbacks/signals.py``).
+Runs with ``max_steps`` keep Lightning's behaviour (see :func:`on_last_batch`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 
 
 def on_last_batch(trainer: L.Trainer) -> bool:
-    """The training batch that just ended is the last of its epoch (its validation and epoch end follow)."""
-    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+    """The training batch that just ended is the last of its epoch (its validation and epoch end follow) and the
+    run counts epochs: with ``max_steps`` set, Lightning 2.6 resumes an epoch-end checkpoint with one batch too many
+    (measured with ``tests/ddp_sigterm_script.py``), so there the checkpoint stays at the batch."""
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch) and trainer.max_steps == -1
 
 
 class ModelCheckpoint(LightningModelCheckpoint):

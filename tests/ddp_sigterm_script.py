@@ -17,12 +17,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from callbacks.model_checkpoint import ModelCheckpoint  # noqa: E402
 from callbacks.signals import SigtermCheckpoint  # noqa: E402
 from tests.recovery_helpers import IdDataset, Regressor  # noqa: E402
 

@@ -129,7 +129,8 @@ TEXT = ["--data.seq_len", "24", "--data.batch_size", "2", "--data.max_windows", 
 #: family -> (arguments, interruptions). 4 steps per epoch, 2 epochs, a checkpoint every 2 steps (the step-4 save,
 #: due on epoch 0's last batch, is made at that epoch's end). Interruptions: SIGTERM during epoch 0's last step
 #: (step 3: the epoch's validation and end run, then it stops), a kill as epoch 1 starts (step 4, after the epoch-end
-#: checkpoint), SIGTERM mid epoch 1 (step 5), a kill mid epoch 1 (step 7, after the checkpoint of step 6).
+#: checkpoint), SIGTERM mid epoch 1 (step 5), a kill mid epoch 1 (step 7, after the checkpoint of step 6). Phase 2
+#: (the issue's three cases) gets the first three, the others the first and the last.
 FAMILIES = {
     "phase2": ([
         "--config", str(REPO / "configs/phase2_small.yaml"), *QUIET, *TEXT,
@@ -137,7 +138,7 @@ FAMILIES = {
         "--model.config.n_layers", "1", "--model.config.chunk_size", "8", "--model.config.bk_chunk_size", "8",
         "--model.config.dropout", "0.1", "--model.sample_tokens", "4",
         "--trainer.callbacks+=StabilityMonitor", "--checkpoint.every_n_train_steps", "2"],
-        [("sigterm", 3), ("kill", 4), ("sigterm", 5), ("kill", 7)]),
+        [("sigterm", 3), ("kill", 4), ("sigterm", 5)]),
     "gpt": ([
         "--config", str(REPO / "configs/gpt_pretrain.yaml"), *QUIET, *TEXT,
         "--model.config.n_layer", "1", "--model.config.n_head", "2", "--model.config.n_embd", "16",
@@ -188,7 +189,9 @@ def references(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 def test_resume_is_exact(references, family, how, step):
     tmp, reference = references(family)
     history = reference["files"].get("training_history.json")
-    if history is not None:  # no hole in the reference itself
+    if family == "phase2":  # no hole in the reference itself
         assert history["epoch"] == [1, 2]
         assert all(math.isfinite(v) for v in history["val_loss"] + history["train_loss"])
+    if family == "continual":
+        assert reference["files"]["results.json"]["tasks_finished"] == 2
     check_resume(tmp, FAMILIES[family][0], reference, how, step)
