@@ -4,7 +4,9 @@
   ``seed_everything``, and every later dropout mask (LoRA dropout, random augmentation, sampling) differs.
   :class:`ExactResume` stores the torch (CPU and every CUDA device), NumPy and Python states when a checkpoint is
   written (as tensors and lists, so ``weights_only`` loading reads them) and puts them back when the resumed
-  training starts, after the sanity check (which draws numbers of its own).
+  training starts, after the sanity check (which draws numbers of its own). Under DDP the checkpoint holds rank
+  0's states and every rank gets them back: exact where the ranks draw the same numbers (``seed_everything`` seeds
+  every rank alike), not where a rank's draws differ.
 * A module whose ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (a schedule over the
   run's steps) makes Lightning build the training loader before the checkpoint's loop state is restored, and
   Lightning then never hands the saved loader position to it: a resumable loader
