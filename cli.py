@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpointing import CheckpointSaveError, RunInfo
 from callbacks.exact_resume import ExactResume
-from callbacks.model_checkpoint import ModelCheckpoint
+from callbacks.model_checkpoint import ResumableModelCheckpoint
 from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights
 from callbacks.signals import SigtermCheckpoint
 from models.utils.atomic import clean_stale_temporaries
@@ -185,7 +185,7 @@ class AdaptLabCLI(LightningCLI):
         super().__init__(*args, parser_class=ConciseErrorParser, save_config_callback=KeepConfigCallback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_argument(
             "--allow_config_change", type=bool, default=False,

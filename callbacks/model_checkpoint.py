@@ -25,9 +25,9 @@ def on_last_batch(trainer: L.Trainer) -> bool:
     return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch) and trainer.max_steps == -1
 
 
-class ModelCheckpoint(LightningModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` (same arguments); a ``every_n_train_steps`` save due on an epoch's last
-    batch is made at that epoch's end."""
+class ResumableModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (same arguments; ``cli.py``'s ``checkpoint`` group); a ``every_n_train_steps``
+    save due on an epoch's last batch is made at that epoch's end."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -7,7 +7,8 @@ mid-epoch checkpoints are taken, so ``--ckpt_path last`` resumes exactly; then t
 143 (128 + SIGTERM), so a scheduler sees an interrupted job, not a finished one. A SIGTERM during an epoch's
 last training batch first lets that epoch finish (its validation and ``on_train_epoch_end`` hooks: Lightning would
 resume a checkpoint of that batch with them skipped) and ``last.ckpt`` is saved at the epoch end, by
-``callbacks.model_checkpoint.ModelCheckpoint``; leave the scheduler a grace period longer than one validation.
+``callbacks.model_checkpoint.ResumableModelCheckpoint``; leave the scheduler a grace period longer than one
+validation.
 A SIGTERM during validation saves at the exception instead (resumable; Lightning reruns that validation).
 
 Several processes (DDP): Lightning 2.6.6 does not coordinate SIGTERM safely. Its signal handler forwards the
@@ -42,7 +43,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.model_checkpoint import ModelCheckpoint, on_last_batch
+from callbacks.model_checkpoint import ResumableModelCheckpoint, on_last_batch
 
 #: Exit status of a run stopped by SIGTERM (the shell's 128 + signal number).
 SIGTERM_EXIT_CODE = 143
@@ -50,7 +51,7 @@ SIGTERM_EXIT_CODE = 143
 
 def saves_at_epoch_end(cb: object) -> bool:
     """``cb`` saves ``last.ckpt`` at the end of an epoch whose last batch received SIGTERM."""
-    return isinstance(cb, ModelCheckpoint) and bool(cb.save_last) and bool(cb.dirpath)
+    return isinstance(cb, ResumableModelCheckpoint) and bool(cb.save_last) and bool(cb.dirpath)
 
 
 class SigtermCheckpoint(L.Callback):
