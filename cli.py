@@ -30,11 +30,12 @@ from typing import Any, NoReturn
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpointing import CheckpointSaveError, RunInfo
+from callbacks.exact_resume import ExactResume
+from callbacks.model_checkpoint import ResumableModelCheckpoint
 from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights
 from callbacks.signals import SigtermCheckpoint
 from models.utils.atomic import clean_stale_temporaries
@@ -184,7 +185,7 @@ class AdaptLabCLI(LightningCLI):
         super().__init__(*args, parser_class=ConciseErrorParser, save_config_callback=KeepConfigCallback, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_argument(
             "--allow_config_change", type=bool, default=False,
@@ -445,7 +446,7 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
-        "callbacks": [SigtermCheckpoint(), RunInfo()],
+        "callbacks": [SigtermCheckpoint(), RunInfo(), ExactResume()],
     }
 
 

@@ -9,8 +9,9 @@ validation) the epoch means, reduced over DDP ranks (the memory peak: the larges
 ``training_history.json`` is rewritten atomically (:func:`models.utils.atomic.atomic_path`) with one entry per
 epoch: train and val loss, learning rate, the Gamma / SNR / resonance / stability histories, and beside them the
 seed-003 script's keys (``train_losses``, ``val_losses``, ``learning_rates``, ``best_val_loss``,
-``total_epochs``). The history is part
-of the callback's checkpoint state, so a resumed run continues it instead of starting over. Every
+``total_epochs``). The history and the running sums of the current epoch (summed over DDP ranks) are part of the
+callback's checkpoint state, so a run resumed mid-epoch records the means over the whole epoch and continues the
+history instead of starting over. Every
 ``checkpoint_every_n_epochs`` epochs a full checkpoint ``checkpoint_epoch{N}.ckpt`` (N counted from 1) is saved
 beside the run's other checkpoints.
 """
@@ -89,18 +90,33 @@ class Phase2Diagnostics(L.Callback):
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, torch.Tensor] = {}
         self._recorded_epoch = -1
+        self._strategy: Any = None  # the trainer's, for summing the running sums over ranks in state_dict
+        self._loaded_sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     @staticmethod
     def _empty_history() -> dict[str, list]:
         return {"epoch": [], "global_step": [], **{k: [] for k in HISTORY_KEYS}}
 
     # ----------------------------------------------------------------------------------------------- state
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._strategy = trainer.strategy
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "recorded_epoch": self._recorded_epoch}
+        """Every rank writes the checkpoint together (Lightning's ``save_checkpoint``), so summing is safe here."""
+        names = sorted(self._sums)
+        sums, counts = {}, {}
+        if names:
+            both = torch.stack([torch.stack([self._sums[n] for n in names]),
+                                torch.stack([self._counts[n] for n in names])])
+            if self._strategy is not None:
+                both = self._strategy.reduce(both, reduce_op="sum")
+            sums, counts = dict(zip(names, both[0].cpu())), dict(zip(names, both[1].cpu()))
+        return {"history": self.history, "recorded_epoch": self._recorded_epoch, "sums": sums, "counts": counts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {**self._empty_history(), **state_dict["history"]}
         self._recorded_epoch = state_dict["recorded_epoch"]
+        self._loaded_sums = state_dict.get("sums", {}), state_dict.get("counts", {})  # absent in older checkpoints
 
     def history_path(self, trainer: L.Trainer) -> Path:
         path = Path(self.history_file).expanduser()
@@ -110,6 +126,12 @@ class Phase2Diagnostics(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, MemoryDiagnostics):
             raise TypeError(f"Phase2Diagnostics needs a module with diagnostics(); {type(pl_module).__name__} has none")
+        if self._loaded_sums is not None:  # resumed mid-epoch: the sums so far (over all ranks) go to rank 0
+            sums, counts = self._loaded_sums
+            keep = trainer.global_rank == 0
+            self._sums = {n: (v if keep else torch.zeros_like(v)).to(pl_module.device) for n, v in sums.items()}
+            self._counts = {n: (v if keep else torch.zeros_like(v)).to(pl_module.device) for n, v in counts.items()}
+            self._loaded_sums = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sums, self._counts = {}, {}

@@ -4,8 +4,12 @@ Lightning notices SIGTERM and stops at the end of the current training batch by 
 (a ``SystemExit`` with status 0), losing every step since the last checkpoint. ``SigtermCheckpoint`` (one of
 ``cli.py``'s default callbacks) saves ``last.ckpt`` at that batch end, the point where ``ModelCheckpoint``'s own
 mid-epoch checkpoints are taken, so ``--ckpt_path last`` resumes exactly; then the process exits with status
-143 (128 + SIGTERM), so a scheduler sees an interrupted job, not a finished one. A SIGTERM during validation
-saves at the exception instead (resumable; Lightning reruns that validation).
+143 (128 + SIGTERM), so a scheduler sees an interrupted job, not a finished one. A SIGTERM during an epoch's
+last training batch first lets that epoch finish (its validation and ``on_train_epoch_end`` hooks: Lightning would
+resume a checkpoint of that batch with them skipped) and ``last.ckpt`` is saved at the epoch end, by
+``callbacks.model_checkpoint.ResumableModelCheckpoint``; leave the scheduler a grace period longer than one
+validation.
+A SIGTERM during validation saves at the exception instead (resumable; Lightning reruns that validation).
 
 Several processes (DDP): Lightning 2.6.6 does not coordinate SIGTERM safely. Its signal handler forwards the
 signal to the processes it launched and then calls ``torch.distributed.broadcast`` inside the handler, i.e. at
@@ -39,8 +43,15 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.model_checkpoint import ResumableModelCheckpoint, on_last_batch
+
 #: Exit status of a run stopped by SIGTERM (the shell's 128 + signal number).
 SIGTERM_EXIT_CODE = 143
+
+
+def saves_at_epoch_end(cb: object) -> bool:
+    """``cb`` saves ``last.ckpt`` at the end of an epoch whose last batch received SIGTERM."""
+    return isinstance(cb, ResumableModelCheckpoint) and bool(cb.save_last) and bool(cb.dirpath)
 
 
 class SigtermCheckpoint(L.Callback):
@@ -55,6 +66,7 @@ class SigtermCheckpoint(L.Callback):
         self.saved_path: str | None = None
         self._saved_step: int | None = None
         self._received = False  # this process got SIGTERM (multi-process runs only; not yet acted on)
+        self._held = False  # SIGTERM on an epoch's last batch: acted on at that epoch's end
 
     def _save(self, trainer: L.Trainer) -> None:
         cb = trainer.checkpoint_callback
@@ -78,7 +90,8 @@ class SigtermCheckpoint(L.Callback):
             signal.signal(signal.SIGTERM, self._note_sigterm)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.saved_path, self._saved_step, self._received = None, None, False  # a reused callback starts afresh
+        # a reused callback starts afresh
+        self.saved_path, self._saved_step, self._received, self._held = None, None, False, False
         if trainer.world_size > 1 and not hasattr(getattr(trainer, "_signal_connector", None), "received_sigterm"):
             # checked now, not when a signal arrives: the flag below is Lightning 2.4-2.6's (private) attribute
             raise RuntimeError("SigtermCheckpoint needs trainer._signal_connector.received_sigterm (Lightning "
@@ -97,13 +110,32 @@ class SigtermCheckpoint(L.Callback):
             # the take-over.) Every rank reaches this line at the same batch: all set Lightning's flag here, so all
             # save below and Lightning raises SIGTERMException on all of them at the end of this batch.
             trainer._signal_connector.received_sigterm = True
-        if trainer.received_sigterm and self._saved_step != trainer.global_step:
+        if trainer.received_sigterm and on_last_batch(trainer) and trainer.state.fn == "fit" and saves_at_epoch_end(
+                trainer.checkpoint_callback):
+            # Lightning resumes a checkpoint of an epoch's last batch as if the epoch had ended (its validation and
+            # epoch-end hooks skipped; see callbacks/model_checkpoint.py): finish the epoch first. Lightning's flag
+            # is held back meanwhile (its validation loop would stop at its first batch) and set again at the
+            # epoch end, where ModelCheckpoint then saves last.ckpt; Lightning stops after the epoch end. (Lightning's
+            # own ModelCheckpoint would not save there: then the checkpoint is saved now, as on other batches.)
+            trainer._signal_connector.received_sigterm, self._held = False, True
+        elif trainer.received_sigterm and self._saved_step != trainer.global_step:
             self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._held:
+            trainer._signal_connector.received_sigterm, self._held = True, False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        if self._saved_step != trainer.global_step and trainer.state.fn == "fit":
+        cb = trainer.checkpoint_callback
+        if self._saved_step == trainer.global_step or trainer.state.fn != "fit":
+            pass
+        elif getattr(cb, "save_last", None) and getattr(cb, "_last_global_step_saved", None) == trainer.global_step:
+            # ModelCheckpoint saved last.ckpt at this step (the epoch end after a SIGTERM on its last batch):
+            # Lightning's own epoch-end state, which it resumes exactly; a save now would hold the epoch as finished
+            self.saved_path, self._saved_step = cb.last_model_path, trainer.global_step
+        else:
             self._save(trainer)
         exception.code = SIGTERM_EXIT_CODE
         if trainer.is_global_zero:

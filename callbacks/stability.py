@@ -106,16 +106,22 @@ class StabilityMonitor(L.Callback):
             "history": {k: list(v) for k, v in self.history.items()}, "failures": self.failures,
             "consecutive_failures": self.consecutive_failures, "first_failure": self.first_failure,
             "lr_scale": self.lr_scale, "good_batches": self.good_batches, "snapshot_step": self.snapshot_step,
+            "snapshot": self._snapshot,  # a rollback after a resume goes where the uninterrupted run's would
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {k: deque(v, maxlen=self.window) for k, v in state_dict["history"].items()}
         for key in ("failures", "consecutive_failures", "first_failure", "lr_scale", "good_batches", "snapshot_step"):
             setattr(self, key, state_dict[key])
+        self._snapshot = state_dict.get("snapshot")  # None in checkpoints of older versions: taken at train start
 
     # ---- hooks --------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._snapshot = None  # before a resumed run's checkpoint is loaded: a reused callback snapshots afresh
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._take_snapshot(trainer, pl_module)  # after a resumed run's optimizer state is restored
+        if self._snapshot is None:  # (a resumed run's comes from the checkpoint)
+            self._take_snapshot(trainer, pl_module)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

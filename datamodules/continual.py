@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.digits import load_digits_tensors, stratified_split
 from datamodules.image_check import decode_rgb
+from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
 
 DatasetName = Literal["glyphs", "digits", "cifar100", "image_folder"]
 #: Per-channel mean/std used for uint8 sources (ImageNet statistics, what timm ViTs expect).
@@ -353,7 +354,10 @@ class ClassIncrementalDataModule(L.LightningDataModule):
                           persistent_workers=False, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.task_dataset("train", self.current_task()), shuffle=True)
+        """Shuffled per epoch from the run's seed and resumable mid-epoch (see ``datamodules.resumable``)."""
+        ds = self.task_dataset("train", self.current_task())
+        return ResumableDataLoader(ds, self.hparams.batch_size, sampler=EpochSeededSampler(len(ds)),
+                                   num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.task_dataset("val", self.current_task(), cumulative=True))

@@ -42,9 +42,13 @@ class ResumableDataLoader(DataLoader):
 
     After ``load_state_dict`` the next pass skips that many batches (they are still read, not trained on,
     so any deterministic sampler works). The order must be deterministic per epoch (``EpochSeededSampler``).
+    Starting a pass draws nothing from the global torch RNG (a plain ``DataLoader`` draws its worker base seed
+    there): a pass started on resume would otherwise shift the dropout masks of every later step.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator().manual_seed(torch.initial_seed())
         super().__init__(*args, **kwargs)
         self._yielded = 0
         self._skip = 0

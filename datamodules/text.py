@@ -34,6 +34,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
+
 SPLITS = ("train", "val", "test")
 #: Never useful as stdlib text: third-party packages, test suites (some are not UTF-8), caches.
 DEFAULT_STDLIB_EXCLUDE: tuple[str, ...] = (
@@ -439,21 +441,24 @@ class TextDataModule(L.LightningDataModule):
             if split in ("all", "train") or self.split_files[split] or split in self.empty_splits:
                 self.load_split(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         return DataLoader(
-            self.load_split(split), batch_size=self.hparams.batch_size, shuffle=shuffle,
+            self.load_split(split), batch_size=self.hparams.batch_size,
             num_workers=self.hparams.num_workers,  # keywords: Lightning re-creates the loader for predict
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        """Shuffled per epoch from the run's seed and resumable mid-epoch (see ``datamodules.resumable``)."""
+        ds = self.load_split("train")
+        return ResumableDataLoader(ds, batch_size=self.hparams.batch_size, sampler=EpochSeededSampler(len(ds)),
+                                   num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """Every selected file (the text to score), not only the test split."""
-        return self._loader("all", False)
+        return self._loader("all")

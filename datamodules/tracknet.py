@@ -59,6 +59,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from datamodules.image_check import check_image
+from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
 from datamodules.tracknet_synthetic import GeneratorSpec, generate
 from models.metrics.tracknet import v3_truncate
 from models.vision.tracknet import HeatmapConfig
@@ -744,17 +745,19 @@ class TrackNetDataModule(L.LightningDataModule):
                            f"{done} (gap_policy: {hp.gap_policy})")
         return TrackNetStream(ds) if split == "unlabelled" else ds
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         hp = self.hparams
         dataset = self.dataset(split)
         workers = hp.num_workers
         if isinstance(dataset, TrackNetStream):  # read in order by one process (bounded memory, one decode/frame)
             workers = min(workers, 1)
-        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=shuffle, num_workers=workers,
-                          persistent_workers=workers > 0)
+        return DataLoader(dataset, batch_size=hp.batch_size, num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled per epoch from the run's seed and resumable mid-epoch (see ``datamodules.resumable``)."""
+        hp, ds = self.hparams, self.dataset("train")
+        return ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=EpochSeededSampler(len(ds)),
+                                   num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

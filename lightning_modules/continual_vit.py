@@ -202,7 +202,9 @@ class ContinualClassifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        # the classes of the validation data (the current epoch's task), not self.seen_classes: a run resumed
+        # at a task boundary validates (sanity check) before its next task has begun
+        logits = self.model(x, self.dm.classes_seen(self.dm.current_task()))
         self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("val/loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from callbacks.model_checkpoint import ResumableModelCheckpoint  # noqa: E402
 from callbacks.signals import SigtermCheckpoint  # noqa: E402
 from tests.recovery_helpers import IdDataset, Regressor  # noqa: E402
 
@@ -69,7 +69,8 @@ def main(out: Path, plan: dict) -> None:
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(seconds=TIMEOUT)), max_steps=MAX_STEPS,
         logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[SigtermCheckpoint(), ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=100)])
+        callbacks=[SigtermCheckpoint(),
+                   ResumableModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=100)])
     model = Model(plan)
     record = {"exit": 0}
     try:

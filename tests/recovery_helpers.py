@@ -176,3 +176,21 @@ class FaultInjector(L.Callback):
         states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if cb.state_dict()}
         weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         torch.save({"weights": weights, "callbacks": states, "global_step": trainer.global_step}, self.save_final_to)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an ``Exception``, so no clean-up of the project runs."""
+
+
+class Interrupt(L.Callback):
+    """SIGTERM to this process as step ``sigterm_at_step`` starts (it runs to its end), or a kill as step
+    ``kill_at_step`` starts (before it; the checkpoints of the steps before it are written)."""
+
+    def __init__(self, sigterm_at_step: int | None = None, kill_at_step: int | None = None) -> None:
+        self.sigterm_at_step, self.kill_at_step = sigterm_at_step, kill_at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.kill_at_step:
+            raise Killed
+        if trainer.global_step == self.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
