@@ -57,6 +57,7 @@ IMAGE_FILES = {
     "cifar_truncated/cifar-100-python/train": pickle.dumps({"data": [0] * 3072, "fine_labels": [0]})[:20],
     "cifar_truncated/cifar-100-python/test": pickle.dumps({"data": [0] * 3072, "fine_labels": [0]})[:20],
 }
+
 #: an image-folder sequence of two classes in two tasks (continual bad-data cases)
 FOLDER = ["--data.dataset", "image_folder", "--data.init_cls", "1", "--data.increment", "1",
           "--data.val_fraction", "0", "--data.test_fraction", "0", "--model.num_classes", "2"]
@@ -91,6 +92,9 @@ FILES = {
     "text/binary.txt": b"text" * 100 + b"\x00\x01\x02" + b"text" * 100,
     "text/good.txt": "hello world " * 200,
     **IMAGE_FILES,
+    # a CIFAR-100 folder whose pickles would run code (exit 99) if read with plain pickle.load
+    **{f"cifar_evil/cifar-100-python/{name}": pickle.dumps({"data": _RunsCode(), "fine_labels": [0]})
+       for name in ("train", "test")},
 }
 
 CASES = [
@@ -198,7 +202,9 @@ CASES = [
     (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_empty"],
      "class folder 'cl_empty/b' (under data.root) has no images"),
     (NESTED, [*TINY_PRETRAIN, "--data.dataset", "cifar100", "--data.root", "cifar_truncated"],
-     "train is truncated or not a CIFAR-100 python file"),
+     "train' is truncated or not a CIFAR-100 python file"),
+    (NESTED, [*TINY_PRETRAIN, "--data.dataset", "cifar100", "--data.root", "cifar_evil"],
+     "cifar-100-python/train' contains a pickled reference to 'builtins.exec', which could run code"),
     # model and data sizes that do not fit (LightningModule check_data, or the model's own arguments)
     (TRACKNET, ["--data.num_frames", "5"], "data.num_frames (5) differs from model.num_frames (3)"),
     (TRACKNET, ["--data.heatmap", "{size: [64, 36], sigma: 2.0}"],
