@@ -18,6 +18,7 @@ before the first batch removes the files this run created. SIGTERM saves ``last.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import os
 import pkgutil
@@ -28,13 +29,13 @@ from typing import Any, NoReturn
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from callbacks.checkpointing import CheckpointSaveError, RunInfo
-from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights
+from callbacks.protocols import DataCompatibility, DataPreflight, LoggedMetrics, TrainedWeights
 from callbacks.signals import SigtermCheckpoint
 from models.utils.atomic import clean_stale_temporaries
 from models.utils.checkpoint import CheckpointError, safe_load
@@ -312,6 +313,8 @@ class AdaptLabCLI(LightningCLI):
             self._guard("data", data, lambda: data.preflight(stage))
         if data is not None and isinstance(model, DataCompatibility):
             self._guard("model", model, lambda: model.check_data(data))
+        if subcommand == "fit":
+            self._check_monitors()
         ckpt = cfg.get("ckpt_path")
         if subcommand == "predict" and ckpt is None:
             source = model.trained_weights_source() if isinstance(model, TrainedWeights) else None
@@ -331,6 +334,26 @@ class AdaptLabCLI(LightningCLI):
         for folder in (self._log_root, Path(str(dirpath)) if dirpath else None):
             if folder is not None:
                 clean_stale_temporaries(folder, recursive=True)
+
+    def _check_monitors(self) -> None:
+        """``monitor`` of ``ModelCheckpoint``/``EarlyStopping`` must be a metric the module or a callback logs
+        (``LoggedMetrics``); skipped when the module does not say, or a callback from elsewhere may log more."""
+        if not isinstance(self.model, LoggedMetrics):
+            return
+        names = list(self.model.logged_metrics())
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, LoggedMetrics):
+                names += cb.logged_metrics()
+            elif not isinstance(cb, SaveConfigCallback) and \
+                    not type(cb).__module__.startswith(("lightning.", *(f"{p}." for p in PROJECT_PACKAGES))):
+                return
+        config_checkpoint = self._get(self.config_init, "checkpoint")
+        for i, cb in enumerate(self.trainer.callbacks):
+            monitor = getattr(cb, "monitor", None) if isinstance(cb, (ModelCheckpoint, EarlyStopping)) else None
+            if monitor and not any(fnmatch.fnmatchcase(monitor, n) for n in names):
+                key = "checkpoint.monitor" if cb is config_checkpoint else f"{type(cb).__name__}.monitor"
+                fail(f"{key} {monitor!r} is not a metric that {type(self.model).__name__} or its callbacks log; "
+                     f"they log: {', '.join(sorted(set(names)))}")
 
     def _guard(self, key: str, obj: Any, check: Any) -> None:
         try:

@@ -87,6 +87,10 @@ class ContinualClassifier(L.LightningModule):
         mask_old_logits: set earlier tasks' logits to -inf while training a new task.
     """
 
+    def logged_metrics(self) -> list[str]:
+        """Every name this module logs (``checkpoint.monitor`` is checked against it before training)."""
+        return ["train/loss", "train/acc", "train/descriptor_loss", "val/acc", "val/loss", "test/acc"]
+
     def __init__(
         self,
         backbone: str = "vit_tiny_patch16_224",

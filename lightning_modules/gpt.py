@@ -45,6 +45,8 @@ class GPTLanguageModel(NextTokenEvaluation, L.LightningModule):
         sample_tokens: length of that sample; 0 turns it off.
     """
 
+    EXTRA_METRICS = ("time/train_epoch_s", "skip_cache/hit_rate", "skip_cache/filled")
+
     def __init__(
         self,
         config: Config | None = None,

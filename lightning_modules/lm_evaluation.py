@@ -21,6 +21,14 @@ class NextTokenEvaluation:
     ``on_validation_epoch_end`` (which each family extends with its own diagnostics).
     """
 
+    #: metrics the family logs besides the ones below (``LoggedMetrics``)
+    EXTRA_METRICS: tuple[str, ...] = ()
+
+    def logged_metrics(self) -> list[str]:
+        """Every name this module logs (``checkpoint.monitor`` is checked against it before training)."""
+        return [f"{stage}/{name}" for stage in ("train", "val", "test") for name in ("loss", "perplexity")] + \
+            list(self.EXTRA_METRICS)
+
     def init_evaluation(self) -> None:
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 

@@ -40,6 +40,8 @@ class Phase1LanguageModel(NextTokenEvaluation, L.LightningModule):
         predict_tokens: tokens ``predict`` generates after each input window (greedy, carried state).
     """
 
+    EXTRA_METRICS = ("train/gate_l1", "phase1/*")
+
     def __init__(
         self,
         config: Phase1Config | None = None,

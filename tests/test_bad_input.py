@@ -194,6 +194,12 @@ CASES = [
     (PHASE1, ["--model.phase1", '{"htt": {"rank": "sixteen"}}'], "phase1.htt.rank must be an integer, got 'sixteen'"),
     (PHASE1, ["--model.phase1", '{"memory": {"gradient_checkpointing": "yes"}}'],
      "phase1.memory.gradient_checkpointing must be true or false"),
+    # a monitored metric nobody logs (a typo) fails before training, listing the names that are logged
+    (DIGITS, ["--checkpoint.monitor", "val/los"], "checkpoint.monitor 'val/los' is not a metric that ImageClassifier"),
+    (PHASE2, ["--checkpoint.monitor", "val_loss"], "checkpoint.monitor 'val_loss' is not a metric"),
+    (TRACKNET, ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/F1"],
+     "EarlyStopping.monitor 'val/F1' is not a metric that HeatmapTracker or its callbacks log; they log: "),
+    (NESTED, [*TINY_PRETRAIN, "--checkpoint.monitor", "val/accuracy"], "val/acc, val/loss"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),
