@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from callbacks.checkpointing import CheckpointSaveError, RunInfo
-from callbacks.protocols import DataCompatibility, DataPreflight, LoggedMetrics, TrainedWeights
+from callbacks.protocols import DataCompatibility, DataPreflight, LoggedMetrics, TrainedWeights, TrainerCompatibility
 from callbacks.signals import SigtermCheckpoint
 from models.utils.atomic import clean_stale_temporaries
 from models.utils.checkpoint import CheckpointError, safe_load
@@ -101,7 +101,7 @@ def check_config_files(args: list[str]) -> None:
         else:
             continue
         try:
-            yaml.safe_load(path.read_text())
+            content = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             fail(f"config file {str(path)!r} does not exist")
         except OSError as e:
@@ -110,6 +110,11 @@ def check_config_files(args: list[str]) -> None:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             fail(f"config file {str(path)!r} is not valid YAML: {getattr(e, 'problem', None) or e}{where}")
+        if content is None:
+            fail(f"config file {str(path)!r} is empty (it needs keys such as model:, data:, trainer:)")
+        if not isinstance(content, dict):
+            fail(f"config file {str(path)!r} must be a mapping of keys (model:, data:, trainer: ...), not a "
+                 f"{type(content).__name__} ({str(content)[:40]!r})")
 
 
 def find_config_key(cfg: Any, class_path: str, prefix: str = "") -> str | None:
@@ -200,6 +205,14 @@ class AdaptLabCLI(LightningCLI):
                  "and the run is refused); the config's values are used.",
         )
 
+    def _set_seed(self) -> None:
+        """Lightning's seeding, after checking the range numpy accepts."""
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        seed = cfg.get("seed_everything") if cfg is not None else None
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= 2**32 - 1:
+            fail(f"seed_everything must be in [0, {2**32 - 1}] (or true for a random seed), got {seed}")
+        super()._set_seed()
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would load ``--ckpt_path`` here (before any check) and silently replace the model's
         command-line/config values with the checkpoint's hyper-parameters. adaptlab does neither: the checkpoint
@@ -222,9 +235,17 @@ class AdaptLabCLI(LightningCLI):
             self._log_root = Path(str(init_args.get("save_dir") or RUNS_DIR)) / str(init_args["name"])
         elif logger in (None, False):
             self._log_root = Path(str(cfg.get("trainer", {}).get("default_root_dir") or RUNS_DIR)) / config_name
+        ckpt = cfg.get("ckpt_path")
+        if isinstance(ckpt, str) and ckpt.startswith("~"):
+            cfg["ckpt_path"] = os.path.expanduser(ckpt)
         if cfg.get("ckpt_path") == "last":
             self._resolve_last(cfg, init_args)
         self._check_ckpt_path(cfg.get("ckpt_path"))
+        checkpoint = cfg.get("checkpoint") or {}
+        for key, low in (("every_n_train_steps", 0), ("every_n_epochs", 0), ("save_top_k", -1)):
+            value = checkpoint.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value < low:
+                fail(f"checkpoint.{key} must be >= {low}, got {value}")
 
     @staticmethod
     def _check_ckpt_path(ckpt: str | None) -> None:
@@ -315,13 +336,15 @@ class AdaptLabCLI(LightningCLI):
             self._guard("model", model, lambda: model.check_data(data))
         if subcommand == "fit":
             self._check_monitors()
+            if isinstance(model, TrainerCompatibility):
+                self._guard("trainer", model, lambda: model.check_trainer(self.trainer, data))
         ckpt = cfg.get("ckpt_path")
-        if subcommand == "predict" and ckpt is None:
+        if subcommand in ("validate", "test", "predict") and ckpt is None:
             source = model.trained_weights_source() if isinstance(model, TrainedWeights) else None
             if source is None:
-                fail(f"predict needs trained weights: pass --ckpt_path (e.g. {RUNS_DIR}/<config>/version_N/checkpoints/"
-                     f"last.ckpt) or the model's own weights option; {type(model).__name__} would predict from "
-                     "untrained weights")
+                fail(f"{subcommand} needs trained weights: pass --ckpt_path (e.g. {RUNS_DIR}/<config>/version_N/"
+                     f"checkpoints/last.ckpt) or the model's own weights option; {type(model).__name__} would "
+                     f"{'predict from' if subcommand == 'predict' else subcommand} untrained weights")
         if ckpt is not None and Path(str(ckpt)).is_file():
             self._check_checkpoint(Path(str(ckpt)), subcommand, bool(cfg.get("allow_config_change")))
         dirpath = (cfg.get("checkpoint") or {}).get("dirpath")

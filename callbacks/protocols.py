@@ -129,3 +129,13 @@ class LoggedMetrics(Protocol):
     def logged_metrics(self) -> list[str]:
         """Metric names; a name may be an ``fnmatch`` pattern (``phase1/*``) for families of dynamic names."""
         ...
+
+
+@runtime_checkable
+class TrainerCompatibility(Protocol):
+    """A LightningModule whose needs on the Trainer's settings (epochs, steps) ``cli.py`` checks before ``fit``
+    writes anything."""
+
+    def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> None:
+        """Raise ``ValueError`` naming the ``trainer.<key>`` that does not fit this module."""
+        ...

@@ -283,17 +283,32 @@ class ContinualClassifier(L.LightningModule):
                 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False)):
             raise ValueError("model.first_task_adaptation freezes the backbone after the first task, so DDP must "
                              "allow unused parameters: set trainer.strategy: ddp_find_unused_parameters_true")
-        required = dm.num_tasks * dm.epochs_per_task
-        max_epochs = trainer.fit_loop.max_epochs
-        if max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
+        if self.check_trainer(trainer, dm):
+            required = dm.num_tasks * dm.epochs_per_task
             trainer.fit_loop.max_epochs = required
             rank_zero_info(f"trainer.max_epochs set to {required} ({dm.num_tasks} tasks x {dm.epochs_per_task} epochs)")
-        elif max_epochs > required:
-            raise ValueError(f"trainer.max_epochs={max_epochs} exceeds the sequence's {dm.num_tasks} tasks x "
-                             f"{dm.epochs_per_task} epochs_per_task = {required}; leave it unset to derive it")
         trainer.reload_dataloaders_every_n_epochs = 1  # the train/val loaders follow the current task
         if self.task < 0:
             self.model.set_trainable(0, self._trains_backbone(0))
+
+    def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> bool:
+        """``trainer.max_epochs`` must cover the whole sequence (a smaller value would silently train the first
+        tasks only) and not exceed it; returns whether it is unset (then ``on_fit_start`` derives it)."""
+        dm = datamodule
+        if not isinstance(dm, ClassIncrementalData):
+            return False  # setup() names the missing DataModule methods
+        required = dm.num_tasks * dm.epochs_per_task
+        max_epochs = trainer.fit_loop.max_epochs
+        if max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
+            return True
+        if max_epochs != required:
+            trained = -(-max_epochs // dm.epochs_per_task)
+            what = (f"would train only the first {trained} of {dm.num_tasks} tasks" if max_epochs < required
+                    else "exceeds it")
+            raise ValueError(f"trainer.max_epochs={max_epochs} {what}: the sequence is {dm.num_tasks} tasks x "
+                             f"{dm.epochs_per_task} data.epochs_per_task = {required} epochs; leave it unset to "
+                             "derive it")
+        return False
 
     def on_train_epoch_start(self) -> None:
         task = self.dm.task_of_epoch(self.current_epoch)

@@ -87,6 +87,12 @@ class Phase2LanguageModel(NextTokenEvaluation, L.LightningModule):
         floor = hp.min_lr / hp.lr
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None = None) -> None:
+        """The cosine schedule needs a length: ``max_epochs: -1`` (no limit) needs ``max_steps``."""
+        if trainer.max_epochs == -1 and trainer.max_steps == -1:
+            raise ValueError("trainer.max_epochs=-1 (no limit) leaves Phase 2's cosine learning-rate schedule "
+                             "without a length: set trainer.max_steps or a number of epochs")
+
     def configure_optimizers(self):
         hp = self.hparams
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]

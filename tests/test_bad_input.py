@@ -82,6 +82,8 @@ def _torch_bytes(obj) -> bytes:
 FILES = {
     "typo.yaml": "trainer:\n  max_epoch: 2\n",
     "broken.yaml": "model: [a, b\ndata: 1\n",
+    "empty.yaml": "# nothing but a comment\n",
+    "string.yaml": "configs/vit_lora_digits.yaml\n",
     "garbage.safetensors": "\x00\x01 not a safetensors file",
     "a_directory/keep": "",
     "evil.ckpt": _torch_bytes({"state_dict": {}, "hyper_parameters": _RunsCode()}),
@@ -110,6 +112,11 @@ CASES = [
     ("missing.yaml", [], "config file 'missing.yaml' does not exist"),
     ("broken.yaml", [], "config file 'broken.yaml' is not valid YAML"),
     ("a_directory", [], "config file 'a_directory' cannot be read"),
+    ("empty.yaml", [], "config file 'empty.yaml' is empty"),
+    (DIGITS, ["--config", "string.yaml"], "config file 'string.yaml' must be a mapping of keys"),
+    (DIGITS, ["--seed_everything", "4294967296"], "seed_everything must be in [0, 4294967295]"),
+    (DIGITS, ["--seed_everything=-3"], "seed_everything must be in [0, 4294967295]"),
+    (DIGITS, ["--checkpoint.every_n_train_steps=-1"], "checkpoint.every_n_train_steps must be >= 0, got -1"),
     (DIGITS, ["--model.pretrained_file", "/missing.safetensors"],
      "pretrained_file '/missing.safetensors' does not exist"),
     (DIGITS, ["--model.pretrained_file", "garbage.safetensors"],
@@ -200,6 +207,8 @@ CASES = [
     (TRACKNET, ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/F1"],
      "EarlyStopping.monitor 'val/F1' is not a metric that HeatmapTracker or its callbacks log; they log: "),
     (NESTED, [*TINY_PRETRAIN, "--checkpoint.monitor", "val/accuracy"], "val/acc, val/loss"),
+    # Trainer settings a module cannot work with (TrainerCompatibility), checked before any run folder
+    (NESTED, [*TINY_PRETRAIN, "--trainer.max_epochs", "3"], "trainer.max_epochs=3 would train only the first 1 of "),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),

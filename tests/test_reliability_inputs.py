@@ -1,0 +1,41 @@
+"""Issue 18, item 7: inputs that used to train silently wrong or end in a traceback, each refused in one
+``error:`` line before anything is written (or handled sensibly), through the in-process CLI."""
+
+import pytest
+
+from tests.cli_helpers import REPO, run_cli
+
+DIGITS = str(REPO / "configs/vit_lora_digits.yaml")
+PHASE2 = str(REPO / "configs/phase2_small.yaml")
+
+
+def fails(in_tmp, capsys, args) -> str:
+    with pytest.raises(SystemExit) as e:
+        run_cli(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert not (in_tmp / "runs").exists()
+    return lines[0]
+
+
+def test_phase2_without_any_length_is_refused(in_tmp, capsys):
+    """max_epochs -1 (no limit) and no max_steps: the cosine schedule has no length (it overflowed)."""
+    err = fails(in_tmp, capsys, ["fit", "--config", PHASE2, "--trainer.max_epochs=-1"])
+    assert "trainer.max_epochs=-1 (no limit) leaves Phase 2's cosine learning-rate schedule without a length" in err
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluating_untrained_weights_is_refused_like_predict(in_tmp, capsys, subcommand):
+    err = fails(in_tmp, capsys, [subcommand, "--config", DIGITS])
+    assert f"{subcommand} needs trained weights: pass --ckpt_path" in err
+
+
+def test_tilde_in_ckpt_path_is_the_home_folder(in_tmp, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("HOME", str(in_tmp / "home"))
+    (in_tmp / "home").mkdir()
+    torch.save({"weight": torch.zeros(2)}, in_tmp / "home" / "weights.ckpt")
+    err = fails(in_tmp, capsys, ["fit", "--config", DIGITS, "--ckpt_path", "~/weights.ckpt"])
+    assert f"ckpt_path '{in_tmp / 'home' / 'weights.ckpt'}' is not a Lightning checkpoint" in err
