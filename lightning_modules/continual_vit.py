@@ -31,7 +31,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.continual_eval import ContinualEvaluation
@@ -292,8 +292,9 @@ class ContinualClassifier(L.LightningModule):
             self.model.set_trainable(0, self._trains_backbone(0))
 
     def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> bool:
-        """``trainer.max_epochs`` must cover the whole sequence (a smaller value would silently train the first
-        tasks only) and not exceed it; returns whether it is unset (then ``on_fit_start`` derives it)."""
+        """``trainer.max_epochs`` must not exceed the sequence; a smaller value (stop part-way, resume later) is
+        announced up front (it used to train the first tasks only, silently); returns whether it is unset (then
+        ``on_fit_start`` derives it)."""
         dm = datamodule
         if not isinstance(dm, ClassIncrementalData):
             return False  # setup() names the missing DataModule methods
@@ -301,13 +302,15 @@ class ContinualClassifier(L.LightningModule):
         max_epochs = trainer.fit_loop.max_epochs
         if max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
             return True
-        if max_epochs != required:
-            trained = -(-max_epochs // dm.epochs_per_task)
-            what = (f"would train only the first {trained} of {dm.num_tasks} tasks" if max_epochs < required
-                    else "exceeds it")
-            raise ValueError(f"trainer.max_epochs={max_epochs} {what}: the sequence is {dm.num_tasks} tasks x "
-                             f"{dm.epochs_per_task} data.epochs_per_task = {required} epochs; leave it unset to "
-                             "derive it")
+        sequence = (f"the sequence is {dm.num_tasks} tasks x {dm.epochs_per_task} data.epochs_per_task = {required} "
+                    "epochs")
+        if max_epochs > required:
+            raise ValueError(f"trainer.max_epochs={max_epochs} exceeds it: {sequence}; leave it unset to derive it")
+        if max_epochs < required and not getattr(self, "_warned_partial", False):
+            self._warned_partial = True
+            rank_zero_warn(f"trainer.max_epochs={max_epochs} stops the sequence part-way, in task "
+                           f"{(max_epochs - 1) // dm.epochs_per_task} of {dm.num_tasks} ({sequence}); continue it "
+                           "with --ckpt_path last, or leave max_epochs unset to train every task")
         return False
 
     def on_train_epoch_start(self) -> None:

@@ -39,3 +39,23 @@ def test_tilde_in_ckpt_path_is_the_home_folder(in_tmp, capsys, monkeypatch):
     torch.save({"weight": torch.zeros(2)}, in_tmp / "home" / "weights.ckpt")
     err = fails(in_tmp, capsys, ["fit", "--config", DIGITS, "--ckpt_path", "~/weights.ckpt"])
     assert f"ckpt_path '{in_tmp / 'home' / 'weights.ckpt'}' is not a Lightning checkpoint" in err
+
+
+def test_a_partial_continual_sequence_is_announced_up_front():
+    """sema_nested with --trainer.max_epochs 3 trains task 0 only (3 epochs per task): said before training."""
+    from types import SimpleNamespace
+
+    from datamodules.continual import ClassIncrementalDataModule
+    from lightning_modules.continual_vit import ContinualClassifier
+
+    dm = ClassIncrementalDataModule("glyphs", glyph_classes=10, glyph_images_per_class=4, init_cls=2, increment=2,
+                                    epochs_per_task=3)
+    holder = SimpleNamespace()
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(max_epochs=3), max_steps=-1)
+    with pytest.warns(UserWarning, match=r"max_epochs=3 stops the sequence part-way, in task 0 of 5 \(the sequence "
+                                         r"is 5 tasks x 3 data.epochs_per_task = 15 epochs\)"):
+        assert ContinualClassifier.check_trainer(holder, trainer, dm) is False
+    trainer.fit_loop.max_epochs = 15
+    assert ContinualClassifier.check_trainer(holder, trainer, dm) is False
+    trainer.fit_loop.max_epochs = -1
+    assert ContinualClassifier.check_trainer(holder, trainer, dm) is True
