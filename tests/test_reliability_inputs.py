@@ -59,3 +59,34 @@ def test_a_partial_continual_sequence_is_announced_up_front():
     assert ContinualClassifier.check_trainer(holder, trainer, dm) is False
     trainer.fit_loop.max_epochs = -1
     assert ContinualClassifier.check_trainer(holder, trainer, dm) is True
+
+
+def test_a_killed_writers_temporary_file_is_cleaned_even_when_its_pid_is_reused(tmp_path):
+    """The writer of ``.last.ckpt.tmp-<pid>`` is judged by the lock it holds while writing, not by its pid: a
+    process killed during its very first checkpoint write may be followed by one with the same pid (containers
+    start from the same pids), which used to keep the file forever."""
+    import os
+
+    from models.utils.atomic import atomic_path, clean_stale_temporaries
+
+    stale = tmp_path / f".last.ckpt.tmp-{os.getpid()}"  # as left by a killed process that had this pid
+    stale.write_bytes(b"half a checkpoint")
+    assert clean_stale_temporaries(tmp_path) == [stale] and not stale.exists()
+    with atomic_path(tmp_path / "last.ckpt") as tmp:  # a live writer's file is kept
+        tmp.write_bytes(b"being written")
+        assert clean_stale_temporaries(tmp_path) == [] and tmp.exists()
+    assert (tmp_path / "last.ckpt").read_bytes() == b"being written"
+
+
+def test_runs_without_a_logger_get_their_own_config_folder(in_tmp):
+    """--trainer.logger false used to put every config's checkpoints (and config.yaml) in runs/checkpoints."""
+    tiny = ["--config", DIGITS, "--model.img_size", "16", "--data.image_size", "16", "--data.batch_size", "64",
+            "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0", "--trainer.max_epochs", "5",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    run_cli(["fit", *tiny, "--trainer.max_steps", "1"])
+    run = in_tmp / "runs/vit_lora_digits/version_0"
+    assert (run / "checkpoints/last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (in_tmp / "runs").iterdir()) == ["vit_lora_digits"]
+    app = run_cli(["fit", *tiny, "--trainer.max_steps", "2", "--ckpt_path", "last"])  # resumed in its folder
+    assert app.trainer.global_step == 2 and (run / "config.resume-1.yaml").is_file()
+    assert sorted(p.name for p in (in_tmp / "runs/vit_lora_digits").iterdir()) == ["version_0"]
