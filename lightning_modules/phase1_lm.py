@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from callbacks.stability import StabilityMonitor
-from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
+from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss, warn_if_gpu_sized
 from lightning_modules.text_samples import log_text_sample
 from models.layers.ar_ssm import curriculum_rank
 from models.lm.phase1.config import Phase1Config
@@ -62,6 +62,7 @@ class Phase1LanguageModel(NextTokenEvaluation, L.LightningModule):
             raise ValueError(f"`lr` must be positive, `warmup_steps`, `sample_tokens` and `predict_tokens` >= 0, "
                              f"got {lr}, {warmup_steps}, {sample_tokens}, {predict_tokens}")
         self.config = config
+        warn_if_gpu_sized(int(estimate_memory(config, batch_size=1)["weights"]) // 4, "this Phase 1 model")
         self.model = Phase1LM(config)
         self.init_evaluation()
 

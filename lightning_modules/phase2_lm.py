@@ -13,7 +13,7 @@ import math
 import lightning as L
 import torch
 
-from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
+from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss, warn_if_gpu_sized
 from lightning_modules.text_samples import log_text_sample
 from models.lm.phase2 import Phase2Config, Phase2LM
 
@@ -54,6 +54,8 @@ class Phase2LanguageModel(NextTokenEvaluation, L.LightningModule):
         if weight_decay < 0 or warmup_steps < 0 or sample_tokens < 0:
             raise ValueError(f"`weight_decay`, `warmup_steps` and `sample_tokens` must be >= 0, got {weight_decay}, "
                              f"{warmup_steps}, {sample_tokens}")
+        warn_if_gpu_sized(12 * config.n_layers * config.d_model**2 + config.vocab_size * config.d_model,
+                          "this Phase 2 model")
         self.model = Phase2LM(config)
         self.init_evaluation()
 

@@ -90,3 +90,28 @@ def test_runs_without_a_logger_get_their_own_config_folder(in_tmp):
     app = run_cli(["fit", *tiny, "--trainer.max_steps", "2", "--ckpt_path", "last"])  # resumed in its folder
     assert app.trainer.global_step == 2 and (run / "config.resume-1.yaml").is_file()
     assert sorted(p.name for p in (in_tmp / "runs/vit_lora_digits").iterdir()) == ["version_0"]
+
+
+@pytest.mark.parametrize("module, kwargs", [
+    ("phase1_lm", {"phase1": {"preset": "8gb"}}),
+    ("phase2_lm", {"config": {"d_model": 1024, "n_layers": 12, "n_heads": 16, "head_dim": 64}}),
+])
+def test_a_gpu_sized_model_on_a_cpu_is_announced_before_it_is_built(monkeypatch, module, kwargs):
+    import importlib
+
+    import torch
+
+    lm = importlib.import_module(f"lightning_modules.{module}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    built = lm.Phase1LM if module == "phase1_lm" else lm.Phase2LM
+
+    def not_built(config):  # the warning must come before the minutes of building
+        raise RuntimeError(f"stopped before building {built.__name__}")
+
+    monkeypatch.setattr(lm, built.__name__, not_built)
+    if module == "phase2_lm":
+        kwargs = {"config": lm.Phase2Config(**kwargs["config"])}
+    cls = lm.Phase1LanguageModel if module == "phase1_lm" else lm.Phase2LanguageModel
+    with pytest.warns(UserWarning, match=r"a GPU-sized preset, and this machine has no GPU"):
+        with pytest.raises(RuntimeError, match="stopped before building"):
+            cls(**kwargs)
