@@ -12,7 +12,9 @@ errors raised by a class's ``__init__`` are reported with its config key (``ADAP
 Before the Trainer touches the disk, :meth:`AdaptLabCLI.preflight` runs every check that would otherwise fire
 later (the DataModule's ``preflight`` and the LightningModule's ``check_data`` hooks, ``--ckpt_path``: found,
 loadable without running code, same model and data settings as the config); an error that still escapes
-before the first batch removes the files this run created. SIGTERM saves ``last.ckpt`` and exits with 143.
+before the first batch removes exactly the files this process created (recorded as created, see
+``models/utils/run_folder.py``). Each run reserves its own ``version_N`` atomically and locks its folders while
+it runs (a second process resuming the same run is refused). SIGTERM saves ``last.ckpt`` and exits with 143.
 """
 
 from __future__ import annotations
