@@ -180,16 +180,17 @@ class KeepConfigCallback(SaveConfigCallback):
     written: Path | None = None  #: the file this callback wrote (``cli.py`` removes it after an early failure)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        saving = not self.already_saved and trainer.log_dir is not None
+        log_dir = trainer.log_dir if not self.already_saved else None  # a collective under DDP: every rank asks
+        saving = log_dir is not None
         if saving:
-            folder, k = Path(trainer.log_dir), 1
+            folder, k = Path(log_dir), 1
             if (folder / self.config_filename).exists():
                 while (folder / f"config.resume-{k}.yaml").exists():
                     k += 1
                 self.config_filename = f"config.resume-{k}.yaml"
         super().setup(trainer, pl_module, stage)
         if saving and trainer.is_global_zero:
-            self.written = Path(trainer.log_dir) / self.config_filename
+            self.written = Path(log_dir) / self.config_filename
 
 
 class AdaptLabCLI(LightningCLI):

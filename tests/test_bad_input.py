@@ -212,7 +212,7 @@ CASES = [
      "EarlyStopping.monitor 'val/F1' is not a metric that HeatmapTracker or its callbacks log; they log: "),
     (NESTED, [*TINY_PRETRAIN, "--checkpoint.monitor", "val/accuracy"], "val/acc, val/loss"),
     # Trainer settings a module cannot work with (TrainerCompatibility), checked before any run folder
-    (NESTED, [*TINY_PRETRAIN, "--trainer.max_epochs", "30"], "trainer.max_epochs=30 exceeds it: the sequence is 5"),
+    (NESTED, [*TINY_PRETRAIN, "--trainer.max_epochs", "40"], "trainer.max_epochs=40 exceeds it: the sequence is 10"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),

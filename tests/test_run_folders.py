@@ -185,3 +185,17 @@ def test_version_folders_are_reserved_atomically(tmp_path):
     a.release()
     a.remove_created()
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_ddp_run_through_the_cli_uses_rank_0s_folder(tmp_path):
+    """Two processes (gloo, CPU): the rank DDP launches reuses rank 0's reserved version_N (it does not take a
+    folder of its own) and the collectives of the config callback stay in step (a rank-0-only log_dir query
+    hung here once)."""
+    from tests.cli_helpers import run_ddp
+
+    run_ddp([str(REPO / "cli.py"), "fit", "--config", DIGITS, *TINY, "--trainer.max_steps", "2",
+             "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"], cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == ["version_0"]
+    run = tmp_path / RUN / "version_0"
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    assert (run / "config.yaml").is_file() and not (run / LOCK_NAME).exists()
