@@ -180,6 +180,7 @@ CASES = [
     (PHASE2, ["--model.config.d_model", "30"], "config.d_model (30) must be divisible by config.n_heads"),
     (PHASE2, ["--model.config.use_triton", "true"], "config.use_triton: there is no Triton kernel"),
     (PHASE2, ["--model.config.snr_threshold", "0"], "config.snr_threshold must be positive or null"),
+    (PHASE2, ["--model.config.norm_eps=-1e-5"], "config.norm_eps must be > 0, got -1e-05"),
     (PHASE2, ["--model.min_lr", "0.1"], "model (Phase2LanguageModel): `lr` must be positive and `min_lr` in [0, lr]"),
     # Phase 1 LM: unknown nested keys, impossible sizes, unknown presets
     (PHASE1, ["--model.phase1", '{"ar_ssm": {"max_rnk": 3}}'], "phase1.ar_ssm.max_rnk is not a Phase 1 option"),
