@@ -300,7 +300,7 @@ class ContinualClassifier(L.LightningModule):
             return False  # setup() names the missing DataModule methods
         required = dm.num_tasks * dm.epochs_per_task
         max_epochs = trainer.fit_loop.max_epochs
-        if max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
+        if max_epochs is None or max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
             return True
         sequence = (f"the sequence is {dm.num_tasks} tasks x {dm.epochs_per_task} data.epochs_per_task = {required} "
                     "epochs")

@@ -116,6 +116,18 @@ def test_early_failure_keeps_files_another_run_wrote_meanwhile(in_tmp, capsys, r
     assert sorted(p.name for p in (in_tmp / RUN).iterdir()) == sorted({"version_5", "version_7"} - {mine})
 
 
+def test_a_resume_failing_early_removes_only_what_it_wrote_into_the_run(in_tmp, capsys):
+    """The resumed run's folder is not this process's: only its config copy and event file go."""
+    run_cli(["fit", "--config", DIGITS, *TINY, "--trainer.max_steps", "1"])
+    before = snapshot(in_tmp / "runs")
+    err = fails(capsys, ["fit", "--config", DIGITS, *TINY, "--trainer.max_steps", "2", "--ckpt_path", "last",
+                         "--trainer.callbacks+=tests.test_hardening.RaiseAtFitStart"])
+    assert "injected failure before the first batch" in err
+    after = snapshot(in_tmp / "runs")
+    assert after.keys() == before.keys()  # config.resume-1.yaml, the new event file and the lock are gone
+    assert all(after[k] == v for k, v in before.items() if not k.endswith("hparams.yaml"))  # (rewritten in place)
+
+
 def test_two_runs_of_one_config_at_once_one_failing_early(in_tmp, capsys):
     """A trains (paused after its first batch) while B, on the same config, fails before its first batch."""
     a = start_cli_process(in_tmp, "fit", "--config", DIGITS, *TINY, "--trainer.max_steps", "3",

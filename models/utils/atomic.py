@@ -59,8 +59,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Delete the temporary files that a killed :func:`atomic_path` writer left in ``folder`` (no process holds
-    their lock, whatever their pid: a new process may reuse a dead writer's pid); files being written are kept.
+    """Delete the temporary files that a killed :func:`atomic_path` writer left in ``folder`` (nobody holds
+    their lock, and their process is gone or its pid is now this process's); files being written are kept.
     Returns the deleted paths."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -78,10 +78,13 @@ def clean_stale_temporaries(folder: str | Path, recursive: bool = False) -> list
 
 
 def _stale(path: Path, pid: int) -> bool:
-    """No live writer: nobody holds the file's lock (``atomic_path`` holds it while writing); without
-    ``fcntl``, the writer's process is gone."""
+    """No live writer: nobody holds the file's lock (``atomic_path`` holds it while writing), and the pid in
+    its name is gone or is this process's own (a killed writer's pid taken by this process, as happens in
+    containers); without ``fcntl``, the writer's process is gone."""
     if fcntl is None:
         return not _alive(pid)
+    if pid != os.getpid() and _alive(pid):
+        return False
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
