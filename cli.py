@@ -12,38 +12,44 @@ errors raised by a class's ``__init__`` are reported with its config key (``ADAP
 Before the Trainer touches the disk, :meth:`AdaptLabCLI.preflight` runs every check that would otherwise fire
 later (the DataModule's ``preflight`` and the LightningModule's ``check_data`` hooks, ``--ckpt_path``: found,
 loadable without running code, same model and data settings as the config); an error that still escapes
-before the first batch removes the files this run created. SIGTERM saves ``last.ckpt`` and exits with 143.
+before the first batch removes exactly the files this process created (recorded as created, see
+``models/utils/run_folder.py``). Each run reserves its own ``version_N`` atomically and locks its folders while
+it runs (a second process resuming the same run is refused). SIGTERM saves ``last.ckpt`` and exits with 143.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import fnmatch
 import importlib
 import os
 import pkgutil
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
 import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from callbacks.checkpointing import CheckpointSaveError, RunInfo
 from callbacks.exact_resume import ExactResume
 from callbacks.model_checkpoint import ResumableModelCheckpoint
-from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights
+from callbacks.protocols import DataCompatibility, DataPreflight, LoggedMetrics, TrainedWeights, TrainerCompatibility
 from callbacks.signals import SigtermCheckpoint
 from models.utils.atomic import clean_stale_temporaries
 from models.utils.checkpoint import CheckpointError, safe_load
+from models.utils.run_folder import RunFolder, RunFolderBusy
 
 #: Project packages whose modules are imported so their classes can be named by short name in YAML.
 PROJECT_PACKAGES = ("lightning_modules", "datamodules", "callbacks")
 RUNS_DIR = "runs"
+#: ``<version>@<pid>``: the ``version_N`` rank 0 took, for the processes DDP launches from it.
+RUN_VERSION_ENV = "ADAPTLAB_RUN_VERSION"
 
 
 def import_project_modules() -> None:
@@ -99,7 +105,7 @@ def check_config_files(args: list[str]) -> None:
         else:
             continue
         try:
-            yaml.safe_load(path.read_text())
+            content = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             fail(f"config file {str(path)!r} does not exist")
         except OSError as e:
@@ -108,6 +114,11 @@ def check_config_files(args: list[str]) -> None:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             fail(f"config file {str(path)!r} is not valid YAML: {getattr(e, 'problem', None) or e}{where}")
+        if content is None:
+            fail(f"config file {str(path)!r} is empty (it needs keys such as model:, data:, trainer:)")
+        if not isinstance(content, dict):
+            fail(f"config file {str(path)!r} must be a mapping of keys (model:, data:, trainer: ...), not a "
+                 f"{type(content).__name__} ({str(content)[:40]!r})")
 
 
 def find_config_key(cfg: Any, class_path: str, prefix: str = "") -> str | None:
@@ -168,14 +179,20 @@ class KeepConfigCallback(SaveConfigCallback):
     """``SaveConfigCallback`` that never overwrites an earlier run's ``config.yaml``: a run resumed in place
     writes ``config.resume-<k>.yaml`` beside it."""
 
+    written: Path | None = None  #: the file this callback wrote (``cli.py`` removes it after an early failure)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self.already_saved and trainer.log_dir is not None:
-            folder, k = Path(trainer.log_dir), 1
+        log_dir = trainer.log_dir if not self.already_saved else None  # a collective under DDP: every rank asks
+        saving = log_dir is not None
+        if saving:
+            folder, k = Path(log_dir), 1
             if (folder / self.config_filename).exists():
                 while (folder / f"config.resume-{k}.yaml").exists():
                     k += 1
                 self.config_filename = f"config.resume-{k}.yaml"
         super().setup(trainer, pl_module, stage)
+        if saving and trainer.is_global_zero:
+            self.written = Path(log_dir) / self.config_filename
 
 
 class AdaptLabCLI(LightningCLI):
@@ -193,6 +210,14 @@ class AdaptLabCLI(LightningCLI):
                  "and the run is refused); the config's values are used.",
         )
 
+    def _set_seed(self) -> None:
+        """Lightning's seeding, after checking the range numpy accepts."""
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        seed = cfg.get("seed_everything") if cfg is not None else None
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= 2**32 - 1:
+            fail(f"seed_everything must be in [0, {2**32 - 1}] (or true for a random seed), got {seed}")
+        super()._set_seed()
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would load ``--ckpt_path`` here (before any check) and silently replace the model's
         command-line/config values with the checkpoint's hyper-parameters. adaptlab does neither: the checkpoint
@@ -201,19 +226,31 @@ class AdaptLabCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the config file unless the YAML names it; resolve and check
-        ``ckpt_path``."""
+        ``ckpt_path``. Without a logger (``--trainer.logger false``) runs still get ``runs/<config>/version_N``."""
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         logger = cfg.get("trainer", {}).get("logger") if cfg is not None else None
         init_args = getattr(logger, "init_args", None) if logger is not None else None
+        configs = [c for c in (cfg.get("config") or []) if c is not None]
+        config_name = Path(str(configs[-1])).stem if configs else "adaptlab"
         if init_args is not None and init_args.get("name") in (None, "lightning_logs"):
-            configs = [c for c in (cfg.get("config") or []) if c is not None]
-            init_args["name"] = Path(str(configs[-1])).stem if configs else "adaptlab"
+            init_args["name"] = config_name
         self._log_root = None
+        self._resume_version: int | None = None  # fit without a logger: the version_N folder to resume in
         if init_args is not None:
             self._log_root = Path(str(init_args.get("save_dir") or RUNS_DIR)) / str(init_args["name"])
+        elif logger in (None, False):
+            self._log_root = Path(str(cfg.get("trainer", {}).get("default_root_dir") or RUNS_DIR)) / config_name
+        ckpt = cfg.get("ckpt_path")
+        if isinstance(ckpt, str) and ckpt.startswith("~"):
+            cfg["ckpt_path"] = os.path.expanduser(ckpt)
         if cfg.get("ckpt_path") == "last":
             self._resolve_last(cfg, init_args)
         self._check_ckpt_path(cfg.get("ckpt_path"))
+        checkpoint = cfg.get("checkpoint") or {}
+        for key, low in (("every_n_train_steps", 0), ("every_n_epochs", 0), ("save_top_k", -1)):
+            value = checkpoint.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value < low:
+                fail(f"checkpoint.{key} must be >= {low}, got {value}")
 
     @staticmethod
     def _check_ckpt_path(ckpt: str | None) -> None:
@@ -246,6 +283,8 @@ class AdaptLabCLI(LightningCLI):
             version, cfg["ckpt_path"] = found[-1][0], str(found[-1][1])
             if self.subcommand == "fit" and logger_args is not None and logger_args.get("version") is None:
                 logger_args["version"] = version
+            elif self.subcommand == "fit" and logger_args is None:
+                self._resume_version = version
         else:
             where = [str(self._log_root / "version_*" / "checkpoints" / "last.ckpt")] if self._log_root else []
             where += [str(fixed)] if fixed is not None else []
@@ -300,13 +339,17 @@ class AdaptLabCLI(LightningCLI):
             self._guard("data", data, lambda: data.preflight(stage))
         if data is not None and isinstance(model, DataCompatibility):
             self._guard("model", model, lambda: model.check_data(data))
+        if subcommand == "fit":
+            self._check_monitors()
+            if isinstance(model, TrainerCompatibility):
+                self._guard("trainer", model, lambda: model.check_trainer(self.trainer, data))
         ckpt = cfg.get("ckpt_path")
-        if subcommand == "predict" and ckpt is None:
+        if subcommand in ("validate", "test", "predict") and ckpt is None:
             source = model.trained_weights_source() if isinstance(model, TrainedWeights) else None
             if source is None:
-                fail(f"predict needs trained weights: pass --ckpt_path (e.g. {RUNS_DIR}/<config>/version_N/checkpoints/"
-                     f"last.ckpt) or the model's own weights option; {type(model).__name__} would predict from "
-                     "untrained weights")
+                fail(f"{subcommand} needs trained weights: pass --ckpt_path (e.g. {RUNS_DIR}/<config>/version_N/"
+                     f"checkpoints/last.ckpt) or the model's own weights option; {type(model).__name__} would "
+                     f"{'predict from' if subcommand == 'predict' else subcommand} untrained weights")
         if ckpt is not None and Path(str(ckpt)).is_file():
             self._check_checkpoint(Path(str(ckpt)), subcommand, bool(cfg.get("allow_config_change")))
         dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
@@ -319,6 +362,26 @@ class AdaptLabCLI(LightningCLI):
         for folder in (self._log_root, Path(str(dirpath)) if dirpath else None):
             if folder is not None:
                 clean_stale_temporaries(folder, recursive=True)
+
+    def _check_monitors(self) -> None:
+        """``monitor`` of ``ModelCheckpoint``/``EarlyStopping`` must be a metric the module or a callback logs
+        (``LoggedMetrics``); skipped when the module does not say, or a callback from elsewhere may log more."""
+        if not isinstance(self.model, LoggedMetrics):
+            return
+        names = list(self.model.logged_metrics())
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, LoggedMetrics):
+                names += cb.logged_metrics()
+            elif not isinstance(cb, SaveConfigCallback) and \
+                    not type(cb).__module__.startswith(("lightning.", *(f"{p}." for p in PROJECT_PACKAGES))):
+                return
+        config_checkpoint = self._get(self.config_init, "checkpoint")
+        for i, cb in enumerate(self.trainer.callbacks):
+            monitor = getattr(cb, "monitor", None) if isinstance(cb, (ModelCheckpoint, EarlyStopping)) else None
+            if monitor and not any(fnmatch.fnmatchcase(monitor, n) for n in names):
+                key = "checkpoint.monitor" if cb is config_checkpoint else f"{type(cb).__name__}.monitor"
+                fail(f"{key} {monitor!r} is not a metric that {type(self.model).__name__} or its callbacks log; "
+                     f"they log: {', '.join(sorted(set(names)))}")
 
     def _guard(self, key: str, obj: Any, check: Any) -> None:
         try:
@@ -379,10 +442,10 @@ class AdaptLabCLI(LightningCLI):
     # ------------------------------------------------------------------------------------------------------------
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Pre-flight, then run; an error before the first batch removes what this run created."""
+        """Pre-flight, take the run's folders, then run; an error before the first batch removes exactly what
+        this process created (recorded as created, see :class:`RunFolder`)."""
         self.preflight(subcommand)
-        roots = [r for r in (self._log_root, self._checkpoint_dir(subcommand)) if r is not None]
-        before = {r: snapshot_paths(r) for r in roots}
+        run = self._claim_run_folders(subcommand)
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:
@@ -393,10 +456,65 @@ class AdaptLabCLI(LightningCLI):
             info = next((cb for cb in self.trainer.callbacks if isinstance(cb, RunInfo)), None)
             if os.environ.get("ADAPTLAB_TRACEBACK") or info is None or info.first_batch_done:
                 raise
-            for root in roots:
-                remove_new_paths(root, before[root])
+            self._record_written_files(run)
+            run.remove_created()
             fail(f"{type(e).__name__}: {first_line(e)} (before the first batch; the files this run had created were "
                  "removed; ADAPTLAB_TRACEBACK=1 shows the traceback)")
+        finally:
+            run.release()
+            if os.environ.get(RUN_VERSION_ENV, "").endswith(f"@{os.getpid()}"):
+                del os.environ[RUN_VERSION_ENV]
+
+    def _claim_run_folders(self, subcommand: str) -> RunFolder:
+        """Create (recording what is new) and lock the folders this run writes: the logger's ``version_N``,
+        reserved atomically so two runs of one config never share one (``runs/<config>/version_N`` without a
+        logger), and a fixed ``checkpoint.dirpath``. Processes that DDP launches later reuse rank 0's version."""
+        run, trainer, logger = RunFolder(), self.trainer, self.trainer.logger
+        versioned = logger is not None and hasattr(logger, "_version") and hasattr(logger, "root_dir")
+        inherited = os.environ.get(RUN_VERSION_ENV)
+        if rank_zero_only.rank != 0:  # a DDP rank: rank 0 made and locked the folders
+            if inherited and versioned and logger._version is None:
+                logger._version = int(inherited.split("@")[0])
+            return run
+        folders: list[Path] = []
+        try:
+            if versioned:
+                if logger._version is None:  # Lightning would take max(N) + 1 by listing: two runs could agree
+                    logger._version = run.reserve_version(Path(logger.root_dir))
+                run.make_folder(Path(logger.log_dir))
+                folders.append(Path(logger.log_dir))
+                if isinstance(logger.version, int):
+                    os.environ[RUN_VERSION_ENV] = f"{logger.version}@{os.getpid()}"
+            elif logger is None and self._log_root is not None:
+                if self._resume_version is None:
+                    version = run.reserve_version(self._log_root)
+                else:
+                    version = self._resume_version
+                    run.make_folder(self._log_root / f"version_{version}")
+                folder = self._log_root / f"version_{version}"
+                trainer._default_root_dir = str(folder)  # checkpoints, config.yaml: this run's own folder
+                folders.append(folder)
+            dirpath = self._checkpoint_dir(subcommand)
+            if subcommand == "fit" and dirpath is not None and not any(dirpath.is_relative_to(f) for f in folders):
+                run.make_folder(dirpath)
+                folders.append(dirpath)
+            for folder in folders:
+                run.lock(folder)
+        except RunFolderBusy as e:
+            run.release()
+            run.remove_created()
+            fail(str(e))
+        return run
+
+    def _record_written_files(self, run: RunFolder) -> None:
+        """Files this process wrote into folders it does not own (a resumed run's): its config copy and event
+        file."""
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, KeepConfigCallback):
+                run.record_file(cb.written)
+        experiment = getattr(self.trainer.logger, "_experiment", None)
+        for writer in (getattr(experiment, "all_writers", None) or {}).values():
+            run.record_file(getattr(getattr(writer, "event_writer", None), "_file_name", None))
 
     def _checkpoint_dir(self, subcommand: str) -> Path | None:
         dirpath = (self.config[subcommand].get("checkpoint") or {}).get("dirpath")
@@ -412,30 +530,6 @@ def first_line(e: BaseException) -> str:
         text = concise_error(text)
     lines = [line.strip() for line in text.splitlines() if line.strip() and not _NOISE.search(line.strip())]
     return " ".join(lines) if lines else type(e).__name__
-
-
-def snapshot_paths(root: Path) -> set[Path] | None:
-    """Every path under ``root`` (``None`` when ``root`` does not exist yet)."""
-    if not root.exists():
-        return None
-    return {root, *root.rglob("*")}
-
-
-def remove_new_paths(root: Path, before: set[Path] | None) -> None:
-    """Delete what appeared under ``root`` since :func:`snapshot_paths` (``root`` too if it is new); nothing
-    that existed before is touched."""
-    if not root.exists():
-        return
-    if before is None:
-        shutil.rmtree(root, ignore_errors=True)
-        parent = root.parent  # e.g. runs/ itself when this run created it
-        with contextlib.suppress(OSError):
-            parent.rmdir()
-        return
-    new = sorted((p for p in root.rglob("*") if p not in before), key=lambda p: len(p.parts), reverse=True)
-    for p in new:
-        with contextlib.suppress(OSError):
-            p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def trainer_defaults() -> dict[str, Any]:

@@ -16,6 +16,7 @@ Remote URLs (``s3://``...) fall back to Lightning's writer.
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,36 @@ class CheckpointSaveError(OSError):
     """Saving a checkpoint failed; the message names the reason and the last good checkpoint."""
 
 
+def write_failure_reason(e: BaseException) -> str:
+    """Why a write failed, in a few words: the ``OSError`` behind it (torch's zip writer turns a failed write
+    into a ``RuntimeError`` whose context is the ``OSError``, or that only says a write was cut short)."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"the disk is full ({cause.strerror})"
+        if cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"the folder is not writable ({cause.strerror})"
+        return cause.strerror or str(cause) or type(cause).__name__
+    text = " ".join(str(e).split())
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)[:160]
+    if re.search(r"unexpected pos|file write failed|PytorchStreamWriter failed", text):
+        return f"torch's checkpoint writer could not write all the data, most often because the disk is full ({text})"
+    return f"{type(e).__name__}: {text}"
+
+
 def last_good_checkpoint(path: Path) -> Path | None:
     """``path`` itself when it exists (an atomic save never damages it), else the newest ``.ckpt`` beside it."""
     if path.is_file():
         return path
     others = sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if path.parent.is_dir() else []
     return others[-1] if others else None
+
+
+def last_good_sentence(path: Path) -> str:
+    good = last_good_checkpoint(path)
+    return f"the last good checkpoint is {str(good)!r}" if good else "no checkpoint was saved before"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -60,15 +85,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
-        except OSError as e:
-            reason = e.strerror or str(e)
-            if e.errno == errno.ENOSPC:
-                reason = "the disk is full (No space left on device)"
-            elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                reason = f"the folder is not writable ({e.strerror})"
-            good = last_good_checkpoint(path)
-            last = f"the last good checkpoint is {str(good)!r}" if good else "no checkpoint was saved before"
-            raise CheckpointSaveError(f"could not save checkpoint {str(path)!r}: {reason}; {last}") from e
+        except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer on a failed write (disk full)
+            raise CheckpointSaveError(f"could not save checkpoint {str(path)!r}: {write_failure_reason(e)}; "
+                                      f"{last_good_sentence(path)}") from e
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         if "://" in str(path):

@@ -41,6 +41,10 @@ class MultiRateStepping(Callback):
         log_lr: log every optimizer's learning rate and the slow interval each batch.
     """
 
+    def logged_metrics(self) -> list[str]:
+        """The names this callback logs through the module (``LoggedMetrics``)."""
+        return ["lr/*", "train/slow_interval"]
+
     def __init__(
         self,
         slow_update_interval: int | None = None,

@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from callbacks.checkpointing import CheckpointSaveError, last_good_sentence, write_failure_reason
 from callbacks.protocols import MemoryDiagnostics
 from models.utils.atomic import atomic_path
 
@@ -201,8 +202,14 @@ class Phase2Diagnostics(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         path = self.history_path(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(with_script_keys(self.history), indent=1, allow_nan=True))
+            try:
+                with atomic_path(path) as tmp:
+                    tmp.write_text(json.dumps(with_script_keys(self.history), indent=1, allow_nan=True))
+            except OSError as e:  # disk full, folder not writable: one line (cli.py), the earlier file intact
+                raise CheckpointSaveError(
+                    f"could not write the training history {str(path)!r}: {write_failure_reason(e)} (the file "
+                    f"keeps the epochs before); {last_good_sentence(self._checkpoint_dir(trainer) / 'last.ckpt')}"
+                ) from e
         every = self.checkpoint_every_n_epochs
         if every and (epoch + 1) % every == 0:
             trainer.save_checkpoint(self._checkpoint_dir(trainer) / f"checkpoint_epoch{epoch + 1}.ckpt")

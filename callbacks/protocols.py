@@ -118,3 +118,24 @@ class MemoryDiagnostics(Protocol):
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Detached 0-dim tensors by name from the last forward (no host sync); NaN where undefined."""
         ...
+
+
+@runtime_checkable
+class LoggedMetrics(Protocol):
+    """A LightningModule or callback that says which metric names it logs with ``self.log`` (what
+    ``checkpoint.monitor`` and ``EarlyStopping(monitor=...)`` can name); ``cli.py`` checks a monitor against
+    them before training, so a typo fails at once instead of after the first epoch."""
+
+    def logged_metrics(self) -> list[str]:
+        """Metric names; a name may be an ``fnmatch`` pattern (``phase1/*``) for families of dynamic names."""
+        ...
+
+
+@runtime_checkable
+class TrainerCompatibility(Protocol):
+    """A LightningModule whose needs on the Trainer's settings (epochs, steps) ``cli.py`` checks before ``fit``
+    writes anything."""
+
+    def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> None:
+        """Raise ``ValueError`` naming the ``trainer.<key>`` that does not fit this module."""
+        ...

@@ -66,6 +66,10 @@ class StabilityMonitor(L.Callback):
         recover: ``False`` only monitors and logs (failures still count and stop the run).
     """
 
+    def logged_metrics(self) -> list[str]:
+        """The names this callback logs through the module (``LoggedMetrics``)."""
+        return ["stability/*", "health/*"]
+
     def __init__(
         self,
         spike_factor: float = 10.0,

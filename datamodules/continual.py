@@ -15,7 +15,6 @@ per-task test sets for the accuracy matrix.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.digits import load_digits_tensors, stratified_split
 from datamodules.image_check import decode_rgb
 from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
+from models.utils.safe_pickle import load_numpy_pickle
 
 DatasetName = Literal["glyphs", "digits", "cifar100", "image_folder"]
 #: Per-channel mean/std used for uint8 sources (ImageNet statistics, what timm ViTs expect).
@@ -90,18 +90,12 @@ class ImageTensorDataset(Dataset):
                                   augment=self.augment if augment is None else augment)
 
 
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as e:
-        raise ValueError(f"{path} is truncated or not a CIFAR-100 python file ({type(e).__name__}: {e})") from None
-
-
 def load_cifar100(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Read torchvision's CIFAR-100 python layout (``root/cifar-100-python/{train,test}``) as uint8 images."""
     path = root / CIFAR100_DIR / ("train" if train else "test")
-    entry = _unpickle(path)
+    entry = load_numpy_pickle(path, kind="CIFAR-100 python file")  # a crafted file cannot run code
+    if not isinstance(entry, dict):
+        raise ValueError(f"{str(path)!r} is not a CIFAR-100 python file (a {type(entry).__name__}, not a dict)")
     try:
         images = torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
         labels = torch.tensor(entry["fine_labels"], dtype=torch.long)

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.continual_eval import ContinualEvaluation
@@ -86,6 +86,10 @@ class ContinualClassifier(L.LightningModule):
         scheduler: ``cosine`` (per task, per optimizer) or ``constant``.
         mask_old_logits: set earlier tasks' logits to -inf while training a new task.
     """
+
+    def logged_metrics(self) -> list[str]:
+        """Every name this module logs (``checkpoint.monitor`` is checked against it before training)."""
+        return ["train/loss", "train/acc", "train/descriptor_loss", "val/acc", "val/loss", "test/acc"]
 
     def __init__(
         self,
@@ -281,17 +285,35 @@ class ContinualClassifier(L.LightningModule):
                 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False)):
             raise ValueError("model.first_task_adaptation freezes the backbone after the first task, so DDP must "
                              "allow unused parameters: set trainer.strategy: ddp_find_unused_parameters_true")
-        required = dm.num_tasks * dm.epochs_per_task
-        max_epochs = trainer.fit_loop.max_epochs
-        if max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
+        if self.check_trainer(trainer, dm):
+            required = dm.num_tasks * dm.epochs_per_task
             trainer.fit_loop.max_epochs = required
             rank_zero_info(f"trainer.max_epochs set to {required} ({dm.num_tasks} tasks x {dm.epochs_per_task} epochs)")
-        elif max_epochs > required:
-            raise ValueError(f"trainer.max_epochs={max_epochs} exceeds the sequence's {dm.num_tasks} tasks x "
-                             f"{dm.epochs_per_task} epochs_per_task = {required}; leave it unset to derive it")
         trainer.reload_dataloaders_every_n_epochs = 1  # the train/val loaders follow the current task
         if self.task < 0:
             self.model.set_trainable(0, self._trains_backbone(0))
+
+    def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> bool:
+        """``trainer.max_epochs`` must not exceed the sequence; a smaller value (stop part-way, resume later) is
+        announced up front (it used to train the first tasks only, silently); returns whether it is unset (then
+        ``on_fit_start`` derives it)."""
+        dm = datamodule
+        if not isinstance(dm, ClassIncrementalData):
+            return False  # setup() names the missing DataModule methods
+        required = dm.num_tasks * dm.epochs_per_task
+        max_epochs = trainer.fit_loop.max_epochs
+        if max_epochs is None or max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
+            return True
+        sequence = (f"the sequence is {dm.num_tasks} tasks x {dm.epochs_per_task} data.epochs_per_task = {required} "
+                    "epochs")
+        if max_epochs > required:
+            raise ValueError(f"trainer.max_epochs={max_epochs} exceeds it: {sequence}; leave it unset to derive it")
+        if max_epochs < required and not getattr(self, "_warned_partial", False):
+            self._warned_partial = True
+            rank_zero_warn(f"trainer.max_epochs={max_epochs} stops the sequence part-way, in task "
+                           f"{(max_epochs - 1) // dm.epochs_per_task} of {dm.num_tasks} ({sequence}); continue it "
+                           "with --ckpt_path last, or leave max_epochs unset to train every task")
+        return False
 
     def on_train_epoch_start(self) -> None:
         task = self.dm.task_of_epoch(self.current_epoch)

@@ -52,6 +52,8 @@ class GPTLanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
             ``seed``).
     """
 
+    EXTRA_METRICS = ("time/train_epoch_s", "skip_cache/hit_rate", "skip_cache/filled")
+
     def __init__(
         self,
         config: Config | None = None,

@@ -33,6 +33,10 @@ class ImageClassifier(L.LightningModule):
         weight_decay: AdamW weight decay.
     """
 
+    def logged_metrics(self) -> list[str]:
+        """Every name this module logs (``checkpoint.monitor`` is checked against it before training)."""
+        return ["train/loss", "train/acc", "val/loss", "val/acc", "test/acc"]
+
     def __init__(
         self,
         backbone: str = "vit_tiny_patch16_224",

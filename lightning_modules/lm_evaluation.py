@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every (B, T) position, computed in float32 whatever the logits' dtype."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+#: Above this many parameters a model is GPU-sized: on a CPU it builds for minutes and trains for hours.
+CPU_PARAMETER_WARNING = 50_000_000
+
+
+def warn_if_gpu_sized(parameters: int, what: str) -> None:
+    """Say up front (before the minutes of building) that a model this large is meant for a GPU, when none is
+    present."""
+    if parameters > CPU_PARAMETER_WARNING and not torch.cuda.is_available():
+        rank_zero_warn(f"{what} has about {parameters / 1e6:.0f}M parameters, a GPU-sized preset, and this machine "
+                       "has no GPU: building it takes minutes and training hours on the CPU; for a CPU run choose "
+                       "a small config (configs/phase1_lm.yaml, configs/phase2_small.yaml) or smaller sizes")
 
 
 class NextTokenEvaluation:
@@ -20,6 +35,21 @@ class NextTokenEvaluation:
     ``{stage}/perplexity``; call :meth:`init_evaluation` in ``__init__`` and :meth:`log_evaluation` from
     ``on_validation_epoch_end`` (which each family extends with its own diagnostics).
     """
+
+    #: metrics the family logs besides the ones below (``LoggedMetrics``)
+    EXTRA_METRICS: tuple[str, ...] = ()
+
+    def logged_metrics(self) -> list[str]:
+        """Every name this module logs (``checkpoint.monitor`` is checked against it before training)."""
+        return [f"{stage}/{name}" for stage in ("train", "val", "test") for name in ("loss", "perplexity")] + \
+            list(self.EXTRA_METRICS)
+
+    def check_data(self, datamodule: L.LightningDataModule) -> None:
+        """Every token id of the data must fit the embedding (``callbacks.protocols.DataCompatibility``;
+        ``cli.py`` calls it before any run folder exists)."""
+        vocab, size = getattr(datamodule, "vocab_size", None), self.model.config.vocab_size
+        if vocab is not None and vocab > size:
+            raise ValueError(f"the data's tokenizer has {vocab} tokens but model.config.vocab_size is {size}")
 
     def init_evaluation(self) -> None:
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from callbacks.stability import StabilityMonitor
-from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
+from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss, warn_if_gpu_sized
 from lightning_modules.lm_predict import LMPrediction, check_lm_data
 from lightning_modules.text_samples import log_text_sample
 from models.layers.ar_ssm import curriculum_rank
@@ -46,6 +46,8 @@ class Phase1LanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
             ``seed``).
     """
 
+    EXTRA_METRICS = ("train/gate_l1", "phase1/*")
+
     def __init__(
         self,
         config: Phase1Config | None = None,
@@ -68,6 +70,7 @@ class Phase1LanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
             raise ValueError(f"`lr` must be positive, `warmup_steps` and `sample_tokens` >= 0, "
                              f"got {lr}, {warmup_steps}, {sample_tokens}")
         self.config = config
+        warn_if_gpu_sized(int(estimate_memory(config, batch_size=1)["weights"]) // 4, "this Phase 1 model")
         self.model = Phase1LM(config)
         self.init_evaluation()
         self.init_prediction(prompts, prompt_file, generation, sample_prompt)

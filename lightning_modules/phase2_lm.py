@@ -13,7 +13,7 @@ import math
 import lightning as L
 import torch
 
-from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss
+from lightning_modules.lm_evaluation import NextTokenEvaluation, next_token_loss, warn_if_gpu_sized
 from lightning_modules.lm_predict import LMPrediction, check_lm_data
 from lightning_modules.text_samples import log_text_sample
 from models.lm.phase2 import Phase2Config, Phase2LM
@@ -64,6 +64,8 @@ class Phase2LanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
         if weight_decay < 0 or warmup_steps < 0 or sample_tokens < 0:
             raise ValueError(f"`weight_decay`, `warmup_steps` and `sample_tokens` must be >= 0, got {weight_decay}, "
                              f"{warmup_steps}, {sample_tokens}")
+        warn_if_gpu_sized(12 * config.n_layers * config.d_model**2 + config.vocab_size * config.d_model,
+                          "this Phase 2 model")
         self.model = Phase2LM(config)
         self.init_evaluation()
         self.init_prediction(prompts, prompt_file, generation, sample_prompt)
@@ -101,6 +103,12 @@ class Phase2LanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
         progress = min(1.0, (step - hp.warmup_steps) / span)
         floor = hp.min_lr / hp.lr
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None = None) -> None:
+        """The cosine schedule needs a length: ``max_epochs: -1`` (no limit) needs ``max_steps``."""
+        if trainer.max_epochs == -1 and trainer.max_steps == -1:
+            raise ValueError("trainer.max_epochs=-1 (no limit) leaves Phase 2's cosine learning-rate schedule "
+                             "without a length: set trainer.max_steps or a number of epochs")
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -18,7 +18,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules.tracknet import MEAN, STD
 from models.adapters.lora import count_parameters, inject_lora, load_lora, save_lora
-from models.metrics.tracknet import PEAK_METHODS, TrackNetMetrics, centroid_radius, detect_peaks, v3_label_centres
+from models.metrics.tracknet import (
+    OUTCOMES,
+    PEAK_METHODS,
+    TrackNetMetrics,
+    centroid_radius,
+    detect_peaks,
+    v3_label_centres,
+)
 from models.utils.atomic import atomic_path
 from models.vision.tracknet import HeatmapConfig, TrackNetViT, heatmap_figure, heatmap_loss, prediction_figure
 from models.vision.vit import freeze
@@ -145,6 +152,11 @@ class HeatmapTracker(L.LightningModule):
             ``val/frames_pred_true`` (maps) and ``val/predictions`` (frames with the predicted ball as a red cross,
             the true ball as a green ring), and ``predict/predictions`` for the first predict batch.
     """
+
+    def logged_metrics(self) -> list[str]:
+        """Every name this module logs (``checkpoint.monitor`` is checked against it before training)."""
+        return ["train/loss"] + [f"{split}/{name}" for split in ("val", "test") for name in
+                                ("loss", "f1", "accuracy", "precision", "recall", *OUTCOMES)]
 
     def __init__(
         self,

@@ -57,6 +57,7 @@ IMAGE_FILES = {
     "cifar_truncated/cifar-100-python/train": pickle.dumps({"data": [0] * 3072, "fine_labels": [0]})[:20],
     "cifar_truncated/cifar-100-python/test": pickle.dumps({"data": [0] * 3072, "fine_labels": [0]})[:20],
 }
+
 #: an image-folder sequence of two classes in two tasks (continual bad-data cases)
 FOLDER = ["--data.dataset", "image_folder", "--data.init_cls", "1", "--data.increment", "1",
           "--data.val_fraction", "0", "--data.test_fraction", "0", "--model.num_classes", "2"]
@@ -81,6 +82,8 @@ def _torch_bytes(obj) -> bytes:
 FILES = {
     "typo.yaml": "trainer:\n  max_epoch: 2\n",
     "broken.yaml": "model: [a, b\ndata: 1\n",
+    "empty.yaml": "# nothing but a comment\n",
+    "string.yaml": "configs/vit_lora_digits.yaml\n",
     "garbage.safetensors": "\x00\x01 not a safetensors file",
     "a_directory/keep": "",
     "evil.ckpt": _torch_bytes({"state_dict": {}, "hyper_parameters": _RunsCode()}),
@@ -94,6 +97,9 @@ FILES = {
     "not_a_tokenizer.json": "{not json",
     "hf_folder/config.json": '{"model_type": "llama"}',
     **IMAGE_FILES,
+    # a CIFAR-100 folder whose pickles would run code (exit 99) if read with plain pickle.load
+    **{f"cifar_evil/cifar-100-python/{name}": pickle.dumps({"data": _RunsCode(), "fine_labels": [0]})
+       for name in ("train", "test")},
 }
 
 CASES = [
@@ -109,6 +115,11 @@ CASES = [
     ("missing.yaml", [], "config file 'missing.yaml' does not exist"),
     ("broken.yaml", [], "config file 'broken.yaml' is not valid YAML"),
     ("a_directory", [], "config file 'a_directory' cannot be read"),
+    ("empty.yaml", [], "config file 'empty.yaml' is empty"),
+    (DIGITS, ["--config", "string.yaml"], "config file 'string.yaml' must be a mapping of keys"),
+    (DIGITS, ["--seed_everything", "4294967296"], "seed_everything must be in [0, 4294967295]"),
+    (DIGITS, ["--seed_everything=-3"], "seed_everything must be in [0, 4294967295]"),
+    (DIGITS, ["--checkpoint.every_n_train_steps=-1"], "checkpoint.every_n_train_steps must be >= 0, got -1"),
     (DIGITS, ["--model.pretrained_file", "/missing.safetensors"],
      "pretrained_file '/missing.safetensors' does not exist"),
     (DIGITS, ["--model.pretrained_file", "garbage.safetensors"],
@@ -184,12 +195,40 @@ CASES = [
     (PHASE2, ["--model.config.backend", "triton", "--model.config.resonance_damping", "0.5"],
      "config.backend 'triton' has no resonance damping"),
     (PHASE2, ["--model.config.snr_threshold", "0"], "config.snr_threshold must be positive or null"),
+    (PHASE2, ["--model.config.norm_eps=-1e-5"], "config.norm_eps must be > 0, got -1e-05"),
     (PHASE2, ["--model.min_lr", "0.1"], "model (Phase2LanguageModel): `lr` must be positive and `min_lr` in [0, lr]"),
     # Phase 1 LM: unknown nested keys, impossible sizes, unknown presets
     (PHASE1, ["--model.phase1", '{"ar_ssm": {"max_rnk": 3}}'], "phase1.ar_ssm.max_rnk is not a Phase 1 option"),
     (PHASE1, ["--model.phase1", '{"preset": "4gb"}'], "phase1.preset must be one of"),
     (PHASE1, ["--model.config.ar_ssm_min_rank", "40"], "ar_ssm_min_rank"),
     (PHASE1, ["--model.config.lns_format", "lns3"], "config.lns_format"),
+    # vocabulary vs data for Phase 1 / Phase 2 (byte-level data: 256 token ids)
+    (PHASE1, ["--model.config.vocab_size", "100"],
+     "the data's tokenizer has 256 tokens but model.config.vocab_size is 100"),
+    (PHASE2, ["--model.config.vocab_size", "100"], "the data's tokenizer has 256 tokens but model.config.vocab_size"),
+    # Phase 1: one source of truth for a key set both flat and nested; values the nested group cannot type
+    (PHASE1, ["--model.config.htt_rank", "4"], "config.htt_rank (4) and phase1.htt.rank (16) set the same option"),
+    (PHASE1, ["--model.phase1", '{"preset": "8gb"}', "--model.config.d_model", "64"],
+     "config.d_model (64) would be ignored: phase1.preset '8gb' sets every field"),
+    (PHASE1, ["--model.config.norm_eps=-1e-5"], "config.norm_eps must be > 0"),
+    (PHASE1, ["--model.phase1", '{"ar_ssm": {"l1_regularization": -0.1}}'],
+     "config.ar_ssm_l1_regularization >= 0, got 1e-05, -0.1"),
+    (PHASE1, ["--model.phase1", '{"ar_ssm": {"max_rank": 4096}}'],
+     "config.ar_ssm_max_rank (4096) must not exceed the model width config.d_model (128)"),
+    (PHASE1, ["--model.config.htt_rank", "500", "--model.phase1", '{"htt": {"rank": 500}}'],
+     "config.htt_rank (500) must not exceed the model width"),
+    (PHASE1, ["--model.phase1", '{"bk": {"eta": .nan}}'], "phase1.bk.eta must be a finite number, got nan"),
+    (PHASE1, ["--model.phase1", '{"htt": {"rank": "sixteen"}}'], "phase1.htt.rank must be an integer, got 'sixteen'"),
+    (PHASE1, ["--model.phase1", '{"memory": {"gradient_checkpointing": "yes"}}'],
+     "phase1.memory.gradient_checkpointing must be true or false"),
+    # a monitored metric nobody logs (a typo) fails before training, listing the names that are logged
+    (DIGITS, ["--checkpoint.monitor", "val/los"], "checkpoint.monitor 'val/los' is not a metric that ImageClassifier"),
+    (PHASE2, ["--checkpoint.monitor", "val_loss"], "checkpoint.monitor 'val_loss' is not a metric"),
+    (TRACKNET, ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/F1"],
+     "EarlyStopping.monitor 'val/F1' is not a metric that HeatmapTracker or its callbacks log; they log: "),
+    (NESTED, [*TINY_PRETRAIN, "--checkpoint.monitor", "val/accuracy"], "val/acc, val/loss"),
+    # Trainer settings a module cannot work with (TrainerCompatibility), checked before any run folder
+    (NESTED, [*TINY_PRETRAIN, "--trainer.max_epochs", "40"], "trainer.max_epochs=40 exceeds it: the sequence is 10"),
     # recovery callbacks validate their arguments too
     (DIGITS, ["--trainer.callbacks+=StabilityMonitor", "--trainer.callbacks.lr_factor", "0"],
      "trainer.callbacks[0] (StabilityMonitor): lr_factor must be in (0, 1]"),
@@ -213,7 +252,9 @@ CASES = [
     (NESTED, [*TINY_PRETRAIN, *FOLDER, "--data.root", "cl_empty"],
      "class folder 'cl_empty/b' (under data.root) has no images"),
     (NESTED, [*TINY_PRETRAIN, "--data.dataset", "cifar100", "--data.root", "cifar_truncated"],
-     "train is truncated or not a CIFAR-100 python file"),
+     "train' is truncated or not a CIFAR-100 python file"),
+    (NESTED, [*TINY_PRETRAIN, "--data.dataset", "cifar100", "--data.root", "cifar_evil"],
+     "cifar-100-python/train' contains a pickled reference to 'builtins.exec', which could run code"),
     # model and data sizes that do not fit (LightningModule check_data, or the model's own arguments)
     (TRACKNET, ["--data.num_frames", "5"], "data.num_frames (5) differs from model.num_frames (3)"),
     (TRACKNET, ["--data.heatmap", "{size: [64, 36], sigma: 2.0}"],

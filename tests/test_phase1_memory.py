@@ -71,7 +71,7 @@ def make_step(config, batch):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
-make_step(Phase1Config(d_model=16, n_layers=1, n_seq=16), 1)()  # warm-up: the process's one-time allocations
+make_step(Phase1Config(d_model=16, n_layers=1, n_seq=16, ar_ssm_max_rank=16), 1)()  # warm-up: one-time allocations
 for kw in json.loads(sys.argv[1]):
     batch = kw.pop("batch")
     config = Phase1Config(**kw)

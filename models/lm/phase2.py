@@ -25,6 +25,8 @@ State: ``forward(idx)`` starts from an empty state every call (nothing persists 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal, NamedTuple
@@ -96,6 +98,13 @@ class Phase2Config:
         if self.d_model % self.n_heads:
             raise ValueError(f"config.d_model ({self.d_model}) must be divisible by config.n_heads ({self.n_heads}): "
                              "each head's Gamma drives d_model / n_heads BK channels")
+        for f in dataclasses.fields(self):  # NaN/inf pass every comparison below: refuse them first
+            values = getattr(self, f.name)
+            for v in values if isinstance(values, (tuple, list)) else (values,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"config.{f.name} must be finite, got {values}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"config.norm_eps must be > 0, got {self.norm_eps}")
         if self.base_decay < 0:
             raise ValueError(f"config.base_decay must be >= 0, got {self.base_decay}")
         for key in ("delta", "bk_eta", "hebbian_eta"):

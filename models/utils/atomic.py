@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+
+try:
+    import fcntl
+except ImportError:  # Windows: a temporary file's writer is judged by its pid
+    fcntl = None
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +27,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # held while writing: clean_stale_temporaries tells a live writer from a dead one by it, not by the pid
+    # (a new process may get a dead writer's pid, e.g. in a container)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -30,6 +40,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -47,18 +59,40 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Delete the temporary files that a killed :func:`atomic_path` writer left in ``folder`` (their process
-    is gone); files of a live process are kept. Returns the deleted paths."""
+    """Delete the temporary files that a killed :func:`atomic_path` writer left in ``folder`` (nobody holds
+    their lock, and their process is gone or its pid is now this process's); files being written are kept.
+    Returns the deleted paths."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for p in folder.rglob(".*.tmp-*") if recursive else folder.glob(".*.tmp-*"):
         match = _TMP.match(p.name)
-        if match and p.is_file() and not _alive(int(match[1])):
+        if match and p.is_file() and _stale(p, int(match[1])):
             try:
                 p.unlink()
                 removed.append(p)
             except OSError:
                 pass
     return removed
+
+
+def _stale(path: Path, pid: int) -> bool:
+    """No live writer: nobody holds the file's lock (``atomic_path`` holds it while writing), and the pid in
+    its name is gone or is this process's own (a killed writer's pid taken by this process, as happens in
+    containers); without ``fcntl``, the writer's process is gone."""
+    if fcntl is None:
+        return not _alive(pid)
+    if pid != os.getpid() and _alive(pid):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True

@@ -3,8 +3,13 @@
 A full (non-weights-only) ``torch.load`` unpickles arbitrary objects, so a crafted file runs code the moment it
 is loaded. :func:`safe_load` always uses ``weights_only=True``; the only extra classes it lets through are
 *dataclasses defined in adaptlab's own packages* (e.g. :class:`models.lm.gpt.Config` kept in a checkpoint's
-hyper-parameters): unpickling a dataclass only creates the instance and fills its ``__dict__``, it calls no
-constructor and no method. Anything else (a foreign class, a ``__reduce__`` payload) is refused with one line.
+hyper-parameters), and only as data: the unpickler is given a stand-in under the class's name whose
+``__new__`` makes a bare instance (``object.__new__``) and refuses arguments, so neither the way pickle writes
+a dataclass (``NEWOBJ`` then ``BUILD`` filling ``__dict__``) nor a crafted ``REDUCE`` calling the class with
+arguments runs its ``__init__``/``__post_init__`` or any other method (classes with their own ``__setstate__``
+or ``__reduce__`` are not admitted). What a crafted file can do is set any fields of such an instance to
+tensors, numbers, strings and plain containers. Anything else (a foreign class, a ``__reduce__`` payload) is
+refused with one line.
 """
 
 from __future__ import annotations
@@ -44,11 +49,24 @@ def _project_dataclass(qualified: str) -> type | None:
     return cls
 
 
+def _bare_instance_maker(cls: type) -> type:
+    """A stand-in for ``cls`` in the unpickler: calling it or its ``__new__`` gives ``object.__new__(cls)`` (no
+    ``__init__``, no ``__post_init__``; the result is not an instance of the stand-in, so Python calls no
+    ``__init__`` either), and any argument is refused."""
+
+    def __new__(stand_in: type, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            raise pickle.UnpicklingError(f"{cls.__module__}.{cls.__qualname__} called with constructor arguments")
+        return object.__new__(cls)
+
+    return type(cls.__name__, (), {"__new__": __new__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
 def safe_load(path: str | Path | BinaryIO, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)`` plus adaptlab's dataclasses; every failure is a
     :class:`CheckpointError` whose message names the file and says what is wrong in one line."""
     name = repr(str(path)) if isinstance(path, (str, Path)) else "(stream)"
-    allowed: list[type] = []
+    allowed: list[Any] = []
     if isinstance(path, (str, Path)):
         try:
             needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -61,7 +79,9 @@ def safe_load(path: str | Path | BinaryIO, map_location: Any = "cpu", what: str 
                     f"{what} {name} contains a pickled object of type {qualified!r}, which could run code when "
                     "loaded; refusing it (only tensors, plain containers and adaptlab's own dataclasses are loaded)"
                 )
-            allowed.append(cls)
+            # the name resolves to the stand-in; the real class is admitted for BUILD under a name no file can
+            # use (a global outside adaptlab's packages is refused above)
+            allowed += [(_bare_instance_maker(cls), qualified), (cls, f"adaptlab.safe_load.instance.{qualified}")]
     is_zip = isinstance(path, (str, Path)) and Path(path).is_file() and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(allowed):
@@ -71,7 +91,8 @@ def safe_load(path: str | Path | BinaryIO, map_location: Any = "cpu", what: str 
             raise CheckpointError(f"{what} {name} is truncated or not a PyTorch checkpoint (not a torch zip "
                                   "archive)") from e
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        first = f"type {found[1]}" if found else type(e).__name__
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        first = f"type {found[1]}" if found else reason[1].strip() if reason else type(e).__name__
         raise CheckpointError(
             f"{what} {name} holds objects that are not allowed when loading safely ({first[:200]}); refusing it"
         ) from e

@@ -25,6 +25,7 @@ baseline: dense embedding, MLP-only blocks).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,6 +117,17 @@ class Phase1Config:
     target_vram_gb: float = 8.0
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NaN/inf pass every comparison below: refuse them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config.{f.name} must be a finite number, got {value}")
+        if self.norm_eps <= 0 or self.ar_ssm_l1_regularization < 0:
+            raise ValueError(f"config.norm_eps must be > 0 and config.ar_ssm_l1_regularization >= 0, got "
+                             f"{self.norm_eps}, {self.ar_ssm_l1_regularization}")
+        for key, on in (("ar_ssm_max_rank", self.ar_ssm_enabled), ("htt_rank", self.htt_enabled)):
+            if on and getattr(self, key) > self.d_model:  # no more rank than width is useful (or built)
+                raise ValueError(f"config.{key} ({getattr(self, key)}) must not exceed the model width "
+                                 f"config.d_model ({self.d_model})")
         for key in ("vocab_size", "d_model", "n_layers", "n_seq", "batch_size", "bk_chunk_size", "htt_rank",
                     "ar_ssm_conv_kernel"):
             if getattr(self, key) <= 0:
@@ -172,7 +184,14 @@ class Phase1Config:
         preset = nested.get("preset", "custom")
         if preset not in PRESET_NAMES:
             raise ValueError(f"phase1.preset must be one of {PRESET_NAMES}, got {preset!r}")
-        config = get_preset_config(preset) if preset != "custom" else (base or cls())
+        defaults = cls()
+        if preset != "custom" and base is not None:  # the preset replaces every flat value: none may be set
+            changed = [f.name for f in dataclasses.fields(cls) if getattr(base, f.name) != getattr(defaults, f.name)]
+            if changed:
+                raise ValueError(f"config.{changed[0]} ({getattr(base, changed[0])!r}) would be ignored: "
+                                 f"phase1.preset {preset!r} sets every field; set it inside the phase1 group "
+                                 f"({_nested_name(changed[0])}) instead")
+        config = get_preset_config(preset) if preset != "custom" else (base or defaults)
         changes: dict[str, Any] = {}
         for group, keys in NESTED_KEYS.items():
             values = nested.get(group) or {}
@@ -181,7 +200,14 @@ class Phase1Config:
             for key, value in values.items():
                 if key not in keys:
                     raise ValueError(f"phase1.{group}.{key} is not a Phase 1 option; allowed: {sorted(keys)}")
-                changes[keys[key]] = _yaml_float(f"phase1.{group}.{key}", keys[key], value)
+                field = keys[key]
+                value = _yaml_float(f"phase1.{group}.{key}", field, value)
+                _check_nested_type(f"phase1.{group}.{key}", value, getattr(defaults, field), field)
+                flat = getattr(base, field) if base is not None and preset == "custom" else None
+                if flat is not None and flat != getattr(defaults, field) and flat != value:
+                    raise ValueError(f"config.{field} ({flat!r}) and phase1.{group}.{key} ({value!r}) set the same "
+                                     "option; set it in one place (the phase1 group is applied on top of config)")
+                changes[field] = value
         if not nested.get("enabled", True):
             changes.update(bk_enabled=False, ar_ssm_enabled=False, htt_enabled=False, lns_enabled=False)
         config = dataclasses.replace(config, **changes)
@@ -196,3 +222,38 @@ class Phase1Config:
         for group, keys in NESTED_KEYS.items():
             out[group] = {key: getattr(self, name) for key, name in keys.items()}
         return out
+
+
+def _nested_name(field: str) -> str:
+    """``phase1.<group>.<key>`` of a flat field (the flat name when no group covers it)."""
+    for group, keys in NESTED_KEYS.items():
+        for key, name in keys.items():
+            if name == field:
+                return f"phase1.{group}.{key}"
+    return f"config.{field}"
+
+
+_OPTIONAL_INT = {"intermediate_size"}
+
+
+def _check_nested_type(name: str, value: Any, default: Any, field: str) -> None:
+    """The nested group is a plain mapping (jsonargparse cannot type it): check each value against its field's
+    kind (bool, int, number, text, list; NaN refused in ``__post_init__``)."""
+    if value is None and (default is None or field in _OPTIONAL_INT):
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int) or field in _OPTIONAL_INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:  # lns_target_modules: null or a list of names
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(
+            type(default) if field not in _OPTIONAL_INT else int, "a list of names")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
