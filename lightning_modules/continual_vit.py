@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.class_predictions import ClassPredictionWriter, classify
 from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.continual_eval import ContinualEvaluation
 from callbacks.multi_rate import MultiRateStepping
@@ -211,6 +212,10 @@ class ContinualClassifier(L.LightningModule):
         logits = self.model(x, self.hparams.num_classes)
         self.log("test/acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
 
+    def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class (among the classes seen so far) and probability per sample of a ``(x, y, index)`` batch."""
+        return classify(self(batch[0]), batch)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
@@ -249,6 +254,8 @@ class ContinualClassifier(L.LightningModule):
             out.append(TaskBoundaryConsolidation())
         if not any(issubclass(t, ContinualEvaluation) for t in present):
             out.append(ContinualEvaluation())
+        if not any(issubclass(t, ClassPredictionWriter) for t in present):
+            out.append(ClassPredictionWriter())
         return out
 
     def check_data(self, datamodule: L.LightningDataModule) -> None:

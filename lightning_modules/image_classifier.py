@@ -8,9 +8,11 @@ from typing import Literal, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from callbacks.class_predictions import ClassPredictionWriter, classify
 from models.adapters.lora import count_parameters, inject_lora
 from models.vision.vit import create_vit, embed_dim, freeze
 
@@ -118,8 +120,15 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         self.log("test/acc", (self(x).argmax(-1) == y).float().mean())
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).argmax(-1)
+    def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class and probability per sample of a ``(x, y, index)`` batch (``ClassPredictionWriter`` writes them)."""
+        return classify(self(batch[0]), batch)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """``predict`` writes ``predictions.csv`` to the run folder unless the config adds its own writer."""
+        if any(isinstance(c, ClassPredictionWriter) for c in self.trainer.callbacks):
+            return []
+        return [ClassPredictionWriter()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
