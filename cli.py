@@ -85,6 +85,9 @@ class ConciseErrorParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
+        if re.search(r"unrecognized arguments:.*--(optimizer|lr_scheduler)\b", message):
+            fail(f"{concise_error(message)}: each model configures its own optimizers and schedules; set their "
+                 "learning rates with the model's keys (adaptlab fit --model.help <ModelClass>)")
         fail(f"{concise_error(message)}  (every option: python -m cli <subcommand> --help)")
 
 
@@ -181,7 +184,11 @@ class AdaptLabCLI(LightningCLI):
     """LightningCLI with adaptlab's defaults (checkpointing, log directory naming, resume, clear errors)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, parser_class=ConciseErrorParser, save_config_callback=KeepConfigCallback, **kwargs)
+        # auto_configure_optimizers=False: no CLI-level --optimizer/--lr_scheduler, which would silently replace the
+        # optimizers a module configures (Nested LoRA's fast/slow pair, warm-up schedules); learning rates are
+        # the module's own YAML keys.
+        super().__init__(*args, parser_class=ConciseErrorParser, save_config_callback=KeepConfigCallback,
+                         auto_configure_optimizers=False, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -278,7 +285,6 @@ class AdaptLabCLI(LightningCLI):
             fail(f"{key} ({match[1].rsplit('.', 1)[-1]}): {kind}{first_line(root)}")
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
-        self._add_configure_optimizers_method_to_model(self.subcommand)
         self._check_trainer_args(self._get(self.config, "trainer") or {})
         try:
             self.trainer = self.instantiate_trainer()
