@@ -28,17 +28,43 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import lightning as L
-import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.checkpointing import CheckpointSaveError, RunInfo
-from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights
-from callbacks.signals import SigtermCheckpoint
-from models.utils.atomic import clean_stale_temporaries
-from models.utils.checkpoint import CheckpointError, safe_load
+def _check_own_packages() -> None:
+    """Fail in one line when a package of the user's (a ``models/`` in the current folder, most often) shadows one
+    of adaptlab's top-level packages; runs before any of them is imported."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent
+    for name in ("models", "callbacks", "datamodules", "lightning_modules"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        where = list(spec.submodule_search_locations or []) if spec is not None else []
+        if spec is not None and spec.origin is not None and not where:
+            where = [spec.origin]
+        if not any(Path(w).resolve() == root / name for w in where):
+            found = where[0] if where else "nothing"
+            sys.stderr.write(
+                f"error: the name {name!r} is taken by {found} (not adaptlab's {root / name}): a package of "
+                "your own shadows adaptlab's; run the `adaptlab` command instead of `python -m cli` (it does not put "
+                "the current folder on the import path), or run from another folder\n")
+            raise SystemExit(2)
+
+
+_check_own_packages()
+
+import lightning as L  # noqa: E402
+import yaml  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+
+from callbacks.checkpointing import CheckpointSaveError, RunInfo  # noqa: E402
+from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights  # noqa: E402
+from callbacks.signals import SigtermCheckpoint  # noqa: E402
+from models.utils.atomic import clean_stale_temporaries  # noqa: E402
+from models.utils.checkpoint import CheckpointError, safe_load  # noqa: E402
 
 #: Project packages whose modules are imported so their classes can be named by short name in YAML.
 PROJECT_PACKAGES = ("lightning_modules", "datamodules", "callbacks")
@@ -455,9 +481,113 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
-def main(args: list[str] | None = None, run: bool = True) -> AdaptLabCLI:
+# ----------------------------------------------------------------------------------------------------------------
+# Shipped configs: ``configs/`` beside this file (a checkout or an editable install) or, after a plain
+# ``pip install .``, ``<prefix>/share/adaptlab/configs`` (pyproject's data-files); addressable by bare name.
+
+
+def shipped_configs_dirs() -> list[Path]:
+    """Folders that may hold the shipped configs, in lookup order."""
+    import sysconfig
+
+    prefixes = [sysconfig.get_path("data"), sys.prefix]
+    with contextlib.suppress(KeyError, AttributeError):
+        prefixes.append(sysconfig.get_path("data", sysconfig.get_preferred_scheme("user")))
+    dirs = [Path(__file__).resolve().parent / "configs"]
+    return dirs + [Path(p) / "share" / "adaptlab" / "configs" for p in dict.fromkeys(prefixes) if p]
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Config name (file stem) -> file, from the first folder of :func:`shipped_configs_dirs` that has any."""
+    for folder in shipped_configs_dirs():
+        found = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+        if found:
+            return found
+    return {}
+
+
+def config_description(path: Path) -> str:
+    """First comment line of a config file (its one-line description)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def resolve_config_names(args: list[str]) -> list[str]:
+    """``--config NAME`` (no such file here, a shipped config's name, ``.yaml`` optional) -> the shipped file.
+
+    A name that is neither fails with one line that suggests the closest shipped names."""
+    import difflib
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            j, value, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            j, value, prefix = i, arg.split("=", 1)[1], "--config="
+        else:
+            continue
+        if Path(value).exists() or "/" in value or os.sep in value:
+            continue
+        configs = shipped_configs()
+        name = value[: -len(".yaml")] if value.endswith(".yaml") else value
+        if name in configs:
+            out[j] = prefix + str(configs[name])
+            continue
+        close = difflib.get_close_matches(name, configs, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        fail(f"config file {value!r} does not exist, and no shipped config has that name{hint} (all of them: "
+             "adaptlab configs list)")
+    return out
+
+
+def configs_command(args: list[str]) -> None:
+    """``adaptlab configs list`` | ``adaptlab configs copy NAME [DEST]`` | ``adaptlab configs show NAME``."""
+    usage = "usage: adaptlab configs list | copy NAME [DEST] | show NAME"
+    configs = shipped_configs()
+    if args[:1] == ["list"] and len(args) == 1:
+        width = max(map(len, configs), default=0)
+        for name, path in configs.items():
+            print(f"{name:<{width}}  {config_description(path)}")
+        return
+    if args[:1] in (["copy"], ["show"]) and len(args) >= 2:
+        name = args[1][: -len(".yaml")] if args[1].endswith(".yaml") else args[1]
+        if name not in configs:
+            import difflib
+
+            close = difflib.get_close_matches(name, configs, n=3, cutoff=0.5)
+            fail(f"no shipped config named {args[1]!r}" + (f"; did you mean {' or '.join(map(repr, close))}?"
+                                                           if close else " (adaptlab configs list)"))
+        if args[0] == "show" and len(args) == 2:
+            sys.stdout.write(configs[name].read_text())
+            return
+        if args[0] == "copy" and len(args) <= 3:
+            dest = Path(args[2] if len(args) == 3 else ".")
+            target = dest / f"{name}.yaml" if dest.is_dir() or str(dest).endswith(("/", os.sep)) else dest
+            if target.exists():
+                fail(f"{str(target)!r} already exists; adaptlab never overwrites it (choose another DEST)")
+            if not target.parent.is_dir():
+                fail(f"folder {str(target.parent)!r} does not exist")
+            shutil.copyfile(configs[name], target)
+            print(f"copied {name} to {target}; run it with: adaptlab fit --config {target}")
+            return
+    fail(usage)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> AdaptLabCLI | None:
     """Entry point; ``args`` lets tests drive the CLI in-process."""
-    check_config_files(sys.argv[1:] if args is None else args)
+    from_argv = args is None
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["configs"]:
+        configs_command(args[1:])
+        return None
+    args = resolve_config_names(args)
+    if from_argv:  # LightningCLI warns when given both args and a command line
+        sys.argv[1:] = args
+    check_config_files(args)
     import_project_modules()
     return AdaptLabCLI(
         L.LightningModule,
@@ -467,9 +597,14 @@ def main(args: list[str] | None = None, run: bool = True) -> AdaptLabCLI:
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        args=args,
+        args=None if from_argv else args,
         run=run,
     )
+
+
+def console() -> None:
+    """The ``adaptlab`` console command (returns nothing: ``sys.exit(main())`` would print the CLI object)."""
+    main()
 
 
 if __name__ == "__main__":
