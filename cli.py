@@ -297,7 +297,9 @@ class AdaptLabCLI(LightningCLI):
         ``ADAPTLAB_TRACEBACK=1`` re-raises instead (the full traceback, for debugging a class).
         """
         try:
-            self.config_init = self.parser.instantiate_classes(self.config)
+            # jsonargparse >= 4.49 names it ``instantiate`` (``instantiate_classes`` warns: removed in v5)
+            instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
+            self.config_init = instantiate(self.config)
         except Exception as e:
             match = re.search(r"class_path='([\w.]+)'", str(e))
             if match is None or os.environ.get("ADAPTLAB_TRACEBACK"):
