@@ -1,9 +1,15 @@
-"""Image classification with a timm ViT: full fine-tuning, frozen (head only) or LoRA."""
+"""Image classification with a timm ViT: full fine-tuning, frozen (head only) or LoRA.
+
+Backbone weights: ``pretrained_file`` (a local timm file), or ``pretrain`` (adaptlab's offline glyph backbone,
+``datamodules.glyph_backbone``: pre-trained on rendered glyph classes, built on first use and cached by its
+settings, the same one the continual main job uses), or neither (random init: a frozen random backbone, so only
+LoRA and the head learn and accuracy stays far below a pre-trained start).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
@@ -13,6 +19,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.class_predictions import ClassPredictionWriter, classify
+from datamodules.glyph_backbone import GlyphPretraining, ensure_glyph_backbone
 from models.adapters.lora import count_parameters, inject_lora
 from models.vision.vit import create_vit, embed_dim, freeze
 
@@ -26,6 +33,8 @@ class ImageClassifier(L.LightningModule):
         img_size: input image size (square).
         patch_size: ViT patch size (``None``: the model's own).
         pretrained_file: local weights file for the backbone (never downloaded).
+        pretrain: build (once, cached) and load adaptlab's offline glyph backbone; exclusive with ``pretrained_file``.
+        backbone_kwargs: extra timm keyword arguments of the backbone (depth, embed_dim, ...).
         finetune: ``full`` trains everything, ``head`` only the classifier, ``lora`` the classifier and LoRA.
         lora_r: LoRA rank (``finetune: lora``).
         lora_alpha: LoRA alpha (scaling ``lora_alpha / lora_r``).
@@ -42,6 +51,8 @@ class ImageClassifier(L.LightningModule):
         img_size: int = 32,
         patch_size: int | None = 8,
         pretrained_file: str | None = None,
+        pretrain: GlyphPretraining | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
         finetune: Literal["full", "head", "lora"] = "lora",
         lora_r: int = 8,
         lora_alpha: float = 16.0,
@@ -66,7 +77,13 @@ class ImageClassifier(L.LightningModule):
         if patch_size is not None and img_size % patch_size:
             raise ValueError(f"`img_size` ({img_size}) is not a multiple of `patch_size` ({patch_size}): the last "
                              f"{img_size % patch_size} pixel rows and columns would be silently dropped")
-        self.backbone = create_vit(backbone, img_size, pretrained_file=pretrained_file, patch_size=patch_size)
+        if pretrain is not None and pretrained_file is not None:
+            raise ValueError("`pretrain` and `pretrained_file` are exclusive: set one of them to null")
+        if pretrain is not None:
+            pretrained_file = str(ensure_glyph_backbone(backbone, img_size, patch_size, backbone_kwargs, pretrain))
+        self.backbone_file = pretrained_file
+        self.backbone = create_vit(backbone, img_size, pretrained_file=pretrained_file, patch_size=patch_size,
+                                   **(backbone_kwargs or {}))
         own = getattr(getattr(self.backbone, "patch_embed", None), "patch_size", None)
         own = own[0] if isinstance(own, (tuple, list)) else own
         if patch_size is None and isinstance(own, int) and img_size % own:
