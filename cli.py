@@ -63,6 +63,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E40
 from callbacks.checkpointing import CheckpointSaveError, RunInfo  # noqa: E402
 from callbacks.protocols import DataCompatibility, DataPreflight, TrainedWeights  # noqa: E402
 from callbacks.signals import SigtermCheckpoint  # noqa: E402
+from callbacks.tensorboard import EpochPerformance, ScheduleMonitor  # noqa: E402
 from models.utils.atomic import clean_stale_temporaries  # noqa: E402
 from models.utils.checkpoint import CheckpointError, safe_load  # noqa: E402
 
@@ -476,10 +477,10 @@ def trainer_defaults() -> dict[str, Any]:
         "default_root_dir": RUNS_DIR,
         "plugins": [{"class_path": "callbacks.checkpointing.AtomicCheckpointIO"}],
         "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "class_path": "callbacks.tensorboard.AdaptLabTensorBoardLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
-        "callbacks": [SigtermCheckpoint(), RunInfo()],
+        "callbacks": [SigtermCheckpoint(), RunInfo(), ScheduleMonitor(), EpochPerformance()],
     }
 
 
