@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from callbacks.adapter_checkpoint import AdapterCheckpoint, load_adapter
 from callbacks.class_predictions import ClassPredictionWriter, classify
 from datamodules.glyph_backbone import GlyphPretraining, ensure_glyph_backbone
 from models.adapters.lora import count_parameters, inject_lora
@@ -42,6 +43,8 @@ class ImageClassifier(L.LightningModule):
         lora_target_modules: layers that get LoRA (``None``: attention qkv/proj and MLP fc1/fc2).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        adapter_path: an ``adapter/`` folder (or its ``adapter.safetensors``) of an earlier ``lora``/``head`` run,
+            loaded onto this freshly built model (``predict`` then needs no ``--ckpt_path``).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class ImageClassifier(L.LightningModule):
         lora_target_modules: str | Sequence[str] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        adapter_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -94,6 +98,11 @@ class ImageClassifier(L.LightningModule):
         if finetune == "lora":
             inject_lora(self.backbone, lora_target_modules, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
         self.head = nn.Linear(embed_dim(self.backbone), num_classes)
+        if adapter_path is not None:
+            if finetune == "full":
+                raise ValueError("`adapter_path` needs finetune: lora or head (a full fine-tune has no frozen "
+                                 "backbone)")
+            load_adapter(self, adapter_path)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -141,11 +150,18 @@ class ImageClassifier(L.LightningModule):
         """Class and probability per sample of a ``(x, y, index)`` batch (``ClassPredictionWriter`` writes them)."""
         return classify(self(batch[0]), batch)
 
+    def trained_weights_source(self) -> str | None:
+        """``adapter_path``, when given (``TrainedWeights`` protocol: ``predict`` then needs no ``--ckpt_path``)."""
+        return self.hparams.adapter_path
+
     def configure_callbacks(self) -> list[Callback]:
-        """``predict`` writes ``predictions.csv`` to the run folder unless the config adds its own writer."""
-        if any(isinstance(c, ClassPredictionWriter) for c in self.trainer.callbacks):
-            return []
-        return [ClassPredictionWriter()]
+        """``predict`` writes ``predictions.csv`` to the run folder, a ``lora``/``head`` fit an adapter-only
+        checkpoint to ``adapter/`` (unless the config adds its own)."""
+        have = {type(c) for c in self.trainer.callbacks}
+        out: list[Callback] = [] if ClassPredictionWriter in have else [ClassPredictionWriter()]
+        if self.hparams.finetune != "full" and AdapterCheckpoint not in have:
+            out.append(AdapterCheckpoint())
+        return out
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
