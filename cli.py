@@ -107,7 +107,14 @@ def fail(message: str) -> NoReturn:
 
 
 class ConciseErrorParser(LightningArgumentParser):
-    """Parser whose errors are one line naming the key, instead of the full usage plus nested unions."""
+    """Parser whose errors are one line naming the key, instead of the full usage plus nested unions.
+
+    Options are never matched by prefix (``--trainer.max_epoch`` is an error, not ``max_epochs``), and an
+    unknown class name gets "did you mean" the closest project/Lightning class names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
@@ -115,7 +122,36 @@ class ConciseErrorParser(LightningArgumentParser):
         if re.search(r"unrecognized arguments:.*--(optimizer|lr_scheduler)\b", message):
             fail(f"{concise_error(message)}: each model configures its own optimizers and schedules; set their "
                  "learning rates with the model's keys (adaptlab fit --model.help <ModelClass>)")
-        fail(f"{concise_error(message)}  (every option: python -m cli <subcommand> --help)")
+        reason = concise_error(message)
+        if match := re.search(r"Given value: (\w+)$", reason):
+            close = similar_class_names(match[1])
+            if close:
+                fail(f"{reason.split(':')[0]}: no class {match[1]!r}; did you mean {' or '.join(close)}?")
+        if match := re.search(r"unrecognized arguments: (--[\w.]+)", reason):
+            import difflib
+
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            close = difflib.get_close_matches(match[1], options, n=3, cutoff=0.8)
+            if close:
+                fail(f"{reason}: did you mean {' or '.join(close)}?")
+        fail(f"{reason}  (every option: python -m cli <subcommand> --help)")
+
+
+def similar_class_names(name: str) -> list[str]:
+    """Closest names among the classes the YAML can name by short name (project modules, Lightning callbacks)."""
+    import difflib
+    import inspect
+
+    names = set()
+    for pkg_name in PROJECT_PACKAGES:
+        for module_name, module in list(sys.modules.items()):
+            if module_name == pkg_name or module_name.startswith(pkg_name + "."):
+                names |= {n for n, obj in vars(module).items()
+                          if inspect.isclass(obj) and obj.__module__ == module_name}
+    import lightning.pytorch.callbacks as lcb
+
+    names |= {n for n in dir(lcb) if inspect.isclass(getattr(lcb, n))}
+    return difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.7)
 
 
 def check_config_files(args: list[str]) -> None:

@@ -33,8 +33,11 @@ def create_vit(
         ValueError: unknown model name or unloadable ``pretrained_file``. FileNotFoundError: it is missing.
     """
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-        raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "no similar name (timm.list_models() lists them)"
+        raise ValueError(f"unknown timm model {name!r}; {hint}")
     extra: dict[str, Any] = dict(kwargs)
     if patch_size is not None:
         extra["patch_size"] = patch_size
