@@ -119,7 +119,7 @@ class ConciseErrorParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
-        if re.search(r"unrecognized arguments:.*--(optimizer|lr_scheduler)\b", message):
+        if re.search(r"unrecognized arguments:.*--(optimizer|lr_scheduler)\b", message, re.IGNORECASE):
             fail(f"{concise_error(message)}: each model configures its own optimizers and schedules; set their "
                  "learning rates with the model's keys (adaptlab fit --model.help <ModelClass>)")
         reason = concise_error(message)
@@ -127,7 +127,7 @@ class ConciseErrorParser(LightningArgumentParser):
             close = similar_class_names(match[1])
             if close:
                 fail(f"{reason.split(':')[0]}: no class {match[1]!r}; did you mean {' or '.join(close)}?")
-        if match := re.search(r"unrecognized arguments: (--[\w.]+)", reason):
+        if match := re.search(r"unrecognized arguments: (--[\w.]+)", reason, re.IGNORECASE):
             import difflib
 
             options = [o for o in self._option_string_actions if o.startswith("--")]
