@@ -96,7 +96,11 @@ class ScheduleMonitor(LearningRateMonitor):
     """``LearningRateMonitor`` that only acts where a learning-rate schedule exists (automatic optimization,
     a logger, at least one scheduler) and no other ``LearningRateMonitor`` is configured.
 
-    Takes every argument of ``LearningRateMonitor``."""
+    Args:
+        logging_interval: ``step``, ``epoch`` or ``None`` (each scheduler's own interval).
+        log_momentum: also log the momentum (or Adam's beta1).
+        log_weight_decay: also log the weight decay.
+    """
 
     active = False
 
