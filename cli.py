@@ -545,14 +545,16 @@ def shipped_configs() -> dict[str, Path]:
     return {}
 
 
-def config_description(path: Path) -> str:
-    """First comment line of a config file (its one-line description)."""
+def config_description(path: Path, width: int = 110) -> str:
+    """First sentence of a config file's leading comment (its description), at most ``width`` characters."""
+    words: list[str] = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-        if line.strip():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or not text or "--config" in text:
             break
-    return ""
+        words.append(text)
+    sentence = " ".join(words).split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= width else sentence[: width - 3].rsplit(" ", 1)[0] + "..."
 
 
 def resolve_config_names(args: list[str]) -> list[str]:
