@@ -27,13 +27,23 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own ``adapter_state_dict()`` when it has one (e.g. adapters added during training), else its
+    trainable parameters."""
+    own = getattr(model, "adapter_state_dict", None)
+    return own() if callable(own) else trainable_state_dict(model)
+
+
 def save_adapter(model: nn.Module, directory: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``directory/adapter.safetensors`` (atomically) with the model's trainable parameters."""
+    """Write ``directory/adapter.safetensors`` (atomically) with :func:`adapter_state_dict` and the model's
+    ``adapter_metadata()`` (when it has one) plus ``metadata``."""
     from safetensors.torch import save_file
 
     path = Path(directory) / ADAPTER_FILE
+    extra = model.adapter_metadata() if callable(getattr(model, "adapter_metadata", None)) else {}
     with atomic_path(path) as tmp:
-        save_file(trainable_state_dict(model), str(tmp), metadata={"format": "adaptlab-adapter", **(metadata or {})})
+        save_file(adapter_state_dict(model), str(tmp),
+                  metadata={"format": "adaptlab-adapter", **extra, **(metadata or {})})
     return path
 
 
@@ -73,8 +83,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
 
 class AdapterCheckpoint(Callback):
     """At the end of ``fit`` (rank 0), write ``<run folder>/adapter/``: ``adapter.safetensors`` (the trainable
-    parameters) and ``config.yaml`` (the run's config, to rebuild the model). The module must keep its set of
-    trainable parameters fixed during training (LoRA, head-only)."""
+    parameters, or the module's own ``adapter_state_dict()``/``adapter_metadata()`` when its trainable set changes
+    during training, as in continual learning) and ``config.yaml`` (the run's config, to rebuild the model)."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.log_dir is None:
@@ -84,7 +94,7 @@ class AdapterCheckpoint(Callback):
         config = Path(trainer.log_dir) / CONFIG_FILE
         if config.is_file():
             shutil.copyfile(config, folder / CONFIG_FILE)
-        size = sum(t.numel() for t in trainable_state_dict(pl_module).values())
+        size = sum(t.numel() for t in adapter_state_dict(pl_module).values())
         print(f"adapter-only checkpoint: {path.resolve()} ({size:,} parameters; load with --model.adapter_path "
               f"{folder})", flush=True)
 

@@ -60,3 +60,23 @@ def test_adapter_round_trip_is_exact(in_tmp):
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(fresh.eval()(x), trained.eval()(x))
     assert set(trainable_state_dict(fresh)) == {k for k, p in trained.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("config", ["sema_adapter", "sema_nested"])
+def test_continual_adapter_reproduces_the_checkpoint(config, in_tmp, one_thread, capsys):
+    """SEMA adds adapters during the sequence: the adapter file carries the layout and the sequence state."""
+    from tests.continual_helpers import QUIET, TINY_DATA, TINY_MODEL
+
+    extra = ["--model.expansion_layers", "[-1]"] if config == "sema_adapter" else []
+    common = ["--config", config, *TINY_MODEL, *TINY_DATA, *extra]
+    run_cli(["fit", *common, *QUIET])
+    run = in_tmp / "runs" / config / "version_0"
+    adapter, ckpt = run / "adapter" / "adapter.safetensors", run / "checkpoints" / "last.ckpt"
+    assert adapter.is_file() and adapter.stat().st_size * 2 < ckpt.stat().st_size
+    capsys.readouterr()
+    run_cli(["predict", *common, "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"])
+    _, from_ckpt = read_predictions(capsys.readouterr().out)
+    run_cli(["predict", *common, "--model.adapter_path", str(run / "adapter"), "--trainer.enable_progress_bar",
+             "false"])
+    _, from_adapter = read_predictions(capsys.readouterr().out)
+    assert from_adapter == from_ckpt
