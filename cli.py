@@ -19,31 +19,66 @@ it runs (a second process resuming the same run is refused). SIGTERM saves ``las
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import importlib
 import os
 import pkgutil
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import lightning as L
-import yaml
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from callbacks.checkpointing import CheckpointSaveError, RunInfo
-from callbacks.exact_resume import ExactResume
-from callbacks.model_checkpoint import ResumableModelCheckpoint
-from callbacks.protocols import DataCompatibility, DataPreflight, LoggedMetrics, TrainedWeights, TrainerCompatibility
-from callbacks.signals import SigtermCheckpoint
-from models.utils.atomic import clean_stale_temporaries
-from models.utils.checkpoint import CheckpointError, safe_load
-from models.utils.run_folder import RunFolder, RunFolderBusy
+def _check_own_packages() -> None:
+    """Fail in one line when a package of the user's (a ``models/`` in the current folder, most often) shadows one
+    of adaptlab's top-level packages; runs before any of them is imported."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent
+    for name in ("models", "callbacks", "datamodules", "lightning_modules"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        where = list(spec.submodule_search_locations or []) if spec is not None else []
+        if spec is not None and spec.origin is not None and not where:
+            where = [spec.origin]
+        if not any(Path(w).resolve() == root / name for w in where):
+            found = where[0] if where else "nothing"
+            sys.stderr.write(
+                f"error: the name {name!r} is taken by {found} (not adaptlab's {root / name}): a package of "
+                "your own shadows adaptlab's; run the `adaptlab` command instead of `python -m cli` (it does not put "
+                "the current folder on the import path), or run from another folder\n")
+            raise SystemExit(2)
+
+
+_check_own_packages()
+
+import lightning as L  # noqa: E402
+import yaml  # noqa: E402
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
+
+from callbacks.checkpointing import CheckpointSaveError, RunInfo  # noqa: E402
+from callbacks.exact_resume import ExactResume  # noqa: E402
+from callbacks.model_checkpoint import ResumableModelCheckpoint  # noqa: E402
+from callbacks.protocols import (  # noqa: E402
+    DataCompatibility,
+    DataPreflight,
+    LoggedMetrics,
+    TrainedWeights,
+    TrainerCompatibility,
+)
+from callbacks.signals import SigtermCheckpoint  # noqa: E402
+from callbacks.tensorboard import EpochPerformance, ScheduleMonitor  # noqa: E402
+from models.utils.atomic import clean_stale_temporaries  # noqa: E402
+from models.utils.checkpoint import CheckpointError, safe_load  # noqa: E402
+from models.utils.run_folder import RunFolder, RunFolderBusy  # noqa: E402
 
 #: Project packages whose modules are imported so their classes can be named by short name in YAML.
 PROJECT_PACKAGES = ("lightning_modules", "datamodules", "callbacks")
@@ -87,12 +122,51 @@ def fail(message: str) -> NoReturn:
 
 
 class ConciseErrorParser(LightningArgumentParser):
-    """Parser whose errors are one line naming the key, instead of the full usage plus nested unions."""
+    """Parser whose errors are one line naming the key, instead of the full usage plus nested unions.
+
+    Options are never matched by prefix (``--trainer.max_epoch`` is an error, not ``max_epochs``), and an
+    unknown class name gets "did you mean" the closest project/Lightning class names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
-        fail(f"{concise_error(message)}  (every option: python -m cli <subcommand> --help)")
+        if re.search(r"unrecognized arguments:.*--(optimizer|lr_scheduler)\b", message, re.IGNORECASE):
+            fail(f"{concise_error(message)}: each model configures its own optimizers and schedules; set their "
+                 "learning rates with the model's keys (adaptlab fit --model.help <ModelClass>)")
+        reason = concise_error(message)
+        if match := re.search(r"Given value: (\w+)$", reason):
+            close = similar_class_names(match[1])
+            if close:
+                fail(f"{reason.split(':')[0]}: no class {match[1]!r}; did you mean {' or '.join(close)}?")
+        if match := re.search(r"unrecognized arguments: (--[\w.]+)", reason, re.IGNORECASE):
+            import difflib
+
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            close = difflib.get_close_matches(match[1], options, n=3, cutoff=0.8)
+            if close:
+                fail(f"{reason}: did you mean {' or '.join(close)}?")
+        fail(f"{reason}  (every option: python -m cli <subcommand> --help)")
+
+
+def similar_class_names(name: str) -> list[str]:
+    """Closest names among the classes the YAML can name by short name (project modules, Lightning callbacks)."""
+    import difflib
+    import inspect
+
+    names = set()
+    for pkg_name in PROJECT_PACKAGES:
+        for module_name, module in list(sys.modules.items()):
+            if module_name == pkg_name or module_name.startswith(pkg_name + "."):
+                names |= {n for n, obj in vars(module).items()
+                          if inspect.isclass(obj) and obj.__module__ == module_name}
+    import lightning.pytorch.callbacks as lcb
+
+    names |= {n for n in dir(lcb) if inspect.isclass(getattr(lcb, n))}
+    return difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.7)
 
 
 def check_config_files(args: list[str]) -> None:
@@ -199,7 +273,11 @@ class AdaptLabCLI(LightningCLI):
     """LightningCLI with adaptlab's defaults (checkpointing, log directory naming, resume, clear errors)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, parser_class=ConciseErrorParser, save_config_callback=KeepConfigCallback, **kwargs)
+        # auto_configure_optimizers=False: no CLI-level --optimizer/--lr_scheduler, which would silently replace the
+        # optimizers a module configures (Nested LoRA's fast/slow pair, warm-up schedules); learning rates are
+        # the module's own YAML keys.
+        super().__init__(*args, parser_class=ConciseErrorParser, save_config_callback=KeepConfigCallback,
+                         auto_configure_optimizers=False, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ResumableModelCheckpoint, "checkpoint")
@@ -304,7 +382,9 @@ class AdaptLabCLI(LightningCLI):
         ``ADAPTLAB_TRACEBACK=1`` re-raises instead (the full traceback, for debugging a class).
         """
         try:
-            self.config_init = self.parser.instantiate_classes(self.config)
+            # jsonargparse >= 4.49 names it ``instantiate`` (``instantiate_classes`` warns: removed in v5)
+            instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
+            self.config_init = instantiate(self.config)
         except Exception as e:
             match = re.search(r"class_path='([\w.]+)'", str(e))
             if match is None or os.environ.get("ADAPTLAB_TRACEBACK"):
@@ -318,7 +398,6 @@ class AdaptLabCLI(LightningCLI):
             fail(f"{key} ({match[1].rsplit('.', 1)[-1]}): {kind}{first_line(root)}")
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
-        self._add_configure_optimizers_method_to_model(self.subcommand)
         self._check_trainer_args(self._get(self.config, "trainer") or {})
         try:
             self.trainer = self.instantiate_trainer()
@@ -537,16 +616,122 @@ def trainer_defaults() -> dict[str, Any]:
         "default_root_dir": RUNS_DIR,
         "plugins": [{"class_path": "callbacks.checkpointing.AtomicCheckpointIO"}],
         "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "class_path": "callbacks.tensorboard.AdaptLabTensorBoardLogger",
             "init_args": {"save_dir": RUNS_DIR, "name": None},
         },
-        "callbacks": [SigtermCheckpoint(), RunInfo(), ExactResume()],
+        "callbacks": [SigtermCheckpoint(), RunInfo(), ExactResume(), ScheduleMonitor(), EpochPerformance()],
     }
 
 
-def main(args: list[str] | None = None, run: bool = True) -> AdaptLabCLI:
+# ----------------------------------------------------------------------------------------------------------------
+# Shipped configs: ``configs/`` beside this file (a checkout or an editable install) or, after a plain
+# ``pip install .``, ``<prefix>/share/adaptlab/configs`` (pyproject's data-files); addressable by bare name.
+
+
+def shipped_configs_dirs() -> list[Path]:
+    """Folders that may hold the shipped configs, in lookup order."""
+    import sysconfig
+
+    prefixes = [sysconfig.get_path("data"), sys.prefix]
+    with contextlib.suppress(KeyError, AttributeError):
+        prefixes.append(sysconfig.get_path("data", sysconfig.get_preferred_scheme("user")))
+    dirs = [Path(__file__).resolve().parent / "configs"]
+    return dirs + [Path(p) / "share" / "adaptlab" / "configs" for p in dict.fromkeys(prefixes) if p]
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Config name (file stem) -> file, from the first folder of :func:`shipped_configs_dirs` that has any."""
+    for folder in shipped_configs_dirs():
+        found = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+        if found:
+            return found
+    return {}
+
+
+def config_description(path: Path, width: int = 110) -> str:
+    """First sentence of a config file's leading comment (its description), at most ``width`` characters."""
+    words: list[str] = []
+    for line in path.read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or not text or "--config" in text:
+            break
+        words.append(text)
+    sentence = " ".join(words).split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= width else sentence[: width - 3].rsplit(" ", 1)[0] + "..."
+
+
+def resolve_config_names(args: list[str]) -> list[str]:
+    """``--config NAME`` (no such file here, a shipped config's name, ``.yaml`` optional) -> the shipped file.
+
+    A name that is neither fails with one line that suggests the closest shipped names."""
+    import difflib
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            j, value, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            j, value, prefix = i, arg.split("=", 1)[1], "--config="
+        else:
+            continue
+        if Path(value).exists() or "/" in value or os.sep in value:
+            continue
+        configs = shipped_configs()
+        name = value[: -len(".yaml")] if value.endswith(".yaml") else value
+        if name in configs:
+            out[j] = prefix + str(configs[name])
+            continue
+        close = difflib.get_close_matches(name, configs, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        fail(f"config file {value!r} does not exist, and no shipped config has that name{hint} (all of them: "
+             "adaptlab configs list)")
+    return out
+
+
+def configs_command(args: list[str]) -> None:
+    """``adaptlab configs list`` | ``adaptlab configs copy NAME [DEST]`` | ``adaptlab configs show NAME``."""
+    usage = "usage: adaptlab configs list | copy NAME [DEST] | show NAME"
+    configs = shipped_configs()
+    if args[:1] == ["list"] and len(args) == 1:
+        width = max(map(len, configs), default=0)
+        for name, path in configs.items():
+            print(f"{name:<{width}}  {config_description(path)}")
+        return
+    if args[:1] in (["copy"], ["show"]) and len(args) >= 2:
+        name = args[1][: -len(".yaml")] if args[1].endswith(".yaml") else args[1]
+        if name not in configs:
+            import difflib
+
+            close = difflib.get_close_matches(name, configs, n=3, cutoff=0.5)
+            fail(f"no shipped config named {args[1]!r}" + (f"; did you mean {' or '.join(map(repr, close))}?"
+                                                           if close else " (adaptlab configs list)"))
+        if args[0] == "show" and len(args) == 2:
+            sys.stdout.write(configs[name].read_text())
+            return
+        if args[0] == "copy" and len(args) <= 3:
+            dest = Path(args[2] if len(args) == 3 else ".")
+            target = dest / f"{name}.yaml" if dest.is_dir() or str(dest).endswith(("/", os.sep)) else dest
+            if target.exists():
+                fail(f"{str(target)!r} already exists; adaptlab never overwrites it (choose another DEST)")
+            if not target.parent.is_dir():
+                fail(f"folder {str(target.parent)!r} does not exist")
+            shutil.copyfile(configs[name], target)
+            print(f"copied {name} to {target}; run it with: adaptlab fit --config {target}")
+            return
+    fail(usage)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> AdaptLabCLI | None:
     """Entry point; ``args`` lets tests drive the CLI in-process."""
-    check_config_files(sys.argv[1:] if args is None else args)
+    from_argv = args is None
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["configs"]:
+        configs_command(args[1:])
+        return None
+    args = resolve_config_names(args)
+    if from_argv:  # LightningCLI warns when given both args and a command line
+        sys.argv[1:] = args
+    check_config_files(args)
     import_project_modules()
     return AdaptLabCLI(
         L.LightningModule,
@@ -556,9 +741,14 @@ def main(args: list[str] | None = None, run: bool = True) -> AdaptLabCLI:
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        args=args,
+        args=None if from_argv else args,
         run=run,
     )
+
+
+def console() -> None:
+    """The ``adaptlab`` console command (returns nothing: ``sys.exit(main())`` would print the CLI object)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from typing import Any, Literal, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
 
 from models.utils.atomic import atomic_path
 
@@ -73,4 +72,5 @@ class TrackNetPredictionWriter(BasePredictionWriter):
                     else:
                         writer.writerow([frame, vis, f"{x:.2f}", f"{y:.2f}"])
             self.written.append(path)
-        rank_zero_info(f"TrackNetPredictionWriter: wrote {len(self.written)} label CSVs to {out_dir}")
+        print(f"predict: wrote {len(self.written)} label CSVs (Frame,Visibility,X,Y per clip) to {out_dir.resolve()}",
+              flush=True)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from callbacks.class_predictions import NamedSamples
 from datamodules.digits import load_digits_tensors, stratified_split
 from datamodules.image_check import decode_rgb
 from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
@@ -62,8 +63,9 @@ class ImageTensorDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment: bool = False) -> None:
+                 augment: bool = False, ids: Sequence[str] | None = None) -> None:
         self.images, self.labels, self.image_size, self.augment = images, labels, image_size, augment
+        self.ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]  # names for predict
         self.mean_std = (tuple(mean), tuple(std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -87,7 +89,8 @@ class ImageTensorDataset(Dataset):
 
     def subset(self, index: torch.Tensor, augment: bool | None = None) -> "ImageTensorDataset":
         return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std,
-                                  augment=self.augment if augment is None else augment)
+                                  augment=self.augment if augment is None else augment,
+                                  ids=[self.ids[i] for i in index.tolist()])
 
 
 def load_cifar100(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,22 +110,30 @@ def load_cifar100(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def load_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """A folder of class sub-folders (sorted names = label order); every image is decoded fully as RGB (a corrupt
-    or truncated file, or a class folder without images, raises naming it)."""
+def image_folder_files(root: Path) -> tuple[list[str], list[tuple[int, Path]]]:
+    """Class names (sorted sub-folder names = label order) and ``(label, file)`` of every image, in reading order."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    sizes: set[tuple[int, int]] = set()
+    out = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"image_folder class folder {str(root / name)!r} (under data.root) has no images "
                              f"({', '.join(IMAGE_SUFFIXES)})")
-        for p in files:
-            arr = decode_rgb(p)
-            sizes.add(arr.shape[:2])
-            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-            labels.append(label)
+        out += [(label, p) for p in files]
+    return classes, out
+
+
+def load_image_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A folder of class sub-folders (sorted names = label order); every image is decoded fully as RGB (a corrupt
+    or truncated file, or a class folder without images, raises naming it)."""
+    classes, files = image_folder_files(root)
+    images, labels = [], []
+    sizes: set[tuple[int, int]] = set()
+    for label, p in files:
+        arr = decode_rgb(p)
+        sizes.add(arr.shape[:2])
+        images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+        labels.append(label)
     if len(sizes) > 1:  # different sizes: bring them to the first one so they stack (resized again on access)
         h, w = images[0].shape[1:]
         images = [
@@ -284,22 +295,36 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             self._check_root("cifar100", root, download=False)
             x, y = load_cifar100(root, train=True)
             x_test, y_test = load_cifar100(root, train=False)
+            self._set_class_names([str(c) for c in range(100)])
             f_val = hp.val_fraction / (1 - hp.test_fraction)
             train_idx, val_idx = stratified_split(y, (1 - f_val, f_val), hp.split_seed)
-            full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
-            test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std)
+            full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std,
+                                      ids=[f"cifar100-train:{i}" for i in range(len(y))])
+            test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std,
+                                      ids=[f"cifar100-test:{i}" for i in range(len(y_test))])
             return full.subset(train_idx, hp.train_augment), full.subset(val_idx), test
         if hp.dataset == "glyphs":
             from datamodules.glyphs import render_pool
 
-            x, y, _ = render_pool("sequence", hp.glyph_classes, hp.glyph_images_per_class, hp.image_size, hp.glyph_seed)
+            x, y, chars = render_pool("sequence", hp.glyph_classes, hp.glyph_images_per_class, hp.image_size,
+                                      hp.glyph_seed)
+            names = list(chars)
+            ids = [f"glyph:U+{ord(names[c]):04X}:{i % hp.glyph_images_per_class}" for i, c in enumerate(y.tolist())]
         elif hp.dataset == "digits":
             x, y = load_digits_tensors(hp.image_size)
+            names, ids = [str(c) for c in range(10)], [f"digits:{i}" for i in range(len(y))]
         else:
-            x, y, _ = load_image_folder(Path(hp.root).expanduser())
-        full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
+            root = Path(hp.root).expanduser()
+            x, y, names = load_image_folder(root)
+            ids = [str(f.relative_to(root)) for _, f in image_folder_files(root)[1]]
+        self._set_class_names(names)
+        full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std, ids=ids)
         parts = stratified_split(y, fractions, hp.split_seed)
         return full.subset(parts[0], hp.train_augment), full.subset(parts[1]), full.subset(parts[2])
+
+    def _set_class_names(self, names: Sequence[str]) -> None:
+        """Names by remapped label (position in the class order), for predictions."""
+        self.class_names = [str(names[int(c)]) for c in self.class_order]
 
     def _remap(self, labels: torch.Tensor) -> torch.Tensor:
         """Original label -> its position in the class order."""
@@ -344,7 +369,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
 
     def loader(self, ds: Dataset, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
-        return DataLoader(ds, hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+        # keyword arguments only: Lightning re-creates the loader (e.g. to track predict indices)
+        return DataLoader(ds, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
                           persistent_workers=False, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
@@ -358,3 +384,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader(self.task_dataset("test", self.num_tasks - 1, cumulative=True))
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split of every task, each sample named (its image file for ``image_folder``)."""
+        ds = self.task_dataset("test", self.num_tasks - 1, cumulative=True)
+        return self.loader(NamedSamples(ds, ds.ids, self.class_names))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks.class_predictions import NamedSamples
 from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
 
 #: Mean/std of the digits pixels after scaling to [0, 1] (computed over the whole 8x8 set).
@@ -96,14 +97,17 @@ class DigitsDataModule(L.LightningDataModule):
             y, (1 - hp.val_fraction - hp.test_fraction, hp.val_fraction, hp.test_fraction), hp.split_seed
         )
         self.train_set, self.val_set, self.test_set = (TensorDataset(x[i], y[i]) for i in (train, val, test))
+        self.test_index = test
 
     def _loader(self, ds: TensorDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
+        # keyword arguments only: Lightning re-creates the loader (e.g. to track predict indices)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Seeded per epoch and resumable mid-epoch (see ``datamodules.resumable``)."""
         return ResumableDataLoader(
-            self.train_set, self.hparams.batch_size, sampler=EpochSeededSampler(len(self.train_set)),
+            self.train_set, batch_size=self.hparams.batch_size, sampler=EpochSeededSampler(len(self.train_set)),
             num_workers=self.hparams.num_workers,
         )
 
@@ -114,4 +118,6 @@ class DigitsDataModule(L.LightningDataModule):
         return self._loader(self.test_set, False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
+        """The test split, each sample named ``digits:<index in scikit-learn's load_digits>``."""
+        ids = [f"digits:{i}" for i in self.test_index.tolist()]
+        return self._loader(NamedSamples(self.test_set, ids, [str(c) for c in range(10)]), False)

@@ -25,6 +25,7 @@ whole backbone also trains on the first task, then stays frozen.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import lightning as L
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.adapter_checkpoint import AdapterCheckpoint
+from callbacks.class_predictions import ClassPredictionWriter, classify
 from callbacks.consolidation import TaskBoundaryConsolidation
 from callbacks.continual_eval import ContinualEvaluation
 from callbacks.multi_rate import MultiRateStepping
@@ -85,6 +88,8 @@ class ContinualClassifier(L.LightningModule):
         weight_decay: weight decay of either optimizer.
         scheduler: ``cosine`` (per task, per optimizer) or ``constant``.
         mask_old_logits: set earlier tasks' logits to -inf while training a new task.
+        adapter_path: an ``adapter/`` folder of an earlier run (adapters, head and sequence state without the frozen
+            backbone) loaded onto this freshly built model (``predict`` then needs no ``--ckpt_path``).
     """
 
     def logged_metrics(self) -> list[str]:
@@ -126,6 +131,7 @@ class ContinualClassifier(L.LightningModule):
         weight_decay: float = 0.0,
         scheduler: Literal["cosine", "constant"] = "cosine",
         mask_old_logits: bool = True,
+        adapter_path: str | None = None,
     ) -> None:
         super().__init__()
         if adapter_type not in ADAPTER_TYPES:
@@ -174,6 +180,8 @@ class ContinualClassifier(L.LightningModule):
         self.A: list[float] = []
         self.expansions: list[dict[str, float]] = []
         self.sema_trained_between: list[dict[str, float]] = []  # layer-by-layer order: adapters trained mid-check
+        if adapter_path is not None:
+            self.load_adapter(adapter_path)
 
     @property
     def dm(self) -> ClassIncrementalData:
@@ -217,6 +225,10 @@ class ContinualClassifier(L.LightningModule):
         logits = self.model(x, self.hparams.num_classes)
         self.log("test/acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y), sync_dist=True)
 
+    def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class (among the classes seen so far) and probability per sample of a ``(x, y, index)`` batch."""
+        return classify(self(batch[0]), batch)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
@@ -255,6 +267,10 @@ class ContinualClassifier(L.LightningModule):
             out.append(TaskBoundaryConsolidation())
         if not any(issubclass(t, ContinualEvaluation) for t in present):
             out.append(ContinualEvaluation())
+        if not any(issubclass(t, ClassPredictionWriter) for t in present):
+            out.append(ClassPredictionWriter())
+        if not any(issubclass(t, AdapterCheckpoint) for t in present):
+            out.append(AdapterCheckpoint())
         return out
 
     def check_data(self, datamodule: L.LightningDataModule) -> None:
@@ -437,6 +453,47 @@ class ContinualClassifier(L.LightningModule):
 
     def _callbacks_with(self, hook: str) -> list[Callback]:
         return [c for c in self.trainer.callbacks if callable(getattr(c, hook, None))]
+
+    def trained_weights_source(self) -> str | None:
+        """``adapter_path``, when given (``TrainedWeights`` protocol: ``predict`` then needs no ``--ckpt_path``)."""
+        return self.hparams.adapter_path
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen backbone weights (all of it when the backbone trains at some task)."""
+        hp = self.hparams
+        skip = set() if hp.finetune_backbone or hp.first_task_adaptation else \
+            {f"model.backbone.{n}" for n in self.model._backbone_names}
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in skip}
+
+    def adapter_metadata(self) -> dict[str, str]:
+        """The sequence state (task, seen classes, SEMA layout, ...) needed before the tensors load."""
+        import json
+
+        state: dict[str, Any] = {}
+        self.on_save_checkpoint(state)
+        return {"continual": json.dumps(state["continual"])}
+
+    def load_adapter(self, path: str) -> None:
+        """Load an ``AdapterCheckpoint`` folder (or file) of this class onto this freshly built model."""
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        file = Path(path) / "adapter.safetensors" if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"adapter_path {str(file)!r} does not exist")
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "continual" not in meta:
+            raise ValueError(f"adapter_path {str(file)!r} was not written by a ContinualClassifier run")
+        self.on_load_checkpoint({"continual": json.loads(meta["continual"])})
+        state, own = load_file(str(file)), self.adapter_state_dict()
+        bad = sorted(set(state) ^ set(own)) + [k for k in state if k in own and state[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(f"adapter_path {str(file)!r} does not fit this model (other adapter settings?): "
+                             f"{', '.join(bad[:4])}")
+        self.load_state_dict(state, strict=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["continual"] = {

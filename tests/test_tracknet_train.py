@@ -197,7 +197,7 @@ def test_lora_config_fits_then_predicts_from_the_command_line(in_tmp):
         p.read_text() for p in (in_tmp / "out").glob("clip_*.csv"))
 
 
-def test_qlora_config_fits_and_predicts_from_its_checkpoint(in_tmp):
+def test_qlora_config_fits_and_predicts_from_its_checkpoint(in_tmp, capsys):
     pytest.importorskip("models.quant")
     cfg = str(REPO / "configs/tracknet_qlora.yaml")
     run_cli(["fit", "--config", cfg, *SMALL_DATA, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
@@ -205,9 +205,13 @@ def test_qlora_config_fits_and_predicts_from_its_checkpoint(in_tmp):
     run = in_tmp / "runs" / "tracknet_qlora" / "version_0"
     assert (run / "adapter" / "adapter.safetensors").is_file()
     # The Lightning checkpoint holds the packed 4-bit buffers and reloads into a freshly quantized model.
+    capsys.readouterr()
     run_cli(["predict", "--config", cfg, *SMALL_DATA, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
           "--trainer.enable_progress_bar", "false"])
     assert len(list((in_tmp / "runs" / "tracknet_qlora").glob("version_*/predictions/clip_*.csv"))) == 1
+    # the user is told where the CSVs went
+    out = in_tmp / "runs" / "tracknet_qlora" / "version_1" / "predictions"
+    assert f"predict: wrote 1 label CSVs (Frame,Visibility,X,Y per clip) to {out}" in capsys.readouterr().out
 
 
 def test_dinov3_qlora_config_smoke_with_tiny_overrides(in_tmp):

@@ -46,7 +46,9 @@ def create_vit(
                 f"pretrained_file {str(path)!r} does not exist; adaptlab never downloads weights. "
                 "Put the timm weights there or set pretrained_file: null for random init."
             )
-        extra.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        # custom_load=False: timm's standard loader (safetensors or torch, checkpoint filter); some default tags of
+        # older timm releases point at a JAX .npz loader instead
+        extra.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=False))
         try:
             return timm.create_model(name, img_size=img_size, in_chans=in_chans, num_classes=num_classes, **extra)
         except Exception as e:
