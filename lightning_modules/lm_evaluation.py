@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -43,13 +42,6 @@ class NextTokenEvaluation:
         """Every name this module logs (``checkpoint.monitor`` is checked against it before training)."""
         return [f"{stage}/{name}" for stage in ("train", "val", "test") for name in ("loss", "perplexity")] + \
             list(self.EXTRA_METRICS)
-
-    def check_data(self, datamodule: L.LightningDataModule) -> None:
-        """Every token id of the data must fit the embedding (``callbacks.protocols.DataCompatibility``;
-        ``cli.py`` calls it before any run folder exists)."""
-        vocab, size = getattr(datamodule, "vocab_size", None), self.model.config.vocab_size
-        if vocab is not None and vocab > size:
-            raise ValueError(f"the data's tokenizer has {vocab} tokens but model.config.vocab_size is {size}")
 
     def init_evaluation(self) -> None:
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()

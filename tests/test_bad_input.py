@@ -204,8 +204,8 @@ CASES = [
     (PHASE1, ["--model.config.lns_format", "lns3"], "config.lns_format"),
     # vocabulary vs data for Phase 1 / Phase 2 (byte-level data: 256 token ids)
     (PHASE1, ["--model.config.vocab_size", "100"],
-     "the data's tokenizer has 256 tokens but model.config.vocab_size is 100"),
-    (PHASE2, ["--model.config.vocab_size", "100"], "the data's tokenizer has 256 tokens but model.config.vocab_size"),
+     "has 256 tokens but model.config.vocab_size is 100"),
+    (PHASE2, ["--model.config.vocab_size", "100"], "has 256 tokens but model.config.vocab_size is 100"),
     # Phase 1: one source of truth for a key set both flat and nested; values the nested group cannot type
     (PHASE1, ["--model.config.htt_rank", "4"], "config.htt_rank (4) and phase1.htt.rank (16) set the same option"),
     (PHASE1, ["--model.phase1", '{"preset": "8gb"}', "--model.config.d_model", "64"],
