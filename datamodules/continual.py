@@ -28,7 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.digits import load_digits_tensors, stratified_split
 from datamodules.image_check import decode_rgb
 
-DatasetName = Literal["glyphs", "digits", "cifar100", "image_folder"]
+DatasetName = Literal["glyphs", "multidomain", "digits", "cifar100", "image_folder"]
+#: The ``multidomain`` sequence's domains, in task order: three renderings of disjoint glyph classes, then
+#: scikit-learn's handwritten digits.
+DOMAINS: tuple[str, ...] = ("glyphs-plain", "glyphs-inverted", "glyphs-shifted", "digits")
 #: Per-channel mean/std used for uint8 sources (ImageNet statistics, what timm ViTs expect).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -165,6 +168,12 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         glyph_classes: classes of the ``glyphs`` sequence (the first ones of the glyph sequence pool).
         glyph_images_per_class: rendered images per ``glyphs`` class (split into train/val/test).
         glyph_seed: seed of the ``glyphs`` rendering.
+        glyph_style: rendering of the ``glyphs`` sequence: ``plain`` (as the backbone's pre-training pool),
+            ``inverted`` (dark on light) or ``shifted`` (dark on light, colour tints, mild texture; the main job's
+            shifted sequence, see ``datamodules.glyphs``).
+        domain_classes: classes per domain of ``multidomain`` (``DOMAINS`` order: plain, inverted and shifted
+            glyphs of disjoint sequence-pool characters, then digits, at most 10); every domain boundary must be
+            a task boundary. Classes are permuted within each domain, so the domains change at known tasks.
         train_augment: SEMA-CL's training augmentation on the training split (random resized crop with
             scale 0.05-1 to ``image_size``, horizontal flip; for uint8 sources such as ``cifar100``).
     """
@@ -190,11 +199,18 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         glyph_classes: int = 50,
         glyph_images_per_class: int = 100,
         glyph_seed: int = 0,
+        glyph_style: Literal["plain", "inverted", "shifted"] = "plain",
+        domain_classes: Sequence[int] = (15, 15, 10, 10),
         train_augment: bool = False,
     ) -> None:
         super().__init__()
-        if dataset not in ("glyphs", "digits", "cifar100", "image_folder"):
-            raise ValueError(f"dataset must be 'glyphs', 'digits', 'cifar100' or 'image_folder', got {dataset!r}")
+        if dataset not in ("glyphs", "multidomain", "digits", "cifar100", "image_folder"):
+            raise ValueError(f"dataset must be 'glyphs', 'multidomain', 'digits', 'cifar100' or 'image_folder', "
+                             f"got {dataset!r}")
+        from datamodules.glyphs import STYLES
+
+        if glyph_style not in STYLES:
+            raise ValueError(f"glyph_style must be one of {STYLES}, got {glyph_style!r}")
         for key, value in (("batch_size", batch_size), ("epochs_per_task", epochs_per_task),
                            ("image_size", image_size)):
             if value <= 0:
@@ -214,15 +230,34 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             if not 2 <= glyph_classes <= n_pool:
                 raise ValueError(f"glyph_classes must be in [2, {n_pool}] (the glyph sequence pool), "
                                  f"got {glyph_classes}")
+        elif dataset == "multidomain":
+            domain_classes = [int(c) for c in domain_classes]
+            if len(domain_classes) != len(DOMAINS) or min(domain_classes) < 0 or domain_classes[3] > 10:
+                raise ValueError(f"domain_classes must give {len(DOMAINS)} class counts ({', '.join(DOMAINS)}; "
+                                 f"digits at most 10), got {domain_classes}")
+            if glyph_images_per_class < 3:
+                raise ValueError(f"glyph_images_per_class must be >= 3 (train/val/test), got {glyph_images_per_class}")
         elif dataset != "digits":
             if root is None:
                 raise ValueError(f"dataset={dataset!r} needs `root` (a local folder)")
             self._check_root(dataset, Path(root).expanduser(), download)
         self.save_hyperparameters()
-        self.num_classes = {"glyphs": glyph_classes, "digits": 10, "cifar100": 100}.get(dataset) or \
-            self._count_folder_classes()
+        self.num_classes = {"glyphs": glyph_classes, "digits": 10, "cifar100": 100,
+                            "multidomain": sum(domain_classes)}.get(dataset) or self._count_folder_classes()
         self.task_sizes = task_sizes(self.num_classes, init_cls, increment)
         self.class_order = class_order(self.num_classes, class_order_seed if shuffle else None)
+        self.domain_tasks: list[int] = [0]  # first task of each domain (one domain unless ``multidomain``)
+        if dataset == "multidomain":
+            bounds = np.cumsum([0, *domain_classes])
+            starts = np.cumsum([0, *self.task_sizes])
+            bad = [int(b) for b in bounds[1:-1] if b not in starts]
+            if bad:
+                raise ValueError(f"domain_classes {list(domain_classes)} put a domain boundary inside a task (after "
+                                 f"class {bad[0]}); task sizes are {self.task_sizes}")
+            seed = class_order_seed if shuffle else None
+            self.class_order = np.concatenate([lo + class_order(hi - lo, None if seed is None else seed + k)
+                                               for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
+            self.domain_tasks = [int(np.searchsorted(starts, b)) for b, n in zip(bounds[:-1], domain_classes) if n]
         self._sets: dict[str, ImageTensorDataset] = {}
 
     @staticmethod
@@ -259,6 +294,10 @@ class ClassIncrementalDataModule(L.LightningDataModule):
 
     def task_of_epoch(self, epoch: int) -> int:
         return min(epoch // self.hparams.epochs_per_task, self.num_tasks - 1)
+
+    def domain_of_task(self, task: int) -> int:
+        """Index of the domain that ``task`` belongs to (0 for single-domain sequences)."""
+        return int(np.searchsorted(self.domain_tasks, task, side="right")) - 1
 
     def current_task(self) -> int:
         """The task the trainer's current epoch trains (0 without a trainer)."""
@@ -297,7 +336,10 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         if hp.dataset == "glyphs":
             from datamodules.glyphs import render_pool
 
-            x, y, _ = render_pool("sequence", hp.glyph_classes, hp.glyph_images_per_class, hp.image_size, hp.glyph_seed)
+            x, y, _ = render_pool("sequence", hp.glyph_classes, hp.glyph_images_per_class, hp.image_size, hp.glyph_seed,
+                                  style=hp.glyph_style)
+        elif hp.dataset == "multidomain":
+            x, y = self._load_multidomain()
         elif hp.dataset == "digits":
             x, y = load_digits_tensors(hp.image_size)
         else:
@@ -305,6 +347,36 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
         parts = stratified_split(y, fractions, hp.split_seed)
         return full.subset(parts[0], hp.train_augment), full.subset(parts[1]), full.subset(parts[2])
+
+    def _load_multidomain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of the domains in ``DOMAINS`` order (labels contiguous per domain)."""
+        from datamodules.glyphs import render_pool
+
+        hp = self.hparams
+        xs, ys, first, offset = [], [], 0, 0
+        for name, n in zip(DOMAINS, hp.domain_classes):
+            if n == 0:
+                continue
+            if name == "digits":
+                from sklearn.datasets import load_digits
+
+                data = load_digits()
+                g = torch.Generator().manual_seed(hp.glyph_seed)
+                keep = torch.cat([(torch.as_tensor(data.target) == c).nonzero().flatten()[
+                    torch.randperm(int((torch.as_tensor(data.target) == c).sum()), generator=g)
+                    [: hp.glyph_images_per_class]].sort().values for c in range(n)])
+                img = torch.tensor(data.images[keep.numpy()], dtype=torch.float32)[:, None] / 16.0
+                img = F.interpolate(img, size=(hp.image_size,) * 2, mode="bilinear", align_corners=False)
+                x = img.mul(255).round().clamp(0, 255).byte().expand(-1, 3, -1, -1).contiguous()
+                y = torch.as_tensor(data.target[keep.numpy()], dtype=torch.long)
+            else:
+                x, y, _ = render_pool("sequence", n, hp.glyph_images_per_class, hp.image_size, hp.glyph_seed,
+                                      style=name.split("-")[1], first=first)
+                first += n
+            xs.append(x)
+            ys.append(y + offset)
+            offset += n
+        return torch.cat(xs), torch.cat(ys)
 
     def _remap(self, labels: torch.Tensor) -> torch.Tensor:
         """Original label -> its position in the class order."""

@@ -137,8 +137,8 @@ def test_sema_resume_rebuilds_expanded_adapters(in_tmp):
     ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
     assert torch.load(ckpt, weights_only=False)["continual"]["sema_layout"] == {"0": [0, 1, 2]}
     cli = run_cli(common + ["--ckpt_path", str(ckpt)])
-    assert cli.model.model.sema_layout() == {0: [0, 1, 2, 3, 4]}
-    assert [(e["task"], e["layer"]) for e in cli.model.expansions] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    assert cli.model.model.method.layout() == {0: [0, 1, 2, 3, 4]}
+    assert [(e["task"], e["layer"]) for e in cli.model.method.expansions] == [(1, 0), (2, 0), (3, 0), (4, 0)]
     assert len(cli.model.R) == 5
 
 
@@ -156,7 +156,7 @@ def test_sema_expansion_order_in_a_whole_sequence(in_tmp, order):
         run_cli(args + ["--trainer.max_epochs", "3"])
         ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
         cli = run_cli(args + ["--ckpt_path", str(ckpt)])
-        assert cli.model.model.sema_closed == {(0, t) for t in range(1, 5)}
+        assert cli.model.model.method.closed == {(0, t) for t in range(1, 5)}
         folder = in_tmp / "runs/sema_adapter/version_1"  # the resumed run's
     else:
         run_cli(args)
