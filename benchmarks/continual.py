@@ -80,6 +80,10 @@ def config_args() -> tuple[dict, dict]:
     return cfg["model"]["init_args"], cfg["data"]["init_args"]
 
 
+def trainer_args() -> dict:
+    return yaml.safe_load(CONFIG.read_text())["trainer"]
+
+
 def chosen() -> dict[str, dict]:
     return json.loads(CHOSEN.read_text()) if CHOSEN.exists() else {}
 
@@ -109,7 +113,7 @@ def run(method: str, seed: int, split: str = "test", model_overrides: dict | Non
     model_args = {**copy.deepcopy(model_args), **resolve(over)}
     data_args = {**data_args, "class_order_seed": 1993 + seed, **(data_overrides or {})}
     if method == "joint_lora":
-        data_args.update(init_cls=data_args["glyph_classes"], epochs_per_task=8)
+        data_args.update(init_cls=data_args["glyph_classes"], epochs_per_task=4)
     model_args["pretrain"] = GlyphPretraining(**model_args["pretrain"])
     L.seed_everything(seed, verbose=False)
     module = ContinualClassifier(**model_args)
@@ -118,6 +122,7 @@ def run(method: str, seed: int, split: str = "test", model_overrides: dict | Non
     # change the training batches' order): seed 0 of `nested_lora` reproduces the main job
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
+                        check_val_every_n_epoch=trainer_args().get("check_val_every_n_epoch", 1),
                         callbacks=[MultiRateStepping(), ContinualEvaluation(split=split, plots=False)],
                         default_root_dir=str(REPO / "runs" / "benchmark_continual"))
     t0 = time.perf_counter()
@@ -234,10 +239,13 @@ def headroom(out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- selection
-def select(seed: int, out: Path) -> dict[str, dict]:
+def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "nested_lora", "sema")
+           ) -> dict[str, dict]:
     """Per-method settings on the validation split with seed ``seed`` (class order ``1993 + seed``), coordinate by
     coordinate; an lr grid whose winner is at an edge is extended by a x3 step in that direction (twice at most).
-    Score: validation average incremental accuracy. Writes ``benchmarks/continual_chosen.json``."""
+    Score: validation average incremental accuracy. The head lr (head only) comes first and is shared; then
+    ``methods`` (several processes may select different methods at once: runs are cached in ``out`` and
+    ``benchmarks/continual_chosen.json`` is merged). Writes ``benchmarks/continual_chosen.json``."""
     lines = out.read_text().splitlines() if out.exists() else []
     cache = {json.dumps([r["method"], r["settings"]], sort_keys=True): r for r in map(json.loads, lines)
              if r["seed"] == seed}
@@ -274,21 +282,24 @@ def select(seed: int, out: Path) -> dict[str, dict]:
     picked: dict[str, dict] = {}
     picked["none"] = search("none", {}, "lr_head", GRIDS["lr_head"])
     head = {"lr_head": picked["none"]["lr_head"]}
-    for m in ("lora", "aper"):
+    for m in [m for m in ("lora", "aper") if m in methods]:
         picked[m] = search(m, head, "lr_fast", GRIDS["lr_fast"])
-    nested = search("nested_lora", {**head, "lr_slow_ratio": 10}, "lr_fast", GRIDS["lr_fast"])
-    nested = search("nested_lora", nested, "lr_slow_ratio", [1, 10, 100], log_grid=False)
-    nested = search("nested_lora", nested, "slow_update_interval", [1, 3, 10], log_grid=False)
-    nested = search("nested_lora", nested, "consolidation_alpha", [0.5, 1.0], log_grid=False)
-    picked["nested_lora"] = nested
-    sema = search("sema", head, "lr_fast", GRIDS["lr_fast"])
-    sema = search("sema", sema, "expansion_threshold", [1.0, 2.0, 4.0], log_grid=False)
-    picked["sema"] = search("sema", sema, "sema_descriptor_hidden", [16, 48], log_grid=False)
-    picked["lora_ncm"], picked["nested_ncm"], picked["joint_lora"] = picked["lora"], nested, picked["lora"]
+    if "nested_lora" in methods:
+        nested = search("nested_lora", {**head, "lr_slow_ratio": 10}, "lr_fast", GRIDS["lr_fast"])
+        picked["nested_lora"] = search("nested_lora", nested, "lr_slow_ratio", [1, 10, 100], log_grid=False)
+    if "sema" in methods:
+        picked["sema"] = search("sema", {**head, "sema_descriptor_hidden": 16}, "lr_fast", GRIDS["lr_fast"])
+    if "lora" in picked:
+        picked["lora_ncm"] = picked["joint_lora"] = picked["lora"]
+    if "nested_lora" in picked:
+        picked["nested_ncm"] = picked["nested_lora"]
     print("\n".join(table))
-    CHOSEN.write_text(json.dumps({k: resolve(v) for k, v in picked.items()}, indent=2) + "\n")
+    current = chosen()  # other --select processes may have written their methods meanwhile
+    current.update({k: resolve(v) for k, v in picked.items()})
+    CHOSEN.write_text(json.dumps(current, indent=2) + "\n")
     print(f"\nselection seed {seed} (class order {1993 + seed}), validation split: {json.dumps(picked)}")
-    (out.parent / "select_table.md").write_text("\n".join(table) + "\n")
+    with (out.parent / "select_table.md").open("a") as f:
+        f.write("\n".join(table) + "\n")
     return picked
 
 
@@ -408,7 +419,11 @@ def main() -> None:
     p.add_argument("--select", action="store_true", help="choose the settings on the validation split, then exit")
     p.add_argument("--select-seed", type=int, default=100, help="seed of the selection runs (not a reported one)")
     p.add_argument("--select-out", default="runs/benchmark_continual/select.jsonl")
+    p.add_argument("--select-methods", nargs="+", default=["lora", "aper", "nested_lora", "sema"],
+                   choices=["lora", "aper", "nested_lora", "sema"], help="methods --select tunes")
     p.add_argument("--multidomain", action="store_true", help="SEMA on the multi-domain sequence, then exit")
+    p.add_argument("--wait-chosen", action="store_true",
+                   help="wait until --select (run in parallel) has written settings for every --methods entry")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -419,11 +434,13 @@ def main() -> None:
     if args.select:
         if args.select_seed in args.seeds:
             raise SystemExit(f"error: --select-seed {args.select_seed} is one of the reported --seeds {args.seeds}")
-        select(args.select_seed, Path(args.select_out))
+        select(args.select_seed, Path(args.select_out), tuple(args.select_methods))
         return
     if args.multidomain:
         multidomain(args.seeds[0], out.parent / "multidomain.jsonl")
         return
+    while args.wait_chosen and not all(m in chosen() for m in args.methods if m not in FEATURE_ONLY):
+        time.sleep(30)
     if not args.table_only:
         lines = out.read_text().splitlines() if out.exists() else []
         done = {(r["method"], r["seed"]) for r in map(json.loads, lines)}

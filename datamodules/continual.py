@@ -64,8 +64,9 @@ class ImageTensorDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment: bool = False) -> None:
+                 augment: bool = False, eval_resize: int | None = None) -> None:
         self.images, self.labels, self.image_size, self.augment = images, labels, image_size, augment
+        self.eval_resize = eval_resize
         self.mean_std = (tuple(mean), tuple(std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -82,6 +83,11 @@ class ImageTensorDataset(Dataset):
 
                 x = v2.RandomResizedCrop(self.image_size, scale=(0.05, 1.0), antialias=True)(x)
                 x = v2.RandomHorizontalFlip()(x)
+            elif self.eval_resize:  # SEMA-CL's test transform: Resize(eval_resize, bicubic) + CenterCrop(image_size)
+                from torchvision.transforms import v2
+
+                x = v2.Resize(self.eval_resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(x)
+                x = v2.CenterCrop(self.image_size)(x).clamp(0, 1)
             elif x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
                 x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", align_corners=False)[0]
             x = (x - self.mean) / self.std
@@ -89,7 +95,7 @@ class ImageTensorDataset(Dataset):
 
     def subset(self, index: torch.Tensor, augment: bool | None = None) -> "ImageTensorDataset":
         return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std,
-                                  augment=self.augment if augment is None else augment)
+                                  augment=self.augment if augment is None else augment, eval_resize=self.eval_resize)
 
 
 def _unpickle(path: Path) -> dict:
@@ -174,6 +180,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         domain_classes: classes per domain of ``multidomain`` (``DOMAINS`` order: plain, inverted and shifted
             glyphs of disjoint sequence-pool characters, then digits, at most 10); every domain boundary must be
             a task boundary. Classes are permuted within each domain, so the domains change at known tasks.
+        eval_resize: validation/test images of uint8 sources are resized to this side (bicubic) and centre-cropped
+            to ``image_size`` (SEMA-CL's CIFAR test transform: 256 then 224); ``None``: resized to ``image_size``.
         train_augment: SEMA-CL's training augmentation on the training split (random resized crop with
             scale 0.05-1 to ``image_size``, horizontal flip; for uint8 sources such as ``cifar100``).
     """
@@ -201,6 +209,7 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         glyph_seed: int = 0,
         glyph_style: Literal["plain", "inverted", "shifted"] = "plain",
         domain_classes: Sequence[int] = (15, 15, 10, 10),
+        eval_resize: int | None = None,
         train_augment: bool = False,
     ) -> None:
         super().__init__()
@@ -217,6 +226,9 @@ class ClassIncrementalDataModule(L.LightningDataModule):
                 raise ValueError(f"{key} must be positive, got {value}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean/std must have 3 values with std > 0, got mean={mean}, std={std}")
+        if eval_resize is not None and eval_resize < image_size:
+            raise ValueError(f"eval_resize ({eval_resize}) must be >= image_size ({image_size}): the centre crop "
+                             "cannot be larger than the resized image")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -330,8 +342,9 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             x_test, y_test = load_cifar100(root, train=False)
             f_val = hp.val_fraction / (1 - hp.test_fraction)
             train_idx, val_idx = stratified_split(y, (1 - f_val, f_val), hp.split_seed)
-            full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
-            test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std)
+            full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std, eval_resize=hp.eval_resize)
+            test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std,
+                                      eval_resize=hp.eval_resize)
             return full.subset(train_idx, hp.train_augment), full.subset(val_idx), test
         if hp.dataset == "glyphs":
             from datamodules.glyphs import render_pool
@@ -344,7 +357,7 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             x, y = load_digits_tensors(hp.image_size)
         else:
             x, y, _ = load_image_folder(Path(hp.root).expanduser())
-        full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std)
+        full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std, eval_resize=hp.eval_resize)
         parts = stratified_split(y, fractions, hp.split_seed)
         return full.subset(parts[0], hp.train_augment), full.subset(parts[1]), full.subset(parts[2])
 

@@ -32,21 +32,41 @@ def test_nested_sequence_metrics_steps_and_tensorboard(in_tmp):
     ev = EventAccumulator(str(in_tmp / "runs" / "sema_nested" / "version_0"), size_guidance={"images": 0}).Reload()
     assert "cl/accuracy_matrix" in ev.Tags()["images"]
     scalars = set(ev.Tags()["scalars"])
-    for tag in ("cl/avg_incremental_acc", "cl/forgetting", "cl/bwt", "lr/fast", "lr/slow", "train/slow_interval",
-                "consolidation/truncation_error_max", "params/trainable", "nested/slow_delta_norm"):
+    for tag in ("cl/avg_incremental_acc", "cl/forgetting", "cl/bwt", "lr/fast", "lr/slow", "lr/head",
+                "train/slow_interval", "consolidation/truncation_error_max", "params/trainable",
+                "nested/slow_delta_norm", "cl/old_acc", "cl/new_acc", "adapters/relative_delta"):
         assert tag in scalars, tag
+    for tag in ("cl/accuracy_matrix", "cl/task_confusion", "cl/old_new"):
+        assert tag in ev.Tags()["images"], tag
+    import yaml
+    init = yaml.safe_load((REPO / "configs/sema_nested.yaml").read_text())["model"]["init_args"]
+    first = {tag: ev.Scalars(tag)[0].value for tag in ("lr/fast", "lr/head", "lr/slow")}
+    # each tag reads its own parameter group (lr/fast was the head's lr before): within the cosine decay of its lr
+    for tag, key in (("lr/fast", "lr_fast"), ("lr/head", "lr_head"), ("lr/slow", "lr_slow")):
+        assert 0.5 * init[key] < first[tag] <= init[key], (tag, first[tag], init[key])
+    assert res["relative_delta"] > 0 and "acc_adapters_off" in res
     ckpt = torch.load(in_tmp / "runs/sema_nested/version_0/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 20
 
 
-@pytest.mark.parametrize("config,adapter", [("sema_lora.yaml", "lora"), ("sema_adapter.yaml", "sema")])
-def test_other_configs_run_the_sequence(in_tmp, config, adapter):
+@pytest.mark.parametrize("config,adapter,tasks", [
+    ("sema_lora.yaml", "lora", 5), ("sema_adapter.yaml", "sema", 5), ("continual_simplecil.yaml", "none", 5),
+    ("continual_ranpac.yaml", "none", 5), ("continual_aper.yaml", "aper", 5), ("continual_joint.yaml", "lora", 1),
+    ("continual_multidomain.yaml", "sema", 5)])
+def test_other_configs_run_the_sequence(in_tmp, config, adapter, tasks):
     extra = ["--model.expansion_layers", "[-1]"] if adapter == "sema" else []  # the tiny ViT has one block
+    extra += {"continual_joint.yaml": ["--data.init_cls", "10", "--data.epochs_per_task", "1"],
+              "continual_multidomain.yaml": ["--data.domain_classes", "[2, 2, 2, 4]"]}.get(config, [])
     run_cli(["fit", "--config", str(REPO / "configs" / config), *TINY_MODEL, *TINY_DATA, *QUIET, *extra])
-    res = _results(in_tmp, config.removesuffix(".yaml"))
-    assert res["adapter_type"] == adapter and len(res["accuracy_matrix"]) == 5
+    folder = in_tmp / "runs" / config.removesuffix(".yaml") / "version_0"
+    res = json.loads((folder / "results.json").read_text())
+    assert res["adapter_type"] == adapter and len(res["accuracy_matrix"]) == tasks
+    assert all((folder / f"{name}.png").is_file() for name in ("accuracy_matrix", "task_confusion", "old_new"))
+    assert "acc_adapters_off" in res and len(res["task_records"]) == tasks
     if adapter == "sema":
         assert res["sema_layout"] and all(isinstance(e["layer"], int) for e in res["expansions"])
+    if res["classifier"] != "linear":  # the statistics classifier is fitted and classifies after every task
+        assert res["classifier"] == ("ridge" if "ranpac" in config else "ncm")
 
 
 def test_cifar100_vitb_config_smoke_with_tiny_override(in_tmp):

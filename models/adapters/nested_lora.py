@@ -82,8 +82,8 @@ def consolidate_layer(layer: LoRALinear, alpha: float) -> float:
     as ``B_s = U_r sqrt(S_r / scale_s)``, ``A_s = sqrt(S_r / scale_s) V_r^T``. The returned error is
     ``||target - new slow delta||_F / ||target||_F``: 0 only when the target has rank <= r. The slow adapter
     also trains during a task, so even at the first task's end the target is a sum of two non-zero rank-r
-    deltas and the error is not 0 (0.17 measured on the glyph sequence); a slow rank of ``2 r``
-    (``nested_slow_r``) keeps the first fold-in exact.
+    deltas and the error is not 0 (0.17 measured on the glyph sequence); a larger slow rank
+    (``nested_slow_r: 2r``) keeps more of the sum.
     """
     slow, fast = layer.adapters[SLOW], layer.adapters[FAST]
     target = slow.delta_weight().double() + alpha * fast.delta_weight().double()
