@@ -40,10 +40,11 @@ def test_nested_sequence_metrics_steps_and_tensorboard(in_tmp):
         assert tag in ev.Tags()["images"], tag
     import yaml
     init = yaml.safe_load((REPO / "configs/sema_nested.yaml").read_text())["model"]["init_args"]
-    first = {tag: ev.Scalars(tag)[0].value for tag in ("lr/fast", "lr/head", "lr/slow")}
-    # each tag reads its own parameter group (lr/fast was the head's lr before): within the cosine decay of its lr
+    # each tag reads its own parameter group (lr/fast was the head's lr before): its cosine decay stays below its
+    # own peak lr and reaches above half of it (lr_head, lr_fast and lr_slow differ by 10x each)
     for tag, key in (("lr/fast", "lr_fast"), ("lr/head", "lr_head"), ("lr/slow", "lr_slow")):
-        assert 0.5 * init[key] < first[tag] <= init[key], (tag, first[tag], init[key])
+        values = [e.value for e in ev.Scalars(tag)]
+        assert 0.5 * init[key] < max(values) <= init[key] * (1 + 1e-6), (tag, max(values), init[key])  # float32
     assert res["relative_delta"] > 0 and "acc_adapters_off" in res
     ckpt = torch.load(in_tmp / "runs/sema_nested/version_0/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 20
