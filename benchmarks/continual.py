@@ -1,19 +1,21 @@
-"""Continual-learning methods side by side on the embedded glyph sequence (10 tasks x 5 classes) with the
-offline glyph-pretrained, frozen backbone, over several seeds.
+"""Continual-learning methods side by side on the shifted glyph sequence (10 tasks x 5 classes, dark-on-light,
+tinted, textured: a rendering the glyph-pretrained backbone never saw), over seeds that also change the class
+order.
 
-Every run starts from ``configs/sema_nested.yaml`` (the main job: same backbone file, data, epochs and
-learning rates) and changes only what the method needs, so the ``nested_lora`` row is the main job itself
-(seed 0 = ``python -m cli fit --config configs/sema_nested.yaml``). Methods: frozen backbone + head only,
-full fine-tuning, LoRA (rank 2r), Nested LoRA (r + r), SEMA (joint and layer-by-layer expansion order), and
-Nested LoRA ablations (no consolidation, slow step every batch, discard instead of accumulate, slow step only at
-task ends). Per run: average
-incremental accuracy, last accuracy, forgetting, BWT (class-incremental, over all seen classes) and the
-final model's within-task accuracy (each task's test set scored over its own classes only), trainable
-parameters and wall time. Results are appended to a JSON-lines file as they finish (``--out``), so an
-interrupted grid keeps what it measured; the table is printed from that file (mean +- std over seeds).
+Every run starts from ``configs/sema_nested.yaml`` (the main job: same backbone file, data, epochs) and changes
+only what the method needs, with the learning rates chosen by ``--select``; seed ``s`` uses class order seed
+``1993 + s``, so the ``nested_lora`` seed-0 row is the main job itself (``python -m cli fit --config
+configs/sema_nested.yaml`` writes the same accuracy matrix). SimpleCIL and RanPAC need no training: their rows
+come from frozen features extracted once (the same classifier classes the CLI uses with ``classifier: ncm |
+ridge``). Per run: average incremental / last accuracy, forgetting, BWT, within-task accuracy, old / new
+accuracy after the last task, the method's relative weight change ||dW|| / ||W||, the last accuracy with its
+adapters switched off, trainable parameters and time. Runs are appended to JSON lines as they finish
+(``--out``), so an interrupted grid keeps what it measured.
 
-    python benchmarks/continual.py [--seeds 0 1 2] [--methods nested_lora lora ...] [--table-only]
-    python benchmarks/continual.py --select     # choose lrs and epochs on the validation split, seed 100
+    python benchmarks/continual.py --headroom          # joint linear probe vs joint LoRA (must be >= 15 points)
+    python benchmarks/continual.py --select            # learning rates and method knobs, validation split, seed 100
+    python benchmarks/continual.py --seeds 0 1 2 3 4   # test grid, tables, benchmarks/continual_curves.png
+    python benchmarks/continual.py --multidomain       # SEMA's expansions against known domain boundaries
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,47 +43,49 @@ from callbacks.multi_rate import MultiRateStepping  # noqa: E402
 from datamodules.continual import ClassIncrementalDataModule  # noqa: E402
 from datamodules.glyph_backbone import GlyphPretraining  # noqa: E402
 from lightning_modules.continual_vit import ContinualClassifier  # noqa: E402
+from models.continual.classifiers import NCMClassifier, RidgeClassifier  # noqa: E402
+from models.metrics import continual as cm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "sema_nested.yaml"
+CHOSEN = REPO / "benchmarks" / "continual_chosen.json"  # written by --select, read by the grid
 
-#: name -> (model overrides, MultiRateStepping slow_grad_mode)
-METHODS: dict[str, tuple[dict, str]] = {
-    "none": ({"adapter_type": "none"}, "accumulate"),
-    "full": ({"adapter_type": "none", "finetune_backbone": True, "lr_backbone": 1e-4}, "accumulate"),
-    "lora": ({"adapter_type": "lora", "lora_r": 8}, "accumulate"),
-    "nested_lora": ({}, "accumulate"),
-    "sema": ({"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_threshold": 2.0,
-              "lr_descriptor": 0.01, "expansion_order": "joint"}, "accumulate"),
-    "sema_layerwise": ({"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_threshold": 2.0,
-                        "lr_descriptor": 0.01, "expansion_order": "layerwise"}, "accumulate"),
-    "nested_no_consolidation": ({"use_consolidation": False}, "accumulate"),
-    "nested_interval_1": ({"slow_update_interval": 1}, "accumulate"),
-    "nested_discard": ({}, "discard"),
-    "nested_task_end": ({"slow_update_interval": 10**6}, "accumulate"),
+#: name -> model overrides (learning rates come from CHOSEN)
+METHODS: dict[str, dict] = {
+    "simplecil": {"adapter_type": "none", "classifier": "ncm"},
+    "ranpac": {"adapter_type": "none", "classifier": "ridge"},
+    "none": {"adapter_type": "none"},
+    "lora": {"adapter_type": "lora", "lora_r": 8},
+    "nested_lora": {},
+    "sema": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "joint"},
+    "aper": {"adapter_type": "aper", "lora_r": 8, "classifier": "ncm"},
+    "lora_ncm": {"adapter_type": "lora", "lora_r": 8, "classifier": "ncm"},
+    "nested_ncm": {"classifier": "ncm"},
+    "joint_lora": {"adapter_type": "lora", "lora_r": 8},
 }
+FEATURE_ONLY = ("simplecil", "ranpac")
 LABELS = {
-    "none": "frozen backbone + head only", "full": "full fine-tuning (backbone lr 1e-4)", "lora": "LoRA (rank 8)",
-    "nested_lora": "Nested LoRA (4 + 4), main job", "sema": "SEMA (threshold 2, joint order: default)",
-    "sema_layerwise": "SEMA, layer by layer (SEMA-CL order)",
-    "nested_no_consolidation": "Nested LoRA, no consolidation", "nested_interval_1": "Nested LoRA, slow interval 1",
-    "nested_discard": "Nested LoRA, discard (interval 3)",
-    "nested_task_end": "Nested LoRA, slow step at task ends only",
+    "simplecil": "SimpleCIL (frozen, cosine NCM)", "ranpac": "RanPAC (frozen, random proj. + ridge)",
+    "none": "head only (frozen, linear)", "lora": "LoRA r8 (linear head)", "nested_lora": "Nested LoRA 4+4 (main job)",
+    "sema": "SEMA (joint order)", "aper": "APER (LoRA r8 on task 0, NCM)", "lora_ncm": "LoRA r8 + NCM",
+    "nested_ncm": "Nested LoRA 4+4 + NCM", "joint_lora": "joint LoRA r8 (upper bound, one task)",
 }
-
-
-#: --select grid (validation split, a seed outside the reported ones): head lr with head only, then one shared
-#: adapter lr (LoRA and Nested LoRA's fast adapters; Nested LoRA's slow lr keeps the config's slow/fast ratio)
-#: and the epochs per task, scored by the mean of LoRA's and Nested LoRA's average incremental accuracy
-SELECT_HEAD_LRS = (2e-3, 5e-3, 1e-2)
-SELECT_ADAPTER_LRS = (3e-4, 1e-3, 3e-3)
-SELECT_EPOCHS = (3, 5)
-SELECT_ADAPTER_METHODS = ("nested_lora", "lora")
+#: lr grids of --select (extended by x3 steps while the winner is at an edge)
+GRIDS = {"lr_head": [3e-3, 1e-2, 3e-2], "lr_fast": [3e-4, 1e-3, 3e-3]}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def config_args() -> tuple[dict, dict]:
     cfg = yaml.safe_load(CONFIG.read_text())
     return cfg["model"]["init_args"], cfg["data"]["init_args"]
+
+
+def trainer_args() -> dict:
+    return yaml.safe_load(CONFIG.read_text())["trainer"]
+
+
+def chosen() -> dict[str, dict]:
+    return json.loads(CHOSEN.read_text()) if CHOSEN.exists() else {}
 
 
 @torch.no_grad()
@@ -97,137 +105,342 @@ def within_task_accuracy(module: ContinualClassifier, dm: ClassIncrementalDataMo
 
 
 def run(method: str, seed: int, split: str = "test", model_overrides: dict | None = None,
-        epochs_per_task: int | None = None) -> dict:
-    """One method over the whole sequence; ``split="val"`` scores the accuracy matrix on the validation split
-    (hyper-parameter selection), with ``model_overrides``/``epochs_per_task`` replacing the config's values."""
+        data_overrides: dict | None = None, use_chosen: bool = True) -> dict:
+    """One method over the whole sequence through the LightningModule (``split="val"``: the accuracy matrix on the
+    validation split, for ``--select``, which passes ``use_chosen=False``)."""
     model_args, data_args = config_args()
-    overrides, grad_mode = METHODS[method]
-    model_args = {**copy.deepcopy(model_args), **overrides, **(model_overrides or {})}
-    if epochs_per_task is not None:
-        data_args = {**data_args, "epochs_per_task": epochs_per_task}
+    over = {**METHODS[method], **(chosen().get(method, {}) if use_chosen else {}), **(model_overrides or {})}
+    model_args = {**copy.deepcopy(model_args), **resolve(over)}
+    data_args = {**data_args, "class_order_seed": 1993 + seed, **(data_overrides or {})}
+    if method == "joint_lora":
+        data_args.update(init_cls=data_args["glyph_classes"], epochs_per_task=4)
     model_args["pretrain"] = GlyphPretraining(**model_args["pretrain"])
     L.seed_everything(seed, verbose=False)
     module = ContinualClassifier(**model_args)
     dm = ClassIncrementalDataModule(**data_args)
     # validation runs as in the main job (its loaders draw from the global random state, so skipping it would
-    # change the training batches' order): seed 0 of `nested_lora` reproduces `python -m cli fit --config
-    # configs/sema_nested.yaml`
+    # change the training batches' order): seed 0 of `nested_lora` reproduces the main job
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[MultiRateStepping(slow_grad_mode=grad_mode)]
-                        + ([ContinualEvaluation(split=split)] if split != "test" else []),
-                        default_root_dir="runs/benchmark_continual")
+                        check_val_every_n_epoch=trainer_args().get("check_val_every_n_epoch", 1),
+                        callbacks=[MultiRateStepping(), ContinualEvaluation(split=split, plots=False)],
+                        default_root_dir=str(REPO / "runs" / "benchmark_continual"))
     t0 = time.perf_counter()
     trainer.fit(module, dm)
     res = continual_results(trainer, module)
     res.update(method=method, seed=seed, seconds=time.perf_counter() - t0, split=split,
-               within_task_acc=within_task_accuracy(module, dm, split), lr_head=model_args.get("lr_head"),
-               lr_fast=model_args.get("lr_fast"), lr_slow=model_args.get("lr_slow"),
-               epochs_per_task=data_args["epochs_per_task"])
+               within_task_acc=within_task_accuracy(module, dm, split), settings=over,
+               class_order_seed=data_args["class_order_seed"])
     return res
 
 
-def select(seed: int, out: Path) -> dict:
-    """Hyper-parameter selection on the validation split with a seed outside the reported ones: (1) head lr
-    per epoch count with head only (``none``); (2) with that head lr, one adapter lr shared by LoRA and Nested
-    LoRA and the epochs per task, by the mean of their average incremental accuracies. Runs are cached in
-    ``out`` (JSON lines). Returns the chosen values."""
-    model_args, _ = config_args()
-    slow_ratio = model_args["lr_slow"] / model_args["lr_fast"]
+# ---------------------------------------------------------------------------------------------- frozen features
+_FEATURES: dict[str, Any] = {}
+
+
+@torch.no_grad()
+def frozen_features(data_overrides: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Pooled features of the frozen backbone for every image of each split, with the *original* class labels
+    (before any class order), computed once per process."""
+    key = json.dumps(data_overrides or {}, sort_keys=True)
+    if key in _FEATURES:
+        return _FEATURES[key]
+    model_args, data_args = config_args()
+    model_args = {**model_args, "adapter_type": "none", "pretrain": GlyphPretraining(**model_args["pretrain"])}
+    module = ContinualClassifier(**model_args).eval()
+    dm = ClassIncrementalDataModule(**{**data_args, **(data_overrides or {}), "shuffle": False})
+    dm.setup()
+    out = {}
+    for split, ds in dm._sets.items():
+        out[split] = (torch.cat([module.model.features(x) for x, _ in dm.loader(ds)]), ds.labels.clone())
+    _FEATURES[key] = out
+    return out
+
+
+def run_features(method: str, seed: int, split: str = "test") -> dict:
+    """SimpleCIL / RanPAC from frozen features: per task, fit the classifier on the task's training features and
+    score the seen tasks' ``split`` features (the same classifiers the CLI fits at task ends)."""
+    t0 = time.perf_counter()
+    feats = frozen_features()
+    _, data_args = config_args()
+    dm = ClassIncrementalDataModule(**{**data_args, "class_order_seed": 1993 + seed})
+    position = torch.empty(dm.num_classes, dtype=torch.long)
+    position[torch.from_numpy(dm.class_order).long()] = torch.arange(dm.num_classes)
+    f = {s: (x, position[y]) for s, (x, y) in feats.items()}
+    n, dim = dm.num_classes, f["train"][0].shape[1]
+    clf = NCMClassifier(dim, n) if method == "simplecil" else RidgeClassifier(dim, n, 1000, seed=0)
+    R, A, records = [], [], []
+    for t in range(dm.num_tasks):
+        lo, hi = dm.task_offset(t), dm.classes_seen(t)
+        tr = (f["train"][1] >= lo) & (f["train"][1] < hi)
+        va = (f["val"][1] >= lo) & (f["val"][1] < hi)
+        clf.fit_task(f["train"][0][tr], f["train"][1][tr], hi, (f["val"][0][va], f["val"][1][va]))
+        te = f[split][1] < hi
+        pred = clf(f[split][0][te]).argmax(-1)
+        conf = np.bincount((f[split][1][te] * hi + pred).numpy(), minlength=hi * hi).reshape(hi, hi)
+        R.append([float(np.diag(conf)[dm.task_offset(i):dm.classes_seen(i)].sum()
+                        / conf[dm.task_offset(i):dm.classes_seen(i)].sum()) for i in range(t + 1)])
+        A.append(float(np.trace(conf) / conf.sum()))
+        records.append({"task": t, **cm.old_new_accuracy(conf, lo, hi), "relative_delta": 0.0})
+    records[-1]["acc_adapters_off"] = A[-1]
+    within = []
+    for t in range(dm.num_tasks):
+        lo, hi = dm.task_offset(t), dm.classes_seen(t)
+        m = (f[split][1] >= lo) & (f[split][1] < hi)
+        within.append(float(((clf(f[split][0][m])[:, lo:hi].argmax(-1) + lo) == f[split][1][m]).float().mean()))
+    return {"method": method, "seed": seed, "split": split, "accuracy_matrix": R, "acc_seen": A,
+            **cm.summary(R, A), "task_records": records, "relative_delta": 0.0, "acc_adapters_off": A[-1],
+            "within_task_acc": sum(within) / len(within), "trainable_params": {"trainable": 0},
+            "seconds": time.perf_counter() - t0, "class_order_seed": 1993 + seed}
+
+
+# ---------------------------------------------------------------------------------------------- headroom
+def headroom(out: Path) -> dict:
+    """Joint (all 50 classes at once) linear probe on frozen features vs joint LoRA, test split; the probe's lr and
+    weight decay and LoRA's lr chosen on the validation split."""
+    feats = frozen_features()
+    x, y = feats["train"]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    best = None
+    rows = []
+    for wd in (1e-4, 1e-2, 1e-1, 1.0):
+        for lr in (3e-3, 1e-2, 3e-2):
+            torch.manual_seed(0)
+            head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+            opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
+            for _ in range(300):
+                loss = F.cross_entropy(head((x - mu) / sd), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                acc = {s: float((head((feats[s][0] - mu) / sd).argmax(-1) == feats[s][1]).float().mean())
+                       for s in ("val", "test")}
+            rows.append((lr, wd, acc))
+            if best is None or acc["val"] > best[2]["val"]:
+                best = (lr, wd, acc)
+    lora = {}
+    for lr in (1e-3, 3e-3, 1e-2):
+        r = run("joint_lora", 100, "val", {"lr_fast": lr}, use_chosen=False)
+        lora[lr] = r["acc_seen"][-1]
+        print(f"[headroom] joint LoRA lr {lr:g}: val acc {100 * lora[lr]:.1f} ({r['seconds']:.0f} s)", flush=True)
+    lr_lora = max(lora, key=lora.get)
+    test = run("joint_lora", 0, "test", {"lr_fast": lr_lora}, use_chosen=False)
+    result = {"probe_lr": best[0], "probe_wd": best[1], "probe_val": best[2]["val"], "probe_test": best[2]["test"],
+              "probe_grid": rows, "lora_lr": lr_lora, "lora_val": lora, "lora_test": test["acc_seen"][-1],
+              "joint_lora_run": test}
+    result["headroom"] = result["lora_test"] - result["probe_test"]
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"[headroom] joint linear probe (frozen backbone; lr {best[0]:g}, wd {best[1]:g}, chosen on val): test "
+          f"{100 * result['probe_test']:.1f}%; joint LoRA r8 (lr {lr_lora:g}, chosen on val): test "
+          f"{100 * result['lora_test']:.1f}%; headroom {100 * result['headroom']:+.1f} points "
+          f"({'>=' if result['headroom'] >= 0.15 else '<'} 15)", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "nested_lora", "sema")
+           ) -> dict[str, dict]:
+    """Per-method settings on the validation split with seed ``seed`` (class order ``1993 + seed``), coordinate by
+    coordinate; an lr grid whose winner is at an edge is extended by a x3 step in that direction (twice at most).
+    Score: validation average incremental accuracy. The head lr (head only) comes first and is shared; then
+    ``methods`` (several processes may select different methods at once: runs are cached in ``out`` and
+    ``benchmarks/continual_chosen.json`` is merged). Writes ``benchmarks/continual_chosen.json``."""
     lines = out.read_text().splitlines() if out.exists() else []
-    done = {(r["method"], r["lr_head"], r["lr_fast"], r["epochs_per_task"]): r for r in map(json.loads, lines)
-            if r["seed"] == seed}
+    cache = {json.dumps([r["method"], r["settings"]], sort_keys=True): r for r in map(json.loads, lines)
+             if r["seed"] == seed}
+    table: list[str] = ["| method | setting | value | val avg inc. acc | val last acc | val forgetting | chosen |",
+                        "|---|---|---|---|---|---|---|"]
 
-    def cached(method: str, lr_head: float, lr_fast: float, epochs: int) -> dict:
-        key = (method, lr_head, lr_fast, epochs)
-        if key not in done:
-            over = {"lr_head": lr_head, "lr_fast": lr_fast, "lr_slow": lr_fast * slow_ratio}
-            done[key] = run(method, seed, "val", over, epochs)
+    def score(method: str, settings: dict) -> float:
+        full = {**METHODS[method], **settings}
+        key = json.dumps([method, full], sort_keys=True)
+        if key not in cache:
+            r = run(method, seed, "val", settings, use_chosen=False)
+            cache[key] = r
             with out.open("a") as f:
-                f.write(json.dumps(done[key]) + "\n")
-            r = done[key]
-            print(f"[select] {method} lr_head {lr_head:g} lr_fast {lr_fast:g} epochs {epochs}: val avg "
-                  f"{100 * r['avg_incremental_acc']:.1f} last {100 * r['last_acc']:.1f} ({r['seconds']:.0f} s)",
-                  flush=True)
-        return done[key]
+                f.write(json.dumps(r) + "\n")
+            print(f"[select] {method} {settings}: val avg {100 * r['avg_incremental_acc']:.1f} last "
+                  f"{100 * r['last_acc']:.1f} ({r['seconds']:.0f} s)", flush=True)
+        return cache[key]["avg_incremental_acc"]
 
-    base_fast = model_args["lr_fast"]
-    rows = ["| stage | method | head lr | adapter lr | epochs/task | val avg incremental acc | val last acc | "
-            "val forgetting | score |", "|---|---|---|---|---|---|---|---|---|"]
-    best_head: dict[int, float] = {}
-    for epochs in SELECT_EPOCHS:
-        scores = {lr: cached("none", lr, base_fast, epochs) for lr in SELECT_HEAD_LRS}
-        best_head[epochs] = max(SELECT_HEAD_LRS, key=lambda lr: scores[lr]["avg_incremental_acc"])
-        for lr, r in scores.items():
-            mark = " **chosen for this epoch count**" if lr == best_head[epochs] else ""
-            rows.append(f"| 1 | none | {lr:g} | - | {epochs} | {100 * r['avg_incremental_acc']:.1f} | "
-                        f"{100 * r['last_acc']:.1f} | {100 * r['forgetting']:.1f} | "
-                        f"{100 * r['avg_incremental_acc']:.1f}{mark} |")
-    score: dict[tuple[float, int], float] = {}
-    for epochs in SELECT_EPOCHS:
-        for lr in SELECT_ADAPTER_LRS:
-            rs = [cached(m, best_head[epochs], lr, epochs) for m in SELECT_ADAPTER_METHODS]
-            score[lr, epochs] = statistics.mean(r["avg_incremental_acc"] for r in rs)
-            for m, r in zip(SELECT_ADAPTER_METHODS, rs):
-                rows.append(f"| 2 | {m} | {best_head[epochs]:g} | {lr:g} | {epochs} | "
-                            f"{100 * r['avg_incremental_acc']:.1f} | {100 * r['last_acc']:.1f} | "
-                            f"{100 * r['forgetting']:.1f} | {100 * score[lr, epochs]:.1f} |")
-    lr_fast, epochs = max(score, key=score.get)
-    chosen = {"lr_head": best_head[epochs], "lr_fast": lr_fast, "lr_slow": lr_fast * slow_ratio,
-              "epochs_per_task": epochs}
-    print("\n".join(rows))
-    print(f"\nselection seed {seed}, validation split (10 images per class): chosen {chosen} "
-          f"(score = mean val avg incremental acc of {' and '.join(SELECT_ADAPTER_METHODS)})")
-    return chosen
+    def search(method: str, base: dict, key: str, values: list, log_grid: bool = True) -> dict:
+        values = list(values)
+        for _ in range(3):
+            scores = {v: score(method, {**base, key: v}) for v in values}
+            best = max(values, key=lambda v: scores[v])
+            if not log_grid or (best != values[0] and best != values[-1]) or _ == 2:
+                break
+            values = ([best / 3] + values) if best == values[0] else (values + [best * 3])
+        for v in values:
+            r = cache[json.dumps([method, {**METHODS[method], **base, key: v}], sort_keys=True)]
+            table.append(f"| {method} | {key} | {v:g} | {100 * r['avg_incremental_acc']:.1f} | "
+                         f"{100 * r['last_acc']:.1f} | {100 * r['forgetting']:.1f} | "
+                         f"{'**yes**' if v == best else ''} |")
+        return {**base, key: best}
+
+    picked: dict[str, dict] = {}
+    picked["none"] = search("none", {}, "lr_head", GRIDS["lr_head"])
+    head = {"lr_head": picked["none"]["lr_head"]}
+    for m in [m for m in ("lora", "aper") if m in methods]:
+        picked[m] = search(m, head, "lr_fast", GRIDS["lr_fast"])
+    if "nested_lora" in methods:
+        nested = search("nested_lora", {**head, "lr_slow_ratio": 10}, "lr_fast", GRIDS["lr_fast"])
+        picked["nested_lora"] = search("nested_lora", nested, "lr_slow_ratio", [1, 10, 100], log_grid=False)
+    if "sema" in methods:
+        picked["sema"] = search("sema", {**head, "sema_descriptor_hidden": 16}, "lr_fast", GRIDS["lr_fast"])
+    if "lora" in picked:
+        picked["lora_ncm"] = picked["joint_lora"] = picked["lora"]
+    if "nested_lora" in picked:
+        picked["nested_ncm"] = picked["nested_lora"]
+    print("\n".join(table))
+    current = chosen()  # other --select processes may have written their methods meanwhile
+    current.update({k: resolve(v) for k, v in picked.items()})
+    CHOSEN.write_text(json.dumps(current, indent=2) + "\n")
+    print(f"\nselection seed {seed} (class order {1993 + seed}), validation split: {json.dumps(picked)}")
+    with (out.parent / "select_table.md").open("a") as f:
+        f.write("\n".join(table) + "\n")
+    return picked
 
 
+def resolve(settings: dict) -> dict:
+    """``lr_slow_ratio`` (selection knob) -> ``lr_slow``."""
+    s = dict(settings)
+    if "lr_slow_ratio" in s:
+        s["lr_slow"] = s["lr_fast"] / s.pop("lr_slow_ratio")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- tables
 def fmt(values: list[float], scale: float = 100.0) -> str:
-    v = [scale * x for x in values]
+    v = [scale * x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return "-"
     if len(v) == 1:
         return f"{v[0]:.1f}"
     return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}"
 
 
-def table(rows: list[dict]) -> str:
-    out = ["| method | seeds | avg incremental acc | last acc | forgetting | BWT | within-task acc (final) | "
-           "trainable params (last task) | expansions | time/run |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for method in METHODS:
-        rs = [r for r in rows if r["method"] == method]
+def paired(a: list[float], b: list[float]) -> str:
+    """Mean paired difference a - b in points with its 95% t confidence interval."""
+    d = [100 * (x - y) for x, y in zip(a, b)]
+    if len(d) < 2:
+        return "-"
+    m, s = statistics.mean(d), statistics.stdev(d)
+    h = T_975.get(len(d) - 1, 1.96) * s / math.sqrt(len(d))
+    return f"{m:+.1f} [{m - h:+.1f}, {m + h:+.1f}]"
+
+
+def tables(rows: list[dict]) -> str:
+    by = {m: sorted([r for r in rows if r["method"] == m], key=lambda r: r["seed"]) for m in METHODS}
+    out = ["| method | seeds | avg incremental acc | last acc | forgetting | within-task acc | old / new acc (last "
+           "task) | ‖ΔW‖/‖W‖ | last acc, adapters off | trainable params | time/run |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, rs in by.items():
         if not rs:
             continue
-        exp = [len(r.get("expansions", [])) for r in rs] if method.startswith("sema") else None
+        last = [r["task_records"][-1] for r in rs]
         out.append(
-            f"| {LABELS[method]} | {len(rs)} | {fmt([r['avg_incremental_acc'] for r in rs])} | "
+            f"| {LABELS[m]} | {len(rs)} | {fmt([r['avg_incremental_acc'] for r in rs])} | "
             f"{fmt([r['last_acc'] for r in rs])} | {fmt([r['forgetting'] for r in rs])} | "
-            f"{fmt([r['bwt'] for r in rs])} | {fmt([r['within_task_acc'] for r in rs])} | "
-            f"{rs[0]['trainable_params']['trainable']:,} | {'/'.join(map(str, exp)) if exp else '-'} | "
-            f"{statistics.mean(r['seconds'] for r in rs):.0f} s |")
+            f"{fmt([r['within_task_acc'] for r in rs])} | {fmt([x.get('old_acc', math.nan) for x in last])} / "
+            f"{fmt([x['new_acc'] for x in last])} | "
+            f"{statistics.mean(r['relative_delta'] for r in rs):.3f} | "
+            f"{fmt([r.get('acc_adapters_off', math.nan) for r in rs])} | "
+            f"{rs[0]['trainable_params'].get('trainable', 0):,} | {statistics.mean(r['seconds'] for r in rs):.0f} s |")
+    ref = {r["seed"]: r for r in by["lora"]}
+    out += ["", "Paired differences against LoRA r8 (same seed and class order), mean and 95% t interval, points:", "",
+            "| method | seeds | Δ last acc | Δ avg incremental acc | Δ forgetting |", "|---|---|---|---|---|"]
+    for m, rs in by.items():
+        rs = [r for r in rs if r["seed"] in ref]
+        if m == "lora" or len(rs) < 2:
+            continue
+        b = [ref[r["seed"]] for r in rs]
+        out.append(f"| {LABELS[m]} | {len(rs)} | {paired([r['last_acc'] for r in rs], [x['last_acc'] for x in b])} | "
+                   f"{paired([r['avg_incremental_acc'] for r in rs], [x['avg_incremental_acc'] for x in b])} | "
+                   f"{paired([r['forgetting'] for r in rs], [x['forgetting'] for x in b])} |")
     return "\n".join(out)
+
+
+def per_task(rows: list[dict], methods: tuple[str, ...] = ("simplecil", "none", "lora", "nested_lora", "sema")) -> str:
+    """Old / new accuracy after each task (mean over seeds)."""
+    out = ["| method | " + " | ".join(f"t{t}" for t in range(10)) + " |", "|---|" + "---|" * 10]
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        cells = []
+        for t in range(len(rs[0]["task_records"])):
+            old = [r["task_records"][t].get("old_acc") for r in rs]
+            new = [r["task_records"][t]["new_acc"] for r in rs]
+            o = "-" if old[0] is None else f"{100 * statistics.mean(old):.0f}"
+            cells.append(f"{o}/{100 * statistics.mean(new):.0f}")
+        out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def curves_figure(rows: list[dict], path: Path) -> None:
+    curves, spreads = {}, {}
+    for m in METHODS:
+        rs = [r for r in rows if r["method"] == m and m != "joint_lora"]
+        if rs:
+            a = np.array([r["acc_seen"] for r in rs])
+            curves[LABELS[m]], spreads[LABELS[m]] = a.mean(0), a.std(0)
+    cm.save_figure(cm.plot_curves(curves, spreads, "shifted glyph sequence: accuracy on all seen classes "
+                                  "(mean ± std over seeds)"), path)
+
+
+# ---------------------------------------------------------------------------------------------- multidomain
+def multidomain(seed: int, out: Path) -> None:
+    """SEMA on the multi-domain sequence: expansions per layer against the known domain boundaries."""
+    dm_over = {"dataset": "multidomain", "domain_classes": [15, 15, 10, 10]}
+    r = run("sema", seed, "test", data_overrides=dm_over)
+    with out.open("a") as f:
+        f.write(json.dumps(r) + "\n")
+    dm = ClassIncrementalDataModule(**{**config_args()[1], **dm_over})
+    starts = dm.domain_tasks
+    print(f"multidomain (domains start at tasks {starts}): last acc {100 * r['last_acc']:.1f}, avg "
+          f"{100 * r['avg_incremental_acc']:.1f}")
+    layers = sorted({e["layer"] for e in r["expansions"]} | set(int(k) for k in r["sema_layout"]))
+    print("| layer | " + " | ".join(f"t{t}{'*' if t in starts else ''}" for t in range(1, dm.num_tasks)) + " |")
+    for layer in layers:
+        hit = {e["task"] for e in r["expansions"] if e["layer"] == layer}
+        print(f"| {layer} | " + " | ".join("E" if t in hit else "." for t in range(1, dm.num_tasks)) + " |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "joint_lora"], choices=list(METHODS))
     p.add_argument("--out", default="runs/benchmark_continual/results.jsonl")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
-    p.add_argument("--select", action="store_true",
-                   help="choose head lr, adapter lr and epochs per task on the validation split (--select-seed) "
-                        "and print the selection table instead of the test grid")
+    p.add_argument("--table-only", action="store_true", help="print the tables of --out and exit")
+    p.add_argument("--headroom", action="store_true", help="joint linear probe vs joint LoRA, then exit")
+    p.add_argument("--select", action="store_true", help="choose the settings on the validation split, then exit")
     p.add_argument("--select-seed", type=int, default=100, help="seed of the selection runs (not a reported one)")
     p.add_argument("--select-out", default="runs/benchmark_continual/select.jsonl")
+    p.add_argument("--select-methods", nargs="+", default=["lora", "aper", "nested_lora", "sema"],
+                   choices=["lora", "aper", "nested_lora", "sema"], help="methods --select tunes")
+    p.add_argument("--multidomain", action="store_true", help="SEMA on the multi-domain sequence, then exit")
+    p.add_argument("--wait-chosen", action="store_true",
+                   help="wait until --select (run in parallel) has written settings for every --methods entry")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.headroom:
+        headroom(out.parent / "headroom.json")
+        return
     if args.select:
         if args.select_seed in args.seeds:
             raise SystemExit(f"error: --select-seed {args.select_seed} is one of the reported --seeds {args.seeds}")
-        Path(args.select_out).parent.mkdir(parents=True, exist_ok=True)
-        select(args.select_seed, Path(args.select_out))
+        select(args.select_seed, Path(args.select_out), tuple(args.select_methods))
         return
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.multidomain:
+        multidomain(args.seeds[0], out.parent / "multidomain.jsonl")
+        return
+    while args.wait_chosen and not all(m in chosen() for m in args.methods if m not in FEATURE_ONLY):
+        time.sleep(30)
     if not args.table_only:
         lines = out.read_text().splitlines() if out.exists() else []
         done = {(r["method"], r["seed"]) for r in map(json.loads, lines)}
@@ -235,18 +448,22 @@ def main() -> None:
             for method in args.methods:
                 if (method, seed) in done:
                     continue
-                res = run(method, seed)
+                res = run_features(method, seed) if method in FEATURE_ONLY else run(method, seed)
                 with out.open("a") as f:
                     f.write(json.dumps(res) + "\n")
-                print(f"{method} seed {seed}: avg {100 * res['avg_incremental_acc']:.1f} "
-                      f"last {100 * res['last_acc']:.1f} "
-                      f"forgetting {100 * res['forgetting']:.1f} within-task {100 * res['within_task_acc']:.1f} "
-                      f"({res['seconds']:.0f} s)", flush=True)
+                print(f"{method} seed {seed}: avg {100 * res['avg_incremental_acc']:.1f} last "
+                      f"{100 * res['last_acc']:.1f} forgetting {100 * res['forgetting']:.1f} within-task "
+                      f"{100 * res['within_task_acc']:.1f} ({res['seconds']:.0f} s)", flush=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    rows = [r for r in rows if r["seed"] in args.seeds]
     print()
-    print(table(rows))
-    print(f"\nglyph sequence, 10 tasks x 5 classes (class order seed 1993), backbone and training from {CONFIG.name}; "
-          f"torch threads {args.threads}")
+    print(tables(rows))
+    print("\nOld / new accuracy after each task (old/new, %, mean over seeds):\n")
+    print(per_task(rows))
+    if rows:
+        curves_figure(rows, REPO / "benchmarks" / "continual_curves.png")
+    print(f"\nshifted glyph sequence, 10 tasks x 5 classes, class order seed 1993 + seed; settings from "
+          f"{CHOSEN.name}; torch threads {args.threads}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ class MultiRateStepping(Callback):
         slow_update_interval: batches per slow update; ``None`` reads the LightningModule's
             ``slow_update_interval`` attribute (1 when it has none).
         slow_grad_mode: ``accumulate`` (sum of the window's gradients) or ``discard`` (last batch only).
-        log_lr: log every optimizer's learning rate and the slow interval each batch.
+        log_lr: log the learning rate of every optimizer's parameter groups (``lr/<group name>`` when a group has a
+            ``name``, else ``lr/fast`` / ``lr/slow`` for the first group of each optimizer) and the slow interval
+            each batch.
     """
 
     def logged_metrics(self) -> list[str]:
@@ -101,7 +103,10 @@ class MultiRateStepping(Callback):
                     opt.zero_grad(set_to_none=True)
         if self.log_lr:
             names = ["fast"] + (["slow"] if len(optimizers) == 2 else [f"slow{k}" for k in range(1, len(optimizers))])
-            metrics = {f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in zip(names, optimizers)}
+            metrics = {}
+            for name, opt in zip(names, optimizers):
+                for k, group in enumerate(opt.param_groups):  # a group's own "name" wins (lr/head, lr/fast, ...)
+                    metrics[f"lr/{group.get('name') or (name if k == 0 else f'{name}_group{k}')}"] = group["lr"]
             metrics["train/slow_interval"] = float(self.interval(pl_module))
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 

@@ -30,7 +30,10 @@ from datamodules.image_check import decode_rgb
 from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
 from models.utils.safe_pickle import load_numpy_pickle
 
-DatasetName = Literal["glyphs", "digits", "cifar100", "image_folder"]
+DatasetName = Literal["glyphs", "multidomain", "digits", "cifar100", "image_folder"]
+#: The ``multidomain`` sequence's domains, in task order: three renderings of disjoint glyph classes, then
+#: scikit-learn's handwritten digits.
+DOMAINS: tuple[str, ...] = ("glyphs-plain", "glyphs-inverted", "glyphs-shifted", "digits")
 #: Per-channel mean/std used for uint8 sources (ImageNet statistics, what timm ViTs expect).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -63,9 +66,10 @@ class ImageTensorDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment: bool = False, ids: Sequence[str] | None = None) -> None:
+                 augment: bool = False, ids: Sequence[str] | None = None, eval_resize: int | None = None) -> None:
         self.images, self.labels, self.image_size, self.augment = images, labels, image_size, augment
         self.ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]  # names for predict
+        self.eval_resize = eval_resize
         self.mean_std = (tuple(mean), tuple(std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -82,6 +86,11 @@ class ImageTensorDataset(Dataset):
 
                 x = v2.RandomResizedCrop(self.image_size, scale=(0.05, 1.0), antialias=True)(x)
                 x = v2.RandomHorizontalFlip()(x)
+            elif self.eval_resize:  # SEMA-CL's test transform: Resize(eval_resize, bicubic) + CenterCrop(image_size)
+                from torchvision.transforms import v2
+
+                x = v2.Resize(self.eval_resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(x)
+                x = v2.CenterCrop(self.image_size)(x).clamp(0, 1)
             elif x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
                 x = F.interpolate(x[None], size=(self.image_size,) * 2, mode="bilinear", align_corners=False)[0]
             x = (x - self.mean) / self.std
@@ -90,7 +99,7 @@ class ImageTensorDataset(Dataset):
     def subset(self, index: torch.Tensor, augment: bool | None = None) -> "ImageTensorDataset":
         return ImageTensorDataset(self.images[index], self.labels[index], self.image_size, *self.mean_std,
                                   augment=self.augment if augment is None else augment,
-                                  ids=[self.ids[i] for i in index.tolist()])
+                                  ids=[self.ids[i] for i in index.tolist()], eval_resize=self.eval_resize)
 
 
 def load_cifar100(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +180,14 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         glyph_classes: classes of the ``glyphs`` sequence (the first ones of the glyph sequence pool).
         glyph_images_per_class: rendered images per ``glyphs`` class (split into train/val/test).
         glyph_seed: seed of the ``glyphs`` rendering.
+        glyph_style: rendering of the ``glyphs`` sequence: ``plain`` (as the backbone's pre-training pool),
+            ``inverted`` (dark on light) or ``shifted`` (dark on light, colour tints, mild texture; the main job's
+            shifted sequence, see ``datamodules.glyphs``).
+        domain_classes: classes per domain of ``multidomain`` (``DOMAINS`` order: plain, inverted and shifted
+            glyphs of disjoint sequence-pool characters, then digits, at most 10); every domain boundary must be
+            a task boundary. Classes are permuted within each domain, so the domains change at known tasks.
+        eval_resize: validation/test images of uint8 sources are resized to this side (bicubic) and centre-cropped
+            to ``image_size`` (SEMA-CL's CIFAR test transform: 256 then 224); ``None``: resized to ``image_size``.
         train_augment: SEMA-CL's training augmentation on the training split (random resized crop with
             scale 0.05-1 to ``image_size``, horizontal flip; for uint8 sources such as ``cifar100``).
     """
@@ -196,17 +213,28 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         glyph_classes: int = 50,
         glyph_images_per_class: int = 100,
         glyph_seed: int = 0,
+        glyph_style: Literal["plain", "inverted", "shifted"] = "plain",
+        domain_classes: Sequence[int] = (15, 15, 10, 10),
+        eval_resize: int | None = None,
         train_augment: bool = False,
     ) -> None:
         super().__init__()
-        if dataset not in ("glyphs", "digits", "cifar100", "image_folder"):
-            raise ValueError(f"dataset must be 'glyphs', 'digits', 'cifar100' or 'image_folder', got {dataset!r}")
+        if dataset not in ("glyphs", "multidomain", "digits", "cifar100", "image_folder"):
+            raise ValueError(f"dataset must be 'glyphs', 'multidomain', 'digits', 'cifar100' or 'image_folder', "
+                             f"got {dataset!r}")
+        from datamodules.glyphs import STYLES
+
+        if glyph_style not in STYLES:
+            raise ValueError(f"glyph_style must be one of {STYLES}, got {glyph_style!r}")
         for key, value in (("batch_size", batch_size), ("epochs_per_task", epochs_per_task),
                            ("image_size", image_size)):
             if value <= 0:
                 raise ValueError(f"{key} must be positive, got {value}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean/std must have 3 values with std > 0, got mean={mean}, std={std}")
+        if eval_resize is not None and eval_resize < image_size:
+            raise ValueError(f"eval_resize ({eval_resize}) must be >= image_size ({image_size}): the centre crop "
+                             "cannot be larger than the resized image")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -220,15 +248,34 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             if not 2 <= glyph_classes <= n_pool:
                 raise ValueError(f"glyph_classes must be in [2, {n_pool}] (the glyph sequence pool), "
                                  f"got {glyph_classes}")
+        elif dataset == "multidomain":
+            domain_classes = [int(c) for c in domain_classes]
+            if len(domain_classes) != len(DOMAINS) or min(domain_classes) < 0 or domain_classes[3] > 10:
+                raise ValueError(f"domain_classes must give {len(DOMAINS)} class counts ({', '.join(DOMAINS)}; "
+                                 f"digits at most 10), got {domain_classes}")
+            if glyph_images_per_class < 3:
+                raise ValueError(f"glyph_images_per_class must be >= 3 (train/val/test), got {glyph_images_per_class}")
         elif dataset != "digits":
             if root is None:
                 raise ValueError(f"dataset={dataset!r} needs `root` (a local folder)")
             self._check_root(dataset, Path(root).expanduser(), download)
         self.save_hyperparameters()
-        self.num_classes = {"glyphs": glyph_classes, "digits": 10, "cifar100": 100}.get(dataset) or \
-            self._count_folder_classes()
+        self.num_classes = {"glyphs": glyph_classes, "digits": 10, "cifar100": 100,
+                            "multidomain": sum(domain_classes)}.get(dataset) or self._count_folder_classes()
         self.task_sizes = task_sizes(self.num_classes, init_cls, increment)
         self.class_order = class_order(self.num_classes, class_order_seed if shuffle else None)
+        self.domain_tasks: list[int] = [0]  # first task of each domain (one domain unless ``multidomain``)
+        if dataset == "multidomain":
+            bounds = np.cumsum([0, *domain_classes])
+            starts = np.cumsum([0, *self.task_sizes])
+            bad = [int(b) for b in bounds[1:-1] if b not in starts]
+            if bad:
+                raise ValueError(f"domain_classes {list(domain_classes)} put a domain boundary inside a task (after "
+                                 f"class {bad[0]}); task sizes are {self.task_sizes}")
+            seed = class_order_seed if shuffle else None
+            self.class_order = np.concatenate([lo + class_order(hi - lo, None if seed is None else seed + k)
+                                               for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
+            self.domain_tasks = [int(np.searchsorted(starts, b)) for b, n in zip(bounds[:-1], domain_classes) if n]
         self._sets: dict[str, ImageTensorDataset] = {}
 
     @staticmethod
@@ -266,6 +313,10 @@ class ClassIncrementalDataModule(L.LightningDataModule):
     def task_of_epoch(self, epoch: int) -> int:
         return min(epoch // self.hparams.epochs_per_task, self.num_tasks - 1)
 
+    def domain_of_task(self, task: int) -> int:
+        """Index of the domain that ``task`` belongs to (0 for single-domain sequences)."""
+        return int(np.searchsorted(self.domain_tasks, task, side="right")) - 1
+
     def current_task(self) -> int:
         """The task the trainer's current epoch trains (0 without a trainer)."""
         trainer = self.trainer
@@ -299,17 +350,21 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             f_val = hp.val_fraction / (1 - hp.test_fraction)
             train_idx, val_idx = stratified_split(y, (1 - f_val, f_val), hp.split_seed)
             full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std,
-                                      ids=[f"cifar100-train:{i}" for i in range(len(y))])
+                                      ids=[f"cifar100-train:{i}" for i in range(len(y))], eval_resize=hp.eval_resize)
             test = ImageTensorDataset(x_test, self._remap(y_test), hp.image_size, hp.mean, hp.std,
-                                      ids=[f"cifar100-test:{i}" for i in range(len(y_test))])
+                                      ids=[f"cifar100-test:{i}" for i in range(len(y_test))],
+                                      eval_resize=hp.eval_resize)
             return full.subset(train_idx, hp.train_augment), full.subset(val_idx), test
         if hp.dataset == "glyphs":
             from datamodules.glyphs import render_pool
 
             x, y, chars = render_pool("sequence", hp.glyph_classes, hp.glyph_images_per_class, hp.image_size,
-                                      hp.glyph_seed)
+                                      hp.glyph_seed, style=hp.glyph_style)
             names = list(chars)
             ids = [f"glyph:U+{ord(names[c]):04X}:{i % hp.glyph_images_per_class}" for i, c in enumerate(y.tolist())]
+        elif hp.dataset == "multidomain":
+            x, y, names = self._load_multidomain()
+            ids = [f"{names[c]}:{i}" for i, c in enumerate(y.tolist())]
         elif hp.dataset == "digits":
             x, y = load_digits_tensors(hp.image_size)
             names, ids = [str(c) for c in range(10)], [f"digits:{i}" for i in range(len(y))]
@@ -318,13 +373,47 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             x, y, names = load_image_folder(root)
             ids = [str(f.relative_to(root)) for _, f in image_folder_files(root)[1]]
         self._set_class_names(names)
-        full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std, ids=ids)
+        full = ImageTensorDataset(x, self._remap(y), hp.image_size, hp.mean, hp.std, ids=ids,
+                                  eval_resize=hp.eval_resize)
         parts = stratified_split(y, fractions, hp.split_seed)
         return full.subset(parts[0], hp.train_augment), full.subset(parts[1]), full.subset(parts[2])
 
     def _set_class_names(self, names: Sequence[str]) -> None:
         """Names by remapped label (position in the class order), for predictions."""
         self.class_names = [str(names[int(c)]) for c in self.class_order]
+
+    def _load_multidomain(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """uint8 images, labels and class names of the domains in ``DOMAINS`` order (labels contiguous per
+        domain; a name is ``<domain>/<class>``)."""
+        from datamodules.glyphs import render_pool
+
+        hp = self.hparams
+        xs, ys, names, first, offset = [], [], [], 0, 0
+        for name, n in zip(DOMAINS, hp.domain_classes):
+            if n == 0:
+                continue
+            if name == "digits":
+                from sklearn.datasets import load_digits
+
+                data = load_digits()
+                g = torch.Generator().manual_seed(hp.glyph_seed)
+                keep = torch.cat([(torch.as_tensor(data.target) == c).nonzero().flatten()[
+                    torch.randperm(int((torch.as_tensor(data.target) == c).sum()), generator=g)
+                    [: hp.glyph_images_per_class]].sort().values for c in range(n)])
+                img = torch.tensor(data.images[keep.numpy()], dtype=torch.float32)[:, None] / 16.0
+                img = F.interpolate(img, size=(hp.image_size,) * 2, mode="bilinear", align_corners=False)
+                x = img.mul(255).round().clamp(0, 255).byte().expand(-1, 3, -1, -1).contiguous()
+                y = torch.as_tensor(data.target[keep.numpy()], dtype=torch.long)
+                names += [f"{name}/{c}" for c in range(n)]
+            else:
+                x, y, chars = render_pool("sequence", n, hp.glyph_images_per_class, hp.image_size, hp.glyph_seed,
+                                          style=name.split("-")[1], first=first)
+                names += [f"{name}/U+{ord(ch):04X}" for ch in chars]
+                first += n
+            xs.append(x)
+            ys.append(y + offset)
+            offset += n
+        return torch.cat(xs), torch.cat(ys), names
 
     def _remap(self, labels: torch.Tensor) -> torch.Tensor:
         """Original label -> its position in the class order."""

@@ -1,10 +1,13 @@
 """Class-incremental learning with a frozen ViT: one ``fit`` runs the whole task sequence.
 
-Epoch ``e`` trains task ``e // epochs_per_task`` of a ``ClassIncrementalDataModule``. A task starts with
-(SEMA) self-expansion, the task's trainable parameters and fresh optimizers with a cosine schedule over the
+Epoch ``e`` trains task ``e // epochs_per_task`` of a ``ClassIncrementalDataModule``. The continual method
+(``adapter_type``: a file in ``models/continual/methods/``, found through its registry) decides what is added to
+the backbone and what trains; this module only wires it. A task starts with the method's ``on_task_start``
+(SEMA: self-expansion), the task's trainable parameters and fresh optimizers with a cosine schedule over the
 task; it ends on its last batch (before that epoch's checkpoint) with ``on_task_end`` on every callback that
-has it (Nested LoRA consolidation), then ``on_task_evaluate`` (the ``ContinualEvaluation`` callback: the
-accuracy-matrix row, the continual metrics, the matrix image and ``results.json``). The hooks are the
+has it (Nested LoRA consolidation), the method's ``on_task_end`` (SEMA: descriptors), the statistics classifier's
+fit (``classifier: ncm | ridge``), then ``on_task_evaluate`` (the ``ContinualEvaluation`` callback: the
+accuracy-matrix row, the continual metrics, the plots and ``results.json``). The hooks are the
 ``TaskBoundaryHooks`` protocol of ``callbacks/protocols.py``. The task index, the matrix and the SEMA layout
 are checkpointed, so ``--ckpt_path last`` resumes mid-sequence.
 
@@ -41,7 +44,8 @@ from callbacks.continual_eval import ContinualEvaluation
 from callbacks.multi_rate import MultiRateStepping
 from callbacks.protocols import ClassIncrementalData
 from datamodules.glyph_backbone import GlyphPretraining, ensure_glyph_backbone
-from models.vision.continual_vit import ADAPTER_TYPES, AdapterType, ContinualViT
+from models.continual.base import TaskContext, method_names
+from models.vision.continual_vit import ContinualViT
 
 
 class ContinualClassifier(L.LightningModule):
@@ -56,13 +60,20 @@ class ContinualClassifier(L.LightningModule):
         pretrain: build (once, cached) and load adaptlab's glyph-pretrained backbone for this architecture;
             exclusive with ``pretrained_file``.
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth``, ``embed_dim``).
-        adapter_type: ``none`` (head only), ``lora``, ``sema`` or ``nested_lora``.
-        lora_r: LoRA rank (``adapter_type: lora``).
-        lora_alpha: LoRA alpha (``None``: twice the rank).
+        adapter_type: the continual method, a name registered in ``models/continual/methods/`` (``none``: head
+            only, ``lora``, ``nested_lora``, ``sema``, ``aper``: first-session adaptation).
+        classifier: ``linear`` (the trained head), ``ncm`` (cosine nearest class mean: SimpleCIL with ``none``,
+            APER with ``aper``) or ``ridge`` (RanPAC's random projection + ridge); on top of any method.
+        ridge_dim: random-projection width of the ``ridge`` classifier.
+        lora_r: LoRA rank (``lora``, ``aper``).
+        lora_alpha: LoRA alpha (``None``: the rank).
         lora_target_modules: layers that get LoRA / Nested LoRA (``None``: attention and MLP linears).
-        nested_lora_r: rank of each of Nested LoRA's slow and fast adapters.
+        nested_lora_r: rank of Nested LoRA's fast adapter (and of the slow one unless ``nested_slow_r``).
+        nested_slow_r: rank of Nested LoRA's slow adapter (``None``: ``nested_lora_r``).
         sema_layers: blocks that get SEMA adapters (``None``: all).
         expansion_layers: blocks where SEMA may add adapters at a new task.
+        sema_bottleneck: SEMA adapter bottleneck width.
+        sema_descriptor_hidden: SEMA descriptor autoencoder width (keep it below the backbone width).
         first_task_adaptation: also train the whole backbone on the first task, then freeze it.
         finetune_backbone: train the whole backbone on every task (the full fine-tuning baseline).
         lr_fast: learning rate of the adapters (Nested LoRA: the fast adapters), and of the head unless
@@ -77,10 +88,8 @@ class ContinualClassifier(L.LightningModule):
         consolidation_alpha: weight of the fast delta folded into slow (unless the callback sets its own).
         expansion_threshold: SEMA's z-score threshold.
         expansion_order: ``joint`` (every layer is tested on the unexpanded model, all new adapters train
-            together) or ``layerwise`` (SEMA-CL: when a layer expands at a task start and a deeper expandable
-            layer remains, its new adapter, router row and the head train for ``epochs_per_task`` epochs and its
-            descriptor is fitted before the next layer is tested; costs those extra epochs per such expansion).
-            ``joint`` is the default because it measured better on the glyph sequence (benchmarks/RESULTS.md).
+            together) or ``layerwise`` (SEMA-CL: a layer's new adapter, router row and the head train for
+            ``epochs_per_task`` epochs and its descriptor is fitted before the next layer is tested).
         expansion_batches: batches of the new task scored per SEMA expansion check (``None``: all, as SEMA).
         expansion_batch_size: batch size of the expansion check (128 in SEMA; |z| is averaged over a batch).
         descriptor_epochs: epochs of SEMA's descriptor phase after each task (20 in SEMA).
@@ -105,13 +114,16 @@ class ContinualClassifier(L.LightningModule):
         pretrained_file: str | None = None,
         pretrain: GlyphPretraining | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
-        adapter_type: AdapterType = "nested_lora",
+        adapter_type: str = "nested_lora",
+        classifier: Literal["linear", "ncm", "ridge"] = "linear",
+        ridge_dim: int = 1000,
         first_task_adaptation: bool = False,
         finetune_backbone: bool = False,
         lora_r: int = 8,
         lora_alpha: float | None = None,
         lora_target_modules: None | str | Sequence[str] = None,
         nested_lora_r: int = 4,
+        nested_slow_r: int | None = None,
         sema_layers: Sequence[int] | None = None,
         expansion_layers: Sequence[int] = (-3, -2, -1),
         expansion_threshold: float = 2.0,
@@ -119,6 +131,8 @@ class ContinualClassifier(L.LightningModule):
         expansion_batches: int | None = None,
         expansion_batch_size: int = 128,
         descriptor_epochs: int = 20,
+        sema_bottleneck: int = 16,
+        sema_descriptor_hidden: int = 128,
         lr_fast: float = 1e-3,
         lr_head: float | None = None,
         lr_slow: float = 1e-4,
@@ -134,20 +148,17 @@ class ContinualClassifier(L.LightningModule):
         adapter_path: str | None = None,
     ) -> None:
         super().__init__()
-        if adapter_type not in ADAPTER_TYPES:
-            raise ValueError(f"adapter_type must be one of {ADAPTER_TYPES}, got {adapter_type!r}")
+        if adapter_type not in method_names():
+            raise ValueError(f"adapter_type must be one of {method_names()}, got {adapter_type!r}")
         for key in ("lr_fast", "lr_slow", "lr_descriptor", "lr_head"):
             if locals()[key] is not None and locals()[key] <= 0:
                 raise ValueError(f"{key} must be positive, got {locals()[key]}")
         if slow_update_interval < 0:
             raise ValueError(f"slow_update_interval must be >= 0 (0 or 1: every step), got {slow_update_interval}")
-        for key in ("expansion_batches", "expansion_batch_size", "descriptor_epochs"):
-            if locals()[key] is not None and locals()[key] <= 0:
-                raise ValueError(f"{key} must be positive, got {locals()[key]}")
+        if ridge_dim < 0:
+            raise ValueError(f"ridge_dim must be >= 0 (0: ridge on the features themselves), got {ridge_dim}")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-        if expansion_order not in ("layerwise", "joint"):
-            raise ValueError(f"expansion_order must be 'joint' or 'layerwise', got {expansion_order!r}")
         if scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
         if pretrain is not None and pretrained_file is not None:
@@ -157,13 +168,14 @@ class ContinualClassifier(L.LightningModule):
                              f"last {img_size % patch_size} pixel rows and columns would be silently dropped")
         self.save_hyperparameters()
         self.automatic_optimization = False
+        own_keys = {"backbone", "num_classes", "img_size", "patch_size", "pretrained_file", "backbone_kwargs",
+                    "adapter_type", "classifier", "ridge_dim"}
+        settings = {k: v for k, v in self.hparams.items() if k not in own_keys}
         if pretrain is not None:
             pretrained_file = str(ensure_glyph_backbone(backbone, img_size, patch_size, backbone_kwargs, pretrain))
         self.backbone_file = pretrained_file
-        self.model = ContinualViT(
-            backbone, num_classes, img_size, patch_size, pretrained_file, backbone_kwargs, adapter_type,
-            lora_r, lora_alpha, lora_target_modules, nested_lora_r, sema_layers, expansion_layers,
-        )
+        self.model = ContinualViT(backbone, num_classes, img_size, patch_size, pretrained_file, backbone_kwargs,
+                                  adapter_type, classifier, ridge_dim, **settings)
         own = getattr(getattr(self.model.backbone, "patch_embed", None), "patch_size", None)
         sides = own if isinstance(own, (tuple, list)) else (own,)
         bad = [side for side in sides if isinstance(side, int) and img_size % side]
@@ -173,15 +185,18 @@ class ContinualClassifier(L.LightningModule):
                              "silently dropped")
         self.slow_update_interval = slow_update_interval
         self.consolidation_alpha = consolidation_alpha
-        # Sequence state (checkpointed): task being trained, last finished task, matrix, events.
+        # Sequence state (checkpointed): task being trained, last finished task, matrix, per-task measurements.
         self.task, self.finished_task, self.task_steps, self.seen_classes = -1, -1, 1, 0
         self.trainable_params: dict[str, int] = {}
         self.R: list[list[float]] = []
         self.A: list[float] = []
-        self.expansions: list[dict[str, float]] = []
-        self.sema_trained_between: list[dict[str, float]] = []  # layer-by-layer order: adapters trained mid-check
+        self.task_records: list[dict[str, Any]] = []  # per task: old/new accuracy, task confusion (evaluation)
         if adapter_path is not None:
             self.load_adapter(adapter_path)
+
+    @property
+    def method(self) -> Any:
+        return self.model.method
 
     @property
     def dm(self) -> ClassIncrementalData:
@@ -206,10 +221,10 @@ class ContinualClassifier(L.LightningModule):
         aux = self.model.auxiliary_loss()
         total = loss if aux is None else loss + aux
         self.manual_backward(total)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True)
         if aux is not None:
-            self.log("train/descriptor_loss", aux)
+            self.log("train/descriptor_loss", aux.detach())
         return total.detach()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -234,7 +249,7 @@ class ContinualClassifier(L.LightningModule):
         groups = self.model.parameter_groups(max(self.task, 0), self._trains_backbone(max(self.task, 0)))
         optimizers = [self._optimizer(self._fast_groups(groups))]
         if groups["slow"]:
-            optimizers.append(self._optimizer([{"params": groups["slow"], "lr": hp.lr_slow}]))
+            optimizers.append(self._optimizer([{"params": groups["slow"], "lr": hp.lr_slow, "name": "slow"}]))
         if hp.scheduler == "constant":
             return optimizers
         interval = max(1, self.slow_update_interval)
@@ -243,13 +258,14 @@ class ContinualClassifier(L.LightningModule):
         return optimizers, schedulers
 
     def _fast_groups(self, groups: dict[str, list[torch.nn.Parameter]]) -> list[dict]:
-        """The fast optimizer's parameter groups: head, fast adapters and (when trained) the backbone."""
+        """The fast optimizer's parameter groups (named, for the ``lr/<name>`` logs): head, fast adapters and
+        (when trained) the backbone."""
         hp = self.hparams
-        fast = [{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast}]
+        fast = [{"params": groups["head"], "lr": hp.lr_head or hp.lr_fast, "name": "head"}]
         if groups["fast"]:
-            fast.append({"params": groups["fast"], "lr": hp.lr_fast})
+            fast.append({"params": groups["fast"], "lr": hp.lr_fast, "name": "fast"})
         if groups["backbone"]:
-            fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast})
+            fast.append({"params": groups["backbone"], "lr": hp.lr_backbone or hp.lr_fast, "name": "backbone"})
         return fast
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
@@ -262,8 +278,7 @@ class ContinualClassifier(L.LightningModule):
         out: list[Callback] = []
         if not any(issubclass(t, MultiRateStepping) for t in present):
             out.append(MultiRateStepping())
-        if (self.hparams.adapter_type == "nested_lora" and self.hparams.use_consolidation
-                and not any(issubclass(t, TaskBoundaryConsolidation) for t in present)):
+        if self.method.consolidates and not any(issubclass(t, TaskBoundaryConsolidation) for t in present):
             out.append(TaskBoundaryConsolidation())
         if not any(issubclass(t, ContinualEvaluation) for t in present):
             out.append(ContinualEvaluation())
@@ -283,7 +298,8 @@ class ContinualClassifier(L.LightningModule):
                              "same value")
         classes = getattr(datamodule, "num_classes", None)
         if classes is not None and classes != hp.num_classes:
-            source = {"glyphs": "data.glyph_classes", "image_folder": "class folders under data.root"}.get(
+            source = {"glyphs": "data.glyph_classes", "image_folder": "class folders under data.root",
+                      "multidomain": "data.domain_classes"}.get(
                 dhp.get("dataset") if hasattr(dhp, "get") else None, "its dataset")
             raise ValueError(f"the data has {classes} classes ({source}) but model.num_classes is {hp.num_classes} "
                              "(one head row per class of the sequence); set them equal")
@@ -293,9 +309,9 @@ class ContinualClassifier(L.LightningModule):
             return
         dm, trainer = self.dm, self.trainer
         self.check_data(dm)
-        if self.hparams.adapter_type == "sema" and trainer.world_size > 1:
-            raise ValueError("adapter_type: sema adds modules during training, which DDP cannot synchronise; "
-                             "run it on one device (trainer.devices: 1)")
+        if self.method.grows and trainer.world_size > 1:
+            raise ValueError(f"adapter_type: {self.hparams.adapter_type} adds modules during training, which DDP "
+                             "cannot synchronise; run it on one device (trainer.devices: 1)")
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
         if (self.hparams.first_task_adaptation and not self.hparams.finetune_backbone and trainer.world_size > 1
                 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False)):
@@ -356,31 +372,30 @@ class ContinualClassifier(L.LightningModule):
         last_epoch = (self.current_epoch + 1) % self.dm.epochs_per_task == 0
         return last_epoch and batch_idx + 1 >= self.trainer.num_training_batches
 
-    def _begin_task(self, task: int) -> None:
-        hp, trainer = self.hparams, self.trainer
-        if hp.adapter_type == "sema" and task > 0:
-            from torch.utils.data import DataLoader
+    # ------------------------------------------------------------------ task boundaries
 
-            data = DataLoader(self.dm.task_dataset("train", task), batch_size=hp.expansion_batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(task))
-            batches = [x.to(self.device) for k, (x, _) in zip(range(hp.expansion_batches or len(data)), data)]
-            generator = torch.Generator().manual_seed(task)
-            train_new = (lambda layer: self._sema_train_new_adapter(task, layer)) if hp.expansion_order == "layerwise" \
-                else None
-            decisions = self.model.sema_expand(task, batches, hp.expansion_threshold, generator, train_new)
-            for layer, (z, expanded) in decisions.items():
-                if expanded:
-                    self.expansions.append({"task": task, "layer": layer, "z": z})
-                rank_zero_info(f"[sema] task {task}, layer {layer}: largest batch |z| (smallest over descriptors) "
-                               f"{z:.2f} "
-                               f"{'> ' if expanded else '<= '}{hp.expansion_threshold}: "
-                               f"{'new adapter added' if expanded else 'no expansion'}")
-            self.model.to(self.device)
-            metrics = {f"sema/z_layer{layer}": z for layer, (z, _) in decisions.items()}
-            metrics["sema/expansions"] = float(sum(e for _, e in decisions.values()))
-            metrics["sema/adapters"] = float(sum(len(v) for v in self.model.sema_layout().values()))
+    def task_context(self, task: int) -> TaskContext:
+        """What the method's task hooks may use (``models.continual.base.TaskContext``)."""
+        from torch.utils.data import DataLoader
+
+        dm, device = self.dm, self.device
+
+        def batches(split: str, batch_size: int, shuffle: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            ds = dm.task_dataset(split, task)
+            loader = dm.loader(ds) if batch_size == 0 else DataLoader(
+                ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(task))
+            return [(x.to(device), y.to(device)) for x, y in loader]
+
+        def log(metrics: dict[str, float]) -> None:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=task)
+
+        return TaskContext(self.model, task, batches, lambda: self._train_task_epochs(task), log, rank_zero_info)
+
+    def _begin_task(self, task: int) -> None:
+        trainer = self.trainer
+        self.method.on_task_start(self.task_context(task))
+        self.model.to(self.device)
         groups = self.model.set_trainable(task, self._trains_backbone(task))
         self.task, self.seen_classes = task, self.dm.classes_seen(task)
         self.task_steps = self.dm.epochs_per_task * int(trainer.num_training_batches)
@@ -396,12 +411,10 @@ class ContinualClassifier(L.LightningModule):
         rank_zero_info(f"[continual] task {task}: classes {self.dm.task_offset(task)}.."
                        f"{self.dm.classes_seen(task) - 1}, trainable parameters {int(counts['params/trainable'])}")
 
-    def _sema_train_new_adapter(self, task: int, layer: int) -> None:
-        """SEMA-CL's layer-by-layer order, called by ``sema_expand`` between two layers' tests: train the new
-        adapter of ``layer`` (with its router row and the head, as the task's regular epochs would: same
-        optimizer and parameter groups, learning rates, per-task cosine schedule, masking, precision and
-        ``epochs_per_task``), then fit its descriptor; ``sema_expand`` then closes it (frozen for the rest of
-        the sequence)."""
+    def _train_task_epochs(self, task: int) -> dict[str, float]:
+        """Train what ``set_trainable(task)`` selects for the task's epochs, as the task's regular epochs would
+        (same parameter groups, learning rates, per-task cosine schedule, masking, precision); used by SEMA's
+        layer-by-layer order between two layers' expansion tests. Returns the steps and the last loss."""
         hp, dm = self.hparams, self.dm
         groups = self.model.set_trainable(task, self._trains_backbone(task))
         opt = self._optimizer(self._fast_groups(groups))
@@ -423,27 +436,18 @@ class ContinualClassifier(L.LightningModule):
                     if sched is not None:
                         sched.step()
         self.model.train(was_training)
-        batches = [x.to(self.device) for x, _ in dm.loader(dm.task_dataset("train", task))]
-        errors = self.model.sema_fit_descriptors(batches, task, hp.descriptor_epochs, hp.lr_descriptor,
-                                                 generator=torch.Generator().manual_seed(1000 * task + layer))
-        last_loss = float(loss.detach())
-        self.sema_trained_between.append({"task": task, "layer": layer, "steps": steps, "loss": last_loss})
-        rank_zero_info(f"[sema] task {task}, layer {layer}: new adapter trained {steps} steps (last loss "
-                       f"{last_loss:.3f}) and its descriptor fitted (error {errors.get(layer, float('nan')):.4f}) "
-                       "before the next layer is tested")
+        return {"steps": steps, "loss": float(loss.detach())}
 
     def _finish_task(self, task: int) -> None:
-        """Task-boundary work (``on_task_end`` hooks, SEMA statistics), then measurement (``on_task_evaluate``)."""
+        """Task-boundary work (``on_task_end`` hooks, the method's task end, the statistics classifier), then
+        measurement (``on_task_evaluate``)."""
         for cb in self._callbacks_with("on_task_end"):
             cb.on_task_end(self.trainer, self, task)
-        if self.hparams.adapter_type == "sema":
-            dm = self.dm
-            loader = dm.loader(dm.task_dataset("train", task))
-            errors = self.model.sema_fit_descriptors([x.to(self.device) for x, _ in loader], task,
-                                                     self.hparams.descriptor_epochs, self.hparams.lr_descriptor,
-                                                     generator=torch.Generator().manual_seed(task))
-            for logger in self.loggers:
-                logger.log_metrics({f"sema/descriptor_error_layer{i}": e for i, e in errors.items()}, step=task)
+        ctx = self.task_context(task)
+        self.method.on_task_end(ctx)
+        if self.model.classifier is not None:
+            ctx.log(self.model.fit_classifier(ctx.batches("train", 0, False), self.dm.classes_seen(task),
+                                              ctx.batches("val", 0, False)))
         self.finished_task = task
         for cb in self._callbacks_with("on_task_evaluate"):
             cb.on_task_evaluate(self.trainer, self, task)
@@ -499,8 +503,7 @@ class ContinualClassifier(L.LightningModule):
         checkpoint["continual"] = {
             "task": self.task, "finished_task": self.finished_task, "task_steps": self.task_steps,
             "seen_classes": self.seen_classes, "trainable_params": self.trainable_params,
-            "R": self.R, "A": self.A, "expansions": self.expansions, "sema_trained_between": self.sema_trained_between,
-            "sema_layout": {str(k): v for k, v in self.model.sema_layout().items()},
+            "R": self.R, "A": self.A, "task_records": self.task_records, **self.method.state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -509,8 +512,7 @@ class ContinualClassifier(L.LightningModule):
             return
         self.task, self.finished_task, self.task_steps = state["task"], state["finished_task"], state["task_steps"]
         self.seen_classes, self.trainable_params = state["seen_classes"], dict(state["trainable_params"])
-        self.R, self.A, self.expansions = [list(r) for r in state["R"]], list(state["A"]), list(state["expansions"])
-        self.sema_trained_between = list(state.get("sema_trained_between", []))
-        self.model.sema_closed = {(int(e["layer"]), int(e["task"])) for e in self.sema_trained_between}
-        self.model.restore_sema_layout(state["sema_layout"])
+        self.R, self.A = [list(r) for r in state["R"]], list(state["A"])
+        self.task_records = list(state.get("task_records", []))
+        self.method.load_state(state)
         self.model.set_trainable(max(self.task, 0), self._trains_backbone(max(self.task, 0)))

@@ -274,6 +274,10 @@ CASES = [
               "--data.image_size", "40", "--model.backbone_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"],
      "model.img_size (40) is not a multiple of vit_tiny_patch16_224's patch size (16"),
     (NESTED, ["--model.expansion_order", "sideways"], "expansion_order"),
+    (NESTED, ["--model.adapter_type", "adapterless"], "adapter_type must be one of"),
+    (NESTED, ["--model.classifier", "knn"], "classifier"),
+    (NESTED, [*TINY_PRETRAIN, "--data.dataset", "multidomain", "--data.domain_classes", "[13, 17, 10, 10]"],
+     "put a domain boundary inside a task"),
     (NESTED, ["--trainer.callbacks+=ContinualEvaluation", "--trainer.callbacks.split", "train"], "split"),
 ]
 

@@ -32,21 +32,42 @@ def test_nested_sequence_metrics_steps_and_tensorboard(in_tmp):
     ev = EventAccumulator(str(in_tmp / "runs" / "sema_nested" / "version_0"), size_guidance={"images": 0}).Reload()
     assert "cl/accuracy_matrix" in ev.Tags()["images"]
     scalars = set(ev.Tags()["scalars"])
-    for tag in ("cl/avg_incremental_acc", "cl/forgetting", "cl/bwt", "lr/fast", "lr/slow", "train/slow_interval",
-                "consolidation/truncation_error_max", "params/trainable", "nested/slow_delta_norm"):
+    for tag in ("cl/avg_incremental_acc", "cl/forgetting", "cl/bwt", "lr/fast", "lr/slow", "lr/head",
+                "train/slow_interval", "consolidation/truncation_error_max", "params/trainable",
+                "nested/slow_delta_norm", "cl/old_acc", "cl/new_acc", "adapters/relative_delta"):
         assert tag in scalars, tag
+    for tag in ("cl/accuracy_matrix", "cl/task_confusion", "cl/old_new"):
+        assert tag in ev.Tags()["images"], tag
+    import yaml
+    init = yaml.safe_load((REPO / "configs/sema_nested.yaml").read_text())["model"]["init_args"]
+    # each tag reads its own parameter group (lr/fast was the head's lr before): its cosine decay stays below its
+    # own peak lr and reaches above half of it (lr_head, lr_fast and lr_slow differ by 10x each)
+    for tag, key in (("lr/fast", "lr_fast"), ("lr/head", "lr_head"), ("lr/slow", "lr_slow")):
+        values = [e.value for e in ev.Scalars(tag)]
+        assert 0.5 * init[key] < max(values) <= init[key] * (1 + 1e-6), (tag, max(values), init[key])  # float32
+    assert res["relative_delta"] > 0 and "acc_adapters_off" in res
     ckpt = torch.load(in_tmp / "runs/sema_nested/version_0/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 20
 
 
-@pytest.mark.parametrize("config,adapter", [("sema_lora.yaml", "lora"), ("sema_adapter.yaml", "sema")])
-def test_other_configs_run_the_sequence(in_tmp, config, adapter):
+@pytest.mark.parametrize("config,adapter,tasks", [
+    ("sema_lora.yaml", "lora", 5), ("sema_adapter.yaml", "sema", 5), ("continual_simplecil.yaml", "none", 5),
+    ("continual_ranpac.yaml", "none", 5), ("continual_aper.yaml", "aper", 5), ("continual_joint.yaml", "lora", 1),
+    ("continual_multidomain.yaml", "sema", 5)])
+def test_other_configs_run_the_sequence(in_tmp, config, adapter, tasks):
     extra = ["--model.expansion_layers", "[-1]"] if adapter == "sema" else []  # the tiny ViT has one block
+    extra += {"continual_joint.yaml": ["--data.init_cls", "10", "--data.epochs_per_task", "1"],
+              "continual_multidomain.yaml": ["--data.domain_classes", "[2, 2, 2, 4]"]}.get(config, [])
     run_cli(["fit", "--config", str(REPO / "configs" / config), *TINY_MODEL, *TINY_DATA, *QUIET, *extra])
-    res = _results(in_tmp, config.removesuffix(".yaml"))
-    assert res["adapter_type"] == adapter and len(res["accuracy_matrix"]) == 5
+    folder = in_tmp / "runs" / config.removesuffix(".yaml") / "version_0"
+    res = json.loads((folder / "results.json").read_text())
+    assert res["adapter_type"] == adapter and len(res["accuracy_matrix"]) == tasks
+    assert all((folder / f"{name}.png").is_file() for name in ("accuracy_matrix", "task_confusion", "old_new"))
+    assert "acc_adapters_off" in res and len(res["task_records"]) == tasks
     if adapter == "sema":
         assert res["sema_layout"] and all(isinstance(e["layer"], int) for e in res["expansions"])
+    if res["classifier"] != "linear":  # the statistics classifier is fitted and classifies after every task
+        assert res["classifier"] == ("ridge" if "ranpac" in config else "ncm")
 
 
 def test_cifar100_vitb_config_smoke_with_tiny_override(in_tmp):
@@ -137,8 +158,8 @@ def test_sema_resume_rebuilds_expanded_adapters(in_tmp):
     ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
     assert torch.load(ckpt, weights_only=False)["continual"]["sema_layout"] == {"0": [0, 1, 2]}
     cli = run_cli(common + ["--ckpt_path", str(ckpt)])
-    assert cli.model.model.sema_layout() == {0: [0, 1, 2, 3, 4]}
-    assert [(e["task"], e["layer"]) for e in cli.model.expansions] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    assert cli.model.model.method.layout() == {0: [0, 1, 2, 3, 4]}
+    assert [(e["task"], e["layer"]) for e in cli.model.method.expansions] == [(1, 0), (2, 0), (3, 0), (4, 0)]
     assert len(cli.model.R) == 5
 
 
@@ -156,7 +177,7 @@ def test_sema_expansion_order_in_a_whole_sequence(in_tmp, order):
         run_cli(args + ["--trainer.max_epochs", "3"])
         ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
         cli = run_cli(args + ["--ckpt_path", str(ckpt)])
-        assert cli.model.model.sema_closed == {(0, t) for t in range(1, 5)}
+        assert cli.model.model.method.closed == {(0, t) for t in range(1, 5)}
         folder = in_tmp / "runs/sema_adapter/version_1"  # the resumed run's
     else:
         run_cli(args)

@@ -111,3 +111,16 @@ def test_train_augment_crops_and_flips_the_training_split_only(tmp_path):
     a, b = train[0][0], train[0][0]
     assert a.shape == b.shape == (3, 12, 12) and not torch.equal(a, b)  # a new random crop each access
     assert torch.equal(test[0][0], test[0][0]) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0  # no normalisation
+
+
+def test_eval_resize_is_bicubic_resize_then_centre_crop():
+    from torchvision.transforms import v2
+
+    from datamodules.continual import ImageTensorDataset
+
+    img = torch.randint(0, 256, (1, 3, 12, 12), dtype=torch.uint8)
+    ds = ImageTensorDataset(img, torch.zeros(1, dtype=torch.long), 8, (0, 0, 0), (1, 1, 1), eval_resize=10)
+    ref = v2.CenterCrop(8)(v2.Resize(10, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(
+        img[0].float() / 255)).clamp(0, 1)
+    torch.testing.assert_close(ds[0][0], ref)
+    assert ds.subset(torch.tensor([0])).eval_resize == 10

@@ -126,3 +126,38 @@ def test_building_leaves_the_global_random_state_alone(tmp_path):
     torch.manual_seed(123)
     ensure_glyph_backbone(cfg=_tiny(tmp_path), progress=False, **TINY_VIT)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_styles_share_the_glyph_and_shift_the_rendering():
+    """inverted = the plain image's negative (same draws), shifted = tinted colour with texture; plain unchanged."""
+    plain, _, _ = glyphs.render_pool("sequence", 2, 3, size=16, seed=0)
+    inv, _, _ = glyphs.render_pool("sequence", 2, 3, size=16, seed=0, style="inverted")
+    shifted, _, _ = glyphs.render_pool("sequence", 2, 3, size=16, seed=0, style="shifted")
+    assert (plain.int() + inv.int() - 255).abs().max() <= 1
+    assert not torch.equal(shifted[:, 0], shifted[:, 1])  # colour: channels differ
+    # dark glyph on light background: the glyph's pixels (bright in plain) are darker than the rest
+    g = plain[:, 0].float() > plain[:, 0].float().flatten(1).median(1).values[:, None, None]
+    s = shifted.float().mean(1)
+    assert all(s[i][g[i]].mean() < s[i][~g[i]].mean() for i in range(len(s)))
+    with pytest.raises(ValueError, match="pre-training pool is rendered plain"):
+        glyphs.render_pool("pretrain", 1, 1, style="shifted")
+    with pytest.raises(ValueError, match="glyph style"):
+        glyphs.render_glyph("a", np.random.default_rng(0), 16, style="sepia")
+
+
+def test_multidomain_sequence_changes_domain_at_known_tasks():
+    dm = ClassIncrementalDataModule("multidomain", domain_classes=(4, 2, 2, 2), glyph_images_per_class=10,
+                                    init_cls=2, increment=2, image_size=16)
+    assert dm.num_classes == 10 and dm.num_tasks == 5 and dm.domain_tasks == [0, 2, 3, 4]
+    assert [dm.domain_of_task(t) for t in range(5)] == [0, 0, 1, 2, 3]
+    order = dm.class_order  # permuted within each domain only
+    assert sorted(order[:4]) == [0, 1, 2, 3] and sorted(order[4:6]) == [4, 5] and sorted(order[8:]) == [8, 9]
+    x = dm._sets["train"].images if dm.setup() is None else None
+    labels = dm._sets["train"].labels
+    inverted = x[labels == 4].float().mean()  # dark-on-light glyphs are brighter on average than plain ones
+    assert inverted > x[labels == 0].float().mean()
+    assert set(dm.task_dataset("test", 4).labels.tolist()) == {8, 9}
+    with pytest.raises(ValueError, match="inside a task"):
+        ClassIncrementalDataModule("multidomain", domain_classes=(3, 3, 2, 2), init_cls=2, increment=2)
+    with pytest.raises(ValueError, match="digits at most 10"):
+        ClassIncrementalDataModule("multidomain", domain_classes=(3, 3, 2, 12))

@@ -38,7 +38,7 @@ def test_layer_mixes_adapters_with_router_weights():
 def test_adapters_read_the_residual_stream_beside_the_mlp():
     model = _model()
     block = model.backbone.blocks[1]
-    layer = model.sema[1]
+    layer = model.method.layers[1]
     torch.nn.init.normal_(layer.adapters[0].up.weight)
     x = torch.randn(2, 5, 32)
     attn_out = x + block.attn(block.norm1(x))
@@ -80,33 +80,33 @@ def test_expands_on_out_of_distribution_task_not_on_a_repeated_one():
     x, _ = load_digits_tensors(16)
     seen = x[:192]
     model.set_trainable(0)
-    errors = model.sema_fit_descriptors(_batches(seen), task=0, epochs=30, lr=1e-2,
+    errors = model.method.fit_descriptors(_batches(seen), task=0, epochs=30, lr=1e-2,
                                         generator=torch.Generator().manual_seed(0))
-    assert set(errors) == {0, 1, 2} and all(int(d.count) == 192 for d in model.sema[2].descriptors)
-    assert model.sema_layout() == {0: [0], 1: [0], 2: [0]}
+    assert set(errors) == {0, 1, 2} and all(int(d.count) == 192 for d in model.method.layers[2].descriptors)
+    assert model.method.layout() == {0: [0], 1: [0], 2: [0]}
 
-    repeated = model.sema_expand(1, _batches(x[:192]), threshold=2.0)
+    repeated = model.method.expand(1, _batches(x[:192]), threshold=2.0)
     assert set(repeated) == {1, 2} and not any(e for _, e in repeated.values())
     assert all(z < 2.0 for z, _ in repeated.values())
-    assert model.sema_layout() == {0: [0], 1: [0], 2: [0]}
-    shifted = model.sema_expand(1, _batches(-3.0 * x[192:384] + 1.5), threshold=2.0)
+    assert model.method.layout() == {0: [0], 1: [0], 2: [0]}
+    shifted = model.method.expand(1, _batches(-3.0 * x[192:384] + 1.5), threshold=2.0)
     assert all(e and z > 2.0 for z, e in shifted.values())
-    assert model.sema_layout() == {0: [0], 1: [0, 1], 2: [0, 1]}  # block 0 is not an expansion layer
+    assert model.method.layout() == {0: [0], 1: [0, 1], 2: [0, 1]}  # block 0 is not an expansion layer
 
     groups = model.set_trainable(1)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    new, old = model.sema[2].adapters[1], model.sema[2].adapters[0]
+    new, old = model.method.layers[2].adapters[1], model.method.layers[2].adapters[0]
     assert all(id(p) in trainable for p in new.parameters())
     assert not any(id(p) in trainable for p in old.parameters())
-    assert not any(id(p) in trainable for p in model.sema[2].descriptors[0].parameters())
-    assert all(id(p) in trainable for p in model.sema[2].router[1].parameters())  # only the new router row
-    assert not any(id(p) in trainable for p in model.sema[2].router[0].parameters())
-    assert groups["descriptors"] and not model.sema[0].adapters[0].down.weight.requires_grad
+    assert not any(id(p) in trainable for p in model.method.layers[2].descriptors[0].parameters())
+    assert all(id(p) in trainable for p in model.method.layers[2].router[1].parameters())  # only the new router row
+    assert not any(id(p) in trainable for p in model.method.layers[2].router[0].parameters())
+    assert groups["descriptors"] and not model.method.layers[0].adapters[0].down.weight.requires_grad
     assert not any(id(p) in {id(q) for q in groups["head"] + groups["fast"]} for p in groups["descriptors"])
 
     # a fresh model rebuilds the layout before loading the state dict (checkpoint resume)
     fresh = _model()
-    fresh.restore_sema_layout({str(k): v for k, v in model.sema_layout().items()})
+    fresh.method.restore_layout({str(k): v for k, v in model.method.layout().items()})
     fresh.load_state_dict(model.state_dict())
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x[:4]), model(x[:4]))
@@ -139,7 +139,7 @@ def _fitted_model_and_shifted_batches() -> tuple[ContinualViT, list[torch.Tensor
     if not _FITTED:
         model = _model()
         model.set_trainable(0)
-        model.sema_fit_descriptors(_batches(x[:128]), task=0, epochs=10, lr=1e-2,
+        model.method.fit_descriptors(_batches(x[:128]), task=0, epochs=10, lr=1e-2,
                                    generator=torch.Generator().manual_seed(0))
         _FITTED.append(model)
     return copy.deepcopy(_FITTED[0]), _batches(-3.0 * x[192:320] + 1.5)
@@ -154,7 +154,7 @@ def test_layerwise_order_trains_a_layer_before_testing_the_next():
     model, shifted = _fitted_model_and_shifted_batches()
     joint = copy.deepcopy(model)
     events: list[tuple[str, int]] = []
-    zscores = model.sema_zscores
+    zscores = model.method.zscores
 
     def spy_zscores(batches, layers=None):
         events.append(("test", *layers))
@@ -162,45 +162,45 @@ def test_layerwise_order_trains_a_layer_before_testing_the_next():
 
     def train_new(layer: int) -> None:
         events.append(("train", layer))
-        assert model.sema_open_adapters(layer, 1) == [1]  # still open while it trains
+        assert model.method.open_adapters(layer, 1) == [1]  # still open while it trains
         with torch.no_grad():  # stands in for training: a deterministic non-zero up-projection
             g = torch.Generator().manual_seed(layer)
-            up = model.sema[layer].adapters[1].up
+            up = model.method.layers[layer].adapters[1].up
             up.weight.copy_(0.1 * torch.randn(up.weight.shape, generator=g))
-        model.sema_fit_descriptors(shifted, task=1, epochs=2, lr=1e-2, generator=torch.Generator().manual_seed(1))
+        model.method.fit_descriptors(shifted, task=1, epochs=2, lr=1e-2, generator=torch.Generator().manual_seed(1))
 
-    model.sema_zscores = spy_zscores
-    layerwise = model.sema_expand(1, shifted, threshold=2.0, generator=_gen(), train_new=train_new)
-    del model.sema_zscores
-    joint_out = joint.sema_expand(1, shifted, threshold=2.0, generator=_gen())
+    model.method.zscores = spy_zscores
+    layerwise = model.method.expand(1, shifted, threshold=2.0, generator=_gen(), train_new=train_new)
+    del model.method.zscores
+    joint_out = joint.method.expand(1, shifted, threshold=2.0, generator=_gen())
 
     assert events == [("test", 1), ("train", 1), ("test", 2)]  # trained between the two tests, last one left open
     assert all(e for _, e in layerwise.values()) and all(e for _, e in joint_out.values())
     assert layerwise[1][0] == joint_out[1][0]  # the same model up to layer 1's test
     assert abs(layerwise[2][0] - joint_out[2][0]) > 1e-3  # layer 2 saw the trained layer-1 adapter
     # layer 1's new adapter is closed (frozen from now on); layer 2's is open and trains in the task's epochs
-    assert model.sema_closed == {(1, 1)} and joint.sema_closed == set()
-    assert model.sema_open_adapters(1, 1) == [] and model.sema_open_adapters(2, 1) == [1]
+    assert model.method.closed == {(1, 1)} and joint.method.closed == set()
+    assert model.method.open_adapters(1, 1) == [] and model.method.open_adapters(2, 1) == [1]
     groups = model.set_trainable(1)
     trainable = {id(p) for p in groups["fast"]}
-    assert not any(id(p) in trainable for p in model.sema[1].adapters[1].parameters())
-    assert all(id(p) in trainable for p in model.sema[2].adapters[1].parameters())
-    assert not any(p.requires_grad for p in model.sema[1].adapters[1].parameters())
+    assert not any(id(p) in trainable for p in model.method.layers[1].adapters[1].parameters())
+    assert all(id(p) in trainable for p in model.method.layers[2].adapters[1].parameters())
+    assert not any(p.requires_grad for p in model.method.layers[1].adapters[1].parameters())
     # joint: both new adapters open, and the descriptor phase at the task end fits both
-    assert joint.sema_open_adapters(1, 1) == [1] and joint.sema_open_adapters(2, 1) == [1]
-    assert set(joint.sema_fit_descriptors(shifted, task=1, epochs=1)) == {1, 2}
-    assert set(model.sema_fit_descriptors(shifted, task=1, epochs=1)) == {2}  # layer 1's was fitted already
+    assert joint.method.open_adapters(1, 1) == [1] and joint.method.open_adapters(2, 1) == [1]
+    assert set(joint.method.fit_descriptors(shifted, task=1, epochs=1)) == {1, 2}
+    assert set(model.method.fit_descriptors(shifted, task=1, epochs=1)) == {2}  # layer 1's was fitted already
 
 
 def _stand_in_training(model: ContinualViT, shifted: list[torch.Tensor]):
-    """A ``train_new`` for ``sema_expand``: a deterministic non-zero up-projection instead of training, then the
+    """A ``train_new`` for ``expand``: a deterministic non-zero up-projection instead of training, then the
     descriptor phase (which closes the adapter)."""
 
     def train_new(layer: int) -> None:
         with torch.no_grad():
-            up = model.sema[layer].adapters[1].up
+            up = model.method.layers[layer].adapters[1].up
             up.weight.copy_(0.05 * torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(layer)))
-        model.sema_fit_descriptors(shifted, task=1, epochs=2, lr=1e-2, generator=torch.Generator().manual_seed(1))
+        model.method.fit_descriptors(shifted, task=1, epochs=2, lr=1e-2, generator=torch.Generator().manual_seed(1))
 
     return train_new
 
@@ -212,15 +212,15 @@ def test_layerwise_order_changes_the_deeper_decision():
 
     model, shifted = _fitted_model_and_shifted_batches()
     probes = copy.deepcopy(model), copy.deepcopy(model)
-    z_joint = probes[0].sema_expand(1, shifted, threshold=-1.0, generator=_gen())
-    z_layer = probes[1].sema_expand(1, shifted, threshold=-1.0, generator=_gen(),
+    z_joint = probes[0].method.expand(1, shifted, threshold=-1.0, generator=_gen())
+    z_layer = probes[1].method.expand(1, shifted, threshold=-1.0, generator=_gen(),
                                     train_new=_stand_in_training(probes[1], shifted))
     assert z_joint[1][0] == z_layer[1][0]
     threshold = (z_joint[2][0] + z_layer[2][0]) / 2
     assert threshold < z_joint[1][0]
     joint = copy.deepcopy(model)
-    j = joint.sema_expand(1, shifted, threshold=threshold, generator=_gen())
-    lw = model.sema_expand(1, shifted, threshold=threshold, generator=_gen(),
+    j = joint.method.expand(1, shifted, threshold=threshold, generator=_gen())
+    lw = model.method.expand(1, shifted, threshold=threshold, generator=_gen(),
                            train_new=_stand_in_training(model, shifted))
     assert j[1][1] and lw[1][1]  # layer 1 expands in both orders
     assert j[2][1] != lw[2][1]  # layer 2's decision depends on the order

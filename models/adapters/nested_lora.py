@@ -43,13 +43,17 @@ def inject_nested_lora(
     target_modules: None | str | Sequence[str] = None,
     rank: int = 4,
     lora_alpha: float | None = None,
+    slow_rank: int | None = None,
 ) -> list[str]:
-    """Give every targeted linear a ``slow`` and a ``fast`` adapter of rank ``rank``; returns their names.
+    """Give every targeted linear a ``slow`` adapter of rank ``slow_rank`` (``None``: ``rank``) and a ``fast``
+    adapter of rank ``rank``; returns their names.
 
-    ``lora_alpha`` defaults to ``rank`` (scaling 1), so the consolidated slow delta is the plain sum.
+    ``lora_alpha`` defaults to each adapter's rank (scaling 1), so the consolidated slow delta is the plain sum.
     """
+    slow_rank = rank if slow_rank is None else slow_rank
     alpha = float(rank if lora_alpha is None else lora_alpha)
-    names = inject_lora(model, target_modules, r=rank, lora_alpha=alpha, adapter_name=SLOW)
+    slow_alpha = float(slow_rank if lora_alpha is None else lora_alpha)
+    names = inject_lora(model, target_modules, r=slow_rank, lora_alpha=slow_alpha, adapter_name=SLOW)
     for name, layer in lora_layers(model).items():
         nested = NestedLoRALinear(layer.base)
         nested.adapters = layer.adapters
@@ -76,7 +80,10 @@ def consolidate_layer(layer: LoRALinear, alpha: float) -> float:
     Target: ``scale_s B_s A_s + alpha scale_f B_f A_f`` (rank up to 2r). It is re-factorised to the slow
     rank r with a truncated SVD ``U_r S_r V_r^T`` (the best rank-r approximation in Frobenius norm), split
     as ``B_s = U_r sqrt(S_r / scale_s)``, ``A_s = sqrt(S_r / scale_s) V_r^T``. The returned error is
-    ``||target - new slow delta||_F / ||target||_F`` (0 when the target has rank <= r, e.g. the first task).
+    ``||target - new slow delta||_F / ||target||_F``: 0 only when the target has rank <= r. The slow adapter
+    also trains during a task, so even at the first task's end the target is a sum of two non-zero rank-r
+    deltas and the error is not 0 (0.17 measured on the glyph sequence); a larger slow rank
+    (``nested_slow_r: 2r``) keeps more of the sum.
     """
     slow, fast = layer.adapters[SLOW], layer.adapters[FAST]
     target = slow.delta_weight().double() + alpha * fast.delta_weight().double()

@@ -100,6 +100,7 @@ class SEMALayer(nn.Module):
         self.descriptors = nn.ModuleList()
         self.router = nn.ModuleList()  # one Linear(dim, 1) row per adapter: old rows can be frozen alone
         self.collect_z: list[list[float]] | None = None  # set to [] to collect z-scores per batch
+        self.disabled = False  # True: the layer adds nothing (accuracy with the adapters zeroed)
         self.created_task: list[int] = []  # task in which each adapter was added (it trains only then)
         self.add_adapter(task=0)
 
@@ -108,7 +109,8 @@ class SEMALayer(nn.Module):
         return len(self.adapters)
 
     def add_adapter(self, task: int, generator: torch.Generator | None = None) -> None:
-        """Append an adapter + descriptor + router row (zero) created in ``task``."""
+        """Append an adapter + descriptor + router row created in ``task`` (the row with ``nn.Linear``'s default
+        initialisation, as SEMA-CL; the new adapter's zero up-projection keeps the layer's output unchanged)."""
         self.created_task.append(task)
         ref = next(self.parameters(), None)
         device = ref.device if ref is not None else None
@@ -118,10 +120,7 @@ class SEMALayer(nn.Module):
             self.adapters.append(BottleneckAdapter(self.dim, self.bottleneck).to(device))
             descriptor = RepresentationDescriptor(self.dim, self.descriptor_hidden, self.buffer_size)
             self.descriptors.append(descriptor.to(device))
-        row = nn.Linear(self.dim, 1).to(device)
-        nn.init.zeros_(row.weight)
-        nn.init.zeros_(row.bias)
-        self.router.append(row)
+            self.router.append(nn.Linear(self.dim, 1).to(device))
 
     def router_weights(self, f: torch.Tensor) -> torch.Tensor:
         """Softmax over the router rows of token-averaged features ``f`` (B, d) -> (B, n_adapters)."""
@@ -131,6 +130,8 @@ class SEMALayer(nn.Module):
         f = x.mean(dim=1)
         if self.collect_z is not None:
             self.collect_z.append([d.zscore(f) for d in self.descriptors])
+        if self.disabled:
+            return torch.zeros_like(x)
         if self.num_adapters == 1:
             return self.adapters[0](x)
         outs = torch.stack([a(x) for a in self.adapters], dim=-1)  # (B, N, d, n)

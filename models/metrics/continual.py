@@ -1,4 +1,4 @@
-"""Class-incremental metrics from an accuracy matrix, and the matrix rendered as an image.
+"""Class-incremental metrics from an accuracy matrix, and the plots of a sequence (matplotlib, Agg backend).
 
 ``R[t][i]`` is the accuracy on task ``i``'s test classes after training task ``t`` (0-based, ``i <= t``);
 ``A[t]`` is the accuracy on every class seen after task ``t``. Accuracies are fractions in [0, 1].
@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -64,36 +64,136 @@ def summary(R: Matrix, A: Sequence[float]) -> dict[str, float]:
     }
 
 
-# 3x5 bitmap digits (and '.', '-') so the image needs no font file or matplotlib.
-_GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-}
+def old_new_accuracy(confusion: np.ndarray, task_offset: int, n_seen: int) -> dict[str, float]:
+    """From a class confusion matrix (true x predicted, seen classes only) after a task whose classes start at
+    ``task_offset``: accuracy on the old classes, on the new ones, and the share of old-class images predicted
+    as a new class (the bias toward the newest task)."""
+    c = np.asarray(confusion, dtype=np.float64)[:n_seen, :n_seen]
+    diag = np.diag(c)
+    old, new = slice(0, task_offset), slice(task_offset, n_seen)
+    out = {"new_acc": float(diag[new].sum() / max(c[new].sum(), 1))}
+    if task_offset:
+        out["old_acc"] = float(diag[old].sum() / max(c[old].sum(), 1))
+        out["old_to_new"] = float(c[old, new].sum() / max(c[old].sum(), 1))
+    return out
 
 
-def _draw_text(img: np.ndarray, text: str, top: int, left: int, scale: int, color: np.ndarray) -> None:
-    for k, ch in enumerate(text):
-        glyph = np.array([int(b) for b in _GLYPHS[ch]], dtype=bool).reshape(5, 3)
-        mask = glyph.repeat(scale, 0).repeat(scale, 1)
-        y, x = top, left + k * 4 * scale
-        img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = color
+def task_confusion(confusion: np.ndarray, task_sizes: Sequence[int]) -> np.ndarray:
+    """Class confusion (true x predicted) summed into tasks, rows normalised to fractions."""
+    bounds = np.cumsum([0, *task_sizes])
+    c = np.asarray(confusion, dtype=np.float64)
+    t = np.array([[c[a:b, p:q].sum() for p, q in zip(bounds[:-1], bounds[1:])]
+                  for a, b in zip(bounds[:-1], bounds[1:])])
+    return t / np.maximum(t.sum(1, keepdims=True), 1)
 
 
-def render_accuracy_matrix(R: Matrix, cell: int = 40) -> torch.Tensor:
-    """The matrix as a heat map (dark red = 0, green = 1, grey = not yet trained) with the percentages
-    written in each cell; returns a ``(3, H, W)`` uint8 tensor for ``SummaryWriter.add_image``."""
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_matrix(values: np.ndarray, title: str, xlabel: str, ylabel: str, colorbar: str) -> Any:
+    """A heat map with percentages in the cells (NaN cells blank), axes labels and a colour bar."""
+    plt = _pyplot()
+    v = np.asarray(values, dtype=np.float64)
+    n_rows, n_cols = v.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n_cols, 0.8 + 0.5 * n_rows), dpi=100)
+    im = ax.imshow(np.ma.masked_invalid(100 * v), vmin=0, vmax=100, cmap="viridis")
+    for r in range(n_rows):
+        for c in range(n_cols):
+            if np.isfinite(v[r, c]):
+                ax.text(c, r, f"{100 * v[r, c]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if v[r, c] < 0.6 else "black")
+    ax.set_xticks(range(n_cols))
+    ax.set_yticks(range(n_rows))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=colorbar, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_matrix(R: Matrix) -> Any:
+    """R[t][i] as a heat map: rows = after training task t, columns = task i's test classes."""
     rows = _check(R)
     n = len(rows)
-    img = np.full((n * cell, n * cell, 3), 200, dtype=np.uint8)
-    scale = max(1, cell // 20)
+    v = np.full((n, n), np.nan)
     for t, row in enumerate(rows):
-        for i, acc in enumerate(row):
-            a = min(max(acc, 0.0), 1.0)
-            color = np.array([200 * (1 - a) + 30, 60 + 150 * a, 50], dtype=np.uint8)
-            img[t * cell : (t + 1) * cell - 1, i * cell : (i + 1) * cell - 1] = color
-            text = f"{round(100 * a):d}"
-            width = len(text) * 4 * scale
-            _draw_text(img, text, t * cell + (cell - 5 * scale) // 2, i * cell + (cell - width) // 2, scale,
-                       np.array([255, 255, 255], dtype=np.uint8))
-    return torch.from_numpy(img).permute(2, 0, 1).contiguous()
+        v[t, : len(row)] = row
+    return plot_matrix(v, "accuracy matrix R[t][i] (%)", "evaluated task i", "after training task t", "accuracy (%)")
+
+
+def plot_task_confusion(conf: np.ndarray) -> Any:
+    """Rows: true task, columns: predicted task (fractions of the row's images)."""
+    return plot_matrix(conf, "task confusion (% of the true task's images)", "predicted task", "true task",
+                       "share of images (%)")
+
+
+def plot_old_new(records: Sequence[Mapping[str, float]]) -> Any:
+    """Old-class and new-class accuracy after each task, and the share of old images predicted as new."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    tasks = list(range(len(records)))
+    for key, label in (("new_acc", "new classes (current task)"), ("old_acc", "old classes"),
+                       ("old_to_new", "old images predicted as new")):
+        ys = [100 * r[key] if key in r else np.nan for r in records]
+        ax.plot(tasks, ys, marker="o", label=label)
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(tasks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("old / new classes", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(curves: Mapping[str, Sequence[float]], spreads: Mapping[str, Sequence[float]] | None = None,
+                title: str = "accuracy on all seen classes", ylabel: str = "accuracy (%)") -> Any:
+    """Accuracy after each task for several methods on one figure (optional +- spread bands)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    for name, ys in curves.items():
+        x = np.arange(len(ys))
+        y = 100 * np.asarray(ys, dtype=np.float64)
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+        if spreads and name in spreads:
+            s = 100 * np.asarray(spreads[name], dtype=np.float64)
+            ax.fill_between(x, y - s, y + s, alpha=0.15)
+    ax.set_xlabel("after training task")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def figure_to_image(fig: Any) -> torch.Tensor:
+    """A matplotlib figure as a ``(3, H, W)`` uint8 tensor (closes the figure)."""
+    plt = _pyplot()
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    plt.close(fig)
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).contiguous()
+
+
+def render_accuracy_matrix(R: Matrix) -> torch.Tensor:
+    """The accuracy matrix plot as a ``(3, H, W)`` uint8 tensor for ``SummaryWriter.add_image``."""
+    return figure_to_image(plot_accuracy_matrix(R))
+
+
+def save_figure(fig: Any, path: Any) -> None:
+    """Write ``fig`` as a PNG (atomically: a reader never sees half a file) and close it."""
+    from models.utils.atomic import atomic_path
+
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
