@@ -591,9 +591,12 @@ class AdaptLabCLI(LightningCLI):
         for cb in self.trainer.callbacks:
             if isinstance(cb, KeepConfigCallback):
                 run.record_file(cb.written)
-        experiment = getattr(self.trainer.logger, "_experiment", None)
-        for writer in (getattr(experiment, "all_writers", None) or {}).values():
-            run.record_file(getattr(getattr(writer, "event_writer", None), "_file_name", None))
+        log_dir = getattr(self.trainer.logger, "log_dir", None)
+        if log_dir is not None:  # TensorBoard names its file events.out.tfevents.<time>.<host>.<pid>.<n>
+            for p in Path(log_dir).glob(f"events.out.tfevents.*.{os.getpid()}.*"):
+                stamp = p.name.split(".")[3]
+                if stamp.isdigit() and int(stamp) >= run.started:  # this process's (not an earlier same pid's)
+                    run.record_file(p)
 
     def _checkpoint_dir(self, subcommand: str) -> Path | None:
         dirpath = (self.config[subcommand].get("checkpoint") or {}).get("dirpath")
