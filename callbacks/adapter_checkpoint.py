@@ -87,11 +87,12 @@ class AdapterCheckpoint(Callback):
     during training, as in continual learning) and ``config.yaml`` (the run's config, to rebuild the model)."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero or log_dir is None:
             return
-        folder = Path(trainer.log_dir) / "adapter"
+        folder = Path(log_dir) / "adapter"
         path = save_adapter(pl_module, folder, {"module": type(pl_module).__qualname__})
-        config = Path(trainer.log_dir) / CONFIG_FILE
+        config = Path(log_dir) / CONFIG_FILE
         if config.is_file():
             shutil.copyfile(config, folder / CONFIG_FILE)
         size = sum(t.numel() for t in adapter_state_dict(pl_module).values())

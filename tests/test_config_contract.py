@@ -10,6 +10,11 @@ from tests.cli_helpers import REPO
 
 #: config -> the test (file::function) that runs ``fit`` with it; GPU-sized configs with tiny overrides on the CPU.
 SMOKE_TESTS = {
+    "continual_aper": "test_continual_cli.py::test_other_configs_run_the_sequence",
+    "continual_joint": "test_continual_cli.py::test_other_configs_run_the_sequence",
+    "continual_multidomain": "test_continual_cli.py::test_other_configs_run_the_sequence",
+    "continual_ranpac": "test_continual_cli.py::test_other_configs_run_the_sequence",
+    "continual_simplecil": "test_continual_cli.py::test_other_configs_run_the_sequence",
     "gpt_pretrain": "test_gpt_configs.py::test_pretrain_then_skip2lora_with_cache_then_lora",
     "lora_gpt": "test_gpt_configs.py::test_pretrain_then_skip2lora_with_cache_then_lora",
     "skip2lora_gpt": "test_gpt_configs.py::test_pretrain_then_skip2lora_with_cache_then_lora",

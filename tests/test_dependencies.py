@@ -15,7 +15,7 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 FIRST_PARTY = {"models", "lightning_modules", "datamodules", "callbacks", "cli"}
 #: import name -> distribution name, where they differ
 DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "fontTools": "fonttools",
-                "lightning_utilities": "lightning-utilities"}
+                "lightning_utilities": "lightning-utilities", "fla": "fla-core"}
 
 
 def declared() -> set[str]:

@@ -57,7 +57,8 @@ def test_preset_configs_size_from_the_memory_model_and_run_tiny(in_tmp, file):
         "batch_size"]
     budget = float(name[:-2])
     assert 0.5 * budget < estimate_memory(config)["total_gb"] <= 0.8 * budget  # uses the GPU, leaves headroom
-    tiny = json.dumps({"preset": name, "model": {"d_model": 32, "n_layers": 1, "intermediate_size": 64}})
+    tiny = json.dumps({"preset": name, "model": {"d_model": 32, "n_layers": 1, "intermediate_size": 64},
+                       "ar_ssm": {"max_rank": 16, "min_rank": 4}, "htt": {"rank": 16}})
     run = run_cli(["fit", "--config", str(path), "--model.phase1", tiny, "--trainer.max_steps", "2",
                    "--trainer.val_check_interval", "2", "--data.num_workers", "0", "--trainer.accelerator", "cpu",
                    *FAST])

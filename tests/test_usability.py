@@ -50,4 +50,4 @@ def test_timm_name_typo_suggests_names(in_tmp, capsys):
         run_cli(["fit", "--config", str(REPO / "configs/vit_lora_digits.yaml"), "--model.backbone",
                  "vit_tinny_patch16_224"])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "did you mean vit_tiny_patch16_224" in err
+    assert err.count("\n") == 1 and "did you mean: vit_tiny_patch16_224" in err

@@ -62,7 +62,8 @@ _SEMA_GLYPHS = ["--data.dataset", "glyphs", "--data.init_cls", "10", "--data.inc
 
 def _phase1_dry(name: str) -> list[str]:
     tiny = json.dumps({"preset": name.removeprefix("phase1_").removesuffix("gb") + "gb",
-                       "model": {"d_model": 32, "n_layers": 1, "intermediate_size": 64}})
+                       "model": {"d_model": 32, "n_layers": 1, "intermediate_size": 64},
+                       "ar_ssm": {"max_rank": 16, "min_rank": 4}, "htt": {"rank": 16}})
     return ["--model.phase1", tiny, "--data.num_workers", "0", "--data.max_windows", "16", "--data.batch_size", "4",
             "--data.seq_len", "32", "--model.sample_tokens", "8"]
 

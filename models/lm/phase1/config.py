@@ -116,6 +116,14 @@ class Phase1Config:
     use_gradient_checkpointing: bool = True
     target_vram_gb: float = 8.0
 
+    def check_ranks(self) -> None:
+        """No more rank than width is useful (or built). Checked when the model is built, not in ``__post_init__``:
+        the flat ``config`` is constructed (with default ranks) before the nested ``phase1`` group is applied."""
+        for key, on in (("ar_ssm_max_rank", self.ar_ssm_enabled), ("htt_rank", self.htt_enabled)):
+            if on and getattr(self, key) > self.d_model:
+                raise ValueError(f"config.{key} ({getattr(self, key)}) must not exceed the model width "
+                                 f"config.d_model ({self.d_model})")
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # NaN/inf pass every comparison below: refuse them first
             value = getattr(self, f.name)
@@ -124,10 +132,6 @@ class Phase1Config:
         if self.norm_eps <= 0 or self.ar_ssm_l1_regularization < 0:
             raise ValueError(f"config.norm_eps must be > 0 and config.ar_ssm_l1_regularization >= 0, got "
                              f"{self.norm_eps}, {self.ar_ssm_l1_regularization}")
-        for key, on in (("ar_ssm_max_rank", self.ar_ssm_enabled), ("htt_rank", self.htt_enabled)):
-            if on and getattr(self, key) > self.d_model:  # no more rank than width is useful (or built)
-                raise ValueError(f"config.{key} ({getattr(self, key)}) must not exceed the model width "
-                                 f"config.d_model ({self.d_model})")
         for key in ("vocab_size", "d_model", "n_layers", "n_seq", "batch_size", "bk_chunk_size", "htt_rank",
                     "ar_ssm_conv_kernel"):
             if getattr(self, key) <= 0:
@@ -214,6 +218,7 @@ class Phase1Config:
         sized = {"d_model", "n_layers"} & set(changes)
         if preset == "custom" and "target_vram_gb" in changes and not sized:
             config = fit_to_budget(config)
+        config.check_ranks()
         return config
 
     def to_nested(self) -> dict[str, Any]:

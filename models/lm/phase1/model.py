@@ -94,6 +94,7 @@ class Phase1LM(nn.Module):
 
     def __init__(self, config: Phase1Config, zero_init_mixers: bool = False) -> None:
         super().__init__()
+        config.check_ranks()
         self.config = config
         if config.htt_enabled:
             self.embed: nn.Module = TTEmbedding(config.vocab_size, config.d_model, rank=config.htt_rank,
