@@ -11,6 +11,7 @@ the time; flatness of the peak against corpus size is what is shown (the reading
 the corpus size: one window per ``pread``).
 
     python benchmarks/token_shards.py                       # 64, 128, 256, 512 MiB; in-memory up to 256 MiB
+    python benchmarks/token_shards.py --sizes 2048 --cap_mib 1024   # a corpus 2x the memory a process may use
 """
 
 from __future__ import annotations
@@ -110,13 +111,52 @@ def child(mode: str, files: list[str], out: str) -> dict:
     return result
 
 
-def run_child(mode: str, files: list[Path], out: Path) -> dict:
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def memory_cgroup(limit_mib: int) -> Path:
+    """A cgroup-v1 memory group that caps what its processes may use at ``limit_mib`` (resident memory plus the
+    page cache they fill, which the kernel reclaims under the cap); Linux, as root."""
+    group = CGROUP_V1 / f"adaptlab_token_shards_{os.getpid()}"
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(limit_mib * 2**20))
+    return group
+
+
+def run_child(mode: str, files: list[Path], out: Path, cgroup: Path | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    join = None if cgroup is None else (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid())))
     res = subprocess.run([sys.executable, __file__, "--child", mode, "--out", str(out), "--files",
-                          *map(str, files)], env=env, capture_output=True, text=True, cwd=REPO)
+                          *map(str, files)], env=env, capture_output=True, text=True, cwd=REPO, preexec_fn=join)
     if res.returncode:
-        raise RuntimeError(f"{mode} failed:\n{res.stderr[-2000:]}")
+        raise RuntimeError(f"{mode} failed (exit {res.returncode}):\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def capped_run(size_mib: int, limit_mib: int, work: Path) -> None:
+    """Prepare and read one epoch of a ``size_mib`` corpus with every process capped at ``limit_mib`` (a corpus
+    larger than the memory the process may use); the in-memory path is tried under the same cap."""
+    files = make_corpus(work / "corpus", size_mib)
+    group = memory_cgroup(limit_mib)
+    try:
+        out = work / "shards"
+        prep = run_child("prepare", files, out, group)
+        it = run_child("iterate", files, out, group)
+        print(f"# corpus {size_mib} MiB, every process capped at {limit_mib} MiB (cgroup v1 memory.limit_in_bytes), "
+              f"{cpu_model()}, {time.strftime('%Y-%m-%d')}")
+        print(f"prepare: {prep['seconds']:.1f} s, peak RSS {prep['start_mib'] + prep['peak_mib']:.0f} MiB "
+              f"({prep['peak_mib']:.0f} above the {prep['start_mib']:.0f} MiB after imports)")
+        print(f"epoch:   {it['seconds']:.1f} s, {it['tokens']:,} tokens, peak RSS "
+              f"{it['start_mib'] + it['peak_mib']:.0f} MiB ({it['peak_mib']:.0f} above)")
+        try:
+            mem = run_child("in_memory", files, out, group)
+            print(f"in-memory TextDataModule: finished, peak RSS {mem['start_mib'] + mem['peak_mib']:.0f} MiB")
+        except RuntimeError as e:
+            print(f"in-memory TextDataModule: failed under the cap ({str(e).splitlines()[0]})")
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            (CGROUP_V1 / "cgroup.procs").write_text(pid)
+        group.rmdir()
 
 
 def main() -> None:
@@ -128,6 +168,8 @@ def main() -> None:
     p.add_argument("--child", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--files", nargs="*", default=[])
+    p.add_argument("--cap_mib", type=int, default=None,
+                   help="instead: one corpus of --sizes[0] MiB with every process capped at this many MiB (cgroup v1)")
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.files, a.out)))
@@ -135,6 +177,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     work = Path(a.workdir or tempfile.mkdtemp(prefix="token_shards_bench_"))
     try:
+        if a.cap_mib is not None:
+            capped_run(a.sizes[0], a.cap_mib, work)
+            return
         files = make_corpus(work / "corpus", max(a.sizes))
         base = run_child("baseline", files[:1], work / "none")["start_mib"]
         rows = []
