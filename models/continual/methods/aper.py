@@ -5,34 +5,22 @@ backbone's and the adapted backbone's pooled features. Meant with ``classifier: 
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
-from models.adapters.lora import LoRAAdapter, inject_lora
-from models.continual.base import ContinualMethod, register_method
-from models.continual.methods.lora import lora_off, lora_relative_delta
+from models.continual.base import register_method
+from models.continual.methods.lora import LoRAMethod, lora_off
 
 
 @register_method("aper")
-class APERMethod(ContinualMethod):
-    """LoRA trained in task 0 only; features ``[frozen(x), adapted(x)]``.
+class APERMethod(LoRAMethod):
+    """LoRA (as :class:`LoRAMethod`) trained in task 0 only; features ``[frozen(x), adapted(x)]``.
 
     Args:
         lora_r: rank of the first-session LoRA.
         lora_alpha: scaling numerator (``None``: the rank).
         lora_target_modules: layers that get LoRA (``None``: attention and MLP linears).
     """
-
-    def __init__(self, lora_r: int = 8, lora_alpha: float | None = None,
-                 lora_target_modules: None | str | Sequence[str] = None) -> None:
-        self.r, self.alpha, self.targets = lora_r, lora_alpha, lora_target_modules
-
-    def attach(self, model: nn.Module) -> None:
-        super().attach(model)
-        alpha = float(self.r if self.alpha is None else self.alpha)
-        inject_lora(model.backbone, self.targets, r=self.r, lora_alpha=alpha)
 
     def feature_dim(self, dim: int) -> int:
         return 2 * dim
@@ -43,11 +31,5 @@ class APERMethod(ContinualMethod):
         return torch.cat([frozen, self.model.backbone(x)], dim=-1)
 
     def adapter_groups(self, task: int) -> dict[str, list[nn.Parameter]]:
-        fast = [p for m in self.model.backbone.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()]
-        return {"fast": fast if task == 0 else [], "slow": [], "descriptors": []}
-
-    def adapters_off(self):  # noqa: ANN201 - context manager
-        return lora_off(self.model.backbone)
-
-    def relative_delta(self) -> float:
-        return lora_relative_delta(self.model.backbone)
+        groups = super().adapter_groups(task)
+        return {**groups, "fast": groups["fast"] if task == 0 else []}
