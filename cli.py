@@ -579,6 +579,8 @@ class AdaptLabCLI(LightningCLI):
                 folders.append(dirpath)
             for folder in folders:
                 run.lock(folder)
+                # an earlier run in this same process (same pid in TensorBoard's file names) is not this run
+                run.preexisting.update(folder.glob(f"events.out.tfevents.*.{os.getpid()}.*"))
         except RunFolderBusy as e:
             run.release()
             run.remove_created()
@@ -594,8 +596,7 @@ class AdaptLabCLI(LightningCLI):
         log_dir = getattr(self.trainer.logger, "log_dir", None)
         if log_dir is not None:  # TensorBoard names its file events.out.tfevents.<time>.<host>.<pid>.<n>
             for p in Path(log_dir).glob(f"events.out.tfevents.*.{os.getpid()}.*"):
-                stamp = p.name.split(".")[3]
-                if stamp.isdigit() and int(stamp) >= run.started:  # this process's (not an earlier same pid's)
+                if p not in run.preexisting:  # this run's (not an earlier run's of the same process)
                     run.record_file(p)
 
     def _checkpoint_dir(self, subcommand: str) -> Path | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import time
 from pathlib import Path
 
 try:
@@ -36,7 +35,7 @@ class RunFolder:
     """What this process created for one run (folders it owns, shared parents, single files), and its locks."""
 
     def __init__(self) -> None:
-        self.started = int(time.time())  # files stamped earlier were not written by this run
+        self.preexisting: set[Path] = set()  # files named like this process's that were there before this run
         self.owned: list[Path] = []  # folders reserved by this process: removed whole
         self.parents: list[Path] = []  # shared folders this process created: removed only when empty
         self.files: list[Path] = []  # files this process created in folders it does not own
