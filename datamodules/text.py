@@ -27,7 +27,7 @@ import re
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import lightning as L
 import torch
@@ -181,18 +181,23 @@ def read_text_bytes(path: Path) -> bytes:
     return data
 
 
-def read_jsonl_texts(path: Path, field: str) -> list[bytes]:
-    """The ``field`` of every non-empty line of a ``.jsonl`` file, UTF-8 encoded; a bad line names the file and
-    line."""
-    data = read_text_bytes(path).decode("utf-8")
-    out = []
-    for n, line in enumerate(data.splitlines(), 1):
+def jsonl_rows(text: str, name: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed row)`` of every non-empty line of JSON Lines ``text``; a line that is not JSON is
+    refused naming ``name`` and the line."""
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{str(path)!r} line {n} is not JSON ({e.msg})") from e
+            raise ValueError(f"{name} line {n} is not JSON ({e.msg})") from e
+
+
+def read_jsonl_texts(path: Path, field: str) -> list[bytes]:
+    """The ``field`` of every non-empty line of a ``.jsonl`` file, UTF-8 encoded; a bad line names the file and
+    line."""
+    out = []
+    for n, row in jsonl_rows(read_text_bytes(path).decode("utf-8"), repr(str(path))):
         text = row.get(field) if isinstance(row, dict) else None
         if not isinstance(text, str):
             raise ValueError(f"{str(path)!r} line {n} has no string field {field!r} (set data.text_field)")

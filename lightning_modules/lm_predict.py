@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from datamodules.text import ByteTokenizer
+from datamodules.text import ByteTokenizer, jsonl_rows
 from models.lm.sampling import GenerationConfig, generate
 
 
@@ -50,13 +50,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None, default: st
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"model.prompt_file {prompt_file!r} cannot be read as UTF-8 text ({e})") from e
         if path.suffix == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"model.prompt_file {prompt_file!r} line {n} is not JSON ({e.msg})") from e
+            for n, row in jsonl_rows(text, f"model.prompt_file {prompt_file!r}"):
                 value = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
                 if not isinstance(value, str):
                     raise ValueError(f"model.prompt_file {prompt_file!r} line {n} has no string `prompt` or `text`")
