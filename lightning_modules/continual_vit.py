@@ -1,8 +1,9 @@
 """Class-incremental learning with a frozen ViT: one ``fit`` runs the whole task sequence.
 
-Epoch ``e`` trains task ``e // epochs_per_task`` of a ``ClassIncrementalDataModule``. The continual method
-(``adapter_type``: a file in ``models/continual/methods/``, found through its registry) decides what is added to
-the backbone and what trains; this module only wires it. A task starts with the method's ``on_task_start``
+Epoch ``e`` trains task ``e // epochs_per_task`` of a ``ClassIncrementalDataModule`` (one training phase per
+task; a method may ask for more, below). The continual method (``adapter_type``: a file in
+``models/continual/methods/``, found through its registry) decides what is added to the backbone and what
+trains; this module only wires it. A task starts with the method's ``on_task_start``
 (SEMA: self-expansion), the task's trainable parameters and fresh optimizers with a cosine schedule over the
 task; it ends on its last batch (before that epoch's checkpoint) with ``on_task_end`` on every callback that
 has it (Nested LoRA consolidation), the method's ``on_task_end`` (SEMA: descriptors), the statistics classifier's
