@@ -74,6 +74,7 @@ class ContinualClassifier(L.LightningModule):
             APER with ``aper``) or ``ridge`` (RanPAC's random projection + ridge); on top of any method.
         ridge_dim: random-projection width of the ``ridge`` classifier.
         lora_r: LoRA rank (``lora``, ``aper``).
+        aper_phases: ``aper``: phases of ``epochs_per_task`` epochs that adapt on the first task (1: a regular task).
         lora_alpha: LoRA alpha (``None``: the rank).
         lora_target_modules: layers that get LoRA / Nested LoRA (``None``: attention and MLP linears).
         nested_lora_r: rank of Nested LoRA's fast adapter (and of the slow one unless ``nested_slow_r``).
@@ -129,6 +130,7 @@ class ContinualClassifier(L.LightningModule):
         first_task_adaptation: bool = False,
         finetune_backbone: bool = False,
         lora_r: int = 8,
+        aper_phases: int = 1,
         lora_alpha: float | None = None,
         lora_target_modules: None | str | Sequence[str] = None,
         nested_lora_r: int = 4,

@@ -272,3 +272,16 @@ def test_last_checkpoint_holds_the_final_consolidated_model_and_full_matrix(in_t
     assert any(ckpt["state_dict"][k.replace("fast", "slow")].abs().sum() > 0 for k in fast_b)
     for k, v in final.items():
         torch.testing.assert_close(ckpt["state_dict"][k], v, msg=k)
+
+
+def test_aper_phases_lengthen_the_first_task_only(in_tmp):
+    """``aper_phases: 3``: task 0 trains 3 phases (3x its batches, fresh optimizers each), later tasks one; the
+    adapter is trained in every phase of task 0 and frozen afterwards."""
+    base = ["fit", "--config", str(REPO / "configs/continual_aper.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET]
+    one = run_cli(base)
+    assert one.trainer.current_epoch == 5 and one.trainer.global_step == 2 * 5
+    three = run_cli(base + ["--model.aper_phases", "3"])
+    assert three.trainer.current_epoch == 7 and three.trainer.global_step == 2 * 7
+    moved = {n: p for n, p in three.model.model.backbone.named_parameters() if three.model.method.is_adapter(n)}
+    assert moved and not any(p.requires_grad for p in moved.values())
+    assert three.model.method.relative_delta() != one.model.method.relative_delta()
