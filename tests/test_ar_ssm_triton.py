@@ -56,6 +56,19 @@ inputs = (torch.randn(2, 7, 3, dtype=torch.float64, generator=g).requires_grad_(
 out["gradcheck"] = torch.autograd.gradcheck(lambda a, b, c: decayed_scan_triton(a, b, c, block_t=4), inputs,
                                             raise_exception=False)
 
+# the fused layer kernel's own backward (uv read with a wider token stride, logits, decay logit, h0; through y, g
+# and h) by finite differences
+from models.layers.ar_ssm_triton import ar_ssm_triton
+g = torch.Generator().manual_seed(1)
+wide = torch.randn(2, 7, 9, dtype=torch.float64, generator=g).requires_grad_()
+inputs = (wide, torch.randn(2, 7, 3, dtype=torch.float64, generator=g).requires_grad_(),
+          torch.randn(3, dtype=torch.float64, generator=g).requires_grad_(),
+          torch.randn(2, 3, dtype=torch.float64, generator=g).requires_grad_())
+scale = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+out["layer_gradcheck"] = torch.autograd.gradcheck(
+    lambda w, lg, th, h0: ar_ssm_triton(w[..., 3:], lg, th, from_logit=True, scale=scale, h0=h0, block_t=4)[:3],
+    inputs, raise_exception=False, fast_mode=True)
+
 # the layer on the fused path (backend "triton": conv1d, one projection, the kernel around the scan, the gate
 # statistics kernel) == backend "torch", streamed in two calls with the carried state (both convolution forms and
 # an initial scan state), with the gate L1 loss; training with the rank curriculum, a fixed decay, eval with
@@ -104,7 +117,7 @@ def test_triton_scan_matches_torch_under_interpreter():
         tol = 1e-11 if c["dtype"] == "torch.float64" else 1e-5
         assert c["h"] <= tol * max(1.0, c["scale"]) and c["last"] <= tol * max(1.0, c["scale"]), c
         assert all(e <= tol * 1e2 * max(1.0, c["scale"]) for e in c["grads"]), c
-    assert result["gradcheck"]
+    assert result["gradcheck"] and result["layer_gradcheck"]
     assert len(result["layer"]) == 12
     tols = {"torch.float64": 1e-9, "torch.float32": 1e-5, "torch.float16": 1e-2}  # fp16: u and v rounded first
     for c in result["layer"]:

@@ -106,6 +106,18 @@ m = BKMixer(8, eta=0.5, chunk_size=4, backend="triton").double()
 x = torch.randn(2, 11, 8, dtype=torch.float64)
 out["scan_method"] = m.scan_method(x)
 y, last = m(x, return_state=True)
+# the fused mixer's own backward (projection, decay, g0; through the feature and g) by finite differences
+from models.layers.bk_mixer_triton import bk_mixer_triton
+gen = torch.Generator().manual_seed(5)
+reset = torch.zeros(2, 6, dtype=torch.bool)
+reset[0, 3] = True
+args = (torch.randn(2, 6, 9, dtype=torch.float64, generator=gen).requires_grad_(),
+        torch.rand(2, 6, 3, dtype=torch.float64, generator=gen).requires_grad_(),
+        torch.complex(torch.randn(2, 3, dtype=torch.float64, generator=gen),
+                      torch.rand(2, 3, dtype=torch.float64, generator=gen)).requires_grad_())
+out["mixer_gradcheck"] = torch.autograd.gradcheck(
+    lambda p, dec, g0: (lambda f, g, _: (f, torch.view_as_real(g)))(*bk_mixer_triton(p, 0.7, dec, g0, reset)), args,
+    raise_exception=False, fast_mode=True)
 out["forward_is_mix"] = err(y, m.mix(x)[0]) == 0 and err(last, m.mix(x)[1][:, -1]) == 0
 print("RESULT" + json.dumps(out))
 """
@@ -123,6 +135,7 @@ def test_triton_bk_scan_matches_torch_under_interpreter():
         assert all(e <= 10 * tol * max(1.0, c["grad_scale"]) for e in c["grads"]), c
     assert result["gradcheck"]
     assert len(result["mixer"]) == 8 and result["scan_method"] == "triton" and result["forward_is_mix"]
+    assert result["mixer_gradcheck"]
     for c in result["mixer"]:  # y, g, then the gradients of x, decay, g0, W_in, W_out
         tol = tols[c["dtype"]]
         assert all(e <= 10 * tol for e in c["errors"]), c

@@ -157,6 +157,26 @@ out["layer"] = [layer_case(29, F64, True, False, 2.0), layer_case(29, F64, True,
                 layer_case(1, F64, False, True, 2.0), layer_case(21, F64, False, False, None),
                 layer_case(29, torch.float32, True, True, 2.0), layer_case(29, torch.float16, True, False, 2.0)]
 
+# the layer kernels' own backward by finite differences: the projection -> attention inputs (with and without the
+# rule; the decisions are constants of the input), and the attention writing o as (B, N, H Dv) from no memory
+from models.layers.fast_weights_triton import layer_inputs_triton
+gen = torch.Generator().manual_seed(6)
+reset = torch.zeros(2, 11, dtype=torch.bool)
+reset[1, 5] = True
+proj = torch.randn(2, 11, 2 * (3 * 4 + 1), dtype=F64, generator=gen).requires_grad_()
+bias = torch.randn(2, dtype=F64, generator=gen).requires_grad_()
+eta = torch.tensor([0.7, 1.3], dtype=F64)
+out["inputs_gradcheck"] = [torch.autograd.gradcheck(
+    lambda p, b: layer_inputs_triton(p, b, eta, reset, None, heads=2, dk=4, dv=4, dtype=F64, scale=0.5,
+                                     base_decay=0.01, delta=1.0, chunk_size=4, rule=rule)[:4], (proj, bias),
+    raise_exception=False, fast_mode=True) for rule in (None, (2.0, (1.0, 4.0), (1.0, 2.0)))]
+q, k, v, ld = inputs(13, 4)
+reset = torch.zeros(2, 13, dtype=torch.bool)
+reset[0, 6] = True
+out["attention_gradcheck"] = torch.autograd.gradcheck(
+    lambda *a: decayed_attention_triton(*a, None, reset, 4, heads_last=True),
+    [t.requires_grad_() for t in (q, k, v, ld)], raise_exception=False, fast_mode=True)
+
 # the whole Phase 2 LM with config.backend "triton" (BK scan and memory kernels) == "torch", resets included
 from models.lm.phase2 import Phase2Config, Phase2LM
 ids = torch.randint(1, 32, (2, 23), generator=torch.Generator().manual_seed(4))
@@ -190,6 +210,7 @@ def test_fused_phase2_memory_matches_torch_under_interpreter():
     # the rule decided on both sides of the threshold in the long cases (so equality covers both branches)
     assert all(c["both_sides"] for c in result["cases"] if c["case"].startswith("n=37"))
     assert result["lm"] <= 1e-10, result["lm"]
+    assert all(result["inputs_gradcheck"]) and result["attention_gradcheck"]
     assert len(result["layer"]) == 6
     layer_tols = {**tols, "torch.float16": 2e-2}  # fp16: the torch path rounds q, k and Gamma to fp16 first
     for c in result["layer"]:

@@ -39,6 +39,12 @@ if HAS_TRITON:
         return tl.maximum(a, b)
 
     @triton.jit
+    def _head_program(H):
+        """(program = sequence * H + head, the sequence, the head) of a program over (sequence, head) pairs."""
+        pid = tl.program_id(0).to(tl.int64)
+        return pid, pid // H, pid % H
+
+    @triton.jit
     def _softplus(x):
         """torch's ``F.softplus`` (threshold 20) without overflow."""
         return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
@@ -83,11 +89,8 @@ if HAS_TRITON:
         CHUNK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, F64: tl.constexpr,
     ):
         dt = tl.float64 if F64 else tl.float32
-        pid = tl.program_id(0).to(tl.int64)
-        row = pid // H
-        h = pid % H
-        rk = tl.arange(0, BK)
-        rv = tl.arange(0, BV)
+        pid, row, h = _head_program(H)
+        rk, rv = tl.arange(0, BK), tl.arange(0, BV)
         idx = tl.arange(0, CHUNK)
         mkv = (rk < DK)[:, None] & (rv < DV)[None, :]
         mo = rk[:, None] * DV + rv[None, :]
@@ -218,11 +221,8 @@ if HAS_TRITON:
         """The chain rule of the prologue for a tile of tokens: q scale, k / max(||k||, 1e-12) times eta and its
         multiplier, -(softplus(logit + bias) + base) delta times the Gamma multiplier."""
         dt = tl.float64 if F64 else tl.float32
-        pid = tl.program_id(0).to(tl.int64)
-        row = pid // H
-        h = pid % H
-        rk = tl.arange(0, BK)
-        rv = tl.arange(0, BV)
+        pid, row, h = _head_program(H)
+        rk, rv = tl.arange(0, BK), tl.arange(0, BV)
         t = tl.program_id(1) * BT + tl.arange(0, BT)
         tm = t < N
         q, k, knorm, v, logit, gam = _layer_inputs(src_ptr, bias_ptr, row, h, t, tm, rk, rv, N, H, DK, DV,
@@ -387,6 +387,8 @@ class _LayerInputs(torch.autograd.Function):
         meta = ctx.meta
         batch, n, _ = proj.shape
         heads, dk_, dv_ = meta["heads"], meta["dk"], meta["dv"]
+        shapes = ((batch, heads, n, dk_), (batch, heads, n, dk_), (batch, heads, n, dv_), (batch, heads, n))
+        dq, dk, dv, dld = (tok.new_zeros(s) if g is None else g.contiguous() for g, s in zip((dq, dk, dv, dld), shapes))
         grad = torch.empty_like(proj)
         bt = min(64, _tile(n))
         _layer_inputs_backward_kernel[(batch * heads, triton.cdiv(n, bt))](
@@ -398,6 +400,44 @@ class _LayerInputs(torch.autograd.Function):
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _attn_chunk(q_ptr, k_ptr, v_ptr, ld_ptr, rs_ptr, pid, row, c, N, DK, DV,
+                    HAS_RESET: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    dt: tl.constexpr):
+        """What the forward and the backward kernel both need of chunk c: its tokens t and their mask, q, k, v, the
+        cumulative log-decay b, the masked decays exp(b_i - b_j) (causal, same segment), the weights of the entry
+        memory (exp(b_i), first segment) and of the exit memory (exp(b_last - b_i), last segment), and the entry
+        memory's factor in the exit memory (0 when a reset cuts the chunk)."""
+        rk, rv, idx = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BT)
+        mk, mv = rk < DK, rv < DV
+        t = c * BT + idx
+        tm = t < N
+        q = tl.load(q_ptr + (pid * N + t)[:, None] * DK + rk[None, :], mask=tm[:, None] & mk[None, :],
+                    other=0.0).to(dt)
+        k = tl.load(k_ptr + (pid * N + t)[:, None] * DK + rk[None, :], mask=tm[:, None] & mk[None, :],
+                    other=0.0).to(dt)
+        v = tl.load(v_ptr + (pid * N + t)[:, None] * DV + rv[None, :], mask=tm[:, None] & mv[None, :],
+                    other=0.0).to(dt)
+        b = tl.cumsum(tl.load(ld_ptr + pid * N + t, mask=tm, other=0.0).to(dt), 0)
+        b_last = tl.sum(tl.where(idx == BT - 1, b, 0.0), 0)
+        causal = idx[:, None] >= idx[None, :]
+        if HAS_RESET:
+            seg = tl.cumsum(tl.load(rs_ptr + row * N + t, mask=tm, other=0), 0)
+            seg_last = tl.max(seg, 0)
+            keep = causal & (seg[:, None] == seg[None, :])
+            first = seg == 0
+            last = seg == seg_last
+            carry = tl.where(seg_last == 0, tl.exp(b_last), 0.0)
+        else:
+            keep = causal
+            first = idx >= 0
+            last = idx >= 0
+            carry = tl.exp(b_last)
+        decay = tl.where(keep, tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0)), 0.0)
+        w_entry = tl.where(first, tl.exp(b), 0.0)
+        w_last = tl.where(last, tl.exp(tl.minimum(b_last - b, 0.0)), 0.0)
+        return t, tm, q, k, v, decay, w_entry, w_last, carry
 
     @triton.jit
     def _attn_forward_kernel(
@@ -413,46 +453,24 @@ if HAS_TRITON:
         F64: tl.constexpr, PRECISION: tl.constexpr,
     ):
         dt = tl.float64 if F64 else tl.float32
-        pid = tl.program_id(0).to(tl.int64)
-        row = pid // H
-        rk, rv, idx = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BT)
+        pid, row, _ = _head_program(H)
+        rk, rv = tl.arange(0, BK), tl.arange(0, BV)
         mk, mv = rk < DK, rv < DV
         moff = rk[:, None] * DV + rv[None, :]
         if HAS_M0:
             S = tl.load(m0_ptr + pid * DK * DV + moff, mask=mk[:, None] & mv[None, :], other=0.0).to(dt)
         else:
             S = tl.zeros([BK, BV], dtype=dt)
-        causal = idx[:, None] >= idx[None, :]
         for c in range(0, NC):
-            t = c * BT + idx
-            tm = t < N
-            q = tl.load(q_ptr + (pid * N + t)[:, None] * DK + rk[None, :], mask=tm[:, None] & mk[None, :], other=0.0)
-            k = tl.load(k_ptr + (pid * N + t)[:, None] * DK + rk[None, :], mask=tm[:, None] & mk[None, :], other=0.0)
-            v = tl.load(v_ptr + (pid * N + t)[:, None] * DV + rv[None, :], mask=tm[:, None] & mv[None, :], other=0.0)
-            b = tl.cumsum(tl.load(ld_ptr + pid * N + t, mask=tm, other=0.0).to(dt), 0)
-            b_last = tl.sum(tl.where(idx == BT - 1, b, 0.0), 0)
-            if HAS_RESET:
-                seg = tl.cumsum(tl.load(rs_ptr + row * N + t, mask=tm, other=0), 0)
-                seg_last = tl.max(seg, 0)
-                keep = causal & (seg[:, None] == seg[None, :])
-                first = seg == 0
-                last = seg == seg_last
-                carry = tl.where(seg_last == 0, tl.exp(b_last), 0.0)
-            else:
-                keep = causal
-                first = idx >= 0
-                last = idx >= 0
-                carry = tl.exp(b_last)
+            t, tm, q, k, v, decay, w_entry, w_last, carry = _attn_chunk(q_ptr, k_ptr, v_ptr, ld_ptr, rs_ptr, pid, row,
+                                                                        c, N, DK, DV, HAS_RESET, BT, BK, BV, dt)
             tl.store(ent_ptr + (pid * NC + c) * DK * DV + moff, S, mask=mk[:, None] & mv[None, :])
-            decay = tl.where(keep, tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0)), 0.0)
-            scores = tl.dot(q.to(dt), tl.trans(k.to(dt)), input_precision=PRECISION) * decay
-            o = tl.dot(scores, v.to(dt), input_precision=PRECISION)
-            w_entry = tl.where(first, tl.exp(b), 0.0)
-            o += tl.dot(q.to(dt) * w_entry[:, None], S, input_precision=PRECISION)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
+            o = tl.dot(scores, v, input_precision=PRECISION)
+            o += tl.dot(q * w_entry[:, None], S, input_precision=PRECISION)
             tl.store(o_ptr + row * s_ob + (pid % H) * s_oh + t[:, None] * s_ot + rv[None, :],
                      o.to(o_ptr.dtype.element_ty), mask=tm[:, None] & mv[None, :])
-            w_last = tl.where(last, tl.exp(tl.minimum(b_last - b, 0.0)), 0.0)
-            S = carry * S + tl.dot(tl.trans(k.to(dt) * w_last[:, None]), v.to(dt), input_precision=PRECISION)
+            S = carry * S + tl.dot(tl.trans(k * w_last[:, None]), v, input_precision=PRECISION)
         tl.store(mf_ptr + pid * DK * DV + moff, S, mask=mk[:, None] & mv[None, :])
 
     @triton.jit
@@ -468,8 +486,7 @@ if HAS_TRITON:
         F64: tl.constexpr, PRECISION: tl.constexpr,
     ):
         dt = tl.float64 if F64 else tl.float32
-        pid = tl.program_id(0).to(tl.int64)
-        row = pid // H
+        pid, row, _ = _head_program(H)
         rk, rv, idx = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BT)
         mk, mv = rk < DK, rv < DV
         mkv = mk[:, None] & mv[None, :]
@@ -478,37 +495,13 @@ if HAS_TRITON:
             dS = tl.load(dmf_ptr + pid * DK * DV + moff, mask=mkv, other=0.0).to(dt)
         else:
             dS = tl.zeros([BK, BV], dtype=dt)
-        causal = idx[:, None] >= idx[None, :]
         for i in range(0, NC):
             c = NC - 1 - i
-            t = c * BT + idx
-            tm = t < N
-            q = tl.load(q_ptr + (pid * N + t)[:, None] * DK + rk[None, :], mask=tm[:, None] & mk[None, :],
-                        other=0.0).to(dt)
-            k = tl.load(k_ptr + (pid * N + t)[:, None] * DK + rk[None, :], mask=tm[:, None] & mk[None, :],
-                        other=0.0).to(dt)
-            v = tl.load(v_ptr + (pid * N + t)[:, None] * DV + rv[None, :], mask=tm[:, None] & mv[None, :],
-                        other=0.0).to(dt)
+            t, tm, q, k, v, decay, w_entry, w_last, carry = _attn_chunk(q_ptr, k_ptr, v_ptr, ld_ptr, rs_ptr, pid, row,
+                                                                        c, N, DK, DV, HAS_RESET, BT, BK, BV, dt)
             do = tl.load(do_ptr + row * s_ob + (pid % H) * s_oh + t[:, None] * s_ot + rv[None, :],
                          mask=tm[:, None] & mv[None, :], other=0.0).to(dt)
-            b = tl.cumsum(tl.load(ld_ptr + pid * N + t, mask=tm, other=0.0).to(dt), 0)
-            b_last = tl.sum(tl.where(idx == BT - 1, b, 0.0), 0)
-            if HAS_RESET:
-                seg = tl.cumsum(tl.load(rs_ptr + row * N + t, mask=tm, other=0), 0)
-                seg_last = tl.max(seg, 0)
-                keep = causal & (seg[:, None] == seg[None, :])
-                first = seg == 0
-                last = seg == seg_last
-                carry = tl.where(seg_last == 0, tl.exp(b_last), 0.0)
-            else:
-                keep = causal
-                first = idx >= 0
-                last = idx >= 0
-                carry = tl.exp(b_last)
             S = tl.load(ent_ptr + (pid * NC + c) * DK * DV + moff, mask=mkv, other=0.0).to(dt)
-            decay = tl.where(keep, tl.exp(tl.minimum(b[:, None] - b[None, :], 0.0)), 0.0)
-            w_entry = tl.where(first, tl.exp(b), 0.0)
-            w_last = tl.where(last, tl.exp(tl.minimum(b_last - b, 0.0)), 0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay  # (i, j)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * decay  # dL/d scores (i, j)
             dq = tl.dot(dp, k, input_precision=PRECISION) + w_entry[:, None] * tl.dot(do, tl.trans(S),
