@@ -44,8 +44,11 @@ if HAS_TRITON:
         if FROM_LOGIT:
             sp = tl.where(p > 20.0, p, tl.maximum(p, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(p))))
             lam = tl.exp(-(sp + 1e-4))
-            return tl.where(mask_r, lam, 1.0), -lam * tl.where(p > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-p)))
-        return tl.where(mask_r, p, 1.0), tl.zeros_like(p) + 1.0
+            slope = -lam * tl.where(p > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-p)))
+        else:
+            lam = p
+            slope = tl.zeros_like(p) + 1.0
+        return tl.where(mask_r, lam, 1.0), slope
 
     @triton.jit
     def _decayed_scan_kernel(
