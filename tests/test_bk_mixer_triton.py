@@ -118,6 +118,11 @@ args = (torch.randn(2, 6, 9, dtype=torch.float64, generator=gen).requires_grad_(
 out["mixer_gradcheck"] = torch.autograd.gradcheck(
     lambda p, dec, g0: (lambda f, g, _: (f, torch.view_as_real(g)))(*bk_mixer_triton(p, 0.7, dec, g0, reset)), args,
     raise_exception=False, fast_mode=True)
+try:  # a carried state of the wrong precision is refused, not reinterpreted
+    bk_mixer_triton(torch.randn(2, 6, 9), 0.7, g0=torch.zeros(2, 3, dtype=torch.complex128))
+    out["g0_refused"] = False
+except ValueError:
+    out["g0_refused"] = True
 out["forward_is_mix"] = err(y, m.mix(x)[0]) == 0 and err(last, m.mix(x)[1][:, -1]) == 0
 print("RESULT" + json.dumps(out))
 """
@@ -135,7 +140,7 @@ def test_triton_bk_scan_matches_torch_under_interpreter():
         assert all(e <= 10 * tol * max(1.0, c["grad_scale"]) for e in c["grads"]), c
     assert result["gradcheck"]
     assert len(result["mixer"]) == 8 and result["scan_method"] == "triton" and result["forward_is_mix"]
-    assert result["mixer_gradcheck"]
+    assert result["mixer_gradcheck"] and result["g0_refused"]
     for c in result["mixer"]:  # y, g, then the gradients of x, decay, g0, W_in, W_out
         tol = tols[c["dtype"]]
         assert all(e <= 10 * tol for e in c["errors"]), c

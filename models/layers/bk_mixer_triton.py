@@ -311,6 +311,11 @@ def bk_mixer_triton(
     _check_device(proj)
     batch, n, channels3 = proj.shape
     real = torch.float64 if proj.dtype == torch.float64 else torch.float32
+    cplx = torch.complex128 if real == torch.float64 else torch.complex64
+    if g0 is not None and (g0.dtype != cplx or g0.shape != (batch, channels3 // 3)):
+        raise ValueError(f"g0 must be {cplx} of shape {(batch, channels3 // 3)}, got {g0.dtype} {tuple(g0.shape)}")
+    if reset is not None and reset.shape != (batch, n):
+        raise ValueError(f"reset must be (B, N) = {(batch, n)}, got {tuple(reset.shape)}")
     decay = None if decay is None else decay.to(real).contiguous()
     g0 = None if g0 is None else torch.view_as_real(g0).contiguous()
     reset = None if reset is None else reset.contiguous().view(torch.int8)
