@@ -1,22 +1,15 @@
 """Triton BK resolvent scan (forward and reverse-scan backward) vs the torch reference.
 
-On the CPU the kernels run under ``TRITON_INTERPRET=1`` in a subprocess (the variable must be set before triton
-decorates a kernel, and other test modules may already have imported triton in this process). bfloat16 runs only
-on a GPU: the interpreter truncates bfloat16 casts instead of rounding them.
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` in a subprocess (:func:`tests.triton_helpers.run_interpreted`).
+bfloat16 runs only on a GPU: the interpreter truncates bfloat16 casts instead of rounding them.
 """
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.triton_helpers import run_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton")
 
 SCRIPT = r"""
 import json
@@ -74,32 +67,69 @@ d, k, g0, _ = inputs(6, 3, True, True, 0)
 args = (torch.view_as_real(d).requires_grad_(), k.requires_grad_(), torch.view_as_real(g0).requires_grad_())
 out["gradcheck"] = torch.autograd.gradcheck(resolvent_scan_pairs, args, raise_exception=False)
 
-# the layer: backend "triton" against "torch" (parallel and sequential), with carried state and a decay
-layer = {}
-for backend, method in (("triton", "parallel"), ("torch", "parallel"), ("torch", "sequential")):
-    torch.manual_seed(0)  # the same weights for every backend
-    m = BKMixer(8, eta=0.5, chunk_size=4, method=method, backend=backend).double()
-    x = torch.randn(2, 11, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    decay = torch.rand(2, 11, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    state = torch.complex(torch.zeros(2, 8, dtype=torch.float64), torch.full((2, 8), 0.3, dtype=torch.float64))
-    y, last = m(x, state=state, decay=decay, return_state=True)
-    (y.square().sum() + last.abs().sum()).backward()
-    layer[(backend, method)] = [y.detach(), last.detach(), m.in_proj.weight.grad, m.out_proj.weight.grad]
-    assert m.scan_method(x) == ("triton" if backend == "triton" else method)
-ref = layer[("torch", "sequential")]
-out["layer"] = [max(err(a, b) for a, b in zip(layer[key], ref)) for key in layer]
+# the layer: the fused mixer (backend "triton": one kernel between the projections) against the torch path,
+# with resets, a decay, a carried state and gradients through the feature and g; odd lengths; fp64/fp32/fp16
+def mixer_case(n, dtype, resets, with_decay, with_g0):
+    gen = torch.Generator().manual_seed(n)
+    real = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(2, n, 8, dtype=torch.float64, generator=gen).to(dtype)
+    decay = torch.rand(2, n, 8, dtype=torch.float64, generator=gen).to(real) if with_decay else None
+    g0 = torch.complex(torch.randn(2, 8, dtype=real, generator=gen) * 0.3, torch.rand(2, 8, dtype=real, generator=gen))
+    reset = None
+    if resets:
+        reset = torch.zeros(2, n, dtype=torch.bool)
+        reset[0, n // 2], reset[1, 0] = True, True
+    w = torch.randn(2, n, 8, dtype=torch.float64, generator=gen)
+    wg = torch.randn(2, n, 8, 2, dtype=torch.float64, generator=gen)
+    res = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)  # the same weights for both
+        m = BKMixer(8, eta=0.5, chunk_size=4, backend=backend).to(dtype)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, decay, g0 if with_g0 else None) if t is not None]
+        y, g = m.mix(leaves[0], leaves[-1] if with_g0 else None,
+                     leaves[1] if with_decay else None, reset)
+        loss = (y.to(real) * w.to(real)).sum() + (torch.view_as_real(g) * wg.to(real)).sum()
+        grads = torch.autograd.grad(loss, [*leaves, m.in_proj.weight, m.out_proj.weight])
+        stats = m.stats()
+        res[backend] = ([y.detach().to(real), torch.view_as_real(g).detach(), *(t.to(real) for t in grads)],
+                        [stats[key].item() for key in ("max_abs_g", "bound", "transfer_condition", "stable")])
+    (got, got_stats), (ref, ref_stats) = res["triton"], res["torch"]
+    return {"case": f"n={n} {dtype} resets={resets} decay={with_decay} g0={with_g0}", "dtype": str(dtype),
+            "errors": [err(a, b) / max(1.0, b.abs().max().item()) for a, b in zip(got, ref)],
+            "stats": got_stats, "ref_stats": ref_stats}
+
+out["mixer"] = [mixer_case(n, torch.float64, resets, decay, g0) for n in (1, 37) for resets, decay, g0 in
+                ((True, True, True), (False, False, False), (True, False, True))]
+out["mixer"] += [mixer_case(37, dtype, True, True, True) for dtype in (torch.float32, torch.float16)]
+torch.manual_seed(0)
+m = BKMixer(8, eta=0.5, chunk_size=4, backend="triton").double()
+x = torch.randn(2, 11, 8, dtype=torch.float64)
+out["scan_method"] = m.scan_method(x)
+y, last = m(x, return_state=True)
+# the fused mixer's own backward (projection, decay, g0; through the feature and g) by finite differences
+from models.layers.bk_mixer_triton import bk_mixer_triton
+gen = torch.Generator().manual_seed(5)
+reset = torch.zeros(2, 6, dtype=torch.bool)
+reset[0, 3] = True
+args = (torch.randn(2, 6, 9, dtype=torch.float64, generator=gen).requires_grad_(),
+        torch.rand(2, 6, 3, dtype=torch.float64, generator=gen).requires_grad_(),
+        torch.complex(torch.randn(2, 3, dtype=torch.float64, generator=gen),
+                      torch.rand(2, 3, dtype=torch.float64, generator=gen)).requires_grad_())
+out["mixer_gradcheck"] = torch.autograd.gradcheck(
+    lambda p, dec, g0: (lambda f, g, _: (f, torch.view_as_real(g)))(*bk_mixer_triton(p, 0.7, dec, g0, reset)), args,
+    raise_exception=False, fast_mode=True)
+try:  # a carried state of the wrong precision is refused, not reinterpreted
+    bk_mixer_triton(torch.randn(2, 6, 9), 0.7, g0=torch.zeros(2, 3, dtype=torch.complex128))
+    out["g0_refused"] = False
+except ValueError:
+    out["g0_refused"] = True
+out["forward_is_mix"] = err(y, m.mix(x)[0]) == 0 and err(last, m.mix(x)[1][:, -1]) == 0
 print("RESULT" + json.dumps(out))
 """
 
 
 def test_triton_bk_scan_matches_torch_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    result = json.loads(line[len("RESULT") :])
+    result = run_interpreted(SCRIPT)
     assert result["interpreted"]  # the kernels really ran in the Triton interpreter
     assert len(result["cases"]) == 15
     tols = {"torch.float64": 1e-12, "torch.float32": 1e-5, "torch.float16": 2e-2}  # fp16: rounding of stored g
@@ -109,7 +139,14 @@ def test_triton_bk_scan_matches_torch_under_interpreter():
         assert c["g"] <= tol * max(1.0, c["g_scale"]), c
         assert all(e <= 10 * tol * max(1.0, c["grad_scale"]) for e in c["grads"]), c
     assert result["gradcheck"]
-    assert all(e <= 1e-12 for e in result["layer"]), result["layer"]
+    assert len(result["mixer"]) == 8 and result["scan_method"] == "triton" and result["forward_is_mix"]
+    assert result["mixer_gradcheck"] and result["g0_refused"]
+    for c in result["mixer"]:  # y, g, then the gradients of x, decay, g0, W_in, W_out
+        tol = tols[c["dtype"]]
+        assert all(e <= 10 * tol for e in c["errors"]), c
+        assert c["stats"][3] == c["ref_stats"][3] == 1.0, c  # stable
+        for a, b in zip(c["stats"][:3], c["ref_stats"][:3]):  # max |g|, bound, condition (inf: a reset's k = 0)
+            assert a == b or abs(a - b) <= 1e-5 * max(1.0, abs(b)), c
 
 
 @pytest.mark.gpu

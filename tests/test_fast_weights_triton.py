@@ -1,14 +1,10 @@
 """Fused Phase 2 memory (Triton rule kernel + Triton or fla decayed attention) vs the torch paths.
 
-The Triton kernel runs under ``TRITON_INTERPRET=1`` in a subprocess (the variable must be set before triton
-decorates a kernel). fla needs a GPU: its equality test is marked ``gpu`` and skips elsewhere.
+The Triton kernels run under ``TRITON_INTERPRET=1`` in a subprocess (:func:`tests.triton_helpers.run_interpreted`).
+fla needs a GPU: its equality test is marked ``gpu`` and skips elsewhere.
 """
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +13,8 @@ from models.layers.fast_weights import (
     DissipativeHebbianMemory,
     hebbian_scan_fused,
 )
+from tests.triton_helpers import run_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 
 SCRIPT = r"""
@@ -122,19 +118,64 @@ for n, chunk in ((37, 8), (21, 4), (1, 8), (16, 16)):
 out["cases"].append(case(37, 8, True, True, torch.float32))
 out["cases"].append(case(37, 8, True, False, torch.float16))
 
-# the module: backend "triton" == "torch" (outputs, parameter gradients, diagnostics)
-layer = {}
-for backend in ("triton", "torch"):
-    torch.manual_seed(0)
-    m = DissipativeHebbianMemory(12, 2, 6, chunk_size=8, backend=backend).double()
-    x = torch.randn(2, 29, 12, dtype=F64, generator=torch.Generator().manual_seed(1))
-    reset = torch.zeros(2, 29, dtype=torch.bool)
-    reset[0, 11] = True
-    y, st = m(x, reset=reset, return_state=True)
-    (y.square().sum() + st.memory.sum()).backward()
-    layer[backend] = ([y.detach(), m.gamma_proj.weight.grad, m.k_proj.weight.grad, m.q_proj.weight.grad],
-                      {k: v.item() for k, v in m.diagnostics().items()})
-out["layer"] = [err(a, b) for a, b in zip(layer["triton"][0], layer["torch"][0])]
+# the module: backend "triton" (one projection, the rule kernel in RAW mode, the attention) == "torch": outputs,
+# the state it returns, the gradients of x, every parameter and the carried memory; diagnostics
+def layer_case(n, dtype, with_reset, with_state, snr_threshold):
+    gen = torch.Generator().manual_seed(n)
+    real = torch.float32 if dtype == torch.float16 else dtype
+    x = torch.randn(2, n, 12, dtype=F64, generator=gen).to(dtype)
+    w = torch.randn(2, n, 12, dtype=F64, generator=gen)
+    reset = None
+    if with_reset:
+        reset = torch.zeros(2, n, dtype=torch.bool)
+        reset[0, n // 3] = reset[1, 0] = True
+    init = FastWeightState(torch.randn(2, 2, 6, 6, dtype=F64, generator=gen) * 0.3, torch.tensor([5, 16]),
+                           1 + torch.rand(2, 2, dtype=F64, generator=gen),
+                           1 + torch.rand(2, 2, dtype=F64, generator=gen),
+                           torch.randn(2, 2, 6, 6, dtype=F64, generator=gen) * 0.3,
+                           -torch.rand(2, 2, dtype=F64, generator=gen))
+    res = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        m = DissipativeHebbianMemory(12, 2, 6, chunk_size=8, snr_threshold=snr_threshold, backend=backend).to(dtype)
+        xl = x.clone().requires_grad_()
+        st = None
+        if with_state:
+            st = FastWeightState(*(t.to(real) if t.is_floating_point() else t for t in init))
+            st = st._replace(memory=st.memory.requires_grad_())
+        y, s = m(xl, st, reset=reset, return_state=True)
+        grads = torch.autograd.grad((y.double() * w).sum() + s.memory.double().sum(),
+                                    [xl, *m.parameters(), *([st.memory] if with_state else [])])
+        res[backend] = ([y, s.memory, s.gamma_scale, s.eta_scale, s.anchor, s.anchor_log_decay, *grads],
+                        s.position.tolist(), {k: v.item() for k, v in m.diagnostics().items()})
+    (got, pos, diag), (ref, ref_pos, ref_diag) = res["triton"], res["torch"]
+    return {"case": f"layer n={n} {dtype} reset={with_reset} state={with_state} snr={snr_threshold}",
+            "dtype": str(dtype), "position": pos == ref_pos, "diag": [diag, ref_diag],
+            "errors": [err(a, b) / max(1.0, b.abs().max().item()) for a, b in zip(got, ref)]}
+
+out["layer"] = [layer_case(29, F64, True, False, 2.0), layer_case(29, F64, True, True, 2.0),
+                layer_case(1, F64, False, True, 2.0), layer_case(21, F64, False, False, None),
+                layer_case(29, torch.float32, True, True, 2.0), layer_case(29, torch.float16, True, False, 2.0)]
+
+# the layer kernels' own backward by finite differences: the projection -> attention inputs (with and without the
+# rule; the decisions are constants of the input), and the attention writing o as (B, N, H Dv) from no memory
+from models.layers.fast_weights_triton import layer_inputs_triton
+gen = torch.Generator().manual_seed(6)
+reset = torch.zeros(2, 11, dtype=torch.bool)
+reset[1, 5] = True
+proj = torch.randn(2, 11, 2 * (3 * 4 + 1), dtype=F64, generator=gen).requires_grad_()
+bias = torch.randn(2, dtype=F64, generator=gen).requires_grad_()
+eta = torch.tensor([0.7, 1.3], dtype=F64)
+out["inputs_gradcheck"] = [torch.autograd.gradcheck(
+    lambda p, b: layer_inputs_triton(p, b, eta, reset, None, heads=2, dk=4, dv=4, dtype=F64, scale=0.5,
+                                     base_decay=0.01, delta=1.0, chunk_size=4, rule=rule)[:4], (proj, bias),
+    raise_exception=False, fast_mode=True) for rule in (None, (2.0, (1.0, 4.0), (1.0, 2.0)))]
+q, k, v, ld = inputs(13, 4)
+reset = torch.zeros(2, 13, dtype=torch.bool)
+reset[0, 6] = True
+out["attention_gradcheck"] = torch.autograd.gradcheck(
+    lambda *a: decayed_attention_triton(*a, None, reset, 4, heads_last=True),
+    [t.requires_grad_() for t in (q, k, v, ld)], raise_exception=False, fast_mode=True)
 
 # the whole Phase 2 LM with config.backend "triton" (BK scan and memory kernels) == "torch", resets included
 from models.lm.phase2 import Phase2Config, Phase2LM
@@ -149,20 +190,13 @@ for backend in ("triton", "torch"):
     logits.square().mean().backward()
     lm[backend] = [logits.detach(), *(p.grad for p in model.parameters())]
 out["lm"] = max(err(a, b) for a, b in zip(lm["triton"], lm["torch"]))
-out["diag"] = [layer["triton"][1], layer["torch"][1]]
 print("RESULT" + json.dumps(out))
 """
 
 
 def test_fused_phase2_memory_matches_torch_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    result = json.loads(line[len("RESULT") :])
+    result = run_interpreted(SCRIPT, timeout=600)
     assert result["interpreted"]  # the rule kernel really ran in the Triton interpreter
     assert len(result["cases"]) == 10
     tols = {"torch.float64": 1e-10, "torch.float32": 1e-4, "torch.float16": 1e-4}  # fp16 inputs, float32 state
@@ -175,12 +209,17 @@ def test_fused_phase2_memory_matches_torch_under_interpreter():
         assert all(e <= tols[c["dtype"]] for e in c["errors"]), c
     # the rule decided on both sides of the threshold in the long cases (so equality covers both branches)
     assert all(c["both_sides"] for c in result["cases"] if c["case"].startswith("n=37"))
-    assert all(e <= 1e-10 for e in result["layer"]), result["layer"]
     assert result["lm"] <= 1e-10, result["lm"]
-    fused, ref = result["diag"]
-    assert fused.keys() == ref.keys()
-    for key in ref:
-        assert fused[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12, nan_ok=True), key
+    assert all(result["inputs_gradcheck"]) and result["attention_gradcheck"]
+    assert len(result["layer"]) == 6
+    layer_tols = {**tols, "torch.float16": 2e-2}  # fp16: the torch path rounds q, k and Gamma to fp16 first
+    for c in result["layer"]:
+        assert c["position"] and all(e <= layer_tols[c["dtype"]] for e in c["errors"]), c
+        if c["dtype"] == "torch.float64":
+            fused, ref = c["diag"]
+            assert fused.keys() == ref.keys()
+            for key in ref:
+                assert fused[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12, nan_ok=True), (key, c)
 
 
 def test_fused_backends_refuse_damping_and_the_cpu():

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers.ar_ssm_triton import HAS_TRITON, decayed_scan_triton
+from models.layers.ar_ssm_triton import HAS_TRITON, ar_ssm_triton, decayed_scan_triton, update_gate_stats_triton
 
 _MIN_DECAY_RATE = 1e-4  # learnable decay <= exp(-1e-4): bounded state, timescale <= 10k tokens
 _GATE_STAT_MOMENTUM = 0.1
@@ -194,8 +194,9 @@ class ARSSM(nn.Module):
         """(indices of the computed ranks, gate multiplier over them or None, whether the indices are a prefix
         0..r-1 so weights can be sliced); cached while nothing it depends on changes (no device sync per call)."""
         buf = self.gate_running_max
-        key = (self.training, self.prune_inference, self.active_rank, self.prune_threshold,
-               buf.device, buf.data_ptr(), buf._version)
+        key = (self.training, self.prune_inference, self.active_rank, self.prune_threshold, buf.device)
+        if not self.training:  # eval decisions read the running statistics (training updates them every step)
+            key += (buf.data_ptr(), buf._version)
         if self._rank_cache is not None and self._rank_cache[0] == key:
             return self._rank_cache[1]
         all_ranks = torch.arange(self.max_rank, device=buf.device)
@@ -234,9 +235,10 @@ class ARSSM(nn.Module):
         multiply-adds in the (B, N, D) layout: output t reads inputs t-K+1 .. t only, without transposes."""
         k, n = self.conv_kernel, x.shape[1]
         if self.fused(x):
-            if k > 1:
-                left = x.new_zeros(x.shape[0], k - 1, x.shape[2]) if past is None else past
-                x = torch.cat([left, x], dim=1)
+            if past is None:  # zero padding on both sides; the first N outputs are the causal ones
+                y = F.conv1d(x.transpose(1, 2), self.conv.weight, self.conv.bias, padding=k - 1, groups=self.d_model)
+                return y[..., :n].transpose(1, 2)
+            x = torch.cat([past, x], dim=1) if k > 1 else x
             return F.conv1d(x.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.d_model).transpose(1, 2)
         w = self.conv.weight[:, 0, :]  # (D, K); tap K-1 multiplies the current token
         y = torch.addcmul(self.conv.bias, x, w[:, k - 1])
@@ -258,16 +260,19 @@ class ARSSM(nn.Module):
         """
         if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"expected x of shape (B, N>=1, {self.d_model}), got {tuple(x.shape)}")
-        batch, n, _ = x.shape
-        k = self.conv_kernel
         past = None if state is None else state.conv.to(x.dtype)
         xc = F.silu(self._causal_conv(x, past), inplace=not torch.is_grad_enabled())
 
         idx, scale, prefix = self._ranks()
         r = idx.numel()
 
-        def rows(w: Tensor) -> Tensor:
-            return w[:r] if prefix else w.index_select(0, idx)
+        def rows(w: Tensor) -> Tensor:  # no slice at full rank: its backward would be one more operation
+            if prefix:
+                return w if r == w.shape[0] else w[:r]
+            return w.index_select(0, idx)
+
+        if r > 0 and self.fused(x):
+            return self._forward_fused(x, xc, state, return_state, idx, scale, rows)
 
         g = torch.sigmoid(F.linear(F.relu(self.gate_in(xc)), rows(self.gate_out.weight), rows(self.gate_out.bias)))
         if scale is not None:
@@ -280,14 +285,43 @@ class ARSSM(nn.Module):
         scan_dtype = torch.promote_types(v.dtype, torch.float32)
         h0 = None if state is None else state.scan.index_select(1, idx).to(scan_dtype)
         h, last = self._scan(v.to(scan_dtype), torch.exp(rows(log_decay)).to(scan_dtype), h0)
-        w_o = self.W_o.weight[:, :r] if prefix else self.W_o.weight.index_select(1, idx)
+        w_o = rows(self.W_o.weight.T).T
         y = F.linear((u * h).to(out_dtype), w_o)
 
         self._last_gate = g
         if self.training:
             self._update_gate_stats(idx, g)
-        if not return_state:
-            return y
+        return (y, self._state_after(x, state, idx, last)) if return_state else y
+
+    def _forward_fused(self, x: Tensor, xc: Tensor, state: ARSSMState | None, return_state: bool, idx: Tensor,
+                       scale: Tensor | None, rows: Any) -> Tensor | tuple[Tensor, ARSSMState]:
+        """The GPU path after the convolution: one projection ``xc [W1 | U | V]^T`` (the weights concatenated),
+        the gate MLP, then :func:`models.layers.ar_ssm_triton.ar_ssm_triton` (gates, scan, u h and the gate
+        statistics in one launch forward, one backward) and ``W_o``; the running gate statistics in one more
+        launch. Same results as the torch path up to rounding."""
+        r, hidden = idx.numel(), self.gate_in.out_features
+        proj = F.linear(xc, torch.cat([self.gate_in.weight, rows(self.U.weight), rows(self.V.weight)]))
+        pre, uv = proj.split([hidden, 2 * r], dim=-1)
+        logits = F.linear(F.relu(pre + self.gate_in.bias), rows(self.gate_out.weight), rows(self.gate_out.bias))
+        if self.decay_logit is None:
+            decay, from_logit = rows(self.fixed_log_decay).exp(), False
+        else:
+            decay, from_logit = rows(self.decay_logit), True
+        h0 = None if state is None else state.scan.index_select(1, idx).to(
+            torch.promote_types(x.dtype, torch.float32))
+        z, g, h, gmax = ar_ssm_triton(uv, logits, decay, from_logit=from_logit, scale=scale, h0=h0)
+        y = F.linear(z, rows(self.W_o.weight.T).T)
+        self._last_gate = g
+        if self.training:
+            update_gate_stats_triton(gmax, self.gate_running_max, self.gate_updates, _GATE_STAT_MOMENTUM)
+        return (y, self._state_after(x, state, idx, h[:, -1])) if return_state else y
+
+    def _state_after(self, x: Tensor, state: ARSSMState | None, idx: Tensor, last: Tensor) -> ARSSMState:
+        """The streaming state after x, given the computed ranks' last scan state."""
+        batch, n, _ = x.shape
+        k = self.conv_kernel
+        past = None if state is None else state.conv.to(x.dtype)
+        log_decay = self.log_decay()
         if state is None:
             scan_state = last.new_zeros(batch, self.max_rank)
         else:  # ranks not computed here had v = 0: their state only decays
@@ -295,7 +329,7 @@ class ARSSM(nn.Module):
         scan_state = scan_state.index_copy(1, idx, last)
         past = x.new_zeros(batch, k - 1, self.d_model) if past is None else past
         conv_state = torch.cat([past, x[:, -(k - 1):]], dim=1)[:, -(k - 1):] if k > 1 else past  # a copy, not a view
-        return y, ARSSMState(conv_state, scan_state)
+        return ARSSMState(conv_state, scan_state)
 
     @torch.no_grad()
     def _update_gate_stats(self, idx: Tensor, g: Tensor) -> None:

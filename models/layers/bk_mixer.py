@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from models.layers.bk_mixer_triton import HAS_TRITON, resolvent_diagonal_triton
+from models.layers.bk_mixer_triton import HAS_TRITON, bk_mixer_triton, resolvent_diagonal_triton
 
 _METHODS = ("parallel", "sequential", "triton")
 _BACKENDS = ("auto", "torch", "triton")
@@ -281,13 +281,33 @@ class BKMixer(nn.Module):
         ``state`` is that g from the previous call: feeding a sequence in pieces (or token by token) with the
         carried state gives the same outputs as one call on the whole sequence.
         """
+        y, g = self.mix(x, state, decay)
+        return (y, g[..., -1, :]) if return_state else y
+
+    def mix(self, x: torch.Tensor, state: torch.Tensor | None = None, decay: torch.Tensor | None = None,
+            reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, g) of :meth:`forward`, with document resets (B, N) bool: the coupling k_t of a reset token to its
+        predecessor is zeroed, so g_t = 1 / d_t restarts there. On the Triton path (``scan_method`` "triton") the
+        whole mixer between the two projections, statistics included, is one kernel launch forward and one
+        backward (:func:`models.layers.bk_mixer_triton.bk_mixer_triton`); the torch path is its reference."""
+        if self.scan_method(x) == "triton":
+            a_k_v = self.in_proj(x)
+            if decay is not None and decay.shape != a_k_v.shape[:-1] + (self.d_model,):
+                raise ValueError(f"decay must have shape {tuple(x.shape[:-1]) + (self.d_model,)}, got "
+                                 f"{tuple(decay.shape)}")
+            feature, g, stats = bk_mixer_triton(a_k_v, self.eta, decay, state, reset, self.track_stats)
+            if stats is not None:
+                self._stats = {"max_abs_g": stats[0], "bound": stats[2], "transfer_condition": stats[1],
+                               "stable": stats[3] == 0}
+            return self.out_proj(feature), g
         d, k, v = self.coefficients(x, decay)
-        g = resolvent_diagonal(d, k, state, method=self.scan_method(x), chunk_size=self.chunk_size)
+        if reset is not None:
+            k = k.masked_fill(reset[..., None], 0.0)
+        g = resolvent_diagonal(d, k, state, method=self.method, chunk_size=self.chunk_size)
         if self.track_stats:
             self._record_stats(d.detach(), k.detach(), g.detach())
         feature = torch.view_as_real(g * (self.eta * v.to(k.dtype))).flatten(-2)  # [Re g v, Im g v] per channel
-        y = self.out_proj(feature.to(x.dtype))
-        return (y, g[..., -1, :]) if return_state else y
+        return self.out_proj(feature.to(x.dtype)), g
 
     @property
     def epsilon(self) -> float:

@@ -36,7 +36,6 @@ writes ||S||^2 never grows (decay factors <= 1, damping only removes energy).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -253,11 +252,9 @@ def hebbian_scan_fused(
     either). The rule's per-token records go to ``rule.token_records``.
     """
     from models.layers.fast_weights_fla import decayed_attention_fla
-    from models.layers.fast_weights_triton import decayed_attention_triton, rule_decisions_triton
+    from models.layers.fast_weights_triton import _check_device, decayed_attention_triton, rule_decisions_triton
 
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"backend {backend!r} runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, "
-                           "for tests); use backend 'torch' on the CPU")
+    _check_device(q, backend)
     if backend not in ("triton", "fla"):
         raise ValueError(f"backend must be 'triton' or 'fla', got {backend!r}")
     if rule is not None and rule.resonance_damping > 0:
@@ -270,26 +267,27 @@ def hebbian_scan_fused(
     q, k, v, log_decay, eta, dtype = _prepare(q, k, v, log_decay, eta, reset, state_dtype)
     batch, heads, n, dk = q.shape
     state = _initial_state(initial_state, (batch, heads, dk, v.shape[-1]), dtype, q.device, rule is not None)
-    pos = _positions(state.position, reset, n)
     if rule is None:
         log_decay_eff, k_eff = log_decay, k * eta[..., None]
+        position = _positions(state.position, reset, n)[:, -1] + 1
     else:
-        calls = _boundary_calls(pos, reset, period)
         with torch.no_grad():
             dec = rule_decisions_triton(
-                k, v, log_decay, eta, calls, reset, state.memory, state.anchor, state.gamma_scale, state.eta_scale,
-                state.anchor_log_decay, snr_threshold=rule.snr_threshold, gamma_bounds=rule.gamma_bounds,
+                k, v, log_decay, eta, reset, (state.position, state.memory, state.anchor, state.gamma_scale,
+                                              state.eta_scale, state.anchor_log_decay),
+                period=period, snr_threshold=rule.snr_threshold, gamma_bounds=rule.gamma_bounds,
                 eta_bounds=rule.eta_bounds, chunk_size=chunk_size)
-        rule.token_records = {"snr": dec["snr"], "norm": dec["norm"], "calls": calls}
+        rule.token_records = {"snr": dec["snr"], "norm": dec["norm"], "calls": dec["calls"]}
         log_decay_eff = log_decay * dec["gamma_scale_tokens"]
         k_eff = k * (eta * dec["eta_scale_tokens"])[..., None]
         state = state._replace(gamma_scale=dec["gamma_scale"], eta_scale=dec["eta_scale"], anchor=dec["anchor"],
                                anchor_log_decay=dec["anchor_log_decay"])
+        position = dec["position"]
     if backend == "fla":
         o, memory = decayed_attention_fla(q, k_eff, v, log_decay_eff, state.memory, reset)
     else:
         o, memory = decayed_attention_triton(q, k_eff, v, log_decay_eff, state.memory, reset, chunk_size)
-    return o.to(out_dtype), state._replace(memory=memory, position=pos[:, -1] + 1)
+    return o.to(out_dtype), state._replace(memory=memory, position=position)
 
 
 def _chunked_plain(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, memory: Tensor, reset: Tensor | None,
@@ -586,16 +584,15 @@ class DissipativeHebbianMemory(nn.Module):
         """
         batch, n, _ = x.shape
         heads, dim = self.n_heads, self.head_dim
+        if scan == "chunked" and self.backend == "triton":
+            return self._forward_triton(x, state, reset, return_state)
         q = self.q_proj(x).view(batch, n, heads, dim).transpose(1, 2) * dim**-0.5
         k = F.normalize(self.k_proj(x).view(batch, n, heads, dim).transpose(1, 2), dim=-1)
         v = self.v_proj(x).view(batch, n, heads, dim).transpose(1, 2)
         gamma = self.gamma(x)
         log_decay = -(gamma * self.delta).transpose(1, 2)
         eta = self.eta[:, None]
-        rule = None
-        if self.snr_threshold is not None or self.resonance_damping > 0:
-            rule = MemoryBoundaryRule(self.basis, self.snr_threshold, self.gamma_bounds, self.eta_bounds,
-                                      self.resonance_threshold, self.resonance_damping)
+        rule = self._rule()
         if scan == "chunked" and self.backend != "torch":
             o, new_state = hebbian_scan_fused(q, k, v, log_decay, eta, state, reset, self.chunk_size, rule=rule,
                                               backend=self.backend)
@@ -612,6 +609,46 @@ class DissipativeHebbianMemory(nn.Module):
             write = (k.detach().norm(dim=-1) * v.detach().norm(dim=-1)).amax(-1)
             self._pending, self._diagnostics = (gamma.detach(), write, new_state.memory.detach(), rule), {}
         return (y, new_state) if return_state else y
+
+    def _rule(self) -> MemoryBoundaryRule | None:
+        if self.snr_threshold is None and self.resonance_damping == 0:
+            return None
+        return MemoryBoundaryRule(self.basis, self.snr_threshold, self.gamma_bounds, self.eta_bounds,
+                                  self.resonance_threshold, self.resonance_damping)
+
+    def _forward_triton(self, x: Tensor, state: FastWeightState | None, reset: Tensor | None,
+                        return_state: bool) -> Tensor | tuple[Tensor, FastWeightState]:
+        """The layer on the Triton kernels, projections aside, in two launches forward and two backward: one
+        projection [q | k | v | Gamma logits] (the four weights concatenated), the rule kernel in RAW mode (q
+        scale, key normalisation, Gamma, the boundary rule, document positions; :class:`_LayerInputs`), the
+        decayed attention writing o in the output projection's layout. Same results as the torch path (the
+        reference) up to rounding; the diagnostics' inputs come out of the rule kernel."""
+        from models.layers.fast_weights_triton import _check_device, decayed_attention_triton, layer_inputs_triton
+
+        _check_device(x, "triton")
+        batch, n, _ = x.shape
+        if reset is not None and reset.shape != (batch, n):
+            raise ValueError(f"reset must be (B, N) = {(batch, n)}, got {tuple(reset.shape)}")
+        heads, dim = self.n_heads, self.head_dim
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # as _compute_dtype
+        rule = self._rule()
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gamma_proj.weight])
+        carried = None if state is None else (
+            state.position, state.memory, state.anchor, state.gamma_scale, state.eta_scale, state.anchor_log_decay)
+        q, k, v, log_decay, gamma, write, dec = layer_inputs_triton(
+            F.linear(x, weight), self.gamma_proj.bias, self.eta, reset, carried, heads=heads, dk=dim, dv=dim,
+            dtype=dtype, scale=dim**-0.5, base_decay=self.base_decay, delta=self.delta, chunk_size=self.chunk_size,
+            rule=None if rule is None else (rule.snr_threshold, rule.gamma_bounds, rule.eta_bounds))
+        o, memory = decayed_attention_triton(q, k, v, log_decay, None if state is None else state.memory, reset,
+                                             self.chunk_size, heads_last=True)
+        y = self.out_proj(o.to(x.dtype))
+        if rule is not None:
+            rule.token_records = {"snr": dec["snr"], "norm": dec["norm"], "calls": dec["calls"]}
+        self._pending, self._diagnostics = (gamma, write, memory.detach(), rule), {}
+        if not return_state:
+            return y
+        return y, FastWeightState(memory, dec["position"], dec["gamma_scale"], dec["eta_scale"], dec["anchor"],
+                                  dec["anchor_log_decay"])
 
     def _summarise(self, gamma: Tensor, write: Tensor, memory: Tensor,
                    rule: MemoryBoundaryRule | None) -> dict[str, Tensor]:

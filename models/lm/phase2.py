@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers.bk_mixer import BKMixer, resolvent_diagonal
+from models.layers.bk_mixer import BKMixer
 from models.layers.create import create_mlp, create_norm
 from models.layers.fast_weights import BACKENDS as MEMORY_BACKENDS
 from models.layers.fast_weights import DissipativeHebbianMemory, FastWeightState
@@ -169,14 +169,8 @@ def bk_mix(mixer: BKMixer, x: Tensor, decay: Tensor, state: Tensor | None, reset
     """BKMixer forward with document resets: the coupling k_t of a reset token to its predecessor is zeroed, so
     g_t = 1 / d_t restarts there (and ``state`` is ignored for a row whose first token is a reset). Without
     resets this is exactly ``mixer(x, state, decay, return_state=True)`` (a test checks it)."""
-    d, k, v = mixer.coefficients(x, decay)
-    if reset is not None:
-        k = k.masked_fill(reset[..., None], 0.0)
-    g = resolvent_diagonal(d, k, state, method=mixer.scan_method(x), chunk_size=mixer.chunk_size)
-    if mixer.track_stats:
-        mixer._record_stats(d.detach(), k.detach(), g.detach())
-    feature = torch.view_as_real(g * (mixer.eta * v.to(k.dtype))).flatten(-2)
-    return mixer.out_proj(feature.to(x.dtype)), g[..., -1, :]
+    y, g = mixer.mix(x, state, decay, reset)
+    return y, g[..., -1, :]
 
 
 class Phase2Block(nn.Module):
