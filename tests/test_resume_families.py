@@ -134,7 +134,8 @@ TEXT = ["--data.seq_len", "24", "--data.batch_size", "2", "--data.max_windows", 
 #: made at that epoch's end). Interruptions: SIGTERM during epoch 0's last step (step 3: the epoch's validation and
 #: end run, then it stops), a kill as epoch 1 starts (step 4, after the epoch-end checkpoint), SIGTERM mid epoch 1
 #: (step 5), a kill mid epoch 1 (step 7, after the checkpoint of step 6). Phase 2 (the issue's three cases) gets the
-#: first three, the others the first and the last.
+#: first three, the others the first and the last. Skip-Cache: the cache is not in the checkpoint; a resumed run
+#: fills it again from the frozen backbone (a function of the checkpoint's weights), so its features are the same.
 FAMILIES = {
     "phase2": ([
         "--config", str(REPO / "configs/phase2_small.yaml"), *QUIET, *TEXT,
@@ -148,6 +149,12 @@ FAMILIES = {
         "--model.config.n_layer", "1", "--model.config.n_head", "2", "--model.config.n_embd", "16",
         "--model.config.block_size", "24", "--model.config.dropout", "0.1", "--model.warmup_steps", "2",
         "--model.sample_tokens", "4", "--checkpoint.every_n_train_steps", "2"],
+        [("sigterm", 3), ("kill", 7)]),
+    "skip_cache": ([  # Skip2-LoRA on every block with the Skip-Cache (from random frozen weights: no pre-training)
+        "--config", str(REPO / "configs/skip2lora_gpt.yaml"), *QUIET, *TEXT, "--model.pretrained_path", "null",
+        "--model.config.n_layer", "1", "--model.config.n_head", "2", "--model.config.n_embd", "16",
+        "--model.config.block_size", "24", "--model.config.skip2lora_r", "2", "--model.sample_tokens", "4",
+        "--checkpoint.every_n_train_steps", "2"],
         [("sigterm", 3), ("kill", 7)]),
     "phase1": ([
         "--config", str(REPO / "configs/phase1_lm.yaml"), *QUIET, *TEXT,
@@ -176,7 +183,9 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, family):
     args, points = FAMILIES[family]
-    fit(tmp_path / "full", args)
+    full = fit(tmp_path / "full", args)
+    if family == "skip_cache":  # the cache served epoch 1 (a resumed run rebuilds it from the frozen weights)
+        assert full.trainer.callback_metrics["skip_cache/hit_rate"] == 1.0
     reference = final_state(tmp_path / "full")
     history = reference["files"].get("training_history.json")
     if family == "phase2":  # no hole in the reference itself
