@@ -195,3 +195,43 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, family):
         assert reference["files"]["results.json"]["tasks_finished"] == 2
     interrupted_then_resumed(tmp_path / "interrupted", args, points)
     assert_same(reference, final_state(tmp_path / "interrupted"))
+
+
+def last_step(folder: Path) -> int:
+    (last,) = folder.glob("runs/**/last.ckpt")
+    return torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+
+
+@pytest.mark.slow
+def test_runs_limited_by_max_steps_resume_exactly(tmp_path):
+    """GPT, 4 steps per epoch, ``max_epochs`` 3 and ``max_steps`` 10 (the run ends in epoch 2). The same run stopped
+    by ``max_steps`` at an epoch's end (4), mid-epoch off the checkpoint interval (5; its ``last.ckpt`` holds step
+    5, where Lightning left step 4), at the next epoch's end (8), each time resumed with a larger ``max_steps``;
+    and the run interrupted by SIGTERM on an epoch's last step and a kill mid-epoch: both end equal to it."""
+    args = [*FAMILIES["gpt"][0], "--trainer.max_epochs", "3"]
+    fit(tmp_path / "full", args, "--trainer.max_steps", "10")
+    reference = final_state(tmp_path / "full")
+    for k, steps in enumerate([4, 5, 8, 10]):
+        fit(tmp_path / "extended", args, "--trainer.max_steps", str(steps), *(["--ckpt_path", "last"] if k else []))
+        assert last_step(tmp_path / "extended") == steps
+    assert_same(reference, final_state(tmp_path / "extended"))
+    interrupted_then_resumed(tmp_path / "interrupted", [*args, "--trainer.max_steps", "10"],
+                             [("sigterm", 3), ("kill", 7)])
+    assert_same(reference, final_state(tmp_path / "interrupted"))
+
+
+@pytest.mark.slow
+def test_phase2_history_of_runs_limited_by_max_steps(tmp_path):
+    """Phase 2 stopped by ``max_steps`` at an epoch's end (4) and mid-epoch (6), resumed to 10 (mid epoch 2): one
+    history entry per epoch, no hole where a run resumed from an epoch end, and no validation loss for an epoch
+    whose validation did not run (it used to repeat the previous epoch's). (Its cosine schedule spans
+    ``max_steps``, so the values are not compared with an uninterrupted run's.)"""
+    args = [*FAMILIES["phase2"][0], "--trainer.max_epochs", "3"]
+    for k, steps in enumerate([4, 6, 10]):
+        fit(tmp_path, args, "--trainer.max_steps", str(steps), *(["--ckpt_path", "last"] if k else []))
+        history = json.loads(next(tmp_path.glob("runs/*/version_0/training_history.json")).read_text())
+        assert history["epoch"] == list(range(1, 1 + -(-steps // 4)))  # every epoch begun
+        assert all(math.isfinite(v) for v in history["train_loss"])
+        validated = steps // 4  # the epochs that ran to their end
+        assert all(math.isfinite(v) for v in history["val_loss"][:validated])
+        assert all(math.isnan(v) for v in history["val_loss"][validated:])
