@@ -31,6 +31,13 @@ def on_last_batch(trainer: L.Trainer) -> bool:
     return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
+def stops_after_epoch(trainer: L.Trainer) -> bool:
+    """In ``on_train_epoch_end``: the run ends after this epoch (``max_epochs`` or ``max_steps`` reached)."""
+    epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+    return (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or \
+        (epochs != -1 and trainer.current_epoch + 1 >= epochs)
+
+
 def stops_mid_epoch(trainer: L.Trainer) -> bool:
     """The training batch that just ended reached ``trainer.max_steps`` before its epoch's last batch: the run
     ends after it (Lightning runs the unfinished epoch's end hooks, without validation, and stops)."""
@@ -79,7 +86,8 @@ def fix_epoch_end_loop_state(loops: dict[str, Any], max_steps: int) -> str | Non
 
 class ResumableModelCheckpoint(LightningModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (same arguments; ``cli.py``'s ``checkpoint`` group); a ``every_n_train_steps``
-    save due on an epoch's last batch is made at that epoch's end."""
+    save due on an epoch's last batch is made at that epoch's end, and ``last.ckpt`` (``save_last``) always ends
+    holding the run's final step."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -120,8 +128,10 @@ class ResumableModelCheckpoint(LightningModelCheckpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         step_save, self._step_save_at_epoch_end = self._step_save_at_epoch_end, False
-        # SIGTERM during the epoch's last batch (callbacks/signals.py): the run stops after this epoch end
-        if (step_save or trainer.received_sigterm) and not self._should_skip_saving_checkpoint(trainer):
+        # SIGTERM during the epoch's last batch (callbacks/signals.py) or the run's last epoch: the run stops after
+        # this epoch end, and last.ckpt holds its final state (Lightning's stays at the last every_n_train_steps)
+        if (step_save or trainer.received_sigterm or stops_after_epoch(trainer)) \
+                and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             if step_save:
                 self._save_topk_checkpoint(trainer, candidates)

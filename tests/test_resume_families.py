@@ -235,3 +235,18 @@ def test_phase2_history_of_runs_limited_by_max_steps(tmp_path):
         validated = steps // 4  # the epochs that ran to their end
         assert all(math.isfinite(v) for v in history["val_loss"][:validated])
         assert all(math.isnan(v) for v in history["val_loss"][validated:])
+
+
+@pytest.mark.slow
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    """With ``every_n_train_steps`` 3 (no save due at the end of the 4-step epochs) ``last.ckpt`` still ends at the
+    run's final step, whether ``max_epochs`` (step 8) or ``max_steps`` at an epoch's end (step 4) stops it, and a run
+    resumed from it for a third epoch equals three epochs in one go."""
+    args = [*FAMILIES["gpt"][0], "--checkpoint.every_n_train_steps", "3"]
+    fit(tmp_path / "steps", args, "--trainer.max_steps", "4")
+    assert last_step(tmp_path / "steps") == 4
+    fit(tmp_path / "epochs", args)
+    assert last_step(tmp_path / "epochs") == 8
+    fit(tmp_path / "epochs", args, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    fit(tmp_path / "full", args, "--trainer.max_epochs", "3")
+    assert_same(final_state(tmp_path / "full"), final_state(tmp_path / "epochs"))
