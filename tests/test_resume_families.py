@@ -250,3 +250,17 @@ def test_last_checkpoint_holds_the_final_step(tmp_path):
     fit(tmp_path / "epochs", args, "--trainer.max_epochs", "3", "--ckpt_path", "last")
     fit(tmp_path / "full", args, "--trainer.max_epochs", "3")
     assert_same(final_state(tmp_path / "full"), final_state(tmp_path / "epochs"))
+
+
+@pytest.mark.slow
+def test_an_epoch_end_checkpoint_of_an_epoch_max_steps_stopped_resumes_mid_epoch(tmp_path):
+    """Lightning's own ``ModelCheckpoint`` saves a run that ``max_steps`` stops mid-epoch (step 5) at that epoch's end,
+    after its end hooks; resumed from that file with ``max_steps`` 10, the epoch continues and the run equals one
+    run to step 10 (unrewritten, Lightning counts that epoch twice)."""
+    args = [*FAMILIES["gpt"][0], "--trainer.max_epochs", "3",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", "plain"]
+    fit(tmp_path / "full", args, "--trainer.max_steps", "10")
+    fit(tmp_path / "stopped", args, "--trainer.max_steps", "5")
+    fit(tmp_path / "stopped", args, "--trainer.max_steps", "10", "--ckpt_path", "plain/epoch=1-step=5.ckpt")
+    run_folder = [("checkpoint", "adaptlab")]  # a checkpoint named by path resumes in a new version_N
+    assert_same(drop(final_state(tmp_path / "full"), run_folder), drop(final_state(tmp_path / "stopped"), run_folder))
