@@ -59,6 +59,7 @@ _check_own_packages()
 
 import lightning as L  # noqa: E402
 import yaml  # noqa: E402
+from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
@@ -70,6 +71,7 @@ from callbacks.model_checkpoint import ResumableModelCheckpoint  # noqa: E402
 from callbacks.protocols import (  # noqa: E402
     DataCompatibility,
     DataPreflight,
+    GivenArguments,
     LoggedMetrics,
     TrainedWeights,
     TrainerCompatibility,
@@ -296,6 +298,34 @@ class AdaptLabCLI(LightningCLI):
             fail(f"seed_everything must be in [0, {2**32 - 1}] (or true for a random seed), got {seed}")
         super()._set_seed()
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._given_args = args  # parsed again without defaults for the GivenArguments check
+        super().parse_arguments(parser, args)
+
+    def _check_given_arguments(self) -> None:
+        """Classes that are ``GivenArguments`` check their init arguments as given (the config files and command
+        line parsed again with no defaults filled in), before any is built."""
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        classes = {}
+        for key in ("model", "data"):
+            module, _, name = str(getattr(cfg.get(key), "class_path", "")).rpartition(".")
+            cls = getattr(importlib.import_module(module), name, None) if module else None
+            if isinstance(cls, type) and isinstance(cls, GivenArguments):
+                classes[key] = cls
+        if not classes:
+            return
+        args = self._given_args
+        given = self.parser.parse_object(args, defaults=False) if isinstance(args, (dict, Namespace)) \
+            else self.parser.parse_args(args, defaults=False)
+        given = plain(given.get(self.subcommand) if self.subcommand else given)
+        for key, cls in classes.items():
+            try:
+                cls.check_given_arguments(dict((given.get(key) or {}).get("init_args") or {}))
+            except (ValueError, TypeError) as e:
+                if os.environ.get("ADAPTLAB_TRACEBACK"):
+                    raise
+                fail(f"{key} ({cls.__name__}): {first_line(e)}")
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would load ``--ckpt_path`` here (before any check) and silently replace the model's
         command-line/config values with the checkpoint's hyper-parameters. adaptlab does neither: the checkpoint
@@ -305,6 +335,7 @@ class AdaptLabCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Name the TensorBoard run after the config file unless the YAML names it; resolve and check
         ``ckpt_path``. Without a logger (``--trainer.logger false``) runs still get ``runs/<config>/version_N``."""
+        self._check_given_arguments()
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         logger = cfg.get("trainer", {}).get("logger") if cfg is not None else None
         init_args = getattr(logger, "init_args", None) if logger is not None else None

@@ -93,6 +93,7 @@ class Phase2Diagnostics(L.Callback):
         self._recorded_epoch = -1
         self._strategy: Any = None  # the trainer's, for summing the running sums over ranks in state_dict
         self._loaded_sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        self._validated_epoch = -1  # the last epoch whose validation ran (not the sanity check)
 
     @staticmethod
     def _empty_history() -> dict[str, list]:
@@ -163,6 +164,10 @@ class Phase2Diagnostics(L.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
     # --------------------------------------------------------------------------------------------- epochs
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After the epoch's validation and before ``ModelCheckpoint`` (Lightning runs checkpoint callbacks last), so
         ``last.ckpt`` and ``best.ckpt`` hold the history up to this epoch."""
@@ -186,7 +191,8 @@ class Phase2Diagnostics(L.Callback):
         means = self._epoch_means(trainer)
         _, peak = process_memory_mb(pl_module.device)
         peak = float(trainer.strategy.all_gather(torch.tensor(peak, device=pl_module.device)).max())  # worst rank
-        val = trainer.callback_metrics.get("val/loss")
+        # an epoch without validation (trainer.max_steps stopped it, check_val_every_n_epoch): NaN, not the last value
+        val = trainer.callback_metrics.get("val/loss") if self._validated_epoch == epoch else None
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         entry = {"train_loss": means.pop("loss", math.nan), "val_loss": float(val) if val is not None else math.nan,
                  "lr": float(lr), "memory_peak_mb": peak}

@@ -7,7 +7,7 @@ signatures are documented here).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import torch
@@ -147,4 +147,17 @@ class TrainerCompatibility(Protocol):
 
     def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> None:
         """Raise ``ValueError`` naming the ``trainer.<key>`` that does not fit this module."""
+        ...
+
+
+@runtime_checkable
+class GivenArguments(Protocol):
+    """A LightningModule or DataModule class that checks its ``__init__`` arguments as the user gave them, before
+    it is built: ``cli.py`` passes what the config files and the command line contained, with no defaults filled
+    in, so a key set to its default value is still known as set (Phase 1: a flat ``config`` key beside the
+    nested ``phase1`` group)."""
+
+    @classmethod
+    def check_given_arguments(cls, given: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the keys; ``given``: the given ``init_args`` as plain dicts."""
         ...

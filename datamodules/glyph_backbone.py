@@ -28,6 +28,7 @@ import torch
 
 from datamodules.glyphs import fonts_digest, pool_classes, render_pool
 from models.utils.atomic import atomic_path
+from models.utils.command_line import config_init_args, errors_as_one_line
 from models.vision.pretrain import accuracy, pretrain_classifier
 from models.vision.vit import create_vit
 
@@ -140,15 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     """Build (or find) the backbone a continual config asks for and print its path."""
     import argparse
 
-    import yaml
-
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--config", required=True, help="a continual config with model.init_args.pretrain")
     args = p.parse_args(argv)
-    model = yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]
-    if not model.get("pretrain"):
-        raise SystemExit(f"error: {args.config} has no model.init_args.pretrain")
-    cfg = GlyphPretraining(**model["pretrain"])
+    with errors_as_one_line(OSError, ValueError, TypeError):
+        model = config_init_args(args.config, "model")
+        if not model.get("pretrain"):
+            raise ValueError(f"{args.config} has no model.init_args.pretrain")
+        cfg = GlyphPretraining(**model["pretrain"])
     print(ensure_glyph_backbone(model.get("backbone", "vit_tiny_patch16_224"), model.get("img_size", 32),
                                 model.get("patch_size", 8), model.get("backbone_kwargs"), cfg))
 

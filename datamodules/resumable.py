@@ -66,3 +66,33 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         # a checkpoint taken on the last batch of an epoch resumes at the start of the next one
         self._skip = state["batches_yielded"] % max(1, len(self))
+
+
+class SplitLoaders:
+    """The loaders of a LightningDataModule whose splits come from its ``load_split(name)``: training shuffled per
+    epoch from the run's seed (``train_sampler``) and resumable mid-epoch, the other splits in order; ``predict``
+    reads :meth:`predict_split_name`. Uses ``hparams.batch_size`` and ``hparams.num_workers``."""
+
+    train_sampler: type[EpochSeededSampler] = EpochSeededSampler
+
+    def predict_split_name(self) -> str:
+        return "test"
+
+    def _loader(self, split: str) -> DataLoader:
+        hp = self.hparams  # type: ignore[attr-defined]
+        return DataLoader(self.load_split(split), batch_size=hp.batch_size,  # type: ignore[attr-defined]
+                          num_workers=hp.num_workers)  # keywords: Lightning re-creates the loader for predict
+
+    def train_dataloader(self) -> DataLoader:
+        hp, ds = self.hparams, self.load_split("train")  # type: ignore[attr-defined]
+        return ResumableDataLoader(ds, batch_size=hp.batch_size, sampler=self.train_sampler(len(ds)),
+                                   num_workers=hp.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split_name())

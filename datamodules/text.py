@@ -32,9 +32,9 @@ from typing import Any, Iterator, Literal, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
+from datamodules.resumable import SplitLoaders
 
 SPLITS = ("train", "val", "test")
 #: Never useful as stdlib text: third-party packages, test suites (some are not UTF-8), caches.
@@ -230,7 +230,7 @@ class TokenWindows(Dataset):
         return {"index": i, "input_ids": w[:-1], "labels": w[1:]}
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitLoaders, L.LightningDataModule):
     """Fixed-length byte windows from the stdlib (default) or from user files, split by file.
 
     Args:
@@ -446,24 +446,6 @@ class TextDataModule(L.LightningDataModule):
             if split in ("all", "train") or self.split_files[split] or split in self.empty_splits:
                 self.load_split(split)
 
-    def _loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.load_split(split), batch_size=self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,  # keywords: Lightning re-creates the loader for predict
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch from the run's seed and resumable mid-epoch (see ``datamodules.resumable``)."""
-        ds = self.load_split("train")
-        return ResumableDataLoader(ds, batch_size=self.hparams.batch_size, sampler=EpochSeededSampler(len(ds)),
-                                   num_workers=self.hparams.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
+    def predict_split_name(self) -> str:
         """Every selected file (the text to score), not only the test split."""
-        return self._loader("all")
+        return "all"

@@ -35,10 +35,11 @@ from typing import Any, Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.resumable import EpochSeededSampler, ResumableDataLoader
+from datamodules.resumable import EpochSeededSampler, SplitLoaders
 from datamodules.text import SPLITS, ByteTokenizer, TextDataModule
+from models.utils.command_line import config_init_args, errors_as_one_line
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
@@ -266,7 +267,7 @@ class CompactEpochSeededSampler(EpochSeededSampler):
             yield from perm[i : i + 4096].tolist()
 
 
-class TokenShardDataModule(L.LightningDataModule):
+class TokenShardDataModule(SplitLoaders, L.LightningDataModule):
     """Windows from a folder of token shards made by ``python -m datamodules.token_shards`` (see the module).
 
     Args:
@@ -278,6 +279,8 @@ class TokenShardDataModule(L.LightningDataModule):
         max_windows: at most this many windows per split (evenly spaced); ``None`` = all.
         predict_split: the split ``predict`` scores.
     """
+
+    train_sampler = CompactEpochSeededSampler  # millions of windows: no Python list of the permutation
 
     def __init__(
         self,
@@ -329,45 +332,22 @@ class TokenShardDataModule(L.LightningDataModule):
         for split in splits.get(stage or "", SPLITS):
             self.load_split(split)
 
-    def _loader(self, split: str) -> DataLoader:
-        return DataLoader(self.load_split(split), batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        """Seeded per epoch and resumable mid-epoch (see ``datamodules.resumable``)."""
-        ds = self.load_split("train")
-        return ResumableDataLoader(ds, batch_size=self.hparams.batch_size, sampler=CompactEpochSeededSampler(len(ds)),
-                                   num_workers=self.hparams.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.predict_split)
+    def predict_split_name(self) -> str:
+        return self.hparams.predict_split
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m datamodules.token_shards --config <config.yaml> --out <folder>``: prepare token shards from the
     files and splits the config's ``data:`` section selects (a TextDataModule's keys, ``tokenizer`` included)."""
-    import yaml
-
     p = argparse.ArgumentParser(prog="python -m datamodules.token_shards", description=main.__doc__)
     p.add_argument("--config", required=True, help="a YAML whose data: section is a TextDataModule")
     p.add_argument("--out", required=True, help="the folder to create (refused if it exists and is not empty)")
     p.add_argument("--shard_tokens", type=int, default=2**27, help="tokens per shard file (default 2**27)")
     a = p.parse_args(argv)
-    try:
-        cfg = yaml.safe_load(Path(a.config).read_text()) or {}
-        data = (cfg.get("data") or {}) if isinstance(cfg, dict) else {}
-        init = {k: v for k, v in (data.get("init_args") or {}).items()
+    with errors_as_one_line(OSError, ValueError, ImportError, TypeError):
+        init = {k: v for k, v in config_init_args(a.config, "data").items()
                 if k not in ("seq_len", "stride", "batch_size", "num_workers", "max_windows")}
         out = prepare_shards(TextDataModule(**init), a.out, a.shard_tokens)
-    except (OSError, ValueError, ImportError, TypeError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        raise SystemExit(2) from None
     index = read_index(out)
     counts = ", ".join(f"{s} {sum(x['tokens'] for x in v):,} tokens in {len(v)} shards"
                        for s, v in index["splits"].items())

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import torch
 
 from datamodules.text import ByteTokenizer
+from models.utils.command_line import config_init_args, errors_as_one_line
 
 #: special tokens a trained BPE tokenizer gets (the first is the document separator)
 SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -114,25 +115,18 @@ def _documents(data_args: dict) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> None:
     """``python -m datamodules.tokenization --config configs/x.yaml --vocab_size 4096 --out tok.json``: train a BPE
     tokenizer on the training files the config's ``data:`` section selects (offline)."""
-    import yaml
-
     p = argparse.ArgumentParser(prog="python -m datamodules.tokenization", description=main.__doc__)
     p.add_argument("--config", required=True, help="a YAML whose data: section is a TextDataModule")
     p.add_argument("--vocab_size", type=int, required=True)
     p.add_argument("--out", required=True, help="tokenizer.json to write (refused if it exists)")
     p.add_argument("--min_frequency", type=int, default=2)
     a = p.parse_args(argv)
-    try:
-        cfg = yaml.safe_load(Path(a.config).read_text()) or {}
-        data = (cfg.get("data") or {}) if isinstance(cfg, dict) else {}
-        init = dict(data.get("init_args") or {})
+    with errors_as_one_line(OSError, ValueError, ImportError, TypeError):
+        init = config_init_args(a.config, "data")
         init.pop("tokenizer", None)
         if Path(a.out).exists():
             raise FileExistsError(f"--out {a.out!r} exists; choose another file (nothing is overwritten)")
         out = train_bpe(_documents(init), a.vocab_size, a.out, a.min_frequency)
-    except (OSError, ValueError, ImportError, TypeError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        raise SystemExit(2) from None
     print(f"wrote {out} (vocab_size {load_tokenizer(out).vocab_size})")
 
 

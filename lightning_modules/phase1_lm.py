@@ -75,6 +75,15 @@ class Phase1LanguageModel(LMPrediction, NextTokenEvaluation, L.LightningModule):
         self.init_evaluation()
         self.init_prediction(prompts, prompt_file, generation, sample_prompt)
 
+    @classmethod
+    def check_given_arguments(cls, given: dict[str, Any]) -> None:
+        """A flat ``config`` key given beside a ``phase1`` group that sets it otherwise is refused even when the
+        flat value is the default (``callbacks.protocols.GivenArguments``; ``__init__`` can only compare with
+        the defaults)."""
+        config, phase1 = given.get("config"), given.get("phase1")
+        if isinstance(config, dict) and isinstance(phase1, dict):
+            Phase1Config.from_nested(phase1, base=Phase1Config(**config), given=set(config))
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 

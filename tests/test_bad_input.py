@@ -96,6 +96,7 @@ FILES = {
     "text/docs.jsonl": '{"text": "ok"}\n{"body": "no text field"}\n',
     "not_a_tokenizer.json": "{not json",
     "hf_folder/config.json": '{"model_type": "llama"}',
+    "phase1_flat_default.yaml": "model:\n  init_args:\n    config:\n      bk_chunk_size: 256\n",  # the default
     **IMAGE_FILES,
     # a CIFAR-100 folder whose pickles would run code (exit 99) if read with plain pickle.load
     **{f"cifar_evil/cifar-100-python/{name}": pickle.dumps({"data": _RunsCode(), "fine_labels": [0]})
@@ -208,6 +209,13 @@ CASES = [
     (PHASE2, ["--model.config.vocab_size", "100"], "has 256 tokens but model.config.vocab_size is 100"),
     # Phase 1: one source of truth for a key set both flat and nested; values the nested group cannot type
     (PHASE1, ["--model.config.htt_rank", "4"], "config.htt_rank (4) and phase1.htt.rank (16) set the same option"),
+    # ... also when the flat value is the default (known as given from what the files and command line contain)
+    (PHASE1, ["--model.config.ar_ssm_max_rank", "32"],
+     "config.ar_ssm_max_rank (32) and phase1.ar_ssm.max_rank (16) set the same option"),
+    (PHASE1, ["--config", "phase1_flat_default.yaml"], "config.bk_chunk_size (256) and phase1.bk.chunk_size (128)"),
+    (PHASE1, ["--model.phase1", '{"preset": "8gb"}'], "config.d_model (128) would be ignored: phase1.preset '8gb'"),
+    (PHASE1, ["--model.phase1", '{"memory": {"target_vram_gb": 4.0}}'],
+     "config.d_model (128) would be ignored: phase1.memory.target_vram_gb picks the sizes"),
     (PHASE1, ["--model.phase1", '{"preset": "8gb"}', "--model.config.d_model", "64"],
      "config.d_model (64) would be ignored: phase1.preset '8gb' sets every field"),
     (PHASE1, ["--model.config.norm_eps=-1e-5"], "config.norm_eps must be > 0"),

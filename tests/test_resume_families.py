@@ -134,7 +134,8 @@ TEXT = ["--data.seq_len", "24", "--data.batch_size", "2", "--data.max_windows", 
 #: made at that epoch's end). Interruptions: SIGTERM during epoch 0's last step (step 3: the epoch's validation and
 #: end run, then it stops), a kill as epoch 1 starts (step 4, after the epoch-end checkpoint), SIGTERM mid epoch 1
 #: (step 5), a kill mid epoch 1 (step 7, after the checkpoint of step 6). Phase 2 (the issue's three cases) gets the
-#: first three, the others the first and the last.
+#: first three, the others the first and the last. Skip-Cache: the cache is not in the checkpoint; a resumed run
+#: fills it again from the frozen backbone (a function of the checkpoint's weights), so its features are the same.
 FAMILIES = {
     "phase2": ([
         "--config", str(REPO / "configs/phase2_small.yaml"), *QUIET, *TEXT,
@@ -148,6 +149,12 @@ FAMILIES = {
         "--model.config.n_layer", "1", "--model.config.n_head", "2", "--model.config.n_embd", "16",
         "--model.config.block_size", "24", "--model.config.dropout", "0.1", "--model.warmup_steps", "2",
         "--model.sample_tokens", "4", "--checkpoint.every_n_train_steps", "2"],
+        [("sigterm", 3), ("kill", 7)]),
+    "skip_cache": ([  # Skip2-LoRA on every block with the Skip-Cache (from random frozen weights: no pre-training)
+        "--config", str(REPO / "configs/skip2lora_gpt.yaml"), *QUIET, *TEXT, "--model.pretrained_path", "null",
+        "--model.config.n_layer", "1", "--model.config.n_head", "2", "--model.config.n_embd", "16",
+        "--model.config.block_size", "24", "--model.config.skip2lora_r", "2", "--model.sample_tokens", "4",
+        "--checkpoint.every_n_train_steps", "2"],
         [("sigterm", 3), ("kill", 7)]),
     "phase1": ([
         "--config", str(REPO / "configs/phase1_lm.yaml"), *QUIET, *TEXT,
@@ -189,7 +196,9 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, family):
     args, points = FAMILIES[family]
-    fit(tmp_path / "full", args)
+    full = fit(tmp_path / "full", args)
+    if family == "skip_cache":  # the cache served epoch 1 (a resumed run rebuilds it from the frozen weights)
+        assert full.trainer.callback_metrics["skip_cache/hit_rate"] == 1.0
     reference = final_state(tmp_path / "full")
     history = reference["files"].get("training_history.json")
     if family == "phase2":  # no hole in the reference itself
@@ -204,3 +213,72 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, family):
         assert results["sema_layout"] == {"0": [0, 1], "1": [0, 1]}
     interrupted_then_resumed(tmp_path / "interrupted", args, points)
     assert_same(reference, final_state(tmp_path / "interrupted"))
+
+
+def last_step(folder: Path) -> int:
+    (last,) = folder.glob("runs/**/last.ckpt")
+    return torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+
+
+@pytest.mark.slow
+def test_runs_limited_by_max_steps_resume_exactly(tmp_path):
+    """GPT, 4 steps per epoch, ``max_epochs`` 3 and ``max_steps`` 10 (the run ends in epoch 2). The same run stopped
+    by ``max_steps`` at an epoch's end (4), mid-epoch off the checkpoint interval (5; its ``last.ckpt`` holds step
+    5, where Lightning left step 4), at the next epoch's end (8), each time resumed with a larger ``max_steps``;
+    and the run interrupted by SIGTERM on an epoch's last step and a kill mid-epoch: both end equal to it."""
+    args = [*FAMILIES["gpt"][0], "--trainer.max_epochs", "3"]
+    fit(tmp_path / "full", args, "--trainer.max_steps", "10")
+    reference = final_state(tmp_path / "full")
+    for k, steps in enumerate([4, 5, 8, 10]):
+        fit(tmp_path / "extended", args, "--trainer.max_steps", str(steps), *(["--ckpt_path", "last"] if k else []))
+        assert last_step(tmp_path / "extended") == steps
+    assert_same(reference, final_state(tmp_path / "extended"))
+    interrupted_then_resumed(tmp_path / "interrupted", [*args, "--trainer.max_steps", "10"],
+                             [("sigterm", 3), ("kill", 7)])
+    assert_same(reference, final_state(tmp_path / "interrupted"))
+
+
+@pytest.mark.slow
+def test_phase2_history_of_runs_limited_by_max_steps(tmp_path):
+    """Phase 2 stopped by ``max_steps`` at an epoch's end (4) and mid-epoch (6), resumed to 10 (mid epoch 2): one
+    history entry per epoch, no hole where a run resumed from an epoch end, and no validation loss for an epoch
+    whose validation did not run (it used to repeat the previous epoch's). (Its cosine schedule spans
+    ``max_steps``, so the values are not compared with an uninterrupted run's.)"""
+    args = [*FAMILIES["phase2"][0], "--trainer.max_epochs", "3"]
+    for k, steps in enumerate([4, 6, 10]):
+        fit(tmp_path, args, "--trainer.max_steps", str(steps), *(["--ckpt_path", "last"] if k else []))
+        history = json.loads(next(tmp_path.glob("runs/*/version_0/training_history.json")).read_text())
+        assert history["epoch"] == list(range(1, 1 + -(-steps // 4)))  # every epoch begun
+        assert all(math.isfinite(v) for v in history["train_loss"])
+        validated = steps // 4  # the epochs that ran to their end
+        assert all(math.isfinite(v) for v in history["val_loss"][:validated])
+        assert all(math.isnan(v) for v in history["val_loss"][validated:])
+
+
+@pytest.mark.slow
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    """With ``every_n_train_steps`` 3 (no save due at the end of the 4-step epochs) ``last.ckpt`` still ends at the
+    run's final step, whether ``max_epochs`` (step 8) or ``max_steps`` at an epoch's end (step 4) stops it, and a run
+    resumed from it for a third epoch equals three epochs in one go."""
+    args = [*FAMILIES["gpt"][0], "--checkpoint.every_n_train_steps", "3"]
+    fit(tmp_path / "steps", args, "--trainer.max_steps", "4")
+    assert last_step(tmp_path / "steps") == 4
+    fit(tmp_path / "epochs", args)
+    assert last_step(tmp_path / "epochs") == 8
+    fit(tmp_path / "epochs", args, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    fit(tmp_path / "full", args, "--trainer.max_epochs", "3")
+    assert_same(final_state(tmp_path / "full"), final_state(tmp_path / "epochs"))
+
+
+@pytest.mark.slow
+def test_an_epoch_end_checkpoint_of_an_epoch_max_steps_stopped_resumes_mid_epoch(tmp_path):
+    """Lightning's own ``ModelCheckpoint`` saves a run that ``max_steps`` stops mid-epoch (step 5) at that epoch's end,
+    after its end hooks; resumed from that file with ``max_steps`` 10, the epoch continues and the run equals one
+    run to step 10 (unrewritten, Lightning counts that epoch twice)."""
+    args = [*FAMILIES["gpt"][0], "--trainer.max_epochs", "3",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", "plain"]
+    fit(tmp_path / "full", args, "--trainer.max_steps", "10")
+    fit(tmp_path / "stopped", args, "--trainer.max_steps", "5")
+    fit(tmp_path / "stopped", args, "--trainer.max_steps", "10", "--ckpt_path", "plain/epoch=1-step=5.ckpt")
+    run_folder = [("checkpoint", "adaptlab")]  # a checkpoint named by path resumes in a new version_N
+    assert_same(drop(final_state(tmp_path / "full"), run_folder), drop(final_state(tmp_path / "stopped"), run_folder))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import yaml
 
 from models.lm.gpt import ARCH_FIELDS, GPT, Config, load_backbone_state, read_state_dict
 from models.utils.checkpoint import safe_load
+from models.utils.command_line import errors_as_one_line
 
 HF_CONFIG, HF_WEIGHTS, HF_BIN = "config.json", "model.safetensors", "pytorch_model.bin"
 LIT_CONFIG, LIT_WEIGHTS = "model_config.yaml", "lit_model.pth"
@@ -418,13 +418,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="a new (or empty) folder")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json to copy alongside the weights")
     a = p.parse_args(argv)
-    try:
+    with errors_as_one_line(OSError, ValueError, KeyError, RuntimeError):
         src = Path(a.ckpt).expanduser()
         model = load_gpt(src) if src.is_dir() else model_from_checkpoint(src)
         folder = export(model, a.to, a.out, a.tokenizer)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        sys.stderr.write(f"error: {e}\n")
-        raise SystemExit(2) from None
     print(f"wrote {folder}")
 
 

@@ -17,17 +17,18 @@ Flat fields are what :func:`models.lm.phase1.model.create_phase1_model` reads. T
 
 maps onto the same fields (:meth:`Phase1Config.from_nested`; :meth:`Phase1Config.to_nested` goes back). A
 preset fills the sizes first (:func:`models.lm.phase1.presets.get_preset_config`), then the other groups
-override; ``preset: custom`` with ``memory.target_vram_gb`` and no ``model.d_model``/``model.n_layers`` picks
-the sizes for that budget from the memory model. ``enabled: false`` switches every Phase 1 feature off (the
-baseline: dense embedding, MLP-only blocks).
+override; ``preset: custom`` with ``memory.target_vram_gb`` and no ``model.d_model``/``model.n_layers`` (nor
+flat ``d_model``/``n_layers``) picks the sizes for that budget from the memory model. ``enabled: false``
+switches every Phase 1 feature off (the baseline: dense embedding, MLP-only blocks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from models.quant.lns import LNS_FORMATS
 
@@ -172,10 +173,15 @@ class Phase1Config:
 
     # ------------------------------------------------------------------------------------ nested form
     @classmethod
-    def from_nested(cls, nested: dict[str, Any], base: Phase1Config | None = None) -> Phase1Config:
+    def from_nested(cls, nested: dict[str, Any], base: Phase1Config | None = None,
+                    given: Collection[str] | None = None) -> Phase1Config:
         """The guide's ``phase1:`` mapping (with or without the outer ``phase1`` key) -> a config.
 
         ``base`` supplies every field the mapping does not set. Unknown keys raise ``ValueError`` naming them.
+        ``given``: the fields of ``base`` that were set explicitly (``cli.py`` knows them from what the config
+        files and command line contained); ``None``: those that differ from the defaults (a field set to its
+        default cannot be told from an unset one then). A given field that the group or its preset would
+        replace with another value is refused, naming both keys.
         """
         from models.lm.phase1.presets import fit_to_budget, get_preset_config
 
@@ -189,12 +195,13 @@ class Phase1Config:
         if preset not in PRESET_NAMES:
             raise ValueError(f"phase1.preset must be one of {PRESET_NAMES}, got {preset!r}")
         defaults = cls()
-        if preset != "custom" and base is not None:  # the preset replaces every flat value: none may be set
-            changed = [f.name for f in dataclasses.fields(cls) if getattr(base, f.name) != getattr(defaults, f.name)]
-            if changed:
-                raise ValueError(f"config.{changed[0]} ({getattr(base, changed[0])!r}) would be ignored: "
-                                 f"phase1.preset {preset!r} sets every field; set it inside the phase1 group "
-                                 f"({_nested_name(changed[0])}) instead")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if base is None:
+            given = []
+        elif given is None:
+            given = [f for f in fields if getattr(base, f) != getattr(defaults, f)]
+        else:
+            given = [f for f in fields if f in given]  # field order: the first conflict named is stable
         config = get_preset_config(preset) if preset != "custom" else (base or defaults)
         changes: dict[str, Any] = {}
         for group, keys in NESTED_KEYS.items():
@@ -207,17 +214,25 @@ class Phase1Config:
                 field = keys[key]
                 value = _yaml_float(f"phase1.{group}.{key}", field, value)
                 _check_nested_type(f"phase1.{group}.{key}", value, getattr(defaults, field), field)
-                flat = getattr(base, field) if base is not None and preset == "custom" else None
-                if flat is not None and flat != getattr(defaults, field) and flat != value:
-                    raise ValueError(f"config.{field} ({flat!r}) and phase1.{group}.{key} ({value!r}) set the same "
-                                     "option; set it in one place (the phase1 group is applied on top of config)")
+                if field in given and getattr(base, field) != value:
+                    _refuse_both(field, getattr(base, field), f"phase1.{group}.{key}", value)
                 changes[field] = value
         if not nested.get("enabled", True):
-            changes.update(bk_enabled=False, ar_ssm_enabled=False, htt_enabled=False, lns_enabled=False)
+            for field in ("bk_enabled", "ar_ssm_enabled", "htt_enabled", "lns_enabled"):
+                if field in given and getattr(base, field):
+                    _refuse_both(field, True, "phase1.enabled", False)
+                changes[field] = False
         config = dataclasses.replace(config, **changes)
-        sized = {"d_model", "n_layers"} & set(changes)
-        if preset == "custom" and "target_vram_gb" in changes and not sized:
+        replaced_by = None  # what replaced flat values the group does not set
+        if preset != "custom":
+            replaced_by = f"phase1.preset {preset!r} sets every field"
+        elif "target_vram_gb" in changes and not {"d_model", "n_layers"} & set(changes):
             config = fit_to_budget(config)
+            replaced_by = "phase1.memory.target_vram_gb picks the sizes when phase1.model sets no d_model/n_layers"
+        for field in given if replaced_by else []:  # the user's flat value would be lost: refuse
+            if field not in changes and getattr(base, field) != getattr(config, field):
+                raise ValueError(f"config.{field} ({getattr(base, field)!r}) would be ignored: {replaced_by}; set "
+                                 f"it inside the phase1 group ({_nested_name(field)}) instead")
         config.check_ranks()
         return config
 
@@ -227,6 +242,11 @@ class Phase1Config:
         for group, keys in NESTED_KEYS.items():
             out[group] = {key: getattr(self, name) for key, name in keys.items()}
         return out
+
+
+def _refuse_both(field: str, flat: Any, nested_key: str, value: Any) -> NoReturn:
+    raise ValueError(f"config.{field} ({flat!r}) and {nested_key} ({value!r}) set the same option; set it in one "
+                     "place (the phase1 group is applied on top of config)")
 
 
 def _nested_name(field: str) -> str:
