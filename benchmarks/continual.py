@@ -70,8 +70,13 @@ LABELS = {
     "sema": "SEMA (joint order)", "aper": "APER (LoRA r8 on task 0, NCM)", "lora_ncm": "LoRA r8 + NCM",
     "nested_ncm": "Nested LoRA 4+4 + NCM", "joint_lora": "joint LoRA r8 (upper bound, one task)",
 }
-#: lr grids of --select (extended by x3 steps while the winner is at an edge)
-GRIDS = {"lr_head": [3e-3, 1e-2, 3e-2], "lr_fast": [3e-4, 1e-3, 3e-3]}
+#: lr grids of --select (centred on the previous selection; extended by x3 steps while the winner is at an edge)
+GRIDS = {"lr_head": [3e-2, 9e-2, 2.7e-1],
+         "lr_fast": {"lora": [1e-3, 3e-3, 9e-3], "aper": [1e-4, 3e-4, 1e-3], "nested_lora": [3e-3, 9e-3, 2.7e-2],
+                     "sema": [3e-3, 9e-3, 2.7e-2]}}
+#: SEMA calibration: descriptor widths tried, the multi-domain sequence its z-scores are read on
+SEMA_WIDTHS = [8, 16, 32]
+MULTIDOMAIN = {"dataset": "multidomain", "domain_classes": [15, 15, 10, 10]}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -194,6 +199,24 @@ def run_features(method: str, seed: int, split: str = "test") -> dict:
             "seconds": time.perf_counter() - t0, "class_order_seed": 1993 + seed}
 
 
+# ---------------------------------------------------------------------------------------------- grids
+def extend(values: list[float], score: Any, factor: float = 3.0, steps: int = 2) -> tuple[float, list[float]]:
+    """Best of ``values`` by ``score`` (higher is better; each value scored once, ``score`` may cache); while the
+    winner is at an edge, one more value ``factor`` further out in that direction (``steps`` times at most).
+    Returns the winner and the grid actually scored."""
+    values = sorted(values)
+    scores: dict[float, float] = {}
+    for _ in range(steps + 1):
+        for v in values:
+            if v not in scores:
+                scores[v] = score(v)
+        best = max(values, key=lambda v: scores[v])
+        if best not in (values[0], values[-1]) or _ == steps:
+            break
+        values = [best / factor] + values if best == values[0] else values + [best * factor]
+    return best, values
+
+
 # ---------------------------------------------------------------------------------------------- headroom
 def headroom(out: Path) -> dict:
     """Joint (all 50 classes at once) linear probe on frozen features vs joint LoRA, test split; the probe's lr and
@@ -201,10 +224,11 @@ def headroom(out: Path) -> dict:
     feats = frozen_features()
     x, y = feats["train"]
     mu, sd = x.mean(0), x.std(0) + 1e-6
-    best = None
-    rows = []
-    for wd in (1e-4, 1e-2, 1e-1, 1.0):
-        for lr in (3e-3, 1e-2, 3e-2):
+    rows: list = []
+    probes: dict[tuple[float, float], dict[str, float]] = {}
+
+    def probe(lr: float, wd: float) -> dict[str, float]:
+        if (lr, wd) not in probes:
             torch.manual_seed(0)
             head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
             opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
@@ -214,26 +238,43 @@ def headroom(out: Path) -> dict:
                 loss.backward()
                 opt.step()
             with torch.no_grad():
-                acc = {s: float((head((feats[s][0] - mu) / sd).argmax(-1) == feats[s][1]).float().mean())
-                       for s in ("val", "test")}
-            rows.append((lr, wd, acc))
-            if best is None or acc["val"] > best[2]["val"]:
-                best = (lr, wd, acc)
-    lora = {}
-    for lr in (1e-3, 3e-3, 1e-2):
+                probes[lr, wd] = {s: float((head((feats[s][0] - mu) / sd).argmax(-1) == feats[s][1]).float().mean())
+                                  for s in ("val", "test")}
+            rows.append((lr, wd, probes[lr, wd]))
+        return probes[lr, wd]
+
+    # weight decay and lr, each grid extended while its winner is at an edge
+    wd_grid, lr_grid = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], [3e-3, 1e-2, 3e-2, 1e-1]
+    for _ in range(3):
+        wd_best, wd_grid = extend(wd_grid, lambda wd: max(probe(lr, wd)["val"] for lr in lr_grid), factor=10)
+        lr_best, lr_grid = extend(lr_grid, lambda lr: probe(lr, wd_best)["val"])
+        if wd_best not in (wd_grid[0], wd_grid[-1]) and lr_best not in (lr_grid[0], lr_grid[-1]):
+            break
+    best = (lr_best, wd_best, probe(lr_best, wd_best))
+    lora: dict[float, float] = {}
+
+    def lora_val(lr: float) -> float:
         r = run("joint_lora", 100, "val", {"lr_fast": lr}, use_chosen=False)
         lora[lr] = r["acc_seen"][-1]
         print(f"[headroom] joint LoRA lr {lr:g}: val acc {100 * lora[lr]:.1f} ({r['seconds']:.0f} s)", flush=True)
+        return lora[lr]
+
+    extend([3e-3, 1e-2, 3e-2], lora_val)
     lr_lora = max(lora, key=lora.get)
-    test = run("joint_lora", 0, "test", {"lr_fast": lr_lora}, use_chosen=False)
+    tests = [run("joint_lora", seed, "test", {"lr_fast": lr_lora}, use_chosen=False) for seed in (0, 1, 2)]
+    test = tests[0]
     result = {"probe_lr": best[0], "probe_wd": best[1], "probe_val": best[2]["val"], "probe_test": best[2]["test"],
-              "probe_grid": rows, "lora_lr": lr_lora, "lora_val": lora, "lora_test": test["acc_seen"][-1],
-              "joint_lora_run": test}
+              "probe_grid": rows, "probe_lr_grid": lr_grid, "probe_wd_grid": wd_grid, "lora_lr": lr_lora,
+              "lora_val": lora,
+              "lora_test": statistics.median(r["acc_seen"][-1] for r in tests),
+              "lora_test_seeds": [r["acc_seen"][-1] for r in tests], "joint_lora_run": test}
     result["headroom"] = result["lora_test"] - result["probe_test"]
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"[headroom] joint linear probe (frozen backbone; lr {best[0]:g}, wd {best[1]:g}, chosen on val): test "
           f"{100 * result['probe_test']:.1f}%; joint LoRA r8 (lr {lr_lora:g}, chosen on val): test "
-          f"{100 * result['lora_test']:.1f}%; headroom {100 * result['headroom']:+.1f} points "
+          f"{100 * result['lora_test']:.1f}% (median of seeds 0-2: "
+          f"{', '.join(f'{100 * a:.1f}' for a in result['lora_test_seeds'])}); "
+          f"headroom {100 * result['headroom']:+.1f} points "
           f"({'>=' if result['headroom'] >= 0.15 else '<'} 15)", flush=True)
     return result
 
@@ -265,13 +306,11 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
         return cache[key]["avg_incremental_acc"]
 
     def search(method: str, base: dict, key: str, values: list, log_grid: bool = True) -> dict:
-        values = list(values)
-        for _ in range(3):
-            scores = {v: score(method, {**base, key: v}) for v in values}
-            best = max(values, key=lambda v: scores[v])
-            if not log_grid or (best != values[0] and best != values[-1]) or _ == 2:
-                break
-            values = ([best / 3] + values) if best == values[0] else (values + [best * 3])
+        """One coordinate; a numeric grid is extended while its winner is at an edge."""
+        if log_grid:
+            best, values = extend(values, lambda v: score(method, {**base, key: v}))
+        else:
+            best = max(values, key=lambda v: score(method, {**base, key: v}))
         for v in values:
             r = cache[json.dumps([method, {**METHODS[method], **base, key: v}], sort_keys=True)]
             table.append(f"| {method} | {key} | {v:g} | {100 * r['avg_incremental_acc']:.1f} | "
@@ -283,12 +322,20 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
     picked["none"] = search("none", {}, "lr_head", GRIDS["lr_head"])
     head = {"lr_head": picked["none"]["lr_head"]}
     for m in [m for m in ("lora", "aper") if m in methods]:
-        picked[m] = search(m, head, "lr_fast", GRIDS["lr_fast"])
+        picked[m] = search(m, head, "lr_fast", GRIDS["lr_fast"][m])
     if "nested_lora" in methods:
-        nested = search("nested_lora", {**head, "lr_slow_ratio": 10}, "lr_fast", GRIDS["lr_fast"])
-        picked["nested_lora"] = search("nested_lora", nested, "lr_slow_ratio", [1, 10, 100], log_grid=False)
+        # seed 004's knobs, one coordinate at a time from the main job's settings: fast lr (slow = fast / ratio),
+        # the slow/fast ratio 1x / 10x / 100x, the slow interval, the consolidation alpha, slow rank r vs 2r
+        nested = {**head, "lr_slow_ratio": 10, "slow_update_interval": 3, "consolidation_alpha": 1.0}
+        nested = search("nested_lora", nested, "lr_fast", GRIDS["lr_fast"]["nested_lora"])
+        nested = search("nested_lora", nested, "lr_slow_ratio", [1, 10, 100], log_grid=False)
+        nested = search("nested_lora", nested, "slow_update_interval", [1, 3, 9], log_grid=False)
+        nested = search("nested_lora", nested, "consolidation_alpha", [0.5, 1.0, 2.0])
+        picked["nested_lora"] = search("nested_lora", nested, "nested_slow_r", [4, 8], log_grid=False)
     if "sema" in methods:
-        picked["sema"] = search("sema", {**head, "sema_descriptor_hidden": 16}, "lr_fast", GRIDS["lr_fast"])
+        calib = calibrate_sema(seed, cache, out)
+        table.extend(calib.pop("table"))
+        picked["sema"] = search("sema", {**head, **calib}, "lr_fast", GRIDS["lr_fast"]["sema"])
     if "lora" in picked:
         picked["lora_ncm"] = picked["joint_lora"] = picked["lora"]
     if "nested_lora" in picked:
@@ -301,6 +348,48 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
     with (out.parent / "select_table.md").open("a") as f:
         f.write("\n".join(table) + "\n")
     return picked
+
+
+def domain_of(starts: list[int], task: int) -> int:
+    """Index of the domain a task belongs to, from the domains' first tasks."""
+    return sum(1 for s in starts if s <= task) - 1
+
+
+def calibrate_sema(seed: int, cache: dict, out: Path) -> dict:
+    """SEMA's expansion threshold and descriptor width from z-scores, not from accuracy: for each width, SEMA runs
+    the multi-domain sequence (validation split, seed ``seed``) with expansion switched off, so every later task is
+    tested against the task-0 descriptors. Tasks of the first domain are held-out new classes of the descriptors'
+    own domain; the threshold is the largest z they reach (no false expansion on them), and the width is the one
+    whose threshold the later domains' tasks exceed most often (ties: by the median ratio of their z to it)."""
+    _, data_args = config_args()
+    starts = ClassIncrementalDataModule(**{**data_args, **MULTIDOMAIN}).domain_tasks
+    table = ["", "| SEMA calibration | width | threshold (max z, first domain) | later-domain tasks detected | "
+             "median z / threshold |", "|---|---|---|---|---|"]
+    scores = {}
+    for width in SEMA_WIDTHS:
+        settings = {"sema_descriptor_hidden": width, "expansion_threshold": 1e9, "lr_fast": 9e-3}
+        key = json.dumps(["sema@multidomain", {**METHODS["sema"], **settings}], sort_keys=True)
+        if key not in cache:
+            r = run("sema", seed, "val", settings, MULTIDOMAIN, use_chosen=False)
+            r["method"] = "sema@multidomain"
+            cache[key] = r
+            with out.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+        per_task: dict[int, float] = {}
+        for d in cache[key]["sema_decisions"]:
+            per_task[d["task"]] = max(per_task.get(d["task"], 0.0), d["z"])
+        same = [z for t, z in per_task.items() if domain_of(starts, t) == 0]
+        other = [z for t, z in per_task.items() if domain_of(starts, t) > 0]
+        thr = math.ceil(100 * max(same)) / 100
+        detected = sum(z > thr for z in other) / len(other)
+        ratio = statistics.median(z / thr for z in other)
+        scores[width] = (detected, ratio, thr)
+        table.append(f"| | {width} | {thr:.2f} | {100 * detected:.0f}% of {len(other)} | {ratio:.2f} |")
+        print(f"[select] SEMA width {width}: threshold {thr:.2f}, later domains detected {100 * detected:.0f}%, "
+              f"median z/threshold {ratio:.2f}", flush=True)
+    width = max(SEMA_WIDTHS, key=lambda w: scores[w][:2])
+    table.append(f"| chosen | **{width}** | **{scores[width][2]:.2f}** | | |")
+    return {"sema_descriptor_hidden": width, "expansion_threshold": scores[width][2], "table": table}
 
 
 def resolve(settings: dict) -> dict:
@@ -393,7 +482,7 @@ def curves_figure(rows: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- multidomain
 def multidomain(seed: int, out: Path) -> None:
     """SEMA on the multi-domain sequence: expansions per layer against the known domain boundaries."""
-    dm_over = {"dataset": "multidomain", "domain_classes": [15, 15, 10, 10]}
+    dm_over = MULTIDOMAIN
     r = run("sema", seed, "test", data_overrides=dm_over)
     with out.open("a") as f:
         f.write(json.dumps(r) + "\n")
@@ -406,6 +495,12 @@ def multidomain(seed: int, out: Path) -> None:
     for layer in layers:
         hit = {e["task"] for e in r["expansions"] if e["layer"] == layer}
         print(f"| {layer} | " + " | ".join("E" if t in hit else "." for t in range(1, dm.num_tasks)) + " |")
+    z = {(d["task"], d["layer"]): d["z"] for d in r["sema_decisions"]}
+    for layer in layers:
+        print(f"| z, layer {layer} | " + " | ".join(f"{z[t, layer]:.1f}" if (t, layer) in z else "-"
+                                                   for t in range(1, dm.num_tasks)) + " |")
+    print(f"threshold {r['settings'].get('expansion_threshold')}, descriptor width "
+          f"{r['settings'].get('sema_descriptor_hidden')} (from --select)")
 
 
 def main() -> None:
