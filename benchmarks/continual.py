@@ -59,8 +59,11 @@ METHODS: dict[str, dict] = {
     "nested_lora": {},
     "sema": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "joint"},
     "aper": {"adapter_type": "aper", "lora_r": 8, "classifier": "ncm"},
+    "aper_ridge": {"adapter_type": "aper", "lora_r": 8, "classifier": "ridge"},
     "lora_ncm": {"adapter_type": "lora", "lora_r": 8, "classifier": "ncm"},
     "nested_ncm": {"classifier": "ncm"},
+    "lora_ridge": {"adapter_type": "lora", "lora_r": 8, "classifier": "ridge"},
+    "nested_ridge": {"classifier": "ridge"},
     "joint_lora": {"adapter_type": "lora", "lora_r": 8},
 }
 FEATURE_ONLY = ("simplecil", "ranpac")
@@ -68,7 +71,9 @@ LABELS = {
     "simplecil": "SimpleCIL (frozen, cosine NCM)", "ranpac": "RanPAC (frozen, random proj. + ridge)",
     "none": "head only (frozen, linear)", "lora": "LoRA r8 (linear head)", "nested_lora": "Nested LoRA 4+4 (main job)",
     "sema": "SEMA (joint order)", "aper": "APER (LoRA r8 on task 0, NCM)", "lora_ncm": "LoRA r8 + NCM",
-    "nested_ncm": "Nested LoRA 4+4 + NCM", "joint_lora": "joint LoRA r8 (upper bound, one task)",
+    "nested_ncm": "Nested LoRA 4+4 + NCM", "aper_ridge": "APER + ridge (RanPAC with first-session adaptation)",
+    "lora_ridge": "LoRA r8 + ridge", "nested_ridge": "Nested LoRA 4+4 + ridge",
+    "joint_lora": "joint LoRA r8 (upper bound, one task)",
 }
 #: lr grids of --select (centred on the previous selection; extended by x3 steps while the winner is at an edge)
 GRIDS = {"lr_head": [3e-2, 9e-2, 2.7e-1],
@@ -77,6 +82,8 @@ GRIDS = {"lr_head": [3e-2, 9e-2, 2.7e-1],
 #: SEMA calibration: descriptor widths tried, the multi-domain sequence its z-scores are read on
 SEMA_WIDTHS = [8, 16, 32]
 MULTIDOMAIN = {"dataset": "multidomain", "domain_classes": [15, 15, 10, 10]}
+#: data overrides of the sequence the grid runs (``--sequence``): {} = the main job's shifted glyph sequence
+SEQUENCE: dict = {}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -116,7 +123,7 @@ def run(method: str, seed: int, split: str = "test", model_overrides: dict | Non
     model_args, data_args = config_args()
     over = {**METHODS[method], **(chosen().get(method, {}) if use_chosen else {}), **(model_overrides or {})}
     model_args = {**copy.deepcopy(model_args), **resolve(over)}
-    data_args = {**data_args, "class_order_seed": 1993 + seed, **(data_overrides or {})}
+    data_args = {**data_args, "class_order_seed": 1993 + seed, **SEQUENCE, **(data_overrides or {})}
     if method == "joint_lora":
         data_args.update(init_cls=data_args["glyph_classes"], epochs_per_task=4)
     model_args["pretrain"] = GlyphPretraining(**model_args["pretrain"])
@@ -166,9 +173,9 @@ def run_features(method: str, seed: int, split: str = "test") -> dict:
     """SimpleCIL / RanPAC from frozen features: per task, fit the classifier on the task's training features and
     score the seen tasks' ``split`` features (the same classifiers the CLI fits at task ends)."""
     t0 = time.perf_counter()
-    feats = frozen_features()
+    feats = frozen_features(SEQUENCE)
     _, data_args = config_args()
-    dm = ClassIncrementalDataModule(**{**data_args, "class_order_seed": 1993 + seed})
+    dm = ClassIncrementalDataModule(**{**data_args, "class_order_seed": 1993 + seed, **SEQUENCE})
     position = torch.empty(dm.num_classes, dtype=torch.long)
     position[torch.from_numpy(dm.class_order).long()] = torch.arange(dm.num_classes)
     f = {s: (x, position[y]) for s, (x, y) in feats.items()}
@@ -337,9 +344,11 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
         table.extend(calib.pop("table"))
         picked["sema"] = search("sema", {**head, **calib}, "lr_fast", GRIDS["lr_fast"]["sema"])
     if "lora" in picked:
-        picked["lora_ncm"] = picked["joint_lora"] = picked["lora"]
+        picked["lora_ncm"] = picked["lora_ridge"] = picked["joint_lora"] = picked["lora"]
     if "nested_lora" in picked:
-        picked["nested_ncm"] = picked["nested_lora"]
+        picked["nested_ncm"] = picked["nested_ridge"] = picked["nested_lora"]
+    if "aper" in picked:
+        picked["aper_ridge"] = picked["aper"]
     print("\n".join(table))
     current = chosen()  # other --select processes may have written their methods meanwhile
     current.update({k: resolve(v) for k, v in picked.items()})
@@ -468,15 +477,15 @@ def per_task(rows: list[dict], methods: tuple[str, ...] = ("simplecil", "none", 
     return "\n".join(out)
 
 
-def curves_figure(rows: list[dict], path: Path) -> None:
+def curves_figure(rows: list[dict], path: Path, title: str) -> None:
     curves, spreads = {}, {}
     for m in METHODS:
         rs = [r for r in rows if r["method"] == m and m != "joint_lora"]
         if rs:
             a = np.array([r["acc_seen"] for r in rs])
             curves[LABELS[m]], spreads[LABELS[m]] = a.mean(0), a.std(0)
-    cm.save_figure(cm.plot_curves(curves, spreads, "shifted glyph sequence: accuracy on all seen classes "
-                                  "(mean ± std over seeds)"), path)
+    cm.save_figure(cm.plot_curves(curves, spreads, f"{title}: accuracy on all seen classes (mean ± std over seeds)"),
+                   path)
 
 
 # ---------------------------------------------------------------------------------------------- multidomain
@@ -507,7 +516,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "joint_lora"], choices=list(METHODS))
-    p.add_argument("--out", default="runs/benchmark_continual/results.jsonl")
+    p.add_argument("--sequence", choices=["shifted", "multidomain"], default="shifted",
+                   help="the grid's sequence: the main job's (shifted glyphs) or the multi-domain one")
+    p.add_argument("--out", default=None, help="JSON lines of the grid (default: runs/benchmark_continual/"
+                   "results.jsonl, results_multidomain.jsonl with --sequence multidomain)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--table-only", action="store_true", help="print the tables of --out and exit")
     p.add_argument("--headroom", action="store_true", help="joint linear probe vs joint LoRA, then exit")
@@ -521,7 +533,9 @@ def main() -> None:
                    help="wait until --select (run in parallel) has written settings for every --methods entry")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    if args.sequence == "multidomain":
+        SEQUENCE.update(MULTIDOMAIN)
+    out = Path(args.out or f"runs/benchmark_continual/results{'_multidomain' if SEQUENCE else ''}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.headroom:
         headroom(out.parent / "headroom.json")
@@ -556,8 +570,9 @@ def main() -> None:
     print("\nOld / new accuracy after each task (old/new, %, mean over seeds):\n")
     print(per_task(rows))
     if rows:
-        curves_figure(rows, REPO / "benchmarks" / "continual_curves.png")
-    print(f"\nshifted glyph sequence, 10 tasks x 5 classes, class order seed 1993 + seed; settings from "
+        curves_figure(rows, REPO / "benchmarks" / f"continual_curves{'_multidomain' if SEQUENCE else ''}.png",
+                      "multi-domain sequence" if SEQUENCE else "shifted glyph sequence")
+    print(f"\n{args.sequence} sequence, 10 tasks x 5 classes, class order seed 1993 + seed; settings from "
           f"{CHOSEN.name}; torch threads {args.threads}")
 
 
