@@ -58,7 +58,7 @@ METHODS: dict[str, dict] = {
     "lora": {"adapter_type": "lora", "lora_r": 8},
     "nested_lora": {},
     "sema": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "joint"},
-    "aper": {"adapter_type": "aper", "lora_r": 8, "classifier": "ncm"},
+    "aper": {"adapter_type": "aper", "lora_r": 8, "classifier": "ncm"},  # aper_phases: from the selection
     "aper_ridge": {"adapter_type": "aper", "lora_r": 8, "classifier": "ridge"},
     "lora_ncm": {"adapter_type": "lora", "lora_r": 8, "classifier": "ncm"},
     "nested_ncm": {"classifier": "ncm"},
@@ -77,7 +77,7 @@ LABELS = {
 }
 #: lr grids of --select (centred on the previous selection; extended by x3 steps while the winner is at an edge)
 GRIDS = {"lr_head": [3e-2, 9e-2, 2.7e-1],
-         "lr_fast": {"lora": [1e-3, 3e-3, 9e-3], "aper": [1e-4, 3e-4, 1e-3], "nested_lora": [3e-3, 9e-3, 2.7e-2],
+         "lr_fast": {"lora": [1e-3, 3e-3, 9e-3], "aper": [3e-4, 1e-3, 3e-3], "nested_lora": [3e-3, 9e-3, 2.7e-2],
                      "sema": [3e-3, 9e-3, 2.7e-2]}}
 #: SEMA calibration: descriptor widths tried, the multi-domain sequence its z-scores are read on
 SEMA_WIDTHS = [8, 16, 32]
@@ -345,8 +345,12 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
     picked: dict[str, dict] = {}
     picked["none"] = search("none", {}, "lr_head", GRIDS["lr_head"])
     head = {"lr_head": picked["none"]["lr_head"]}
-    for m in [m for m in ("lora", "aper") if m in methods]:
-        picked[m] = search(m, head, "lr_fast", GRIDS["lr_fast"][m])
+    if "lora" in methods:
+        picked["lora"] = search("lora", head, "lr_fast", GRIDS["lr_fast"]["lora"])
+    if "aper" in methods:  # lr at 3 adaptation phases, the phases, the lr again at the chosen phases
+        aper = search("aper", {**head, "aper_phases": 3}, "lr_fast", GRIDS["lr_fast"]["aper"])
+        aper = search("aper", aper, "aper_phases", [1, 3, 9], log_grid=False)
+        picked["aper"] = search("aper", aper, "lr_fast", GRIDS["lr_fast"]["aper"])
     if "nested_lora" in methods:
         # seed 004's knobs, one coordinate at a time from the main job's settings: fast lr (slow = fast / ratio),
         # the slow/fast ratio 1x / 10x / 100x, the slow interval, the consolidation alpha, slow rank r vs 2r
