@@ -7,7 +7,7 @@ signatures are documented here).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import lightning as L
 import torch
@@ -57,15 +57,24 @@ class TaskSequenceModule(Protocol):
 class ClassIncrementalData(Protocol):
     """What a class-incremental DataModule offers the continual LightningModule and its evaluation callback.
 
-    Epoch ``e`` trains task ``task_of_epoch(e)``; classes are numbered in task order, so task ``t`` owns
-    labels ``task_offset(t) .. classes_seen(t) - 1``.
+    Epoch ``e`` trains phase ``phase_of_epoch(e)`` of task ``task_of_epoch(e)``: a task trains for ``phases[t]``
+    phases (``schedule_phases(phases)``; one each by default) of ``epochs_per_task`` epochs, from epoch
+    ``first_epoch(t)`` on; ``num_epochs`` covers the sequence. Classes are numbered in task order, so task ``t``
+    owns labels ``task_offset(t) .. classes_seen(t) - 1``.
     """
 
     num_classes: int
     num_tasks: int
     epochs_per_task: int
+    num_epochs: int
+
+    def schedule_phases(self, phases: Sequence[int]) -> None: ...
+
+    def first_epoch(self, task: int) -> int: ...
 
     def task_of_epoch(self, epoch: int) -> int: ...
+
+    def phase_of_epoch(self, epoch: int) -> int: ...
 
     def task_offset(self, task: int) -> int: ...
 

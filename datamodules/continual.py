@@ -8,13 +8,15 @@ Classes are permuted with ``class_order_seed`` (the PILOT/SEMA convention: ``np.
 ``t`` always owns the contiguous label range ``[offset_t, offset_t + size_t)``. Task sizes are
 ``[init_cls] + [increment] * k`` plus a smaller last task when the classes do not divide evenly.
 
-One ``fit`` runs the whole sequence: epoch ``e`` trains task ``e // epochs_per_task`` (the train loader
-is rebuilt every epoch), validation covers every class seen so far, and :meth:`task_dataset` gives the
-per-task test sets for the accuracy matrix.
+One ``fit`` runs the whole sequence: a task trains for ``epochs_per_task`` epochs (times the phases a continual
+method asks for, :meth:`ClassIncrementalDataModule.schedule_phases`; epoch ``e`` trains task ``e //
+epochs_per_task`` with one phase per task), the train loader is rebuilt every epoch, validation covers every
+class seen so far, and :meth:`task_dataset` gives the per-task test sets for the accuracy matrix.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -167,7 +169,8 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         increment: classes in each later task.
         class_order_seed: seed of the class permutation (1993 as in PILOT/SEMA).
         shuffle: ``False`` keeps the natural class order.
-        epochs_per_task: epochs per task; the trainer's ``max_epochs`` is derived from it.
+        epochs_per_task: epochs per task (per training phase of a task, :meth:`schedule_phases`); the trainer's
+            ``max_epochs`` is derived from it.
         image_size: side of the (square) model input.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
@@ -277,6 +280,7 @@ class ClassIncrementalDataModule(L.LightningDataModule):
                                                for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
             self.domain_tasks = [int(np.searchsorted(starts, b)) for b, n in zip(bounds[:-1], domain_classes) if n]
         self._sets: dict[str, ImageTensorDataset] = {}
+        self._phases = [1] * self.num_tasks
 
     @staticmethod
     def _check_root(dataset: str, root: Path, download: bool) -> None:
@@ -310,8 +314,33 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         """Number of classes seen after training ``task`` (0-based)."""
         return sum(self.task_sizes[: task + 1])
 
+    def schedule_phases(self, phases: Sequence[int]) -> None:
+        """Train task ``t`` for ``phases[t]`` consecutive phases of ``epochs_per_task`` epochs (one each unless a
+        continual method asks for more, e.g. SEMA layer by layer; the LightningModule sets this)."""
+        phases = [int(p) for p in phases]
+        if len(phases) != self.num_tasks or min(phases) < 1:
+            raise ValueError(f"phases must give every one of the {self.num_tasks} tasks at least one phase, "
+                             f"got {phases}")
+        self._phases = phases
+
+    def first_epoch(self, task: int) -> int:
+        """First epoch of ``task`` (``first_epoch(num_tasks)``: the epochs of the whole sequence)."""
+        return self.hparams.epochs_per_task * sum(self._phases[:task])
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs of the whole sequence (what ``trainer.max_epochs`` is derived from)."""
+        return self.first_epoch(self.num_tasks)
+
     def task_of_epoch(self, epoch: int) -> int:
-        return min(epoch // self.hparams.epochs_per_task, self.num_tasks - 1)
+        """Task trained in ``epoch`` (the last task beyond the sequence)."""
+        starts = [self.first_epoch(t) for t in range(self.num_tasks)]
+        return max(0, min(bisect_right(starts, epoch) - 1, self.num_tasks - 1))
+
+    def phase_of_epoch(self, epoch: int) -> int:
+        """Phase of its task that ``epoch`` trains (0 with one phase per task)."""
+        task = self.task_of_epoch(epoch)
+        return max(0, min((epoch - self.first_epoch(task)) // self.hparams.epochs_per_task, self._phases[task] - 1))
 
     def domain_of_task(self, task: int) -> int:
         """Index of the domain that ``task`` belongs to (0 for single-domain sequences)."""

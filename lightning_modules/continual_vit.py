@@ -1,8 +1,9 @@
 """Class-incremental learning with a frozen ViT: one ``fit`` runs the whole task sequence.
 
-Epoch ``e`` trains task ``e // epochs_per_task`` of a ``ClassIncrementalDataModule``. The continual method
-(``adapter_type``: a file in ``models/continual/methods/``, found through its registry) decides what is added to
-the backbone and what trains; this module only wires it. A task starts with the method's ``on_task_start``
+Epoch ``e`` trains task ``e // epochs_per_task`` of a ``ClassIncrementalDataModule`` (one training phase per
+task; a method may ask for more, below). The continual method (``adapter_type``: a file in
+``models/continual/methods/``, found through its registry) decides what is added to the backbone and what
+trains; this module only wires it. A task starts with the method's ``on_task_start``
 (SEMA: self-expansion), the task's trainable parameters and fresh optimizers with a cosine schedule over the
 task; it ends on its last batch (before that epoch's checkpoint) with ``on_task_end`` on every callback that
 has it (Nested LoRA consolidation), the method's ``on_task_end`` (SEMA: descriptors), the statistics classifier's
@@ -10,6 +11,13 @@ fit (``classifier: ncm | ridge``), then ``on_task_evaluate`` (the ``ContinualEva
 accuracy-matrix row, the continual metrics, the plots and ``results.json``). The hooks are the
 ``TaskBoundaryHooks`` protocol of ``callbacks/protocols.py``. The task index, the matrix and the SEMA layout
 are checkpointed, so ``--ckpt_path last`` resumes mid-sequence.
+
+A method may train a task in several phases (``method.phases(task)``; SEMA layer by layer: one per expandable
+layer): the DataModule schedules them as consecutive runs of ``epochs_per_task`` epochs, ``trainer.max_epochs``
+counts them, and each phase starts with the method's ``on_phase_start`` (SEMA: one layer's expansion test),
+its trainable parameters and fresh optimizers, and trains through ``training_step`` like any epoch; a phase the
+method leaves without training is skipped (its epochs end at their first batch). The method's ``on_phase_end``
+(SEMA: the layer's descriptor) runs when the next phase starts.
 
 Manual optimization: ``training_step`` calls ``manual_backward`` once and never steps; the
 ``MultiRateStepping`` callback steps the fast optimizer (head + adapters, ``lr_fast``) every batch and the
@@ -66,6 +74,7 @@ class ContinualClassifier(L.LightningModule):
             APER with ``aper``) or ``ridge`` (RanPAC's random projection + ridge); on top of any method.
         ridge_dim: random-projection width of the ``ridge`` classifier.
         lora_r: LoRA rank (``lora``, ``aper``).
+        aper_phases: ``aper``: phases of ``epochs_per_task`` epochs that adapt on the first task (1: a regular task).
         lora_alpha: LoRA alpha (``None``: the rank).
         lora_target_modules: layers that get LoRA / Nested LoRA (``None``: attention and MLP linears).
         nested_lora_r: rank of Nested LoRA's fast adapter (and of the slow one unless ``nested_slow_r``).
@@ -89,7 +98,8 @@ class ContinualClassifier(L.LightningModule):
         expansion_threshold: SEMA's z-score threshold.
         expansion_order: ``joint`` (every layer is tested on the unexpanded model, all new adapters train
             together) or ``layerwise`` (SEMA-CL: a layer's new adapter, router row and the head train for
-            ``epochs_per_task`` epochs and its descriptor is fitted before the next layer is tested).
+            ``epochs_per_task`` extra epochs, scheduled as Lightning epochs, and its descriptor is fitted before
+            the next layer is tested).
         expansion_batches: batches of the new task scored per SEMA expansion check (``None``: all, as SEMA).
         expansion_batch_size: batch size of the expansion check (128 in SEMA; |z| is averaged over a batch).
         descriptor_epochs: epochs of SEMA's descriptor phase after each task (20 in SEMA).
@@ -120,6 +130,7 @@ class ContinualClassifier(L.LightningModule):
         first_task_adaptation: bool = False,
         finetune_backbone: bool = False,
         lora_r: int = 8,
+        aper_phases: int = 1,
         lora_alpha: float | None = None,
         lora_target_modules: None | str | Sequence[str] = None,
         nested_lora_r: int = 4,
@@ -185,8 +196,10 @@ class ContinualClassifier(L.LightningModule):
                              "silently dropped")
         self.slow_update_interval = slow_update_interval
         self.consolidation_alpha = consolidation_alpha
-        # Sequence state (checkpointed): task being trained, last finished task, matrix, per-task measurements.
+        # Sequence state (checkpointed): task and phase being trained (whether it trains, its steps), last finished
+        # task, matrix, per-task measurements.
         self.task, self.finished_task, self.task_steps, self.seen_classes = -1, -1, 1, 0
+        self.phase, self.phase_trains = 0, True
         self.trainable_params: dict[str, int] = {}
         self.R: list[list[float]] = []
         self.A: list[float] = []
@@ -318,42 +331,58 @@ class ContinualClassifier(L.LightningModule):
             raise ValueError("model.first_task_adaptation freezes the backbone after the first task, so DDP must "
                              "allow unused parameters: set trainer.strategy: ddp_find_unused_parameters_true")
         if self.check_trainer(trainer, dm):
-            required = dm.num_tasks * dm.epochs_per_task
-            trainer.fit_loop.max_epochs = required
-            rank_zero_info(f"trainer.max_epochs set to {required} ({dm.num_tasks} tasks x {dm.epochs_per_task} epochs)")
+            trainer.fit_loop.max_epochs = dm.num_epochs
+            rank_zero_info(f"trainer.max_epochs set to {dm.num_epochs} ({self._sequence(dm)})")
         trainer.reload_dataloaders_every_n_epochs = 1  # the train/val loaders follow the current task
         if self.task < 0:
             self.model.set_trainable(0, self._trains_backbone(0))
 
     def check_trainer(self, trainer: L.Trainer, datamodule: L.LightningDataModule | None) -> bool:
-        """``trainer.max_epochs`` must not exceed the sequence; a smaller value (stop part-way, resume later) is
-        announced up front (it used to train the first tasks only, silently); returns whether it is unset (then
-        ``on_fit_start`` derives it)."""
+        """Schedule the method's phases on the DataModule; ``trainer.max_epochs`` must not exceed the sequence; a
+        smaller value (stop part-way, resume later) is announced up front (it used to train the first tasks only,
+        silently); returns whether it is unset (then :meth:`setup` derives it)."""
         dm = datamodule
         if not isinstance(dm, ClassIncrementalData):
             return False  # setup() names the missing DataModule methods
-        required = dm.num_tasks * dm.epochs_per_task
+        dm.schedule_phases([self.method.phases(t) for t in range(dm.num_tasks)])
+        required = dm.num_epochs
         max_epochs = trainer.fit_loop.max_epochs
         if max_epochs is None or max_epochs == -1 or (max_epochs == 1000 and trainer.max_steps == -1):
             return True
-        sequence = (f"the sequence is {dm.num_tasks} tasks x {dm.epochs_per_task} data.epochs_per_task = {required} "
-                    "epochs")
+        sequence = f"the sequence is {self._sequence(dm)} = {required} epochs"
         if max_epochs > required:
             raise ValueError(f"trainer.max_epochs={max_epochs} exceeds it: {sequence}; leave it unset to derive it")
         if max_epochs < required and not getattr(self, "_warned_partial", False):
             self._warned_partial = True
             rank_zero_warn(f"trainer.max_epochs={max_epochs} stops the sequence part-way, in task "
-                           f"{(max_epochs - 1) // dm.epochs_per_task} of {dm.num_tasks} ({sequence}); continue it "
+                           f"{dm.task_of_epoch(max_epochs - 1)} of {dm.num_tasks} ({sequence}); continue it "
                            "with --ckpt_path last, or leave max_epochs unset to train every task")
         return False
 
+    def _sequence(self, dm: ClassIncrementalData) -> str:
+        """The sequence's epochs in words (tasks x epochs, plus the method's extra phases)."""
+        text = f"{dm.num_tasks} tasks x {dm.epochs_per_task} data.epochs_per_task"
+        extra = dm.num_epochs // dm.epochs_per_task - dm.num_tasks
+        if extra:
+            text += f" + {extra} extra phases of {self.hparams.adapter_type} x {dm.epochs_per_task}"
+        return text
+
     def on_train_epoch_start(self) -> None:
-        task = self.dm.task_of_epoch(self.current_epoch)
-        if task == self.task:
+        dm = self.dm
+        task, phase = dm.task_of_epoch(self.current_epoch), dm.phase_of_epoch(self.current_epoch)
+        if (task, phase) == (self.task, self.phase):
             return
-        if 0 <= self.task and self.finished_task < self.task:
-            self._finish_task(self.task)
-        self._begin_task(task)
+        if task == self.task:
+            self.method.on_phase_end(self.task_context(task, self.phase))
+        else:
+            if 0 <= self.task and self.finished_task < self.task:
+                self._finish_task(self.task)
+            self._begin_task(task)
+        self._begin_phase(task, phase)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        """-1 (Lightning ends the epoch) in a phase the method left without training."""
+        return None if self.phase_trains else -1
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Finish the task on its last batch, after the callbacks' final optimizer steps and before the epoch's
@@ -363,18 +392,19 @@ class ContinualClassifier(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Finish the last task if all its epochs ran (a run stopped mid-task resumes from its checkpoint)."""
-        complete = self.current_epoch >= (self.task + 1) * self.dm.epochs_per_task
+        complete = self.current_epoch >= self.dm.first_epoch(self.task + 1)
         if 0 <= self.task and self.finished_task < self.task and complete:
             self._finish_task(self.task)
 
     def is_task_end_batch(self, batch_idx: int) -> bool:
         """True on the last batch of a task's last epoch (closes an open slow-update window)."""
-        last_epoch = (self.current_epoch + 1) % self.dm.epochs_per_task == 0
+        dm = self.dm
+        last_epoch = self.current_epoch + 1 == dm.first_epoch(dm.task_of_epoch(self.current_epoch) + 1)
         return last_epoch and batch_idx + 1 >= self.trainer.num_training_batches
 
     # ------------------------------------------------------------------ task boundaries
 
-    def task_context(self, task: int) -> TaskContext:
+    def task_context(self, task: int, phase: int = 0) -> TaskContext:
         """What the method's task hooks may use (``models.continual.base.TaskContext``)."""
         from torch.utils.data import DataLoader
 
@@ -390,53 +420,41 @@ class ContinualClassifier(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=task)
 
-        return TaskContext(self.model, task, batches, lambda: self._train_task_epochs(task), log, rank_zero_info)
+        steps = dm.epochs_per_task * int(self.trainer.num_training_batches)
+        return TaskContext(self.model, task, batches, phase, steps, log, rank_zero_info)
 
     def _begin_task(self, task: int) -> None:
-        trainer = self.trainer
         self.method.on_task_start(self.task_context(task))
+
+    def _begin_phase(self, task: int, phase: int) -> None:
+        """The phase's trainable parameters and fresh optimizers (a skipped phase's too, so that its checkpoints
+        hold the optimizers ``configure_optimizers`` rebuilds)."""
+        trainer, dm = self.trainer, self.dm
+        trains = self.method.on_phase_start(self.task_context(task, phase))
         self.model.to(self.device)
         groups = self.model.set_trainable(task, self._trains_backbone(task))
-        self.task, self.seen_classes = task, self.dm.classes_seen(task)
-        self.task_steps = self.dm.epochs_per_task * int(trainer.num_training_batches)
+        self.task, self.seen_classes = task, dm.classes_seen(task)
+        self.phase, self.phase_trains = phase, trains
+        self.task_steps = dm.epochs_per_task * int(trainer.num_training_batches)
         trainer.strategy.setup_optimizers(trainer)
-        for cb in self._callbacks_with("on_task_start"):
-            cb.on_task_start(trainer, self, task)
+        if phase == 0:
+            for cb in self._callbacks_with("on_task_start"):
+                cb.on_task_start(trainer, self, task)
+        phases = self.method.phases(task)
+        where = f"task {task}" + (f", phase {phase + 1} of {phases}" if phases > 1 else "")
+        if not trains:
+            first = dm.first_epoch(task) + phase * dm.epochs_per_task
+            rank_zero_info(f"[continual] {where}: nothing to train, epochs {first}..{first + dm.epochs_per_task - 1} "
+                           "skipped")
+            return
         counts = {f"params/{name}": float(sum(p.numel() for p in ps)) for name, ps in groups.items() if ps}
         counts["params/trainable"] = float(sum(counts.values()))
         counts["params/total"] = float(sum(p.numel() for p in self.model.parameters()))
         for logger in self.loggers:
             logger.log_metrics({**counts, "task": float(task)}, step=task)
         self.trainable_params = {k.split("/")[1]: int(v) for k, v in counts.items()}
-        rank_zero_info(f"[continual] task {task}: classes {self.dm.task_offset(task)}.."
-                       f"{self.dm.classes_seen(task) - 1}, trainable parameters {int(counts['params/trainable'])}")
-
-    def _train_task_epochs(self, task: int) -> dict[str, float]:
-        """Train what ``set_trainable(task)`` selects for the task's epochs, as the task's regular epochs would
-        (same parameter groups, learning rates, per-task cosine schedule, masking, precision); used by SEMA's
-        layer-by-layer order between two layers' expansion tests. Returns the steps and the last loss."""
-        hp, dm = self.hparams, self.dm
-        groups = self.model.set_trainable(task, self._trains_backbone(task))
-        opt = self._optimizer(self._fast_groups(groups))
-        loader = dm.loader(dm.task_dataset("train", task), shuffle=True)
-        steps = dm.epochs_per_task * len(loader)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR
-        sched = cosine(opt, T_max=max(1, steps)) if hp.scheduler == "cosine" else None
-        n_seen, n_old = dm.classes_seen(task), dm.task_offset(task) if hp.mask_old_logits else 0
-        was_training = self.model.training
-        self.model.train()
-        loss = torch.zeros(())
-        with torch.enable_grad(), self.trainer.precision_plugin.forward_context():
-            for _ in range(dm.epochs_per_task):
-                for x, y in loader:
-                    loss = F.cross_entropy(self.model(x.to(self.device), n_seen, n_old), y.to(self.device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-        self.model.train(was_training)
-        return {"steps": steps, "loss": float(loss.detach())}
+        rank_zero_info(f"[continual] {where}: classes {dm.task_offset(task)}..{dm.classes_seen(task) - 1}, trainable "
+                       f"parameters {int(counts['params/trainable'])}")
 
     def _finish_task(self, task: int) -> None:
         """Task-boundary work (``on_task_end`` hooks, the method's task end, the statistics classifier), then
@@ -502,6 +520,7 @@ class ContinualClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["continual"] = {
             "task": self.task, "finished_task": self.finished_task, "task_steps": self.task_steps,
+            "phase": self.phase, "phase_trains": self.phase_trains,
             "seen_classes": self.seen_classes, "trainable_params": self.trainable_params,
             "R": self.R, "A": self.A, "task_records": self.task_records, **self.method.state(),
         }
@@ -511,6 +530,7 @@ class ContinualClassifier(L.LightningModule):
         if state is None:
             return
         self.task, self.finished_task, self.task_steps = state["task"], state["finished_task"], state["task_steps"]
+        self.phase, self.phase_trains = state.get("phase", 0), state.get("phase_trains", True)
         self.seen_classes, self.trainable_params = state["seen_classes"], dict(state["trainable_params"])
         self.R, self.A = [list(r) for r in state["R"]], list(state["A"])
         self.task_records = list(state.get("task_records", []))

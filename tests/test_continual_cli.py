@@ -163,39 +163,98 @@ def test_sema_resume_rebuilds_expanded_adapters(in_tmp):
     assert len(cli.model.R) == 5
 
 
+#: SEMA on a 2-block backbone, both blocks expandable, a threshold below every z-score (both layers expand at every
+#: new task), a short descriptor phase.
+SEMA_TWO_LAYERS = ["fit", "--config", str(REPO / "configs/sema_adapter.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
+                   "--model.backbone_kwargs", "{depth: 2, embed_dim: 32, num_heads: 2, global_pool: avg}",
+                   "--model.expansion_layers", "[0, 1]", "--model.expansion_threshold", "-1000",
+                   "--model.descriptor_epochs", "2"]
+
+
+def _sema(state: dict, layer: int, kind: str, k: int) -> dict:
+    prefix = f"model.backbone.blocks.{layer}.mlp.sema.{kind}.{k}."
+    return {n[len(prefix):]: v for n, v in state.items() if n.startswith(prefix)}
+
+
 @pytest.mark.parametrize("order", ["layerwise", "joint"])
 def test_sema_expansion_order_in_a_whole_sequence(in_tmp, order):
-    """A threshold below every z-score expands both expandable layers at each new task. Layer by layer, the
-    shallow layer's new adapter trains (full task loader, ``epochs_per_task``) and its descriptor is fitted
-    before the deep layer is tested, so only the deep adapter is left to train in the task's epochs; jointly,
-    both train then."""
-    args = ["fit", "--config", str(REPO / "configs/sema_adapter.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET,
-            "--model.backbone_kwargs", "{depth: 2, embed_dim: 32, num_heads: 2, global_pool: avg}",
-            "--model.expansion_layers", "[0, 1]", "--model.expansion_threshold", "-1000",
-            "--model.descriptor_epochs", "2", "--model.expansion_order", order]
-    if order == "layerwise":  # stop after task 2 and resume: the closed adapters come back from the checkpoint
-        run_cli(args + ["--trainer.max_epochs", "3"])
-        ckpt = in_tmp / "runs/sema_adapter/version_0/checkpoints/last.ckpt"
-        cli = run_cli(args + ["--ckpt_path", str(ckpt)])
+    """Both layers expand at each new task. Layer by layer, every later task gets one extra phase of
+    ``epochs_per_task`` Lightning epochs (5 + 4 = 9 epochs): the shallow layer's new adapter trains there through
+    ``training_step`` and the trainer's optimizers (``global_step`` counts its batches), then its descriptor is
+    fitted and it is frozen before the deep layer is tested, so only the deep adapter trains in the task's regular
+    epochs; jointly, both train then (5 epochs). The layerwise run stops after task 0, then after task 1's layer
+    phase (the descriptor fit and the deep layer's test still due), and resumes in place each time."""
+    args = SEMA_TWO_LAYERS + ["--model.expansion_order", order]
+    folder = in_tmp / "runs/sema_adapter/version_0"
+    ckpt = folder / "checkpoints/last.ckpt"
+    if order == "layerwise":
+        run_cli(args + ["--trainer.max_epochs", "1"])
+        task0 = torch.load(ckpt, weights_only=False)
+        cli = run_cli(args + ["--trainer.max_epochs", "2", "--ckpt_path", "last"])
+        assert cli.trainer.global_step == 4  # 2 batches of task 0, 2 of task 1's layer phase
+        layer_phase = torch.load(ckpt, weights_only=False)
+        state = layer_phase["continual"]
+        assert (state["task"], state["phase"], state["phase_trains"]) == (1, 0, True)
+        assert state["sema_layout"] == {"0": [0, 1], "1": [0]} and state["sema_trained_between"] == []
+        new = _sema(layer_phase["state_dict"], 0, "adapters", 1)
+        assert new["up.weight"].abs().sum() > 0  # created as a no-op (zero up-projection), trained since
+        assert _sema(layer_phase["state_dict"], 0, "descriptors", 1)["count"] == 0  # fitted as the next phase starts
+        for layer in (0, 1):  # the task-0 adapters and router rows did not move
+            for kind in ("adapters", "router"):
+                for name, value in _sema(task0["state_dict"], layer, kind, 0).items():
+                    assert torch.equal(value, _sema(layer_phase["state_dict"], layer, kind, 0)[name]), (layer, name)
+        cli = run_cli(args + ["--ckpt_path", "last"])
         assert cli.model.model.method.closed == {(0, t) for t in range(1, 5)}
-        folder = in_tmp / "runs/sema_adapter/version_1"  # the resumed run's
+        for name, value in new.items():  # closed at the end of its phase: frozen from then on
+            assert torch.equal(value, _sema(cli.model.state_dict(), 0, "adapters", 1)[name]), name
     else:
-        run_cli(args)
-        folder = in_tmp / "runs/sema_adapter/version_0"
+        cli = run_cli(args)
+    assert not (in_tmp / "runs/sema_adapter/version_1").exists()  # resumed in place
+    epochs = 9 if order == "layerwise" else 5
+    assert cli.trainer.max_epochs == epochs and cli.trainer.current_epoch == epochs
+    assert cli.trainer.global_step == 2 * epochs  # every scheduled epoch trained its 2 batches
     res = json.loads((folder / "results.json").read_text())
     assert res["expansion_order"] == order and res["sema_layout"] == {"0": [0, 1, 2, 3, 4], "1": [0, 1, 2, 3, 4]}
     adapter = 2 * 32 * 16 + 16 + 32 + 33  # down + up + the new router row
     if order == "layerwise":
         assert [(e["task"], e["layer"], e["steps"]) for e in res["sema_trained_between"]] == [
-            (t, 0, 4) for t in range(1, 5)]  # 56 training images in batches of 16, 1 epoch
+            (t, 0, 2) for t in range(1, 5)]  # 1 epoch of 2 batches (trainer.limit_train_batches)
         assert res["trainable_params"]["fast"] == adapter  # the deep layer's adapter only
     else:
         assert res["sema_trained_between"] == [] and res["trainable_params"]["fast"] == 2 * adapter
-    ckpt = torch.load(folder / "checkpoints/last.ckpt", weights_only=False)
+    final = torch.load(ckpt, weights_only=False)
     for layer in (0, 1):  # every adapter trained (non-zero up-projection) and closed (descriptor fitted)
         for k in range(5):
-            assert ckpt["state_dict"][f"model.backbone.blocks.{layer}.mlp.sema.adapters.{k}.up.weight"].abs().sum() > 0
-            assert ckpt["state_dict"][f"model.backbone.blocks.{layer}.mlp.sema.descriptors.{k}.count"] > 0
+            assert final["state_dict"][f"model.backbone.blocks.{layer}.mlp.sema.adapters.{k}.up.weight"].abs().sum() > 0
+            assert final["state_dict"][f"model.backbone.blocks.{layer}.mlp.sema.descriptors.{k}.count"] > 0
+
+
+def test_sema_layerwise_skips_the_phases_of_layers_that_do_not_expand(in_tmp):
+    """No layer expands (threshold above every z-score): the layer phases are scheduled (9 epochs) but skipped
+    (their epochs end at the first batch), so only the 5 regular task epochs train."""
+    cli = run_cli(SEMA_TWO_LAYERS + ["--model.expansion_order", "layerwise", "--model.expansion_threshold", "1000"])
+    assert cli.trainer.current_epoch == 9 and cli.trainer.global_step == 2 * 5
+    res = _results(in_tmp, "sema_adapter")
+    assert res["expansions"] == [] and res["sema_trained_between"] == [] and res["tasks_finished"] == 5
+
+
+def test_sema_layerwise_with_one_expandable_layer_is_the_joint_order(in_tmp):
+    """With one expandable layer there is nothing to train between two tests: both orders run the same sequence,
+    bit for bit (weights, optimizer states, accuracy matrix, expansions)."""
+    args = SEMA_TWO_LAYERS + ["--model.expansion_layers", "[-1]"]
+    runs = {}
+    for order in ("joint", "layerwise"):
+        cli = run_cli(args + ["--model.expansion_order", order])
+        runs[order] = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=False)
+        assert cli.trainer.current_epoch == 5 and runs[order]["continual"]["expansions"]
+    joint, layerwise = runs["joint"], runs["layerwise"]
+    assert joint["continual"] == layerwise["continual"]
+    assert joint["state_dict"].keys() == layerwise["state_dict"].keys()
+    for name, value in joint["state_dict"].items():
+        assert torch.equal(value, layerwise["state_dict"][name]), name
+    for a, b in zip(joint["optimizer_states"], layerwise["optimizer_states"], strict=True):
+        for k, state in a["state"].items():
+            assert all(torch.equal(v, b["state"][k][n]) for n, v in state.items() if torch.is_tensor(v)), k
 
 
 def test_last_checkpoint_holds_the_final_consolidated_model_and_full_matrix(in_tmp):
@@ -213,3 +272,16 @@ def test_last_checkpoint_holds_the_final_consolidated_model_and_full_matrix(in_t
     assert any(ckpt["state_dict"][k.replace("fast", "slow")].abs().sum() > 0 for k in fast_b)
     for k, v in final.items():
         torch.testing.assert_close(ckpt["state_dict"][k], v, msg=k)
+
+
+def test_aper_phases_lengthen_the_first_task_only(in_tmp):
+    """``aper_phases: 3``: task 0 trains 3 phases (3x its batches, fresh optimizers each), later tasks one; the
+    adapter is trained in every phase of task 0 and frozen afterwards."""
+    base = ["fit", "--config", str(REPO / "configs/continual_aper.yaml"), *TINY_MODEL, *TINY_DATA, *QUIET]
+    one = run_cli(base)
+    assert one.trainer.current_epoch == 5 and one.trainer.global_step == 2 * 5
+    three = run_cli(base + ["--model.aper_phases", "3"])
+    assert three.trainer.current_epoch == 7 and three.trainer.global_step == 2 * 7
+    moved = {n: p for n, p in three.model.model.backbone.named_parameters() if three.model.method.is_adapter(n)}
+    assert moved and not any(p.requires_grad for p in moved.values())
+    assert three.model.method.relative_delta() != one.model.method.relative_delta()

@@ -42,6 +42,22 @@ def test_digits_tasks_remap_labels_and_split_by_task():
     assert sum(sizes) == int((raw.target == order[0]).sum() + (raw.target == order[1]).sum())
 
 
+def test_epoch_schedule_with_and_without_extra_phases():
+    """One phase per task: epoch e trains task e // epochs_per_task. With phases (a method's extra training
+    phases, e.g. SEMA layer by layer) the tasks' epoch runs lengthen and follow each other."""
+    dm = ClassIncrementalDataModule("digits", init_cls=4, increment=3, epochs_per_task=2)  # tasks 4 + 3 + 3
+    assert dm.num_epochs == 6 and [dm.first_epoch(t) for t in range(4)] == [0, 2, 4, 6]
+    assert [dm.task_of_epoch(e) for e in range(8)] == [min(e // 2, 2) for e in range(8)]
+    assert [dm.phase_of_epoch(e) for e in range(6)] == [0] * 6
+    dm.schedule_phases([1, 3, 2])
+    assert dm.num_epochs == 12 and [dm.first_epoch(t) for t in range(4)] == [0, 2, 8, 12]
+    assert [dm.task_of_epoch(e) for e in range(13)] == [0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2]
+    assert [dm.phase_of_epoch(e) for e in range(12)] == [0, 0, 0, 0, 1, 1, 2, 2, 0, 0, 1, 1]
+    for bad in ([1, 1], [1, 0, 1]):
+        with pytest.raises(ValueError, match="at least one phase"):
+            dm.schedule_phases(bad)
+
+
 def test_natural_order_without_shuffle():
     dm = ClassIncrementalDataModule("digits", shuffle=False, image_size=8)
     assert np.array_equal(dm.class_order, np.arange(10))

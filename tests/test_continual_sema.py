@@ -1,10 +1,12 @@
 """SEMA: residual-stream mixture, linear descriptors and their statistics, the per-sample |z| expansion rule,
-router rows frozen per adapter, expansion on a shifted task and not on a repeated one."""
+router rows frozen per adapter, expansion on a shifted task and not on a repeated one, the layer-by-layer order
+through the method's phase hooks."""
 
 import torch
 
 from datamodules.digits import load_digits_tensors
 from models.adapters.sema import RepresentationDescriptor, SEMALayer, expansion_decisions
+from models.continual.base import TaskContext
 from models.vision.continual_vit import ContinualViT
 
 
@@ -145,10 +147,47 @@ def _fitted_model_and_shifted_batches() -> tuple[ContinualViT, list[torch.Tensor
     return copy.deepcopy(_FITTED[0]), _batches(-3.0 * x[192:320] + 1.5)
 
 
+def _ctx(model: ContinualViT, shifted: list[torch.Tensor], phase: int, logged: dict) -> TaskContext:
+    """Task 1's context: its training images are ``shifted``; logged scalars land in ``logged``."""
+    data = [(x, torch.zeros(len(x), dtype=torch.long)) for x in shifted]
+    return TaskContext(model, 1, lambda split, size, shuffle: data, phase=phase, steps=3, log=logged.update)
+
+
+def _stand_in_training(model: ContinualViT, layer: int) -> None:
+    """Stands in for a phase's training: a deterministic non-zero up-projection of ``layer``'s task-1 adapter."""
+    with torch.no_grad():
+        up = model.method.layers[layer].adapters[1].up
+        up.weight.copy_(0.01 * torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(layer)))
+
+
+def _layerwise(model: ContinualViT, shifted: list[torch.Tensor], threshold: float, events: list | None = None
+               ) -> tuple[dict[int, tuple[float, bool]], list[bool]]:
+    """Task 1 layer by layer through SEMA's task and phase hooks (what the LightningModule calls around each
+    phase's epochs), a stand-in for each trained phase; returns ``{layer: (score, expanded)}`` and which phases
+    trained."""
+    method = model.method
+    method.order, method.threshold, method.descriptor_epochs = "layerwise", threshold, 2
+    logged: dict[str, float] = {}
+    method.on_task_start(_ctx(model, shifted, 0, logged))
+    trains = []
+    for phase in range(method.phases(1)):
+        trains.append(method.on_phase_start(_ctx(model, shifted, phase, logged)))
+        layer = method.expansion_layers[phase]
+        if trains[-1] and method.open_adapters(layer, 1):
+            if events is not None:
+                events.append(("train", layer))
+            _stand_in_training(model, layer)
+        if phase < method.phases(1) - 1:
+            method.on_phase_end(_ctx(model, shifted, phase, logged))
+    expanded = {e["layer"] for e in method.expansions if e["task"] == 1}
+    return {i: (logged[f"sema/z_layer{i}"], i in expanded) for i in method.expansion_layers}, trains
+
+
 def test_layerwise_order_trains_a_layer_before_testing_the_next():
-    """SEMA-CL's order: layer 1 expands, its new adapter trains and its descriptor is fitted (closing it), and
-    only then is layer 2 tested, on features that pass through the trained adapter; the last expansion stays
-    open for the task's regular training. The joint order tests layer 2 on the unexpanded model."""
+    """SEMA-CL's order: layer 1 expands, its new adapter trains in its own phase and its descriptor is fitted
+    (closing it), and only then is layer 2 tested, on features that pass through the trained adapter; the last
+    expansion stays open for the task's regular epochs (the last phase). The joint order tests layer 2 on the
+    unexpanded model at the task start, in one phase."""
     import copy
 
     model, shifted = _fitted_model_and_shifted_batches()
@@ -160,26 +199,20 @@ def test_layerwise_order_trains_a_layer_before_testing_the_next():
         events.append(("test", *layers))
         return zscores(batches, layers)
 
-    def train_new(layer: int) -> None:
-        events.append(("train", layer))
-        assert model.method.open_adapters(layer, 1) == [1]  # still open while it trains
-        with torch.no_grad():  # stands in for training: a deterministic non-zero up-projection
-            g = torch.Generator().manual_seed(layer)
-            up = model.method.layers[layer].adapters[1].up
-            up.weight.copy_(0.1 * torch.randn(up.weight.shape, generator=g))
-        model.method.fit_descriptors(shifted, task=1, epochs=2, lr=1e-2, generator=torch.Generator().manual_seed(1))
-
     model.method.zscores = spy_zscores
-    layerwise = model.method.expand(1, shifted, threshold=2.0, generator=_gen(), train_new=train_new)
+    assert model.method.phases(0) == 1 and joint.method.phases(1) == 1
+    layerwise, trains = _layerwise(model, shifted, threshold=2.0, events=events)
     del model.method.zscores
+    assert model.method.phases(1) == 2 and trains == [True, True]
     joint_out = joint.method.expand(1, shifted, threshold=2.0, generator=_gen())
 
-    assert events == [("test", 1), ("train", 1), ("test", 2)]  # trained between the two tests, last one left open
+    assert events == [("test", 1), ("train", 1), ("test", 2), ("train", 2)]  # layer 1 trained before layer 2's test
     assert all(e for _, e in layerwise.values()) and all(e for _, e in joint_out.values())
     assert layerwise[1][0] == joint_out[1][0]  # the same model up to layer 1's test
     assert abs(layerwise[2][0] - joint_out[2][0]) > 1e-3  # layer 2 saw the trained layer-1 adapter
     # layer 1's new adapter is closed (frozen from now on); layer 2's is open and trains in the task's epochs
     assert model.method.closed == {(1, 1)} and joint.method.closed == set()
+    assert model.method.trained_between == [{"task": 1, "layer": 1, "steps": 3}]
     assert model.method.open_adapters(1, 1) == [] and model.method.open_adapters(2, 1) == [1]
     groups = model.set_trainable(1)
     trainable = {id(p) for p in groups["fast"]}
@@ -190,19 +223,20 @@ def test_layerwise_order_trains_a_layer_before_testing_the_next():
     assert joint.method.open_adapters(1, 1) == [1] and joint.method.open_adapters(2, 1) == [1]
     assert set(joint.method.fit_descriptors(shifted, task=1, epochs=1)) == {1, 2}
     assert set(model.method.fit_descriptors(shifted, task=1, epochs=1)) == {2}  # layer 1's was fitted already
+    # a checkpoint's state rebuilds the closed adapter (resume between two phases)
+    fresh = _model()
+    fresh.method.load_state(model.method.state())
+    assert fresh.method.closed == {(1, 1)} and fresh.method.layout() == model.method.layout()
 
 
-def _stand_in_training(model: ContinualViT, shifted: list[torch.Tensor]):
-    """A ``train_new`` for ``expand``: a deterministic non-zero up-projection instead of training, then the
-    descriptor phase (which closes the adapter)."""
-
-    def train_new(layer: int) -> None:
-        with torch.no_grad():
-            up = model.method.layers[layer].adapters[1].up
-            up.weight.copy_(0.05 * torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(layer)))
-        model.method.fit_descriptors(shifted, task=1, epochs=2, lr=1e-2, generator=torch.Generator().manual_seed(1))
-
-    return train_new
+def test_layerwise_phase_of_a_layer_that_does_not_expand_is_skipped():
+    """A layer that does not expand leaves its phase without training (the LightningModule skips its epochs); the
+    last phase (the task's regular epochs) trains anyway; nothing is closed or recorded as trained between."""
+    model, shifted = _fitted_model_and_shifted_batches()
+    layout = model.method.layout()
+    decisions, trains = _layerwise(model, shifted, threshold=1000.0)
+    assert trains == [False, True] and not any(e for _, e in decisions.values())
+    assert model.method.layout() == layout and model.method.closed == set() and model.method.trained_between == []
 
 
 def test_layerwise_order_changes_the_deeper_decision():
@@ -213,14 +247,12 @@ def test_layerwise_order_changes_the_deeper_decision():
     model, shifted = _fitted_model_and_shifted_batches()
     probes = copy.deepcopy(model), copy.deepcopy(model)
     z_joint = probes[0].method.expand(1, shifted, threshold=-1.0, generator=_gen())
-    z_layer = probes[1].method.expand(1, shifted, threshold=-1.0, generator=_gen(),
-                                    train_new=_stand_in_training(probes[1], shifted))
+    z_layer, _ = _layerwise(probes[1], shifted, threshold=-1.0)
     assert z_joint[1][0] == z_layer[1][0]
     threshold = (z_joint[2][0] + z_layer[2][0]) / 2
     assert threshold < z_joint[1][0]
     joint = copy.deepcopy(model)
     j = joint.method.expand(1, shifted, threshold=threshold, generator=_gen())
-    lw = model.method.expand(1, shifted, threshold=threshold, generator=_gen(),
-                           train_new=_stand_in_training(model, shifted))
-    assert j[1][1] and lw[1][1]  # layer 1 expands in both orders
+    lw, trains = _layerwise(model, shifted, threshold=threshold)
+    assert j[1][1] and lw[1][1] and trains == [True, True]  # layer 1 expands in both orders
     assert j[2][1] != lw[2][1]  # layer 2's decision depends on the order

@@ -42,7 +42,8 @@ def test_tilde_in_ckpt_path_is_the_home_folder(in_tmp, capsys, monkeypatch):
 
 
 def test_a_partial_continual_sequence_is_announced_up_front():
-    """sema_nested with --trainer.max_epochs 3 trains task 0 only (3 epochs per task): said before training."""
+    """sema_nested with --trainer.max_epochs 3 trains task 0 only (3 epochs per task): said before training. SEMA
+    layer by layer has one extra phase per later task (2 expandable layers), counted in the sequence."""
     from types import SimpleNamespace
 
     from datamodules.continual import ClassIncrementalDataModule
@@ -50,15 +51,28 @@ def test_a_partial_continual_sequence_is_announced_up_front():
 
     dm = ClassIncrementalDataModule("glyphs", glyph_classes=10, glyph_images_per_class=4, init_cls=2, increment=2,
                                     epochs_per_task=3)
-    holder = SimpleNamespace()
+    tiny = dict(img_size=16, patch_size=8, backbone_kwargs=dict(depth=2, embed_dim=16, num_heads=2))
+    module = ContinualClassifier(**tiny)
     trainer = SimpleNamespace(fit_loop=SimpleNamespace(max_epochs=3), max_steps=-1)
     with pytest.warns(UserWarning, match=r"max_epochs=3 stops the sequence part-way, in task 0 of 5 \(the sequence "
                                          r"is 5 tasks x 3 data.epochs_per_task = 15 epochs\)"):
-        assert ContinualClassifier.check_trainer(holder, trainer, dm) is False
+        assert module.check_trainer(trainer, dm) is False
     trainer.fit_loop.max_epochs = 15
-    assert ContinualClassifier.check_trainer(holder, trainer, dm) is False
+    assert module.check_trainer(trainer, dm) is False
     trainer.fit_loop.max_epochs = -1
-    assert ContinualClassifier.check_trainer(holder, trainer, dm) is True
+    assert module.check_trainer(trainer, dm) is True
+    sema = ContinualClassifier(adapter_type="sema", expansion_layers=[0, 1], expansion_order="layerwise",
+                               sema_descriptor_hidden=8, **tiny)
+    trainer.fit_loop.max_epochs = 15
+    with pytest.warns(UserWarning, match=r"max_epochs=15 stops the sequence part-way, in task 2 of 5 \(the sequence "
+                                         r"is 5 tasks x 3 data.epochs_per_task \+ 4 extra phases of sema x 3 = 27 "
+                                         r"epochs\)"):
+        assert sema.check_trainer(trainer, dm) is False
+    trainer.fit_loop.max_epochs = 28
+    with pytest.raises(ValueError, match=r"trainer.max_epochs=28 exceeds it"):
+        sema.check_trainer(trainer, dm)
+    trainer.fit_loop.max_epochs = 27
+    assert sema.check_trainer(trainer, dm) is False and dm.num_epochs == 27
 
 
 def test_a_killed_writers_temporary_file_is_cleaned_even_when_its_pid_is_reused(tmp_path):

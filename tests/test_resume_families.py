@@ -169,6 +169,19 @@ FAMILIES = {
         "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
         "--checkpoint.every_n_train_steps", "2"],
         [("sigterm", 3), ("kill", 7)]),
+    "sema_layerwise": ([  # SEMA layer by layer, both layers expand: task 0 (epoch 0), then task 1's layer phase
+        # (epoch 1: the shallow adapter trains) and regular epoch (epoch 2); the kill at step 8 comes as epoch 2
+        # starts, after the shallow descriptor's fit and the deep layer's test, which the resumed run redoes; SIGTERM
+        # at step 9 leaves a checkpoint inside the regular epoch (phase 1)
+        "--config", str(REPO / "configs/sema_adapter.yaml"), *TINY_MODEL, *TINY_DATA, "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "1",
+        "--data.glyph_classes", "6", "--data.init_cls", "3", "--data.increment", "3", "--model.num_classes", "6",
+        "--model.backbone_kwargs", "{depth: 2, embed_dim: 32, num_heads: 2, global_pool: avg}",
+        "--model.expansion_layers", "[0, 1]", "--model.expansion_threshold", "-1000",
+        "--model.expansion_order", "layerwise", "--model.descriptor_epochs", "2",
+        "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
+        "--checkpoint.every_n_train_steps", "2"],
+        [("sigterm", 3), ("kill", 7), ("kill", 8), ("sigterm", 9)]),
 }
 
 
@@ -184,5 +197,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, family):
         assert all(math.isfinite(v) for v in history["val_loss"] + history["train_loss"])
     if family == "continual":
         assert reference["files"]["results.json"]["tasks_finished"] == 2
+    if family == "sema_layerwise":
+        results = reference["files"]["results.json"]
+        assert results["tasks_finished"] == 2 and reference["checkpoint"]["global_step"] == 12
+        assert [(e["task"], e["layer"], e["steps"]) for e in results["sema_trained_between"]] == [(1, 0, 4)]
+        assert results["sema_layout"] == {"0": [0, 1], "1": [0, 1]}
     interrupted_then_resumed(tmp_path / "interrupted", args, points)
     assert_same(reference, final_state(tmp_path / "interrupted"))

@@ -4,7 +4,9 @@ A method is one small class in ``models/continual/methods/<name>.py`` registered
 it adds its modules to the backbone (:meth:`ContinualMethod.attach`), says which of them train in a task
 (:meth:`ContinualMethod.adapter_groups`), computes the features the classifier reads
 (:meth:`ContinualMethod.features`), acts at task starts and ends (:meth:`ContinualMethod.on_task_start` /
-:meth:`ContinualMethod.on_task_end`, given a :class:`TaskContext`), can switch its adapters off
+:meth:`ContinualMethod.on_task_end`, given a :class:`TaskContext`), may train a task in several phases of
+``epochs_per_task`` Lightning epochs each (:meth:`ContinualMethod.phases`, :meth:`ContinualMethod.on_phase_start` /
+:meth:`ContinualMethod.on_phase_end`; SEMA layer by layer), can switch its adapters off
 (:meth:`ContinualMethod.adapters_off`, for the "adapters zeroed" accuracy) and measures how far they moved the
 backbone (:meth:`ContinualMethod.relative_delta`). ``ContinualViT`` and the LightningModule call only these, so a
 new method is one new file plus its config and tests. Constructor arguments are YAML keys of the
@@ -53,16 +55,15 @@ def create_method(name: str, settings: dict[str, Any]) -> "ContinualMethod":
 
 @dataclass
 class TaskContext:
-    """What a task hook may use: the model, the task, its training/validation images and a way to train.
+    """What a task hook may use: the model, the task and phase, its training/validation images, loggers.
 
     Args:
         model: the ``ContinualViT``.
         task: the task index.
         batches: ``batches(split, batch_size, shuffle)`` -> list of ``(x, y)`` of the task's ``split`` set, on the
             model's device.
-        train_epochs: train what ``model.set_trainable(task)`` makes trainable for the task's epochs (the
-            LightningModule's optimizer, schedule and masking; returns ``steps`` and the last ``loss``); ``None``
-            where not available.
+        phase: the training phase of the task (0 .. ``method.phases(task) - 1``; phase hooks only).
+        steps: training batches of one phase (``epochs_per_task`` epochs; the phase hooks' phase when it trains).
         log: ``log(metrics)`` sends scalars to the loggers at step ``task``.
         info: ``info(message)`` prints on rank zero.
     """
@@ -70,7 +71,8 @@ class TaskContext:
     model: Any
     task: int
     batches: Callable[[str, int, bool], list[tuple[torch.Tensor, torch.Tensor]]]
-    train_epochs: Callable[[], dict[str, float]] | None = None
+    phase: int = 0
+    steps: int = 0
     log: Callable[[dict[str, float]], None] = field(default=lambda metrics: None)
     info: Callable[[str], None] = field(default=lambda message: None)
 
@@ -111,6 +113,22 @@ class ContinualMethod:
 
     def on_task_start(self, ctx: TaskContext) -> None:
         """Before the task's trainable parameters are chosen (modules added here train in the task)."""
+
+    def phases(self, task: int) -> int:
+        """Training phases of ``task``, each ``epochs_per_task`` Lightning epochs with the regular training step and
+        fresh optimizers (the LightningModule schedules them and derives ``trainer.max_epochs``; static: known
+        before training)."""
+        return 1
+
+    def on_phase_start(self, ctx: TaskContext) -> bool:
+        """Before phase ``ctx.phase`` chooses its trainable parameters (after :meth:`on_task_start` for phase 0);
+        returns whether the phase trains (``False``: its epochs are skipped)."""
+        return True
+
+    def on_phase_end(self, ctx: TaskContext) -> None:
+        """After every phase but the task's last (skipped ones included), when the next phase starts (so a
+        checkpoint saved between the two holds the ended phase's optimizers); the last one ends with
+        :meth:`on_task_end`."""
 
     def on_task_end(self, ctx: TaskContext) -> None:
         """After the task's last batch and the callbacks' ``on_task_end`` hooks, before the evaluation."""

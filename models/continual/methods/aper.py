@@ -5,6 +5,8 @@ backbone's and the adapted backbone's pooled features. Meant with ``classifier: 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -20,7 +22,19 @@ class APERMethod(LoRAMethod):
         lora_r: rank of the first-session LoRA.
         lora_alpha: scaling numerator (``None``: the rank).
         lora_target_modules: layers that get LoRA (``None``: attention and MLP linears).
+        aper_phases: training phases of the first task (each ``epochs_per_task`` Lightning epochs with fresh
+            optimizers and schedule): the adaptation's length, longer than a regular task's when > 1.
     """
+
+    def __init__(self, lora_r: int = 8, lora_alpha: float | None = None,
+                 lora_target_modules: None | str | Sequence[str] = None, aper_phases: int = 1) -> None:
+        super().__init__(lora_r, lora_alpha, lora_target_modules)
+        if aper_phases < 1:
+            raise ValueError(f"aper_phases must be >= 1, got {aper_phases}")
+        self.aper_phases = aper_phases
+
+    def phases(self, task: int) -> int:
+        return self.aper_phases if task == 0 else 1
 
     def feature_dim(self, dim: int) -> int:
         return 2 * dim

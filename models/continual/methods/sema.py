@@ -2,16 +2,19 @@
 tests the task's images against its descriptors and adds an adapter where they look new; after the task the
 new descriptors are fitted in their own phase.
 
-Expansion order (``expansion_order``): ``joint`` tests every layer on the unexpanded model and trains all new
-adapters together in the task's epochs; ``layerwise`` (SEMA-CL's) trains a layer's new adapter (with the head,
-through ``TaskContext.train_epochs``) and fits its descriptor before the next layer is tested.
+Expansion order (``expansion_order``): ``joint`` tests every layer on the unexpanded model at the task start and
+trains all new adapters together in the task's epochs; ``layerwise`` (SEMA-CL's) gives a later task one training
+phase per expandable layer (:meth:`SEMAMethod.phases`, scheduled by the LightningModule as Lightning epochs): phase
+``p`` tests layer ``p``; where it expands, its new adapter trains (with its router row and the head) in the
+phase's epochs, then its descriptor is fitted and the adapter frozen before the next layer is tested; where it
+does not, the phase is skipped. The last phase is the task's regular epochs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -82,7 +85,7 @@ class SEMAMethod(ContinualMethod):
 
     def open_adapters(self, layer: int, task: int) -> list[int]:
         """Adapters of ``layer`` that train in ``task``: those created in ``task``, unless closed early (the
-        layer-by-layer order trains a shallow layer's new adapter before the deeper tests, then closes it)."""
+        layer-by-layer order closes a layer's new adapter at the end of its phase)."""
         if (layer, task) in self.closed:
             return []
         return [k for k, t in enumerate(self.layers[layer].created_task) if t == task]
@@ -164,30 +167,21 @@ class SEMAMethod(ContinualMethod):
                 layer.collect_z = None
             model.train(was_training)
 
-    def expand(self, task: int, batches: Iterable[torch.Tensor], threshold: float,
-               generator: torch.Generator | None = None,
-               train_new: Callable[[int], None] | None = None) -> dict[int, tuple[float, bool]]:
-        """Test the expandable layers shallow to deep on the new task's batches and add at most one adapter per
-        layer where the rule fires; returns ``{layer: (score, expanded)}``.
+    def expand_layer(self, task: int, layer: int, batches: Sequence[torch.Tensor], threshold: float,
+                     generator: torch.Generator | None = None) -> tuple[float, bool]:
+        """Test ``layer`` on the new task's batches and add one adapter there if the rule fires; returns
+        ``(score, expanded)``. New adapters start as no-ops (zero up-projection)."""
+        expand, score = expansion_decisions(self.zscores(batches, [layer])[layer], threshold)
+        if expand:
+            self.layers[layer].add_adapter(task, generator)
+        return score, expand
 
-        ``train_new`` (layer-by-layer order): when a layer expands and a deeper expandable layer remains,
-        ``train_new(layer)`` trains that layer's new adapter and fits its descriptor; the adapter is then closed,
-        so deeper layers are tested on features through it. Without it (joint order) new adapters start as no-ops
-        (zero up-projection), so every layer is tested on the unexpanded model."""
+    def expand(self, task: int, batches: Iterable[torch.Tensor], threshold: float,
+               generator: torch.Generator | None = None) -> dict[int, tuple[float, bool]]:
+        """The joint order: test every expandable layer (shallow to deep, each on the unexpanded model since new
+        adapters start as no-ops) and add at most one adapter per layer; returns ``{layer: (score, expanded)}``."""
         batches = list(batches)
-        out: dict[int, tuple[float, bool]] = {}
-        pending: int | None = None
-        for i in self.expansion_layers:
-            if pending is not None and train_new is not None:
-                train_new(pending)
-                self.closed.add((pending, task))
-                pending = None
-            expand, score = expansion_decisions(self.zscores(batches, [i])[i], threshold)
-            if expand:
-                self.layers[i].add_adapter(task, generator)
-                pending = i
-            out[i] = (score, expand)
-        return out
+        return {i: self.expand_layer(task, i, batches, threshold, generator) for i in self.expansion_layers}
 
     def layer_features(self, batches: Iterable[torch.Tensor], layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """Token-averaged inputs of the SEMA layers ``layers`` (what descriptors and routers read), (N, d) each."""
@@ -247,35 +241,66 @@ class SEMAMethod(ContinualMethod):
         return out
 
     # ------------------------------------------------------------------ task hooks
-    def on_task_start(self, ctx: TaskContext) -> None:
-        task = ctx.task
-        if task == 0:
-            return
+    def phases(self, task: int) -> int:
+        """Layer by layer: one phase per expandable layer at every task after the first; otherwise one."""
+        return len(self.expansion_layers) if self.order == "layerwise" and task > 0 else 1
+
+    def _check_batches(self, ctx: TaskContext) -> list[torch.Tensor]:
+        """The new task's images the expansion test scores (shuffled from the task index)."""
         batches = [x for x, _ in ctx.batches("train", self.expansion_batch_size, True)]
-        batches = batches[: self.expansion_batches or len(batches)]
-        train_new = None
-        if self.order == "layerwise":
-            def train_new(layer: int) -> None:
-                trained = ctx.train_epochs() if ctx.train_epochs is not None else {"steps": 0, "loss": float("nan")}
-                errors = self.fit_descriptors([x for x, _ in ctx.batches("train", 0, False)], task,
-                                              self.descriptor_epochs, self.lr_descriptor,
-                                              generator=torch.Generator().manual_seed(1000 * task + layer))
-                self.trained_between.append({"task": task, "layer": layer, **trained})
-                ctx.info(f"[sema] task {task}, layer {layer}: new adapter trained {trained['steps']} steps (last loss "
-                         f"{trained['loss']:.3f}) and its "
-                         f"descriptor fitted (error {errors.get(layer, float('nan')):.4f}) before the next layer")
-        decisions = self.expand(task, batches, self.threshold, torch.Generator().manual_seed(task), train_new)
-        for layer, (z, expanded) in decisions.items():
-            self.decisions.append({"task": task, "layer": layer, "z": z, "expanded": bool(expanded)})
-            if expanded:
-                self.expansions.append({"task": task, "layer": layer, "z": z})
-            ctx.info(f"[sema] task {task}, layer {layer}: largest batch |z| (smallest over descriptors) {z:.2f} "
-                     f"{'> ' if expanded else '<= '}{self.threshold}: "
-                     f"{'new adapter added' if expanded else 'no expansion'}")
-        metrics = {f"sema/z_layer{layer}": z for layer, (z, _) in decisions.items()}
-        metrics["sema/expansions"] = float(sum(e for _, e in decisions.values()))
+        return batches[: self.expansion_batches or len(batches)]
+
+    def _decided(self, ctx: TaskContext, layer: int, z: float, expanded: bool) -> None:
+        self.decisions.append({"task": ctx.task, "layer": layer, "z": z, "expanded": bool(expanded)})
+        if expanded:
+            self.expansions.append({"task": ctx.task, "layer": layer, "z": z})
+        ctx.info(f"[sema] task {ctx.task}, layer {layer}: largest batch |z| (smallest over descriptors) {z:.2f} "
+                 f"{'> ' if expanded else '<= '}{self.threshold}: "
+                 f"{'new adapter added' if expanded else 'no expansion'}")
+
+    def _log_expansions(self, ctx: TaskContext, scores: dict[int, float]) -> None:
+        metrics = {f"sema/z_layer{layer}": z for layer, z in scores.items()}
+        metrics["sema/expansions"] = float(sum(e["task"] == ctx.task for e in self.expansions))
         metrics["sema/adapters"] = float(sum(len(v) for v in self.layout().values()))
         ctx.log(metrics)
+
+    def on_task_start(self, ctx: TaskContext) -> None:
+        """The joint order's expansion test (every layer at once; also layer by layer with one expandable layer)."""
+        task = ctx.task
+        if task == 0 or self.phases(task) > 1:
+            return
+        decisions = self.expand(task, self._check_batches(ctx), self.threshold, torch.Generator().manual_seed(task))
+        for layer, (z, expanded) in decisions.items():
+            self._decided(ctx, layer, z, expanded)
+        self._log_expansions(ctx, {layer: z for layer, (z, _) in decisions.items()})
+
+    def on_phase_start(self, ctx: TaskContext) -> bool:
+        """Layer by layer: test the phase's layer; the phase trains its new adapter, or is skipped when the layer
+        did not expand (the last phase, the task's regular epochs, always trains)."""
+        if self.phases(ctx.task) == 1:
+            return True
+        layer, last = self.expansion_layers[ctx.phase], ctx.phase == len(self.expansion_layers) - 1
+        z, expanded = self.expand_layer(ctx.task, layer, self._check_batches(ctx), self.threshold,
+                                        torch.Generator().manual_seed(1000 * ctx.task + layer))
+        self._decided(ctx, layer, z, expanded)
+        if last:
+            self._log_expansions(ctx, {layer: z})
+        else:
+            ctx.log({f"sema/z_layer{layer}": z})
+        return expanded or last
+
+    def on_phase_end(self, ctx: TaskContext) -> None:
+        """Layer by layer: fit the phase's new descriptor and close its adapter before the next layer is tested."""
+        task, layer = ctx.task, self.expansion_layers[ctx.phase]
+        if not self.open_adapters(layer, task):
+            return  # the layer did not expand (its phase was skipped)
+        errors = self.fit_descriptors([x for x, _ in ctx.batches("train", 0, False)], task, self.descriptor_epochs,
+                                      self.lr_descriptor, generator=torch.Generator().manual_seed(1000 * task + layer))
+        self.closed.add((layer, task))
+        self.trained_between.append({"task": task, "layer": layer, "steps": ctx.steps})
+        ctx.log({f"sema/descriptor_error_layer{layer}": errors[layer]})
+        ctx.info(f"[sema] task {task}, layer {layer}: new adapter trained {ctx.steps} steps and its descriptor fitted "
+                 f"(error {errors[layer]:.4f}) before the next layer")
 
     def on_task_end(self, ctx: TaskContext) -> None:
         errors = self.fit_descriptors([x for x, _ in ctx.batches("train", 0, False)], ctx.task,
