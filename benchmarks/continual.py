@@ -478,6 +478,21 @@ def tables(rows: list[dict]) -> str:
         out.append(f"| {LABELS[m]} | {len(rs)} | {paired([r['last_acc'] for r in rs], [x['last_acc'] for x in b])} | "
                    f"{paired([r['avg_incremental_acc'] for r in rs], [x['avg_incremental_acc'] for x in b])} | "
                    f"{paired([r['forgetting'] for r in rs], [x['forgetting'] for x in b])} |")
+    pairs = [("nested_lora", "lora"), ("nested_ncm", "lora_ncm"), ("nested_ridge", "lora_ridge"),
+             ("aper", "simplecil"), ("aper_ridge", "ranpac"), ("lora_ridge", "ranpac"), ("nested_ridge", "ranpac")]
+    out += ["", "Paired differences with the same classifier (same seed and class order), mean and 95% t interval, "
+            "points:", "", "| method | against | seeds | Δ last acc | Δ avg incremental acc | Δ forgetting |",
+            "|---|---|---|---|---|---|"]
+    for m, base in pairs:
+        ref = {r["seed"]: r for r in by[base]}
+        rs = [r for r in by[m] if r["seed"] in ref]
+        if len(rs) < 2:
+            continue
+        b = [ref[r["seed"]] for r in rs]
+        out.append(f"| {LABELS[m]} | {LABELS[base]} | {len(rs)} | "
+                   f"{paired([r['last_acc'] for r in rs], [x['last_acc'] for x in b])} | "
+                   f"{paired([r['avg_incremental_acc'] for r in rs], [x['avg_incremental_acc'] for x in b])} | "
+                   f"{paired([r['forgetting'] for r in rs], [x['forgetting'] for x in b])} |")
     return "\n".join(out)
 
 
