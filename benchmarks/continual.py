@@ -59,6 +59,9 @@ METHODS: dict[str, dict] = {
     "nested_lora": {},
     "sema": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "joint"},
     "aper": {"adapter_type": "aper", "lora_r": 8, "classifier": "ncm"},  # aper_phases: from the selection
+    "sema_layerwise": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "layerwise"},
+    "sema_ridge": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "joint",
+                   "classifier": "ridge"},
     "aper_ridge": {"adapter_type": "aper", "lora_r": 8, "classifier": "ridge"},
     "lora_ncm": {"adapter_type": "lora", "lora_r": 8, "classifier": "ncm"},
     "nested_ncm": {"classifier": "ncm"},
@@ -73,6 +76,7 @@ LABELS = {
     "sema": "SEMA (joint order)", "aper": "APER (LoRA r8 on task 0, NCM)", "lora_ncm": "LoRA r8 + NCM",
     "nested_ncm": "Nested LoRA 4+4 + NCM", "aper_ridge": "APER + ridge (RanPAC with first-session adaptation)",
     "lora_ridge": "LoRA r8 + ridge", "nested_ridge": "Nested LoRA 4+4 + ridge",
+    "sema_layerwise": "SEMA (layer-by-layer order, SEMA-CL's)", "sema_ridge": "SEMA (joint order) + ridge",
     "joint_lora": "joint LoRA r8 (upper bound, one task)",
 }
 #: lr grids of --select (centred on the previous selection; extended by x3 steps while the winner is at an edge)
@@ -370,6 +374,8 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
         picked["nested_ncm"] = picked["nested_ridge"] = picked["nested_lora"]
     if "aper" in picked:
         picked["aper_ridge"] = picked["aper"]
+    if "sema" in picked:
+        picked["sema_layerwise"] = picked["sema_ridge"] = picked["sema"]
     print("\n".join(table))
     current = chosen()  # other --select processes may have written their methods meanwhile
     current.update({k: resolve(v) for k, v in picked.items()})
@@ -479,7 +485,9 @@ def tables(rows: list[dict]) -> str:
                    f"{paired([r['avg_incremental_acc'] for r in rs], [x['avg_incremental_acc'] for x in b])} | "
                    f"{paired([r['forgetting'] for r in rs], [x['forgetting'] for x in b])} |")
     pairs = [("nested_lora", "lora"), ("nested_ncm", "lora_ncm"), ("nested_ridge", "lora_ridge"),
-             ("aper", "simplecil"), ("aper_ridge", "ranpac"), ("lora_ridge", "ranpac"), ("nested_ridge", "ranpac")]
+             ("aper", "simplecil"), ("aper_ridge", "ranpac"),
+             ("sema_layerwise", "sema"), ("sema_ridge", "lora_ridge"), ("lora_ridge", "ranpac"),
+             ("nested_ridge", "ranpac")]
     out += ["", "Paired differences with the same classifier (same seed and class order), mean and 95% t interval, "
             "points:", "", "| method | against | seeds | Δ last acc | Δ avg incremental acc | Δ forgetting |",
             "|---|---|---|---|---|---|"]
