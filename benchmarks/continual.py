@@ -16,6 +16,11 @@ adapters switched off, trainable parameters and time. Runs are appended to JSON 
     python benchmarks/continual.py --select            # learning rates and method knobs, validation split, seed 100
     python benchmarks/continual.py --seeds 0 1 2 3 4   # test grid, tables, benchmarks/continual_curves.png
     python benchmarks/continual.py --multidomain       # SEMA's expansions against known domain boundaries
+    python benchmarks/continual.py --sequence multidomain --seeds 0 1 2 3 4   # the grid on the multi-domain sequence
+
+``--select`` also calibrates SEMA (threshold = the largest z-score of held-out new classes of the descriptors' own
+domain, width = the one that best separates the later domains; see ``calibrate_sema``) and searches Nested LoRA's
+slow/fast ratio, slow interval, consolidation alpha and slow rank, and APER's adaptation phases.
 """
 
 from __future__ import annotations
