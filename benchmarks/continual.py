@@ -597,6 +597,14 @@ def main() -> None:
     if args.multidomain:
         multidomain(args.seeds[0], out.parent / "multidomain.jsonl")
         return
+    head_file = out.parent / "headroom.json"
+    if not SEQUENCE and head_file.exists():  # the grid means something only with room for adaptation
+        h = json.loads(head_file.read_text())
+        print(f"headroom ({head_file}): joint linear probe {100 * h['probe_test']:.1f}% vs joint LoRA "
+              f"{100 * h['lora_test']:.1f}%: {100 * h['headroom']:+.1f} points "
+              f"({'>=' if h['headroom'] >= 0.15 else 'BELOW'} 15)\n", flush=True)
+    elif not SEQUENCE:
+        print("headroom not measured yet: python benchmarks/continual.py --headroom\n", flush=True)
     while args.wait_chosen and not all(m in chosen() for m in args.methods if m not in FEATURE_ONLY):
         time.sleep(30)
     if not args.table_only:
