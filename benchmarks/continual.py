@@ -16,6 +16,11 @@ adapters switched off, trainable parameters and time. Runs are appended to JSON 
     python benchmarks/continual.py --select            # learning rates and method knobs, validation split, seed 100
     python benchmarks/continual.py --seeds 0 1 2 3 4   # test grid, tables, benchmarks/continual_curves.png
     python benchmarks/continual.py --multidomain       # SEMA's expansions against known domain boundaries
+    python benchmarks/continual.py --sequence multidomain --seeds 0 1 2 3 4   # the grid on the multi-domain sequence
+
+``--select`` also calibrates SEMA (threshold = the largest z-score of held-out new classes of the descriptors' own
+domain, width = the one that best separates the later domains; see ``calibrate_sema``) and searches Nested LoRA's
+slow/fast ratio, slow interval, consolidation alpha and slow rank, and APER's adaptation phases.
 """
 
 from __future__ import annotations
@@ -58,9 +63,15 @@ METHODS: dict[str, dict] = {
     "lora": {"adapter_type": "lora", "lora_r": 8},
     "nested_lora": {},
     "sema": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "joint"},
-    "aper": {"adapter_type": "aper", "lora_r": 8, "classifier": "ncm"},
+    "aper": {"adapter_type": "aper", "lora_r": 8, "classifier": "ncm"},  # aper_phases: from the selection
+    "sema_layerwise": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "layerwise"},
+    "sema_ridge": {"adapter_type": "sema", "expansion_layers": [-3, -2, -1], "expansion_order": "joint",
+                   "classifier": "ridge"},
+    "aper_ridge": {"adapter_type": "aper", "lora_r": 8, "classifier": "ridge"},
     "lora_ncm": {"adapter_type": "lora", "lora_r": 8, "classifier": "ncm"},
     "nested_ncm": {"classifier": "ncm"},
+    "lora_ridge": {"adapter_type": "lora", "lora_r": 8, "classifier": "ridge"},
+    "nested_ridge": {"classifier": "ridge"},
     "joint_lora": {"adapter_type": "lora", "lora_r": 8},
 }
 FEATURE_ONLY = ("simplecil", "ranpac")
@@ -68,10 +79,20 @@ LABELS = {
     "simplecil": "SimpleCIL (frozen, cosine NCM)", "ranpac": "RanPAC (frozen, random proj. + ridge)",
     "none": "head only (frozen, linear)", "lora": "LoRA r8 (linear head)", "nested_lora": "Nested LoRA 4+4 (main job)",
     "sema": "SEMA (joint order)", "aper": "APER (LoRA r8 on task 0, NCM)", "lora_ncm": "LoRA r8 + NCM",
-    "nested_ncm": "Nested LoRA 4+4 + NCM", "joint_lora": "joint LoRA r8 (upper bound, one task)",
+    "nested_ncm": "Nested LoRA 4+4 + NCM", "aper_ridge": "APER + ridge (RanPAC with first-session adaptation)",
+    "lora_ridge": "LoRA r8 + ridge", "nested_ridge": "Nested LoRA 4+4 + ridge",
+    "sema_layerwise": "SEMA (layer-by-layer order, SEMA-CL's)", "sema_ridge": "SEMA (joint order) + ridge",
+    "joint_lora": "joint LoRA r8 (upper bound, one task)",
 }
-#: lr grids of --select (extended by x3 steps while the winner is at an edge)
-GRIDS = {"lr_head": [3e-3, 1e-2, 3e-2], "lr_fast": [3e-4, 1e-3, 3e-3]}
+#: lr grids of --select (centred on the previous selection; extended by x3 steps while the winner is at an edge)
+GRIDS = {"lr_head": [3e-2, 9e-2, 2.7e-1],
+         "lr_fast": {"lora": [1e-3, 3e-3, 9e-3], "aper": [3e-4, 1e-3, 3e-3], "nested_lora": [3e-3, 9e-3, 2.7e-2],
+                     "sema": [3e-3, 9e-3, 2.7e-2]}}
+#: SEMA calibration: descriptor widths tried, the multi-domain sequence its z-scores are read on
+SEMA_WIDTHS = [8, 16, 32]
+MULTIDOMAIN = {"dataset": "multidomain", "domain_classes": [15, 15, 10, 10]}
+#: data overrides of the sequence the grid runs (``--sequence``): {} = the main job's shifted glyph sequence
+SEQUENCE: dict = {}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -111,9 +132,10 @@ def run(method: str, seed: int, split: str = "test", model_overrides: dict | Non
     model_args, data_args = config_args()
     over = {**METHODS[method], **(chosen().get(method, {}) if use_chosen else {}), **(model_overrides or {})}
     model_args = {**copy.deepcopy(model_args), **resolve(over)}
-    data_args = {**data_args, "class_order_seed": 1993 + seed, **(data_overrides or {})}
-    if method == "joint_lora":
-        data_args.update(init_cls=data_args["glyph_classes"], epochs_per_task=4)
+    data_args = {**data_args, "class_order_seed": 1993 + seed, **SEQUENCE, **(data_overrides or {})}
+    if method == "joint_lora":  # one task of every class; 4 epochs unless data_overrides says otherwise
+        data_args.update(init_cls=data_args["glyph_classes"],
+                         epochs_per_task=(data_overrides or {}).get("epochs_per_task", 4))
     model_args["pretrain"] = GlyphPretraining(**model_args["pretrain"])
     L.seed_everything(seed, verbose=False)
     module = ContinualClassifier(**model_args)
@@ -161,9 +183,9 @@ def run_features(method: str, seed: int, split: str = "test") -> dict:
     """SimpleCIL / RanPAC from frozen features: per task, fit the classifier on the task's training features and
     score the seen tasks' ``split`` features (the same classifiers the CLI fits at task ends)."""
     t0 = time.perf_counter()
-    feats = frozen_features()
+    feats = frozen_features(SEQUENCE)
     _, data_args = config_args()
-    dm = ClassIncrementalDataModule(**{**data_args, "class_order_seed": 1993 + seed})
+    dm = ClassIncrementalDataModule(**{**data_args, "class_order_seed": 1993 + seed, **SEQUENCE})
     position = torch.empty(dm.num_classes, dtype=torch.long)
     position[torch.from_numpy(dm.class_order).long()] = torch.arange(dm.num_classes)
     f = {s: (x, position[y]) for s, (x, y) in feats.items()}
@@ -194,6 +216,24 @@ def run_features(method: str, seed: int, split: str = "test") -> dict:
             "seconds": time.perf_counter() - t0, "class_order_seed": 1993 + seed}
 
 
+# ---------------------------------------------------------------------------------------------- grids
+def extend(values: list[float], score: Any, factor: float = 3.0, steps: int = 2) -> tuple[float, list[float]]:
+    """Best of ``values`` by ``score`` (higher is better; each value scored once, ``score`` may cache); while the
+    winner is at an edge, one more value ``factor`` further out in that direction (``steps`` times at most).
+    Returns the winner and the grid actually scored."""
+    values = sorted(values)
+    scores: dict[float, float] = {}
+    for _ in range(steps + 1):
+        for v in values:
+            if v not in scores:
+                scores[v] = score(v)
+        best = max(values, key=lambda v: scores[v])
+        if best not in (values[0], values[-1]) or _ == steps:
+            break
+        values = [best / factor] + values if best == values[0] else values + [best * factor]
+    return best, values
+
+
 # ---------------------------------------------------------------------------------------------- headroom
 def headroom(out: Path) -> dict:
     """Joint (all 50 classes at once) linear probe on frozen features vs joint LoRA, test split; the probe's lr and
@@ -201,10 +241,11 @@ def headroom(out: Path) -> dict:
     feats = frozen_features()
     x, y = feats["train"]
     mu, sd = x.mean(0), x.std(0) + 1e-6
-    best = None
-    rows = []
-    for wd in (1e-4, 1e-2, 1e-1, 1.0):
-        for lr in (3e-3, 1e-2, 3e-2):
+    rows: list = []
+    probes: dict[tuple[float, float], dict[str, float]] = {}
+
+    def probe(lr: float, wd: float) -> dict[str, float]:
+        if (lr, wd) not in probes:
             torch.manual_seed(0)
             head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
             opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=wd)
@@ -214,26 +255,59 @@ def headroom(out: Path) -> dict:
                 loss.backward()
                 opt.step()
             with torch.no_grad():
-                acc = {s: float((head((feats[s][0] - mu) / sd).argmax(-1) == feats[s][1]).float().mean())
-                       for s in ("val", "test")}
-            rows.append((lr, wd, acc))
-            if best is None or acc["val"] > best[2]["val"]:
-                best = (lr, wd, acc)
-    lora = {}
-    for lr in (1e-3, 3e-3, 1e-2):
-        r = run("joint_lora", 100, "val", {"lr_fast": lr}, use_chosen=False)
-        lora[lr] = r["acc_seen"][-1]
-        print(f"[headroom] joint LoRA lr {lr:g}: val acc {100 * lora[lr]:.1f} ({r['seconds']:.0f} s)", flush=True)
-    lr_lora = max(lora, key=lora.get)
-    test = run("joint_lora", 0, "test", {"lr_fast": lr_lora}, use_chosen=False)
+                probes[lr, wd] = {s: float((head((feats[s][0] - mu) / sd).argmax(-1) == feats[s][1]).float().mean())
+                                  for s in ("val", "test")}
+            rows.append((lr, wd, probes[lr, wd]))
+        return probes[lr, wd]
+
+    # weight decay and lr, each grid extended while its winner is at an edge
+    wd_grid, lr_grid = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], [3e-3, 1e-2, 3e-2, 1e-1]
+    for _ in range(3):
+        wd_best, wd_grid = extend(wd_grid, lambda wd: max(probe(lr, wd)["val"] for lr in lr_grid), factor=10)
+        lr_best, lr_grid = extend(lr_grid, lambda lr: probe(lr, wd_best)["val"])
+        if wd_best not in (wd_grid[0], wd_grid[-1]) and lr_best not in (lr_grid[0], lr_grid[-1]):
+            break
+    best = (lr_best, wd_best, probe(lr_best, wd_best))
+    lora: dict[tuple[float, int], float] = {}
+    runs_file = out.with_name("headroom_runs.jsonl")  # val runs, reused when the search is run again
+    done = {(r["lr"], r["epochs"], r["seed"]): r["acc"] for r in map(json.loads, runs_file.read_text().splitlines())
+            } if runs_file.exists() else {}
+
+    def lora_val(lr: float, epochs: int) -> float:
+        """Validation accuracy of joint LoRA, mean over two selection seeds (one seed's run can diverge)."""
+        if (lr, epochs) not in lora:
+            accs = []
+            for seed in (100, 101):
+                if (lr, epochs, seed) not in done:
+                    r = run("joint_lora", seed, "val", {"lr_fast": lr}, {"epochs_per_task": epochs}, use_chosen=False)
+                    done[lr, epochs, seed] = r["acc_seen"][-1]
+                    with runs_file.open("a") as f:
+                        f.write(json.dumps({"lr": lr, "epochs": epochs, "seed": seed, "acc": r["acc_seen"][-1]}) + "\n")
+                accs.append(done[lr, epochs, seed])
+            lora[lr, epochs] = statistics.mean(accs)
+            print(f"[headroom] joint LoRA lr {lr:g}, {epochs} epochs: val acc {100 * lora[lr, epochs]:.1f} (seeds "
+                  f"100, 101: {', '.join(f'{100 * a:.1f}' for a in accs)})", flush=True)
+        return lora[lr, epochs]
+
+    # epochs: 4 / 8 / 16 at lr 3e-3, no further (accuracy still rises at 16: the joint bound, and so the headroom,
+    # is a lower estimate); then the lr at the best epochs, extended while its winner is at an edge
+    epochs = max([4, 8, 16], key=lambda e: lora_val(3e-3, e))
+    lr_lora, _ = extend([1e-3, 3e-3, 1e-2], lambda lr: lora_val(lr, epochs))
+    tests = [run("joint_lora", seed, "test", {"lr_fast": lr_lora}, {"epochs_per_task": epochs}, use_chosen=False)
+             for seed in (0, 1, 2)]
+    test = tests[0]
     result = {"probe_lr": best[0], "probe_wd": best[1], "probe_val": best[2]["val"], "probe_test": best[2]["test"],
-              "probe_grid": rows, "lora_lr": lr_lora, "lora_val": lora, "lora_test": test["acc_seen"][-1],
-              "joint_lora_run": test}
+              "probe_grid": rows, "probe_lr_grid": lr_grid, "probe_wd_grid": wd_grid, "lora_lr": lr_lora,
+              "lora_epochs": epochs, "lora_val": {f"lr {k[0]:g}, {k[1]} epochs": v for k, v in lora.items()},
+              "lora_test": statistics.median(r["acc_seen"][-1] for r in tests),
+              "lora_test_seeds": [r["acc_seen"][-1] for r in tests], "joint_lora_run": test}
     result["headroom"] = result["lora_test"] - result["probe_test"]
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"[headroom] joint linear probe (frozen backbone; lr {best[0]:g}, wd {best[1]:g}, chosen on val): test "
-          f"{100 * result['probe_test']:.1f}%; joint LoRA r8 (lr {lr_lora:g}, chosen on val): test "
-          f"{100 * result['lora_test']:.1f}%; headroom {100 * result['headroom']:+.1f} points "
+          f"{100 * result['probe_test']:.1f}%; joint LoRA r8 (lr {lr_lora:g}, {epochs} epochs, chosen on val): test "
+          f"{100 * result['lora_test']:.1f}% (median of seeds 0-2: "
+          f"{', '.join(f'{100 * a:.1f}' for a in result['lora_test_seeds'])}); "
+          f"headroom {100 * result['headroom']:+.1f} points "
           f"({'>=' if result['headroom'] >= 0.15 else '<'} 15)", flush=True)
     return result
 
@@ -265,13 +339,11 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
         return cache[key]["avg_incremental_acc"]
 
     def search(method: str, base: dict, key: str, values: list, log_grid: bool = True) -> dict:
-        values = list(values)
-        for _ in range(3):
-            scores = {v: score(method, {**base, key: v}) for v in values}
-            best = max(values, key=lambda v: scores[v])
-            if not log_grid or (best != values[0] and best != values[-1]) or _ == 2:
-                break
-            values = ([best / 3] + values) if best == values[0] else (values + [best * 3])
+        """One coordinate; a numeric grid is extended while its winner is at an edge."""
+        if log_grid:
+            best, values = extend(values, lambda v: score(method, {**base, key: v}))
+        else:
+            best = max(values, key=lambda v: score(method, {**base, key: v}))
         for v in values:
             r = cache[json.dumps([method, {**METHODS[method], **base, key: v}], sort_keys=True)]
             table.append(f"| {method} | {key} | {v:g} | {100 * r['avg_incremental_acc']:.1f} | "
@@ -282,17 +354,33 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
     picked: dict[str, dict] = {}
     picked["none"] = search("none", {}, "lr_head", GRIDS["lr_head"])
     head = {"lr_head": picked["none"]["lr_head"]}
-    for m in [m for m in ("lora", "aper") if m in methods]:
-        picked[m] = search(m, head, "lr_fast", GRIDS["lr_fast"])
+    if "lora" in methods:
+        picked["lora"] = search("lora", head, "lr_fast", GRIDS["lr_fast"]["lora"])
+    if "aper" in methods:  # lr at 3 adaptation phases, the phases, the lr again at the chosen phases
+        aper = search("aper", {**head, "aper_phases": 3}, "lr_fast", GRIDS["lr_fast"]["aper"])
+        aper = search("aper", aper, "aper_phases", [1, 3, 9], log_grid=False)
+        picked["aper"] = search("aper", aper, "lr_fast", GRIDS["lr_fast"]["aper"])
     if "nested_lora" in methods:
-        nested = search("nested_lora", {**head, "lr_slow_ratio": 10}, "lr_fast", GRIDS["lr_fast"])
-        picked["nested_lora"] = search("nested_lora", nested, "lr_slow_ratio", [1, 10, 100], log_grid=False)
+        # seed 004's knobs, one coordinate at a time from the main job's settings: fast lr (slow = fast / ratio),
+        # the slow/fast ratio 1x / 10x / 100x, the slow interval, the consolidation alpha, slow rank r vs 2r
+        nested = {**head, "lr_slow_ratio": 10, "slow_update_interval": 3, "consolidation_alpha": 1.0}
+        nested = search("nested_lora", nested, "lr_fast", GRIDS["lr_fast"]["nested_lora"])
+        nested = search("nested_lora", nested, "lr_slow_ratio", [1, 10, 100], log_grid=False)
+        nested = search("nested_lora", nested, "slow_update_interval", [1, 3, 9], log_grid=False)
+        nested = search("nested_lora", nested, "consolidation_alpha", [0.5, 1.0, 2.0])
+        picked["nested_lora"] = search("nested_lora", nested, "nested_slow_r", [4, 8], log_grid=False)
     if "sema" in methods:
-        picked["sema"] = search("sema", {**head, "sema_descriptor_hidden": 16}, "lr_fast", GRIDS["lr_fast"])
+        calib = calibrate_sema(seed, cache, out)
+        table.extend(calib.pop("table"))
+        picked["sema"] = search("sema", {**head, **calib}, "lr_fast", GRIDS["lr_fast"]["sema"])
     if "lora" in picked:
-        picked["lora_ncm"] = picked["joint_lora"] = picked["lora"]
+        picked["lora_ncm"] = picked["lora_ridge"] = picked["joint_lora"] = picked["lora"]
     if "nested_lora" in picked:
-        picked["nested_ncm"] = picked["nested_lora"]
+        picked["nested_ncm"] = picked["nested_ridge"] = picked["nested_lora"]
+    if "aper" in picked:
+        picked["aper_ridge"] = picked["aper"]
+    if "sema" in picked:
+        picked["sema_layerwise"] = picked["sema_ridge"] = picked["sema"]
     print("\n".join(table))
     current = chosen()  # other --select processes may have written their methods meanwhile
     current.update({k: resolve(v) for k, v in picked.items()})
@@ -301,6 +389,48 @@ def select(seed: int, out: Path, methods: tuple[str, ...] = ("lora", "aper", "ne
     with (out.parent / "select_table.md").open("a") as f:
         f.write("\n".join(table) + "\n")
     return picked
+
+
+def domain_of(starts: list[int], task: int) -> int:
+    """Index of the domain a task belongs to, from the domains' first tasks."""
+    return sum(1 for s in starts if s <= task) - 1
+
+
+def calibrate_sema(seed: int, cache: dict, out: Path) -> dict:
+    """SEMA's expansion threshold and descriptor width from z-scores, not from accuracy: for each width, SEMA runs
+    the multi-domain sequence (validation split, seed ``seed``) with expansion switched off, so every later task is
+    tested against the task-0 descriptors. Tasks of the first domain are held-out new classes of the descriptors'
+    own domain; the threshold is the largest z they reach (no false expansion on them), and the width is the one
+    whose threshold the later domains' tasks exceed most often (ties: by the median ratio of their z to it)."""
+    _, data_args = config_args()
+    starts = ClassIncrementalDataModule(**{**data_args, **MULTIDOMAIN}).domain_tasks
+    table = ["", "| SEMA calibration | width | threshold (max z, first domain) | later-domain tasks detected | "
+             "median z / threshold |", "|---|---|---|---|---|"]
+    scores = {}
+    for width in SEMA_WIDTHS:
+        settings = {"sema_descriptor_hidden": width, "expansion_threshold": 1e9, "lr_fast": 9e-3}
+        key = json.dumps(["sema@multidomain", {**METHODS["sema"], **settings}], sort_keys=True)
+        if key not in cache:
+            r = run("sema", seed, "val", settings, MULTIDOMAIN, use_chosen=False)
+            r["method"] = "sema@multidomain"
+            cache[key] = r
+            with out.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+        per_task: dict[int, float] = {}
+        for d in cache[key]["sema_decisions"]:
+            per_task[d["task"]] = max(per_task.get(d["task"], 0.0), d["z"])
+        same = [z for t, z in per_task.items() if domain_of(starts, t) == 0]
+        other = [z for t, z in per_task.items() if domain_of(starts, t) > 0]
+        thr = math.ceil(100 * max(same)) / 100
+        detected = sum(z > thr for z in other) / len(other)
+        ratio = statistics.median(z / thr for z in other)
+        scores[width] = (detected, ratio, thr)
+        table.append(f"| | {width} | {thr:.2f} | {100 * detected:.0f}% of {len(other)} | {ratio:.2f} |")
+        print(f"[select] SEMA width {width}: threshold {thr:.2f}, later domains detected {100 * detected:.0f}%, "
+              f"median z/threshold {ratio:.2f}", flush=True)
+    width = max(SEMA_WIDTHS, key=lambda w: scores[w][:2])
+    table.append(f"| chosen | **{width}** | **{scores[width][2]:.2f}** | | |")
+    return {"sema_descriptor_hidden": width, "expansion_threshold": scores[width][2], "table": table}
 
 
 def resolve(settings: dict) -> dict:
@@ -359,6 +489,23 @@ def tables(rows: list[dict]) -> str:
         out.append(f"| {LABELS[m]} | {len(rs)} | {paired([r['last_acc'] for r in rs], [x['last_acc'] for x in b])} | "
                    f"{paired([r['avg_incremental_acc'] for r in rs], [x['avg_incremental_acc'] for x in b])} | "
                    f"{paired([r['forgetting'] for r in rs], [x['forgetting'] for x in b])} |")
+    pairs = [("nested_lora", "lora"), ("nested_ncm", "lora_ncm"), ("nested_ridge", "lora_ridge"),
+             ("aper", "simplecil"), ("aper_ridge", "ranpac"),
+             ("sema_layerwise", "sema"), ("sema_ridge", "lora_ridge"), ("lora_ridge", "ranpac"),
+             ("nested_ridge", "ranpac")]
+    out += ["", "Paired differences with the same classifier (same seed and class order), mean and 95% t interval, "
+            "points:", "", "| method | against | seeds | Δ last acc | Δ avg incremental acc | Δ forgetting |",
+            "|---|---|---|---|---|---|"]
+    for m, base in pairs:
+        ref = {r["seed"]: r for r in by[base]}
+        rs = [r for r in by[m] if r["seed"] in ref]
+        if len(rs) < 2:
+            continue
+        b = [ref[r["seed"]] for r in rs]
+        out.append(f"| {LABELS[m]} | {LABELS[base]} | {len(rs)} | "
+                   f"{paired([r['last_acc'] for r in rs], [x['last_acc'] for x in b])} | "
+                   f"{paired([r['avg_incremental_acc'] for r in rs], [x['avg_incremental_acc'] for x in b])} | "
+                   f"{paired([r['forgetting'] for r in rs], [x['forgetting'] for x in b])} |")
     return "\n".join(out)
 
 
@@ -379,21 +526,21 @@ def per_task(rows: list[dict], methods: tuple[str, ...] = ("simplecil", "none", 
     return "\n".join(out)
 
 
-def curves_figure(rows: list[dict], path: Path) -> None:
+def curves_figure(rows: list[dict], path: Path, title: str) -> None:
     curves, spreads = {}, {}
     for m in METHODS:
         rs = [r for r in rows if r["method"] == m and m != "joint_lora"]
         if rs:
             a = np.array([r["acc_seen"] for r in rs])
             curves[LABELS[m]], spreads[LABELS[m]] = a.mean(0), a.std(0)
-    cm.save_figure(cm.plot_curves(curves, spreads, "shifted glyph sequence: accuracy on all seen classes "
-                                  "(mean ± std over seeds)"), path)
+    cm.save_figure(cm.plot_curves(curves, spreads, f"{title}: accuracy on all seen classes (mean ± std over seeds)"),
+                   path)
 
 
 # ---------------------------------------------------------------------------------------------- multidomain
 def multidomain(seed: int, out: Path) -> None:
     """SEMA on the multi-domain sequence: expansions per layer against the known domain boundaries."""
-    dm_over = {"dataset": "multidomain", "domain_classes": [15, 15, 10, 10]}
+    dm_over = MULTIDOMAIN
     r = run("sema", seed, "test", data_overrides=dm_over)
     with out.open("a") as f:
         f.write(json.dumps(r) + "\n")
@@ -406,13 +553,22 @@ def multidomain(seed: int, out: Path) -> None:
     for layer in layers:
         hit = {e["task"] for e in r["expansions"] if e["layer"] == layer}
         print(f"| {layer} | " + " | ".join("E" if t in hit else "." for t in range(1, dm.num_tasks)) + " |")
+    z = {(d["task"], d["layer"]): d["z"] for d in r["sema_decisions"]}
+    for layer in layers:
+        print(f"| z, layer {layer} | " + " | ".join(f"{z[t, layer]:.1f}" if (t, layer) in z else "-"
+                                                   for t in range(1, dm.num_tasks)) + " |")
+    print(f"threshold {r['settings'].get('expansion_threshold')}, descriptor width "
+          f"{r['settings'].get('sema_descriptor_hidden')} (from --select)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "joint_lora"], choices=list(METHODS))
-    p.add_argument("--out", default="runs/benchmark_continual/results.jsonl")
+    p.add_argument("--sequence", choices=["shifted", "multidomain"], default="shifted",
+                   help="the grid's sequence: the main job's (shifted glyphs) or the multi-domain one")
+    p.add_argument("--out", default=None, help="JSON lines of the grid (default: runs/benchmark_continual/"
+                   "results.jsonl, results_multidomain.jsonl with --sequence multidomain)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--table-only", action="store_true", help="print the tables of --out and exit")
     p.add_argument("--headroom", action="store_true", help="joint linear probe vs joint LoRA, then exit")
@@ -426,7 +582,9 @@ def main() -> None:
                    help="wait until --select (run in parallel) has written settings for every --methods entry")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    if args.sequence == "multidomain":
+        SEQUENCE.update(MULTIDOMAIN)
+    out = Path(args.out or f"runs/benchmark_continual/results{'_multidomain' if SEQUENCE else ''}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.headroom:
         headroom(out.parent / "headroom.json")
@@ -439,6 +597,14 @@ def main() -> None:
     if args.multidomain:
         multidomain(args.seeds[0], out.parent / "multidomain.jsonl")
         return
+    head_file = out.parent / "headroom.json"
+    if not SEQUENCE and head_file.exists():  # the grid means something only with room for adaptation
+        h = json.loads(head_file.read_text())
+        print(f"headroom ({head_file}): joint linear probe {100 * h['probe_test']:.1f}% vs joint LoRA "
+              f"{100 * h['lora_test']:.1f}%: {100 * h['headroom']:+.1f} points "
+              f"({'>=' if h['headroom'] >= 0.15 else 'BELOW'} 15)\n", flush=True)
+    elif not SEQUENCE:
+        print("headroom not measured yet: python benchmarks/continual.py --headroom\n", flush=True)
     while args.wait_chosen and not all(m in chosen() for m in args.methods if m not in FEATURE_ONLY):
         time.sleep(30)
     if not args.table_only:
@@ -461,8 +627,9 @@ def main() -> None:
     print("\nOld / new accuracy after each task (old/new, %, mean over seeds):\n")
     print(per_task(rows))
     if rows:
-        curves_figure(rows, REPO / "benchmarks" / "continual_curves.png")
-    print(f"\nshifted glyph sequence, 10 tasks x 5 classes, class order seed 1993 + seed; settings from "
+        curves_figure(rows, REPO / "benchmarks" / f"continual_curves{'_multidomain' if SEQUENCE else ''}.png",
+                      "multi-domain sequence" if SEQUENCE else "shifted glyph sequence")
+    print(f"\n{args.sequence} sequence, 10 tasks x 5 classes, class order seed 1993 + seed; settings from "
           f"{CHOSEN.name}; torch threads {args.threads}")
 
 

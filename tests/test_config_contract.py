@@ -11,6 +11,7 @@ from tests.cli_helpers import REPO
 #: config -> the test (file::function) that runs ``fit`` with it; GPU-sized configs with tiny overrides on the CPU.
 SMOKE_TESTS = {
     "continual_aper": "test_continual_cli.py::test_other_configs_run_the_sequence",
+    "continual_aper_ridge": "test_continual_cli.py::test_other_configs_run_the_sequence",
     "continual_joint": "test_continual_cli.py::test_other_configs_run_the_sequence",
     "continual_multidomain": "test_continual_cli.py::test_other_configs_run_the_sequence",
     "continual_ranpac": "test_continual_cli.py::test_other_configs_run_the_sequence",

@@ -158,14 +158,18 @@ def plot_curves(curves: Mapping[str, Sequence[float]], spreads: Mapping[str, Seq
                 title: str = "accuracy on all seen classes", ylabel: str = "accuracy (%)") -> Any:
     """Accuracy after each task for several methods on one figure (optional +- spread bands)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
-    for name, ys in curves.items():
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D"]
+    for k, (name, ys) in enumerate(curves.items()):  # past the colour cycle: another line style and marker
         x = np.arange(len(ys))
         y = 100 * np.asarray(ys, dtype=np.float64)
-        ax.plot(x, y, marker="o", markersize=3, label=name)
+        colour, turn = colours[k % len(colours)], k // len(colours)
+        ax.plot(x, y, color=colour, linestyle=styles[turn % 4], marker=markers[turn % 4], markersize=3, label=name)
         if spreads and name in spreads:
             s = 100 * np.asarray(spreads[name], dtype=np.float64)
-            ax.fill_between(x, y - s, y + s, alpha=0.15)
+            ax.fill_between(x, y - s, y + s, color=colour, alpha=0.12)
     ax.set_xlabel("after training task")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -64,6 +64,7 @@ class SEMAMethod(ContinualMethod):
         self.layers: dict[int, SEMALayer] = {}
         self.closed: set[tuple[int, int]] = set()  # (layer, task): adapters trained before the task's epochs
         self.expansions: list[dict[str, float]] = []
+        self.decisions: list[dict[str, float]] = []  # every expansion test: task, layer, z, expanded
         self.trained_between: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ structure
@@ -112,16 +113,18 @@ class SEMAMethod(ContinualMethod):
 
     def state(self) -> dict[str, Any]:
         return {"sema_layout": {str(k): v for k, v in self.layout().items()}, "expansions": self.expansions,
-                "sema_trained_between": self.trained_between}
+                "sema_decisions": self.decisions, "sema_trained_between": self.trained_between}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.expansions = list(state.get("expansions", []))
+        self.decisions = list(state.get("sema_decisions", []))
         self.trained_between = list(state.get("sema_trained_between", []))
         self.closed = {(int(e["layer"]), int(e["task"])) for e in self.trained_between}
         self.restore_layout(state["sema_layout"])
 
     def results(self) -> dict[str, Any]:
-        return {"expansions": self.expansions, "sema_layout": {str(k): v for k, v in self.layout().items()},
+        return {"expansions": self.expansions, "sema_decisions": self.decisions,
+                "sema_layout": {str(k): v for k, v in self.layout().items()},
                 "expansion_order": self.order, "sema_trained_between": self.trained_between}
 
     @contextlib.contextmanager
@@ -248,6 +251,7 @@ class SEMAMethod(ContinualMethod):
         return batches[: self.expansion_batches or len(batches)]
 
     def _decided(self, ctx: TaskContext, layer: int, z: float, expanded: bool) -> None:
+        self.decisions.append({"task": ctx.task, "layer": layer, "z": z, "expanded": bool(expanded)})
         if expanded:
             self.expansions.append({"task": ctx.task, "layer": layer, "z": z})
         ctx.info(f"[sema] task {ctx.task}, layer {layer}: largest batch |z| (smallest over descriptors) {z:.2f} "
