@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.timing import time_interleaved  # noqa: E402
 from benchmarks.verdicts import Verdicts  # noqa: E402
 from models.layers.bk_mixer import BKMixer  # noqa: E402
 from models.utils.launches import count_launches  # noqa: E402
@@ -70,33 +70,6 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, c // self.n_heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, reps: int,
-                      warmup: int) -> dict[str, float]:
-    """Median ms per variant; every round runs each variant once, so machine noise hits them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _launches(fn: Callable[[], None]) -> int:
-    c = count_launches(fn)
-    return c.torch_ops - c.views + c.triton_launches
 
 
 def bench_mixer(args: argparse.Namespace) -> None:
@@ -132,12 +105,12 @@ def bench_mixer(args: argparse.Namespace) -> None:
                     model(x)
 
             steps[name], forwards[name] = step, forward
-        train = _time_interleaved(steps, device, reps, warmup)
-        fwd = _time_interleaved(forwards, device, reps, warmup)
+        train = time_interleaved(steps, device, reps, warmup)
+        fwd = time_interleaved(forwards, device, reps, warmup)
         for name in models:
             results[name, n] = {"train_ms": train[name], "fwd_ms": fwd[name],
                                 "peak_mib": measure_peak_memory(steps[name], device),
-                                "launches": _launches(steps[name])}
+                                "launches": count_launches(steps[name]).launches}
             print(
                 f"  N={n:>6} {name:>4}: fwd+bwd {results[name, n]['train_ms']:9.1f} ms  "
                 f"fwd {results[name, n]['fwd_ms']:9.1f} ms  peak {results[name, n]['peak_mib']:8.1f} MiB  "

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import sync, time_interleaved  # noqa: E402
 from benchmarks.verdicts import Verdicts  # noqa: E402
 from models.layers.fast_weights import (  # noqa: E402
     MemoryBoundaryRule,
@@ -59,26 +60,6 @@ from models.layers.fast_weights import (  # noqa: E402
 from models.utils.launches import count_launches  # noqa: E402
 
 VERDICTS = Verdicts()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
-    """Median milliseconds per variant; each round calls every variant once (machine noise hits all alike)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _inputs(args: argparse.Namespace, n: int, device: torch.device, grad: bool = False):
@@ -115,7 +96,7 @@ def _length_row(args: argparse.Namespace, device: torch.device, n: int) -> str:
     if n <= args.seq_max:
         fns["seq"] = lambda: hebbian_scan_sequential(q, k, v, ld, 1.0)
     with torch.no_grad():
-        fwd = time_interleaved(fns, args.rounds, device)
+        fwd = time_interleaved(fns, device, args.rounds)
     leaves = _inputs(args, n, device, grad=True)
     qg, kg, vg, ldg = leaves
     bwd = time_interleaved({
@@ -123,7 +104,7 @@ def _length_row(args: argparse.Namespace, device: torch.device, n: int) -> str:
         "rule": _fwd_bwd(lambda: hebbian_scan_chunked(qg, kg, vg, ldg, 1.0, chunk_size=c,
                                                       boundary=_rule(args, device))[0], leaves),
         "sdpa": _fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), leaves[:3]),
-    }, args.rounds, device)
+    }, device, args.rounds)
     seq = f"{fwd['seq']:.1f}" if "seq" in fwd else f"skipped (> {args.seq_max})"
     return (f"| {n} | {seq} | {fwd['chunked']:.1f} | {fwd['rule']:.1f} | {fwd['sdpa']:.1f} | "
             f"{fwd['chunked'] / fwd['sdpa']:.2f} | {bwd['chunked']:.1f} | {bwd['rule']:.1f} | {bwd['sdpa']:.1f} | "
@@ -145,7 +126,7 @@ def scan_section(args: argparse.Namespace, device: torch.device) -> list[str]:
             "chunked": lambda: hebbian_scan_chunked(q, k, v, ld, 1.0, chunk_size=c),
             "seq+rule": lambda: hebbian_scan_sequential(q, k, v, ld, 1.0, boundary=_rule(args, device), period=c),
             "chunked+rule": lambda: hebbian_scan_chunked(q, k, v, ld, 1.0, chunk_size=c, boundary=_rule(args, device)),
-        }, args.rounds, device)
+        }, device, args.rounds)
 
     leaves = _inputs(args, args.ref_len, device, grad=True)
     qg, kg, vg, ldg = leaves
@@ -157,7 +138,7 @@ def scan_section(args: argparse.Namespace, device: torch.device) -> list[str]:
         "chunked+rule": _fwd_bwd(lambda: hebbian_scan_chunked(qg, kg, vg, ldg, 1.0, chunk_size=c,
                                                               boundary=_rule(args, device))[0], leaves),
     }
-    tb = time_interleaved(tb_fns, args.rounds, device)
+    tb = time_interleaved(tb_fns, device, args.rounds)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -167,11 +148,7 @@ def scan_section(args: argparse.Namespace, device: torch.device) -> list[str]:
         return (f"| {label} | {t[seq]:.1f} | {t[chk]:.1f} | {t[seq] / t[chk]:.1f}x | {tb[seq]:.1f} | {tb[chk]:.1f} | "
                 f"{tb[seq] / tb[chk]:.1f}x | {diff:.1e} |")
 
-    def launches(fn: Callable[[], None]) -> int:
-        c = count_launches(fn)
-        return c.torch_ops - c.views + c.triton_launches
-
-    ops = {key: launches(tb_fns[key]) for key in ("seq", "chunked", "seq+rule", "chunked+rule")}
+    ops = {key: count_launches(tb_fns[key]).launches for key in ("seq", "chunked", "seq+rule", "chunked+rule")}
     lines += [(f"At {args.ref_len} tokens (target: chunked >= 10x faster than sequential); forward = inference "
                "prefill, forward+backward = a training step's share; launches = PyTorch operations that are not "
                "views + Triton launches of one forward+backward (models/utils/launches.py):"), "",
@@ -193,10 +170,10 @@ def scan_section(args: argparse.Namespace, device: torch.device) -> list[str]:
             def fused(backend: str = backend) -> torch.Tensor:
                 return hebbian_scan_fused(qg, kg, vg, ldg, 1.0, chunk_size=c, rule=_rule(args, device),
                                           backend=backend)[0]
-            tf = time_interleaved({"seq": tb_fns["seq+rule"], "fused": _fwd_bwd(fused, leaves)}, args.rounds, device)
+            tf = time_interleaved({"seq": tb_fns["seq+rule"], "fused": _fwd_bwd(fused, leaves)}, device, args.rounds)
             ratio = tf["seq"] / tf["fused"]
             lines.append(f"fused {backend} with the rule, fwd+bwd: {tf['fused']:.2f} ms, {ratio:.1f}x sequential, "
-                         f"{launches(_fwd_bwd(fused, leaves))} launches")
+                         f"{count_launches(_fwd_bwd(fused, leaves)).launches} launches")
             VERDICTS.add("scan", f"GPU: fused {backend} + rule >= 10x sequential, fwd+bwd", f"{ratio:.1f}x",
                          ratio >= 10)
     else:
@@ -385,7 +362,7 @@ def compare_section(args: argparse.Namespace, device: torch.device) -> list[str]
             idx = order[(step * batch) % len(order):][:batch]
             x = torch.stack([train[int(i)]["input_ids"] for i in idx]).to(device)
             y = torch.stack([train[int(i)]["labels"] for i in idx]).to(device)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
             loss = loss + getattr(model, "aux_loss", 0.0)  # Phase 1's AR-SSM gate L1 term (its recipe)
@@ -394,7 +371,7 @@ def compare_section(args: argparse.Namespace, device: torch.device) -> list[str]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
         tps = batch * seq / statistics.median(times[1:] or times)
         rows[name] = (sum(p.numel() for p in model.parameters()), _eval_loss(model, val, batch, device),

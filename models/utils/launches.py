@@ -45,9 +45,9 @@ class LaunchCount:
         return sum(self.triton.values())
 
     @property
-    def total(self) -> int:
-        """Dispatched PyTorch operations (views included: an upper bound on their launches) + Triton launches."""
-        return self.torch_ops + self.triton_launches
+    def launches(self) -> int:
+        """Kernel launches as the budgets count them: PyTorch operations that are not views + Triton launches."""
+        return self.torch_ops - self.views + self.triton_launches
 
 
 class _Counter(TorchDispatchMode):
