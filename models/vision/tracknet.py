@@ -167,6 +167,19 @@ def _mark(ax: Any, xy: torch.Tensor | None, show: torch.Tensor | None, i: int, k
     return f"{kind}: ({x:.1f}, {y:.1f})"
 
 
+def _frame_panel(ax: Any, rgb: np.ndarray, i: int, pred_xy: torch.Tensor | None, found: torch.Tensor | None,
+                 true_xy: torch.Tensor | None, visible: torch.Tensor | None, labels: Sequence[str] | None) -> None:
+    """Sample ``i``'s labelled frame in pixel axes, the predicted and true balls marked, its label and positions
+    in the title."""
+    h, w = rgb.shape[1:3]
+    ax.imshow(rgb[i], extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    caption = ", ".join(c for c in (_mark(ax, pred_xy, found, i, "predicted"),
+                                    _mark(ax, true_xy, visible, i, "true")) if c)
+    ax.set_title(f"{labels[i] if labels else f'sample {i}'}\n{caption}", fontsize=8)
+    ax.set_xlabel("x (px)", fontsize=7)
+    ax.set_ylabel("y (px)", fontsize=7)
+
+
 @torch.no_grad()
 def heatmap_figure(frames: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mean: Sequence[float],
                    std: Sequence[float], pred_xy: torch.Tensor | None = None, found: torch.Tensor | None = None,
@@ -176,16 +189,10 @@ def heatmap_figure(frames: torch.Tensor, pred: torch.Tensor, target: torch.Tenso
     (red x) and the true one (green circle), the predicted heat map and the true heat map (colour bars,
     probability 0-1). Positions ``pred_xy``/``true_xy`` are in the frames' pixels; axes are pixels."""
     rgb = _frames_rgb(frames, mean, std)
-    n, h, w = rgb.shape[:3]
+    n = rgb.shape[0]
     fig = Figure(figsize=(12, 2.6 * n), layout="constrained")
     for i in range(n):
-        ax = fig.add_subplot(n, 3, 3 * i + 1)
-        ax.imshow(rgb[i], extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-        caption = ", ".join(c for c in (_mark(ax, pred_xy, found, i, "predicted"),
-                                        _mark(ax, true_xy, visible, i, "true")) if c)
-        ax.set_title(f"{labels[i] if labels else f'sample {i}'}\n{caption}", fontsize=8)
-        ax.set_xlabel("x (px)", fontsize=7)
-        ax.set_ylabel("y (px)", fontsize=7)
+        _frame_panel(fig.add_subplot(n, 3, 3 * i + 1), rgb, i, pred_xy, found, true_xy, visible, labels)
         for k, (maps, name) in enumerate(((pred, "predicted heat map"), (target, "true heat map"))):
             ax = fig.add_subplot(n, 3, 3 * i + 2 + k)
             im = ax.imshow(maps[i].detach().float().cpu().reshape(maps.shape[-2:]).numpy(), cmap="magma", vmin=0,
@@ -205,17 +212,12 @@ def prediction_figure(frames: torch.Tensor, pred_xy: torch.Tensor, found: torch.
     """A matplotlib figure of the labelled (last) frames, ``ncol`` per row, each titled with its label (clip and
     frame) and the predicted (red x) and, when given, true (green circle) ball positions in the frames' pixels."""
     rgb = _frames_rgb(frames, mean, std)
-    n, h, w = rgb.shape[:3]
+    n = rgb.shape[0]
     ncol = max(1, min(ncol, n))
     nrow = -(-n // ncol)
     fig = Figure(figsize=(3.4 * ncol, 2.4 * nrow), layout="constrained")
     for i in range(n):
-        ax = fig.add_subplot(nrow, ncol, i + 1)
-        ax.imshow(rgb[i], extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-        caption = ", ".join(c for c in (_mark(ax, pred_xy, found, i, "predicted"),
-                                        _mark(ax, true_xy, visible, i, "true")) if c)
-        ax.set_title(f"{labels[i] if labels else f'sample {i}'}\n{caption}", fontsize=8)
-        ax.set_xlabel("x (px)", fontsize=7)
-        ax.set_ylabel("y (px)", fontsize=7)
+        _frame_panel(fig.add_subplot(nrow, ncol, i + 1), rgb, i, pred_xy, found, true_xy, visible, labels)
+    for ax in fig.axes:
         ax.tick_params(labelsize=6)
     return fig
