@@ -63,7 +63,6 @@ class SEMAMethod(ContinualMethod):
         self.sizes = (sema_bottleneck, sema_descriptor_hidden, sema_buffer_size)
         self.layers: dict[int, SEMALayer] = {}
         self.closed: set[tuple[int, int]] = set()  # (layer, task): adapters trained before the task's epochs
-        self.expansions: list[dict[str, float]] = []
         self.decisions: list[dict[str, float]] = []  # every expansion test: task, layer, z, expanded
         self.trained_between: list[dict[str, float]] = []
 
@@ -111,13 +110,19 @@ class SEMAMethod(ContinualMethod):
             for task in tasks[layer.num_adapters :]:
                 layer.add_adapter(task)
 
+    @property
+    def expansions(self) -> list[dict[str, float]]:
+        """The decisions that added an adapter: task, layer, z."""
+        return [{k: d[k] for k in ("task", "layer", "z")} for d in self.decisions if d["expanded"]]
+
     def state(self) -> dict[str, Any]:
         return {"sema_layout": {str(k): v for k, v in self.layout().items()}, "expansions": self.expansions,
                 "sema_decisions": self.decisions, "sema_trained_between": self.trained_between}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.expansions = list(state.get("expansions", []))
-        self.decisions = list(state.get("sema_decisions", []))
+        # checkpoints written before every decision was kept hold only the expansions
+        self.decisions = list(state.get("sema_decisions") or
+                              [{**e, "expanded": True} for e in state.get("expansions", [])])
         self.trained_between = list(state.get("sema_trained_between", []))
         self.closed = {(int(e["layer"]), int(e["task"])) for e in self.trained_between}
         self.restore_layout(state["sema_layout"])
@@ -252,8 +257,6 @@ class SEMAMethod(ContinualMethod):
 
     def _decided(self, ctx: TaskContext, layer: int, z: float, expanded: bool) -> None:
         self.decisions.append({"task": ctx.task, "layer": layer, "z": z, "expanded": bool(expanded)})
-        if expanded:
-            self.expansions.append({"task": ctx.task, "layer": layer, "z": z})
         ctx.info(f"[sema] task {ctx.task}, layer {layer}: largest batch |z| (smallest over descriptors) {z:.2f} "
                  f"{'> ' if expanded else '<= '}{self.threshold}: "
                  f"{'new adapter added' if expanded else 'no expansion'}")
