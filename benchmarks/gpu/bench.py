@@ -37,6 +37,7 @@ import phase2 as bench_phase2  # noqa: E402  (benchmarks/phase2.py)
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from benchmarks.timing import time_interleaved  # noqa: E402
 from models.utils.memory import measure_peak_memory  # noqa: E402
 
 MIB = 2**20
@@ -60,7 +61,7 @@ def mixer_section(device: torch.device, dry: bool, rounds: int) -> list[dict[str
     for n in lengths:
         x = torch.randn(1, n, d_model, device=device, requires_grad=True)
         steps = {name: (lambda m=m: m(x).square().mean().backward()) for name, m in models.items()}
-        for name, t in bench_phase2.time_interleaved(steps, rounds, device).items():
+        for name, t in time_interleaved(steps, device, rounds).items():
             ms[name, n] = t
         for name, step in steps.items():
             peak[name, n] = measure_peak_memory(step, device) if device.type == "cuda" else float("nan")
@@ -88,17 +89,17 @@ def phase2_section(device: torch.device, dry: bool, rounds: int) -> list[dict[st
     q, k, v, ld = bench_phase2._inputs(args, n, device)
     seq, chunked = bench_phase2.hebbian_scan_sequential, bench_phase2.hebbian_scan_chunked
     with torch.no_grad():
-        fwd = bench_phase2.time_interleaved({"seq": lambda: seq(q, k, v, ld, 1.0),
+        fwd = time_interleaved({"seq": lambda: seq(q, k, v, ld, 1.0),
                                              "chunked": lambda: chunked(q, k, v, ld, 1.0, chunk_size=chunk)},
-                                            rounds, device)
+                                            device, rounds)
         ref, got = seq(q, k, v, ld, 1.0)[0], chunked(q, k, v, ld, 1.0, chunk_size=chunk)[0]
         rel = ((got - ref).norm() / ref.norm()).item()
     leaves = bench_phase2._inputs(args, n, device, grad=True)
     qg, kg, vg, ldg = leaves
-    both = bench_phase2.time_interleaved({
+    both = time_interleaved({
         "seq": bench_phase2._fwd_bwd(lambda: seq(qg, kg, vg, ldg, 1.0)[0], leaves),
         "chunked": bench_phase2._fwd_bwd(lambda: chunked(qg, kg, vg, ldg, 1.0, chunk_size=chunk)[0], leaves),
-    }, rounds, device)
+    }, device, rounds)
     return [
         figure(f"Phase 2 forward speed-up, chunked vs sequential, {n} tokens", fwd["seq"] / fwd["chunked"], "x",
                f">= 10 (sequential {fwd['seq']:.1f} ms, chunked {fwd['chunked']:.1f} ms)",
@@ -148,7 +149,7 @@ def qlora_section(device: torch.device, dry: bool, rounds: int) -> list[dict[str
             opt.zero_grad(set_to_none=True)
         return run
 
-    ms = bench_phase2.time_interleaved({name: step(name) for name in models}, rounds, device)
+    ms = time_interleaved({name: step(name) for name in models}, device, rounds)
     cuda = device.type == "cuda"
     peak = {name: resident[name] + measure_peak_memory(step(name), device) if cuda else float("nan") for name in models}
     ok = peak["qlora"] < peak["lora"] if cuda else None
